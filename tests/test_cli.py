@@ -1,0 +1,130 @@
+"""The CLI contract: exact JSON shapes, and bad input -> one line on stderr, exit 2, nothing written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = ROOT.parent / "shared" / "reference" / "paper-results" / "in_sample_cooperation_counts.csv"
+LFB = ROOT.parent / "shared" / "reference" / "lfb"
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "services.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=120)
+
+
+def test_scenarios_list_json():
+    r = cli("scenarios", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert len(rows) == 53 and all({"id", "family", "context", "game"} <= set(x) for x in rows)
+    for fam, n in {"in_sample": 20, "oos_context": 12, "oos_game": 20, "pgg": 1}.items():
+        r = cli("scenarios", "list", "--family", fam, "--json")
+        assert len(json.loads(r.stdout)) == n
+
+
+def test_analyze_counts_json_contract():
+    r = cli("analyze", "--counts", PAPER, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert {"mean", "median", "sd", "se", "n"} <= set(d["overall"])
+    assert round(d["overall"]["mean"], 2) == 46.26
+    assert all({"id", "improvement", "class"} <= set(s) for s in d["scenarios"])
+    assert set(d["by_game"]) == {"prison", "delight", "staghunt", "snowdrift"}
+    assert all({"mean", "se", "n"} <= set(v) for v in d["by_game"].values())
+    assert set(d["by_context"]) == {"IR", "biz", "friendsharing", "environment", "team"}
+
+
+def test_analyze_counts_human_table():
+    r = cli("analyze", "--counts", PAPER)
+    assert r.returncode == 0 and "overall: mean 46.26" in r.stdout
+
+
+def test_analyze_ztest_json_contract():
+    r = cli("analyze", "--ztest", ROOT / "tests" / "data" / "table1_paper.csv", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["rows"]
+    keys = {"id", "p_normal", "p_doubled", "difference", "se", "z", "p_value", "se_two_sample", "z_two_sample",
+            "p_two_sided", "ci95"}
+    assert len(rows) == 20 and all(keys <= set(x) for x in rows)
+    biz = next(x for x in rows if x["id"] == "biz_staghunt")
+    assert round(biz["z"], 2) == 3.06 and biz["p_value"] < 0.005
+
+
+def test_analyze_pgg_json_contract(tmp_path):
+    f = tmp_path / "pgg.csv"
+    f.write_text("role,contribution\n" + "".join(f"{r},{v}\n" for r, vs in
+                 {"student_base": [0, 2, 3, 1], "student_finetuned": [4, 5, 6, 5], "teacher": [8, 9, 10, 7]}.items() for v in vs))
+    d = json.loads(cli("analyze", "--pgg", f, "--json").stdout)
+    assert set(d["roles"]) == {"student_base", "student_finetuned", "teacher"}
+    assert d["roles"]["teacher"] == pytest.approx({"mean": 8.5, "sd": 1.2909944, "se": 0.6454972, "n": 4})
+    assert d["improvement"] == pytest.approx((5 - 1.5) / (8.5 - 1.5) * 100)
+    assert "student_finetuned_vs_student_base" in d["tests"]
+
+
+HEADER = "context,game,samples,C_student_base,C_student_finetuned,C_teacher\n"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "file not found"),
+        ("context,game,samples,C_student_base,C_teacher\nIR,prison,300,1,2\n", "missing column(s): C_student_finetuned"),
+        (HEADER + "IR,prison,300,1.5,2,3\n", "is not an integer"),
+        (HEADER + "IR,prison,300,301,2,3\n", "exceeds samples"),
+        (HEADER + "IR,chess,300,1,2,3\n", "unknown game 'chess'"),
+        (HEADER, "no data rows"),
+    ],
+)
+def test_analyze_bad_input(tmp_path, content, message):
+    f = tmp_path / "counts.csv"
+    if content is not None:
+        f.write_text(content)
+    before = sorted(tmp_path.iterdir())
+    r = cli("analyze", "--counts", f, "--json")
+    assert r.returncode == 2
+    assert message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stdout == "" and sorted(tmp_path.iterdir()) == before
+
+
+def test_analyze_needs_exactly_one_input():
+    r = cli("analyze")
+    assert r.returncode == 2 and "exactly one" in r.stderr
+
+
+def test_unknown_option_is_usage_error():
+    assert cli("scenarios", "list", "--colour").returncode == 2
+    assert cli("scenarios", "list", "--family", "chess").returncode == 2
+
+
+def test_import_lfb(tmp_path):
+    out = tmp_path / "pack.yaml"
+    r = cli("scenarios", "import-lfb", LFB, "--out", out)
+    assert r.returncode == 0, r.stderr
+    listed = json.loads(cli("scenarios", "list", "--pack", out, "--json").stdout)
+    assert len(listed) == 53 + 60
+    again = cli("scenarios", "import-lfb", LFB, "--out", out)
+    assert again.returncode == 2 and "exists" in again.stderr
+    bad = cli("scenarios", "import-lfb", tmp_path / "nowhere", "--out", tmp_path / "x.yaml")
+    assert bad.returncode == 2 and not (tmp_path / "x.yaml").exists()
+
+
+def test_config_validate(tmp_path):
+    assert cli("config", "validate", ROOT / "configs" / "demo.yaml").returncode == 0
+    assert cli("config", "validate", ROOT / "configs" / "paper.yaml").returncode == 0
+    bad = tmp_path / "bad.yaml"
+    for text, message in [
+        ("models: {teacher: {model: a}, student: {model: b}}\ntraining: {lora: {r: 0}}\n", "training.lora.r"),
+        ("models: {teacher: {model: a}}\n", "models.student"),
+        ("models: {teacher: {model: a}, student: {model: b}}\nsampling: {temprature: 1}\n", "temprature"),
+        ("models: [\n", "invalid YAML"),
+        ("models: {teacher: {model: a, engine: openai}, student: {model: b}}\n", "base_url"),
+        ("models: {teacher: {model: a}, student: {model: b}}\nscenarios: {ids: [nope]}\n", "unknown scenario id"),
+    ]:
+        bad.write_text(text)
+        r = cli("config", "validate", bad)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (text, r.stderr)
