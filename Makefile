@@ -42,7 +42,7 @@ bench: install models
 	scripts/in-netns $(BIN)/python -m benchmarks
 
 mlflow-ui: install
-	$(BIN)/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///runs/mlflow/mlflow.db
+	$(BIN)/mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(abspath runs/mlflow/mlflow.db) --artifacts-destination $(abspath runs/mlflow/artifacts)
 
 # Re-pin after an intended upgrade: the freeze of a working .venv (local +cpu tags dropped).
 constraints:
