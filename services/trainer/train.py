@@ -1,0 +1,741 @@
+"""LoRA fine-tuning of the student on the teacher's training set: one recipe, one file.
+
+Read it top to bottom: `train_loop_per_worker` is the whole per-worker recipe, its setup steps numbered
+in the order they run; `run_training` launches it on Ray Train.
+
+Features
+- Tokenization with the student's own chat template (`apply_chat_template`): prompt = the scenario's
+  system + user turns with the generation prompt, target = the assistant turn as the template renders it
+  (end-of-turn token included). Loss on assistant tokens only (prompt tokens are labelled -100).
+  Templates that reject a system turn get it merged into the user turn.
+- peft LoRA with the paper's defaults from `TrainingConfig.lora` (r=8, alpha=16, dropout 0, q_proj/v_proj),
+  AdamW (fused on GPU), lr 5e-5 with a cosine (or linear/constant) schedule and optional warmup,
+  gradient clipping, fractional epochs.
+- Effective batch = per_device_batch_size x grad_accum x workers; grad_accum = ceil(effective /
+  (per_device x workers)). The loss is the exact token mean over the whole effective batch (token counts are
+  all-reduced before the backward passes), not a mean of micro-batch means.
+- bf16 on GPU: frozen base weights in bf16, LoRA weights and optimizer state in fp32, forward under
+  bf16 autocast. fp32 on CPU. SDPA attention. Optional `torch.compile` and gradient checkpointing.
+- Ray Train DDP (`ray.train.torch.prepare_model`; gloo on CPU, NCCL on GPU) with a `DistributedSampler`
+  (seeded, per-epoch shuffle); without Ray it runs as one plain torch process (world size 1) - the GPU
+  benchmark runs it that way. Neither ray nor mlflow is imported at module import time.
+- Checkpoints (adapter weights, optimizer, scheduler, position, RNG) every `checkpoint_every_steps`
+  optimizer steps and at each epoch end, through `ray.train.report(metrics, checkpoint=...)`. A restarted
+  worker group (FailureConfig) or a re-run with the same name resumes from the latest checkpoint, at the
+  exact micro-batch where it stopped. Without Ray: `checkpoint_dir` / `resume_from` folders.
+- Rank 0 logs params, loss, learning rate, grad norm and tokens/s to MLflow (the run id comes in the
+  config), and at the end the adapter in PEFT format under the run's artifact path `adapter/`
+  (`runs:/<run_id>/adapter`, loadable with `PeftModel.from_pretrained` once downloaded) with the training
+  config beside it (`adapter/tomtransfer_training.json`), and an MLflow LoggedModel named after
+  `adapter_name` holding the same files (`models:/<model_id>`). The run gets tags `tomtransfer.adapter_uri`
+  and `tomtransfer.adapter_model_id`.
+- At the end every rank hashes its adapter weights; rank 0 gathers the hashes (all-gather) and reports them
+  (`adapter_checksums`), so replica drift is visible. Rank 0 also saves logits of a few training examples
+  (`probe.pt`) so a reload can be checked against the trained model.
+- Fault injection for tests: `fault = {"at_step": k, "rank": r, "marker": path}` makes rank r raise once
+  after step k (the marker file records that it already did).
+
+Limits
+- Data parallel only: every worker holds the whole base model (no FSDP/ZeRO): fine up to ~8B in bf16 on
+  an 80 GB GPU. No sequence packing (batches are padded to their longest sequence).
+- Single-turn prompts ([system,] user -> assistant), which is what the generate stage writes.
+- Without Ray only world size 1 is supported (no torchrun).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+ADAPTER_ARTIFACT_PATH = "adapter"
+TRAINING_CONFIG_FILE = "tomtransfer_training.json"
+PROBE_FILE = "probe.pt"
+STATE_FILE = "trainer_state.pt"
+
+# The training knobs the loop reads (defaults = the paper's, as in shared.config.TrainingConfig).
+DEFAULT_TRAINING: dict[str, Any] = {
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+    "learning_rate": 5e-5,
+    "lr_scheduler": "cosine",
+    "warmup_ratio": 0.0,
+    "epochs": 3.0,
+    "effective_batch_size": 64,
+    "per_device_batch_size": 4,
+    "max_seq_len": 1024,
+    "max_grad_norm": 1.0,
+    "adapter_name": "tom",
+}
+
+
+class TrainError(ValueError):
+    """Input the loop cannot train on (no chat template, empty set after truncation, bad config)."""
+
+
+# ------------------------------------------------------------------------------------ tokenization
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as err:  # jinja2 TemplateError: e.g. Gemma-style templates that refuse a system turn
+        if messages and messages[0]["role"] == "system" and "system" in str(err).lower():
+            merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+            return tokenizer.apply_chat_template(
+                merged + messages[2:], tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        raise
+
+
+def encode_example(tokenizer, messages: list[dict], target: str, max_len: int) -> dict | None:
+    """input_ids + labels for one example, the prompt masked; None if the prompt alone fills `max_len`.
+
+    The template renders the prompt (with the generation prompt) and the full chat; the full text must start
+    with the prompt text (true of every chat template we know). Prompt and completion are tokenized
+    separately, as LLaMA-Factory does, so the boundary is exact."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrainError("the student's tokenizer has no chat template; use an instruct/chat model")
+    prompt = _render(tokenizer, messages, add_generation_prompt=True)
+    full = _render(tokenizer, messages + [{"role": "assistant", "content": target}], add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise TrainError("the chat template does not render the prompt as a prefix of the full chat")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos not in answer_ids:
+        answer_ids = answer_ids + [eos]  # a template that ends no turn: the student must still learn to stop
+    if len(prompt_ids) >= max_len:
+        return None
+    answer_ids = answer_ids[: max_len - len(prompt_ids)]
+    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+
+
+def collate(batch: list[dict], pad_id: int, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence (rounded up to `pad_to_multiple`)."""
+    longest = max(len(ex["input_ids"]) for ex in batch)
+    longest = -(-longest // pad_to_multiple) * pad_to_multiple
+    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for i, ex in enumerate(batch):
+        n = len(ex["input_ids"])
+        ids[i, :n] = torch.tensor(ex["input_ids"])
+        labels[i, :n] = torch.tensor(ex["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# ------------------------------------------------------------------------------------- distributed
+class _Dist:
+    """Rank, world and collectives: Ray Train workers (torch.distributed set up by Ray) or one process."""
+
+    def __init__(self, use_ray: bool, use_gpu: bool):
+        self.use_ray = use_ray
+        if use_ray:
+            import ray.train
+            import ray.train.torch
+
+            ctx = ray.train.get_context()
+            self.rank, self.world, self.local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+            self.device = ray.train.torch.get_device()
+        else:
+            self.rank, self.world, self.local_rank = 0, 1, 0
+            self.device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+            if use_gpu and self.device.type != "cuda":
+                raise TrainError("use_gpu is set but no CUDA device is visible")
+        self.distributed = self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t
+
+    def all_gather_object(self, obj: Any) -> list:
+        if not self.distributed:
+            return [obj]
+        out: list = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------------------- MLflow
+class _MlflowLog:
+    """Rank 0's MLflow client (None-safe: does nothing without a tracking URI and run id)."""
+
+    def __init__(self, cfg: dict | None, rank: int):
+        self.client = None
+        self.run_id = None
+        if rank != 0 or not cfg or not cfg.get("tracking_uri") or not cfg.get("run_id"):
+            return
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        mlflow.set_tracking_uri(cfg["tracking_uri"])
+        self.client = MlflowClient(cfg["tracking_uri"])
+        self.run_id = cfg["run_id"]
+
+    def params(self, params: dict) -> None:
+        if not self.client:
+            return
+        from mlflow.entities import Param
+
+        have = self.client.get_run(self.run_id).data.params
+        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i : i + 100])
+
+    def metrics(self, metrics: dict, step: int) -> None:
+        if not self.client:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+        )
+
+    def final(self, adapter_dir: Path, probe: Path | None, adapter_name: str, params: dict) -> dict:
+        if not self.client:
+            return {}
+        self.client.log_artifacts(self.run_id, str(adapter_dir), ADAPTER_ARTIFACT_PATH)
+        if probe is not None:
+            self.client.log_artifact(self.run_id, str(probe), "probe")
+        run = self.client.get_run(self.run_id)
+        model = self.client.create_logged_model(
+            experiment_id=run.info.experiment_id,
+            name=adapter_name,
+            source_run_id=self.run_id,
+            params={k: str(v) for k, v in params.items()},
+            tags={"tomtransfer.kind": "peft-lora-adapter", "tomtransfer.adapter_uri": f"runs:/{self.run_id}/adapter"},
+            model_type="peft-lora-adapter",
+        )
+        self.client.log_model_artifacts(model.model_id, str(adapter_dir))
+        self.client.finalize_logged_model(model.model_id, "READY")
+        uri = f"runs:/{self.run_id}/{ADAPTER_ARTIFACT_PATH}"
+        self.client.set_tag(self.run_id, "tomtransfer.adapter_uri", uri)
+        self.client.set_tag(self.run_id, "tomtransfer.adapter_model_id", model.model_id)
+        self.client.set_tag(self.run_id, "tomtransfer.adapter_name", adapter_name)
+        return {"adapter_uri": uri, "adapter_model_id": model.model_id, "adapter_model_uri": f"models:/{model.model_id}"}
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def adapter_checksum(model) -> str:
+    """sha256 over the trainable (LoRA) weights in name order, as fp32 bytes."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 1.0
+
+    return f
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flat(prefix: str, d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(f"{prefix}{k}.", v)
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------- the recipe
+def train_loop_per_worker(config: dict) -> dict:
+    """The per-worker training loop (Ray Train's `train_loop_per_worker`, or a plain call).
+
+    config keys (plain JSON-able values):
+      dataset_path         train.parquet (or its folder), from `services.trainer.dataset`
+      student_path         local HF model folder (config, tokenizer, weights)
+      training             dict of `TrainingConfig` fields (missing ones: the paper's defaults)
+      use_ray              True inside Ray Train (set by `run_training`); False/absent: one plain process
+      use_gpu              train on CUDA (bf16); default: False
+      seed                 int (default 0)
+      mlflow               {"tracking_uri", "run_id"} or None: rank 0 logs there
+      output_dir           where rank 0 writes the final adapter (default: a temp dir, then reported)
+      checkpoint_every_steps  0: only at epoch ends
+      checkpoint_dir / resume_from   (plain mode) where to write checkpoints / a checkpoint folder to resume
+      log_every_steps      metrics cadence (default 1)
+      max_steps            stop after this many optimizer steps (benchmarks); default: from epochs
+      random_init          build the model from its config with random weights (benchmarks)
+      compile              torch.compile the model; gradient_checkpointing: recompute activations
+      pad_to_multiple      pad batches to a multiple of this (default 8 on GPU, 1 on CPU)
+      num_threads          torch CPU threads (default: leave as is)
+      probe_examples       how many examples' logits rank 0 saves at the end (default 2; 0: none)
+      fault                {"at_step", "rank", "marker"}: raise once (tests)
+    Returns a dict of final results (also reported to Ray Train).
+    """
+    import transformers
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    from services.trainer.dataset import read_training_set
+
+    t_setup = time.perf_counter()
+    tcfg = {**DEFAULT_TRAINING, **(config.get("training") or {})}
+    lcfg = {**DEFAULT_TRAINING["lora"], **(tcfg.get("lora") or {})}
+    use_ray = bool(config.get("use_ray"))
+    use_gpu = bool(config.get("use_gpu"))
+    seed = int(config.get("seed", 0))
+
+    # 1. Who am I: rank, world size, device. Ray Train has already set up torch.distributed (gloo/NCCL).
+    dist = _Dist(use_ray, use_gpu)
+    device = dist.device
+    on_gpu = device.type == "cuda"
+    if config.get("num_threads") and not on_gpu:
+        torch.set_num_threads(int(config["num_threads"]))
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    log = _MlflowLog(config.get("mlflow"), dist.rank)
+
+    # 2. Seeds: identical on every rank, so the LoRA init is identical too (DDP also broadcasts rank 0's).
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+    # 3. Tokenizer and data: the student's chat template; loss only on the assistant turn.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(config["student_path"])
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise TrainError("the student's tokenizer has neither a pad nor an eos token")
+    rows = read_training_set(config["dataset_path"])
+    examples, skipped = [], 0
+    for row in rows:
+        ex = encode_example(tokenizer, row["messages"], row["target"], int(tcfg["max_seq_len"]))
+        if ex is None:
+            skipped += 1
+        else:
+            examples.append(ex)
+    if not examples:
+        raise TrainError(f"every prompt is longer than max_seq_len={tcfg['max_seq_len']}")
+
+    # 4. Batch geometry: effective batch = per_device x grad_accum x world.
+    per_device = int(tcfg["per_device_batch_size"])
+    grad_accum = max(1, math.ceil(int(tcfg["effective_batch_size"]) / (per_device * dist.world)))
+    sampler = torch.utils.data.DistributedSampler(
+        range(len(examples)), num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed, drop_last=False
+    )
+    micro_per_epoch = math.ceil(len(sampler) / per_device)
+    steps_per_epoch = math.ceil(micro_per_epoch / grad_accum)
+    total_steps = max(1, math.ceil(float(tcfg["epochs"]) * steps_per_epoch))
+    if config.get("max_steps"):
+        total_steps = min(total_steps, int(config["max_steps"]))
+    pad_multiple = int(config.get("pad_to_multiple") or (8 if on_gpu else 1))
+
+    # 5. Model: base weights frozen (bf16 on GPU, fp32 on CPU), LoRA adapters in fp32.
+    base_dtype = torch.bfloat16 if on_gpu else torch.float32
+    if config.get("random_init"):
+        mcfg = transformers.AutoConfig.from_pretrained(config["student_path"])
+        with torch.device(device):
+            base = transformers.AutoModelForCausalLM.from_config(mcfg, dtype=base_dtype, attn_implementation="sdpa")
+    else:
+        base = transformers.AutoModelForCausalLM.from_pretrained(
+            config["student_path"], dtype=base_dtype, attn_implementation="sdpa"
+        )
+    base.config.use_cache = False
+    if config.get("gradient_checkpointing"):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    lora = LoraConfig(
+        r=int(lcfg["r"]), lora_alpha=int(lcfg["alpha"]), lora_dropout=float(lcfg["dropout"]),
+        target_modules=list(lcfg["target_modules"]), bias="none", task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(base, lora)  # adapters in fp32 (peft's autocast_adapter_dtype)
+    n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in peft_model.parameters())
+
+    # 6. Resume: the latest checkpoint (Ray: reported by an earlier attempt of this run; plain: resume_from).
+    state = None
+    ckpt_dir = _latest_checkpoint_dir(config, use_ray)
+    if ckpt_dir is not None:
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(peft_model, load_file(str(Path(ckpt_dir) / "adapter" / "adapter_model.safetensors")))
+        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+
+    # 7. Device placement and DDP (Ray: prepare_model wraps in DistributedDataParallel).
+    if use_ray:
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(peft_model, parallel_strategy="ddp" if dist.world > 1 else None)
+    else:
+        model = peft_model.to(device)
+    if config.get("compile"):
+        model = torch.compile(model)
+
+    # 8. Optimizer and schedule (AdamW, fused on GPU; no weight decay, as LLaMA-Factory's default).
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=float(tcfg["learning_rate"]), weight_decay=0.0, fused=on_gpu)
+    warmup = int(float(tcfg["warmup_ratio"]) * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tcfg["lr_scheduler"], warmup, total_steps))
+    step, epoch, micro_done, history = 0, 0, 0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, micro_done, history = state["step"], state["epoch"], state["micro_done"], state["history"]
+        _set_rng_state(state["rng"])
+    start_step = step
+
+    run_params = {
+        **_flat("training.", tcfg), "world_size": dist.world, "grad_accum": grad_accum,
+        "effective_batch": per_device * grad_accum * dist.world, "examples": len(examples),
+        "examples_too_long": skipped, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+        "trainable_params": n_trainable, "total_params": n_total, "device": device.type,
+        "base_dtype": str(base_dtype).removeprefix("torch."), "seed": seed,
+    }
+    log.params(run_params)
+    if dist.rank == 0:
+        print(f"[train] {len(examples)} examples ({skipped} too long), world {dist.world}, grad_accum {grad_accum}, "
+              f"{total_steps} steps, trainable {n_trainable:,} / {n_total:,}, resume at step {step}, "
+              f"setup {time.perf_counter() - t_setup:.1f}s", flush=True)
+
+    # 9. The loop.
+    ckpt_every = int(config.get("checkpoint_every_steps") or 0)
+    log_every = max(1, int(config.get("log_every_steps") or 1))
+    fault = config.get("fault") or None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    window_tokens, window_t0 = 0, time.perf_counter()
+    last: dict = {}
+    model.train()
+    while step < total_steps:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        batches = [order[i : i + per_device] for i in range(0, len(order), per_device)]
+        while micro_done < len(batches) and step < total_steps:
+            group = [collate([examples[j] for j in b], pad_id, pad_multiple)
+                     for b in batches[micro_done : micro_done + grad_accum]]
+            counts = torch.tensor(
+                [sum(int((g["labels"][:, 1:] != IGNORE_INDEX).sum()) for g in group),
+                 sum(int(g["attention_mask"].sum()) for g in group)], dtype=torch.float64, device=device)
+            counts = dist.all_reduce_sum(counts)
+            n_target, n_tokens = max(1.0, counts[0].item()), counts[1].item()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for k, g in enumerate(group):
+                g = {key: v.to(device, non_blocking=True) for key, v in g.items()}
+                sync = (k == len(group) - 1) or not ddp
+                ctx = model.no_sync() if not sync else _nullcontext()
+                with ctx:
+                    with autocast:
+                        logits = model(input_ids=g["input_ids"], attention_mask=g["attention_mask"]).logits
+                    loss = F.cross_entropy(
+                        logits[:, :-1].flatten(0, 1).float(), g["labels"][:, 1:].flatten(),
+                        ignore_index=IGNORE_INDEX, reduction="sum",
+                    )
+                    # DDP averages gradients over ranks; x world makes the result sum / global target tokens.
+                    (loss * (dist.world / n_target)).backward()
+                loss_sum += loss.detach().double()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float(tcfg["max_grad_norm"]))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            micro_done += len(group)
+            step += 1
+            window_tokens += n_tokens
+            epoch_done = micro_done >= len(batches)
+
+            if step % log_every == 0 or step == total_steps or epoch_done:
+                global_loss = (dist.all_reduce_sum(loss_sum) / n_target).item()
+                if on_gpu:
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - window_t0
+                last = {
+                    "loss": global_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                    "tokens_per_s": window_tokens / dt if dt > 0 else 0.0, "step": step,
+                    "epoch": epoch + micro_done / len(batches),
+                }
+                history.append({"step": step, "loss": global_loss})
+                log.metrics({k: v for k, v in last.items() if k != "step"}, step)
+                window_tokens, window_t0 = 0, time.perf_counter()
+                if use_ray and not ((ckpt_every and step % ckpt_every == 0) or epoch_done or step == total_steps):
+                    import ray.train
+
+                    ray.train.report(dict(last, start_step=start_step))
+            if epoch_done:
+                epoch, micro_done = epoch + 1, 0
+            if step < total_steps and ((ckpt_every and step % ckpt_every == 0) or epoch_done):
+                _save_checkpoint(config, dist, peft_model, optimizer, scheduler, last, start_step,
+                                 {"step": step, "epoch": epoch, "micro_done": micro_done, "history": history})
+            if fault and step == int(fault["at_step"]) and dist.rank == int(fault.get("rank", 0)):
+                marker = Path(fault["marker"])
+                if not marker.exists():
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    marker.write_text(f"fault injected at step {step} on rank {dist.rank}\n")
+                    raise RuntimeError(f"injected fault at step {step} on rank {dist.rank}")
+
+    if not last and history:  # resumed a run that had already finished
+        last = {"loss": history[-1]["loss"], "step": step}
+    # 10. The end: checksums from every rank, the adapter in PEFT format, probe logits, MLflow.
+    checksums = dist.all_gather_object(adapter_checksum(peft_model))
+    result = {**last, "start_step": start_step, "total_steps": total_steps, "adapter_checksums": checksums,
+              "adapters_identical": len(set(checksums)) == 1, "examples": len(examples),
+              "loss_first": history[0]["loss"] if history else None,
+              "loss_last": history[-1]["loss"] if history else None, "trainable_params": n_trainable,
+              "total_params": n_total}
+    final_dir = None
+    if dist.rank == 0:
+        final_dir = Path(config.get("output_dir") or tempfile.mkdtemp(prefix="tomtransfer-final-"))
+        adapter_dir = final_dir / "adapter"
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        peft_model.save_pretrained(str(adapter_dir))
+        # The trainer state rides along, so a re-run of a finished run resumes at its last step (a no-op).
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                    "step": step, "epoch": epoch, "micro_done": micro_done, "history": history},
+                   final_dir / STATE_FILE)
+        (adapter_dir / TRAINING_CONFIG_FILE).write_text(json.dumps(
+            {"training": tcfg, "run_params": run_params, "student_path": str(config["student_path"]),
+             "dataset_path": str(config["dataset_path"]), "seed": seed}, indent=1, default=str))
+        probe_path = None
+        n_probe = int(config.get("probe_examples", 2))
+        if n_probe:
+            probe_path = final_dir / PROBE_FILE
+            _save_probe(peft_model, examples[:n_probe], pad_id, device, autocast, probe_path)
+        result |= log.final(adapter_dir, probe_path, str(tcfg["adapter_name"]), {
+            "r": lcfg["r"], "alpha": lcfg["alpha"], "target_modules": ",".join(lcfg["target_modules"])})
+        result["adapter_dir"] = str(adapter_dir)
+        if log.client:
+            log.metrics({"final_loss": result.get("loss") or 0.0}, step)
+    dist.barrier()
+    if use_ray:
+        import ray.train
+
+        report = {k: v for k, v in result.items() if k != "adapter_dir"}
+        if dist.rank == 0:
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(final_dir)))
+        else:
+            ray.train.report(report)
+    return result
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _latest_checkpoint_dir(config: dict, use_ray: bool) -> str | None:
+    if use_ray:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        # Local storage: the checkpoint folder is readable in place; remote storage gets downloaded.
+        path = ckpt.path if os.path.isdir(ckpt.path) else ckpt.to_directory()
+        return path if (Path(path) / STATE_FILE).is_file() else None
+    resume = config.get("resume_from")
+    if not resume:
+        return None
+    p = Path(resume)
+    if (p / STATE_FILE).is_file():
+        return str(p)
+    steps = sorted(p.glob("step_*"), key=lambda q: int(q.name.split("_")[1])) if p.is_dir() else []
+    steps = [s for s in steps if (s / STATE_FILE).is_file()]
+    return str(steps[-1]) if steps else None
+
+
+def _save_checkpoint(config, dist, peft_model, optimizer, scheduler, metrics, start_step, position) -> None:
+    """Rank 0 writes adapter + trainer state; every rank calls report (it is a barrier in Ray Train)."""
+    tmp = None
+    if dist.rank == 0:
+        tmp = Path(tempfile.mkdtemp(prefix="tomtransfer-ckpt-"))
+        peft_model.save_pretrained(str(tmp / "adapter"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                    **position}, tmp / STATE_FILE)
+    if dist.use_ray:
+        import ray.train
+
+        report = dict(metrics, start_step=start_step, checkpoint_step=position["step"])
+        if dist.rank == 0:
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+        else:
+            ray.train.report(report)
+    elif config.get("checkpoint_dir"):
+        dest = Path(config["checkpoint_dir"]) / f"step_{position['step']:06d}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(tmp, dest, dirs_exist_ok=True)
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@torch.no_grad()
+def _save_probe(peft_model, examples, pad_id, device, autocast, path: Path) -> None:
+    was_training = peft_model.training
+    peft_model.eval()
+    batch = collate(examples, pad_id)
+    with autocast:
+        logits = peft_model(input_ids=batch["input_ids"].to(device),
+                            attention_mask=batch["attention_mask"].to(device)).logits
+    torch.save({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "logits": logits.float().cpu()}, path)
+    peft_model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------ the launcher
+def _resolve_student(name_or_path: str | Path) -> Path:
+    """A local model folder: `services.common.models.resolve_model` when it exists, else the path itself."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    try:
+        from services.common.models import resolve_model  # written by another engineer; optional until it lands
+    except ImportError:
+        resolve_model = None
+    if resolve_model is not None:
+        return Path(resolve_model(str(name_or_path)))
+    from shared.errors import UserError
+
+    raise UserError(f"student model not found: {name_or_path} (give a local folder)")
+
+
+def run_training(
+    cfg,
+    dataset_path: str | Path,
+    student_path: str | Path,
+    tracking_uri: str | None,
+    run_id: str | None = None,
+    *,
+    checkpoint_every_steps: int = 0,
+    extra_loop_config: dict | None = None,
+    ray_init_kwargs: dict | None = None,
+) -> dict:
+    """Train `cfg.training` on Ray Train (`TorchTrainer`) and return the result dict.
+
+    Storage: `cfg.run_dir/train/ray` (checkpoints; Ray Train run name `<cfg.name>-train`). Calling again with
+    the same config resumes an interrupted run from its latest checkpoint (Ray Train V2 restores a run from
+    its storage path and name; `TorchTrainer.restore/can_restore` are deprecated there). A worker failure
+    restarts the worker group up to `training.max_failures` times, resuming from the latest checkpoint.
+    MLflow: logs to `run_id`, else to the run recorded by an earlier attempt, else to a new run in
+    `cfg.mlflow.experiment`. The final adapter is copied to `cfg.run_dir/train/adapter`."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = cfg.training
+    run_dir = Path(cfg.run_dir).resolve()
+    train_dir = run_dir / "train"
+    storage = train_dir / "ray"
+    name = f"{cfg.name}-train"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    student = _resolve_student(student_path).resolve()
+    dataset_path = Path(dataset_path).resolve()
+
+    # MLflow run: explicit > the one an interrupted attempt used > a new one.
+    run_id_file = train_dir / "mlflow_run_id"
+    if tracking_uri:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        if run_id is None and run_id_file.is_file():
+            run_id = run_id_file.read_text().strip()
+        if run_id is None:
+            mlflow.set_tracking_uri(tracking_uri)
+            exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
+            run_id = client.create_run(exp_id, run_name=name, tags={"tomtransfer.stage": "train"}).info.run_id
+        run_id_file.write_text(run_id + "\n")
+    resumed = (storage / name).is_dir() and (
+        any((storage / name).glob("checkpoint_*")) or any((storage / name).glob("*snapshot*"))
+    )
+
+    loop_config = {
+        "dataset_path": str(dataset_path),
+        "student_path": str(student),
+        "training": t.model_dump(mode="json"),
+        "use_ray": True,
+        "use_gpu": bool(t.use_gpu),
+        "seed": int(cfg.sampling.seed),
+        "mlflow": {"tracking_uri": tracking_uri, "run_id": run_id} if tracking_uri else None,
+        "checkpoint_every_steps": int(checkpoint_every_steps),
+        "num_threads": max(1, int(t.cpus_per_worker)),
+        **(extra_loop_config or {}),
+    }
+    started_ray = False
+    if not ray.is_initialized():
+        ray.init(**({"include_dashboard": False} | (ray_init_kwargs or {})))
+        started_ray = True
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config,
+            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+            ),
+            run_config=ray.train.RunConfig(
+                name=name,
+                storage_path=str(storage),
+                failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+        t0 = time.perf_counter()
+        result = trainer.fit()
+        wall = time.perf_counter() - t0
+    finally:
+        if started_ray:
+            ray.shutdown()
+    metrics = dict(result.metrics or {})
+    adapter_dir = train_dir / "adapter"
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            if adapter_dir.exists():
+                shutil.rmtree(adapter_dir)
+            shutil.copytree(Path(d) / "adapter", adapter_dir)
+            if (Path(d) / PROBE_FILE).is_file():
+                shutil.copy2(Path(d) / PROBE_FILE, train_dir / PROBE_FILE)
+    if tracking_uri:
+        MlflowClient(tracking_uri).set_terminated(run_id, "FINISHED")
+    return {
+        **metrics,
+        "run_id": run_id,
+        "adapter_dir": str(adapter_dir),
+        "adapter_uri": metrics.get("adapter_uri") or (f"runs:/{run_id}/adapter" if run_id else None),
+        "checkpoint_path": result.checkpoint.path if result.checkpoint else None,
+        "storage_path": str(storage / name),
+        "resumed_run": resumed,
+        "wall_s": wall,
+    }
