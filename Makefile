@@ -13,12 +13,18 @@ PYTEST_ARGS ?=
 DEMO_MODELS ?= smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install models test run bench mlflow-ui constraints clean help
+.PHONY: install system-deps models test run bench mlflow-ui constraints clean help
 
 help:
 	@echo "make run | test | install | models | bench | mlflow-ui | deploy [DRY_RUN=1] | undeploy | clean"
 
-install: $(STAMP)
+install: $(STAMP) system-deps
+
+# Debian's chromium renders the MLflow UI in a browser test; installed only where we may (root + apt).
+system-deps:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
+	  echo "note: chromium not installed (needs root + apt); the MLflow UI browser test will fail"
 
 # torch is installed first from the CPU wheel, so no later resolver step can pull CUDA torch.
 $(STAMP): pyproject.toml constraints.txt
@@ -30,7 +36,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 models: install
-	$(BIN)/tomtransfer models fetch $(DEMO_MODELS)
+	@for m in $(DEMO_MODELS); do $(BIN)/tomtransfer models fetch --quiet $$m >/dev/null || exit 1; done
 
 test: install models
 	scripts/in-netns $(BIN)/python -m pytest $(PYTEST_ARGS)

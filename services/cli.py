@@ -22,7 +22,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Transfer strategic decision making from a teacher LLM to a student LLM, and measure it.")
 scenarios_app = typer.Typer(no_args_is_help=True, help="The scenario catalog and scenario packs.")
 config_app = typer.Typer(no_args_is_help=True, help="Experiment configs.")
-models_app = typer.Typer(no_args_is_help=True, help="Offline models: aliases, fetch and convert.")
+from services.common.models_cli import app as models_app  # noqa: E402  (light: imports no torch)
 app.add_typer(scenarios_app, name="scenarios")
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
