@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
@@ -430,9 +431,11 @@ def log_dataset_to_mlflow(
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     df = pd.read_parquet(ex.parquet)
-    dataset = mlflow.data.from_pandas(
-        df, source=str(ex.parquet.resolve()), targets="target", name=ex.name, digest=ex.mlflow_digest
-    )
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways", "integer columns": noise here
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(
+            df, source=str(ex.parquet.resolve()), targets="target", name=ex.name, digest=ex.mlflow_digest
+        )
     tags = {
         "content_sha256": ex.content_hash,
         "targets": ex.targets,
