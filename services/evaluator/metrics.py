@@ -1,0 +1,780 @@
+"""Evaluation results -> metrics: the paper's analyses (and the alignment figures) over evaluated samples.
+
+Two inputs, one output (`EvaluationResult`):
+
+* **sampled** (`evaluate_samples`): the raw samples Parquet of the evaluate stage, one row a sample, columns
+  `role` (teacher | student_base | student_finetuned), `scenario_id`, `family`, `context`, `game`,
+  `sample_index`, `answer` ('C' / 'D' / an integer string for the PGG, or null), `valid` (bool), `model`, ...
+  Every (role, scenario) must hold exactly N rows with distinct `sample_index` (valid + invalid = N; checked,
+  N = `expected_samples` when given). Cooperation rate = C / valid answers, the paper's convention
+  (`shared.metrics.Counts`); the invalid count is reported next to it, never dropped.
+* **exact** (`evaluate_exact`): `exact.parquet`, one row per (role, scenario_id, family, context, game) with
+  `p_C`, `p_D`, `valid_mass` and, for the PGG, `pgg_dist` (a JSON list of probabilities over 0..endowment).
+  Rate = p_C / (p_C + p_D), the probability of C among valid answers - correct whether the server reports
+  joint or already-conditional probabilities; `1 - valid_mass` is the invalid probability.
+
+What is computed, all with the domain core (`shared.metrics`, `shared.stats`), nothing re-implemented:
+
+* per role x scenario: counts (n, valid, invalid, C, D) and the rate;
+* per scenario (all three roles present): improvement, class, unstable flag, bootstrap CI of the
+  improvement, bridging, Jensen-Shannon divergences (base-teacher, ft-teacher) - `shared.metrics.scenario_result`;
+* per 2x2 family (in_sample, oos_context, oos_game) and over all of them: aggregates of improvement
+  (mean/median/sd/se/min/max/bootstrap CI), by game and by context, class counts, unstable ids, mean bridging
+  and JS, mean rates per role by game and by context (Fig. 2);
+* Table 1: student_finetuned, every in-sample scenario against its doubled-payoff `_x2` counterpart
+  (`shared.stats.table1_ztest`, n = valid answers), with the AVERAGE / MEDIAN lines (`table1_summary`);
+* the public-goods game: per-role mean/sd/se/n, improvement of the mean, Welch tests
+  (`shared.stats.pgg_analysis`), JS divergence of the contribution distributions and bridging of the means.
+
+Exact mode conventions (noise-free probabilities instead of counts):
+
+* improvement, class, bridging and JS are computed from the probabilities; there is **no sampling CI**
+  (`ci95` is None: there is no sampling noise to bound);
+* Table 1 and the `unstable` flag need a sample size: they use an **effective n** = the configured number of
+  samples (`evaluate.samples`, paper 300), i.e. "what a sampled run of that size would conclude if its
+  frequencies equalled these probabilities" (counts c = p x n, not rounded);
+* PGG: mean and sd are those of the contribution distribution; se = sd / sqrt(n_eff); Welch tests from these
+  summary statistics with n_eff per role (`scipy.stats.ttest_ind_from_stats`).
+
+`EvaluationResult.flat_metrics()` gives MLflow metric names (letters, digits, `_ - .` only) -> values; values
+that are undefined (no teacher-base gap, too few values, ...) are left out rather than logged as NaN.
+Name scheme (`{family}` in in_sample | oos_context | oos_game | all, `{sid}` a scenario id):
+
+  rate.{role}.{family}.{sid}            cooperation rate (C / valid)
+  invalid_rate.{role}.{family}.{sid}    invalid / N (exact: 1 - valid_mass)
+  improvement.{family}.{sid}            improvement in percent
+  improvement_ci_low|high.{family}.{sid}   bootstrap 95 % CI (sampled only)
+  unstable.{family}.{sid}               1 if the teacher-base gap is within noise
+  bridging.{family}.{sid}, js.base_teacher|ft_teacher.{family}.{sid}
+  improvement_{mean,median,sd,se,min,max,n,ci_low,ci_high}.{family}
+  improvement_{mean,se,n}.{family}.game.{game}, improvement_{mean,se,n}.{family}.context.{context}
+  classes.{family}.{exacerbation|partial|overcorrection|undefined}, unstable_count.{family}
+  bridging_mean.{family}, js_mean.base_teacher|ft_teacher.{family}
+  rate_mean.{role}.{family} (+ .game.{game} / .context.{context}), invalid_rate_mean.{role}.{family}
+  table1.{p_normal,p_doubled,difference,se,z,p_value,z_two_sample,p_two_sided}.{sid}
+  table1.{average,median}.{column}, table1.significant_count, table1.n
+  pgg.{mean,sd,se,n,invalid_rate}.{role}, pgg.improvement, pgg.welch_{t,p,difference}.{a}_vs_{b},
+  pgg.js.base_teacher|ft_teacher, pgg.bridging     (another PGG scenario id X: pgg.X.mean.{role}, ...)
+  samples.{role}, invalid.{role}                 totals over all scenarios (sampled: counts)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from shared.config import ALL_FAMILIES, ALL_ROLES
+from shared.errors import UserError
+from shared.metrics import (
+    CLASSES,
+    Aggregate,
+    Counts,
+    ScenarioResult,
+    aggregate,
+    binary_js,
+    bridging,
+    class_counts,
+    classify,
+    group_by,
+    improvement,
+    js_divergence,
+    scenario_result,
+    unstable,
+)
+from shared.stats import PGG_ROLES, ZTestRow, moments, pgg_analysis, table1_summary, table1_ztest
+
+ROLES: tuple[str, ...] = tuple(ALL_ROLES)  # teacher, student_base, student_finetuned
+TWO_BY_TWO: tuple[str, ...] = tuple(f for f in ALL_FAMILIES if f != "pgg")
+SAMPLE_REQUIRED = ("role", "scenario_id", "family", "context", "game", "sample_index", "answer", "valid")
+EXACT_REQUIRED = ("role", "scenario_id", "family", "context", "game", "p_C", "p_D", "valid_mass")
+EXACT_PARQUET = "exact.parquet"
+_DOUBLED = re.compile(r"_x\d+(?:\.\d+)?$")
+
+
+class EvaluationDataError(UserError):
+    """Evaluation results that cannot be turned into metrics (missing columns, wrong counts, duplicates)."""
+
+
+# ------------------------------------------------------------------------------------------ records
+@dataclass(frozen=True)
+class RoleRate:
+    """One role on one scenario. Sampled: counts; exact: probabilities (counts None, n = effective n)."""
+
+    role: str
+    scenario_id: str
+    family: str
+    context: str
+    game: str
+    model: str | None
+    n: int
+    valid: int | None
+    invalid: int | None
+    cooperate: int | None
+    rate: float | None  # P(C | valid answer); None for the PGG or with no valid answer
+    invalid_rate: float | None
+    valid_mass: float | None = None  # exact mode only
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FamilySummary:
+    family: str
+    scenarios: int
+    improvement: Aggregate
+    by_game: dict[str, Aggregate]
+    by_context: dict[str, Aggregate]
+    classes: dict[str, int]
+    unstable: tuple[str, ...]
+    bridging: Aggregate
+    js_base_teacher: Aggregate
+    js_ft_teacher: Aggregate
+
+    def to_dict(self) -> dict:
+        return {
+            "family": self.family, "scenarios": self.scenarios, "improvement": self.improvement.to_dict(),
+            "by_game": {k: v.to_dict() for k, v in self.by_game.items()},
+            "by_context": {k: v.to_dict() for k, v in self.by_context.items()},
+            "classes": dict(self.classes), "unstable": list(self.unstable), "bridging": self.bridging.to_dict(),
+            "js_base_teacher": self.js_base_teacher.to_dict(), "js_ft_teacher": self.js_ft_teacher.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class PggResult:
+    """One public-goods scenario: per-role moments, improvement of the mean, Welch tests, alignment."""
+
+    scenario_id: str
+    endowment: int
+    roles: dict[str, dict]  # role -> {mean, sd, se, n, valid, invalid, invalid_rate}
+    distributions: dict[str, list[float]]  # role -> P(contribution = k), k = 0..endowment
+    improvement: float | None
+    tests: dict[str, dict]  # "a_vs_b" -> {difference, t, df, p_value}
+    js_base_teacher: float | None
+    js_ft_teacher: float | None
+    bridging: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    estimator: str  # "sample" | "exact"
+    samples: int | None  # N per (role, scenario); exact: the effective n
+    roles: tuple[str, ...]
+    models: dict[str, str]
+    rates: tuple[RoleRate, ...]
+    scenarios: tuple[ScenarioResult, ...]
+    families: dict[str, FamilySummary]
+    overall: FamilySummary | None  # all 2x2 scenarios of all families together ("all")
+    rate_means: dict[str, dict[str, dict]]  # family -> role -> {mean, invalid_mean, game: {}, context: {}}
+    table1: tuple[ZTestRow, ...]
+    table1_summary: dict[str, dict]
+    pgg: dict[str, PggResult]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    # ----------------------------------------------------------------------------- views
+    def scenarios_of(self, family: str) -> list[ScenarioResult]:
+        return [s for s in self.scenarios if s.family == family]
+
+    def rates_of(self, family: str, role: str | None = None) -> list[RoleRate]:
+        return [r for r in self.rates if r.family == family and (role is None or r.role == role)]
+
+    @property
+    def unstable_scenarios(self) -> list[ScenarioResult]:
+        return [s for s in self.scenarios if s.unstable and s.improvement is not None]
+
+    def to_dict(self) -> dict:
+        return {
+            "estimator": self.estimator,
+            "samples": self.samples,
+            "roles": list(self.roles),
+            "models": dict(self.models),
+            "rates": [r.to_dict() for r in self.rates],
+            "scenarios": [s.to_dict() for s in self.scenarios],
+            "families": {k: v.to_dict() for k, v in self.families.items()},
+            "overall": self.overall.to_dict() if self.overall else None,
+            "rate_means": self.rate_means,
+            "table1": {"rows": [r.to_dict() | {"stars": r.stars} for r in self.table1],
+                       "summary": self.table1_summary},
+            "pgg": {k: v.to_dict() for k, v in self.pgg.items()},
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
+        return path
+
+    # ----------------------------------------------------------------------------- MLflow
+    def flat_metrics(self) -> dict[str, float]:
+        """{stable MLflow metric name: value}; undefined values are left out (see the module docstring)."""
+        m: dict[str, float] = {}
+
+        def put(name: str, value) -> None:
+            if value is None:
+                return
+            if isinstance(value, (bool, np.bool_)):
+                value = int(value)
+            v = float(value)
+            if math.isnan(v) or math.isinf(v):
+                return
+            m[metric_name(name)] = v
+
+        for r in self.rates:
+            if r.family == "pgg":
+                continue
+            put(f"rate.{r.role}.{r.family}.{r.scenario_id}", r.rate)
+            put(f"invalid_rate.{r.role}.{r.family}.{r.scenario_id}", r.invalid_rate)
+        for role in self.roles:
+            rr = [r for r in self.rates if r.role == role]
+            if self.estimator == "sample":
+                put(f"samples.{role}", sum(r.n for r in rr))
+                put(f"invalid.{role}", sum(r.invalid or 0 for r in rr))
+            else:
+                put(f"scenarios.{role}", len(rr))
+        for s in self.scenarios:
+            key = f"{s.family}.{s.id}"
+            put(f"improvement.{key}", s.improvement)
+            if s.ci95:
+                put(f"improvement_ci_low.{key}", s.ci95[0])
+                put(f"improvement_ci_high.{key}", s.ci95[1])
+            if s.improvement is not None:
+                put(f"unstable.{key}", s.unstable)
+            put(f"bridging.{key}", s.bridging)
+            put(f"js.base_teacher.{key}", s.js_base_teacher)
+            put(f"js.ft_teacher.{key}", s.js_ft_teacher)
+        fams = list(self.families.values()) + ([self.overall] if self.overall else [])
+        for f in fams:
+            a = f.improvement
+            for stat in ("mean", "median", "sd", "se", "min", "max"):
+                put(f"improvement_{stat}.{f.family}", getattr(a, stat))
+            put(f"improvement_n.{f.family}", a.n)
+            if a.ci95:
+                put(f"improvement_ci_low.{f.family}", a.ci95[0])
+                put(f"improvement_ci_high.{f.family}", a.ci95[1])
+            for kind, groups in (("game", f.by_game), ("context", f.by_context)):
+                for g, agg in groups.items():
+                    put(f"improvement_mean.{f.family}.{kind}.{g}", agg.mean)
+                    put(f"improvement_se.{f.family}.{kind}.{g}", agg.se)
+                    put(f"improvement_n.{f.family}.{kind}.{g}", agg.n)
+            for c, n in f.classes.items():
+                put(f"classes.{f.family}.{c}", n)
+            put(f"unstable_count.{f.family}", len(f.unstable))
+            put(f"bridging_mean.{f.family}", f.bridging.mean)
+            put(f"js_mean.base_teacher.{f.family}", f.js_base_teacher.mean)
+            put(f"js_mean.ft_teacher.{f.family}", f.js_ft_teacher.mean)
+        for fam, by_role in self.rate_means.items():
+            for role, d in by_role.items():
+                put(f"rate_mean.{role}.{fam}", d["mean"])
+                put(f"invalid_rate_mean.{role}.{fam}", d["invalid_mean"])
+                for kind in ("game", "context"):
+                    for g, v in d[kind].items():
+                        put(f"rate_mean.{role}.{fam}.{kind}.{g}", v)
+        cols = ("p_normal", "p_doubled", "difference", "se", "z", "p_value", "z_two_sample", "p_two_sided")
+        for row in self.table1:
+            for col in cols:
+                put(f"table1.{col}.{row.id}", getattr(row, col))
+        if self.table1:
+            put("table1.n", len(self.table1))
+            put("table1.significant_count", sum(r.p_value is not None and r.p_value < 0.05 for r in self.table1))
+        for line, values in self.table1_summary.items():
+            for col, v in values.items():
+                put(f"table1.{line}.{col}", v)
+        for sid, p in self.pgg.items():
+            pre = "pgg" if sid == "pgg" else f"pgg.{sid}"
+            for role, d in p.roles.items():
+                for stat in ("mean", "sd", "se", "n", "invalid_rate"):
+                    put(f"{pre}.{stat}.{role}", d.get(stat))
+            put(f"{pre}.improvement", p.improvement)
+            for name, t in p.tests.items():
+                put(f"{pre}.welch_t.{name}", t.get("t"))
+                put(f"{pre}.welch_p.{name}", t.get("p_value"))
+                put(f"{pre}.welch_difference.{name}", t.get("difference"))
+            put(f"{pre}.js.base_teacher", p.js_base_teacher)
+            put(f"{pre}.js.ft_teacher", p.js_ft_teacher)
+            put(f"{pre}.bridging", p.bridging)
+        return m
+
+
+_METRIC_BAD = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def metric_name(name: str) -> str:
+    """An MLflow-safe metric name: anything but letters, digits, `_`, `-`, `.` becomes `_`; no empty parts."""
+    name = _METRIC_BAD.sub("_", name)
+    return re.sub(r"\.{2,}", ".", name).strip(".")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.bool_,)):
+        return bool(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _parquet_files(paths) -> list[Path]:
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*.parquet") if q.is_file() and q.name != EXACT_PARQUET)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise EvaluationDataError(f"evaluation results not found: {p}")
+    if not files:
+        raise EvaluationDataError(f"no Parquet files in {', '.join(map(str, items))}")
+    return files
+
+
+def read_samples(paths) -> pd.DataFrame:
+    """Raw samples from Parquet files or folders of them (recursively; `exact.parquet` is skipped)."""
+    frames = [pd.read_parquet(f) for f in _parquet_files(paths)]
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    _require(df, SAMPLE_REQUIRED, "samples")
+    return df
+
+
+def read_exact(path) -> pd.DataFrame:
+    p = Path(path)
+    if p.is_dir():
+        p = p / EXACT_PARQUET
+    if not p.is_file():
+        raise EvaluationDataError(f"exact results not found: {p}")
+    df = pd.read_parquet(p)
+    _require(df, EXACT_REQUIRED, str(p))
+    return df
+
+
+def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise EvaluationDataError(f"{what} lack column(s): {', '.join(missing)}")
+    roles = set(df["role"].astype(str)) - set(ROLES)
+    if roles:
+        raise EvaluationDataError(f"{what}: unknown role(s) {', '.join(sorted(roles))} (expected {', '.join(ROLES)})")
+
+
+def _is_missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x)) or x is pd.NA
+
+
+# ------------------------------------------------------------------------------------------ ordering
+def _order_key():
+    """Scenarios in catalog order (family, then the built-in order); unknown ids after, alphabetically."""
+    from shared.scenarios import default_catalog
+
+    known = {sid: i for i, sid in enumerate(default_catalog().scenarios)}
+    fam = {f: i for i, f in enumerate(ALL_FAMILIES)}
+    return lambda family, sid: (fam.get(family, len(fam)), known.get(sid, len(known)), sid)
+
+
+def _endowment(sid: str, observed: int | None = None) -> int:
+    from shared.scenarios import default_catalog
+
+    s = default_catalog().scenarios.get(sid)
+    e = getattr(s.game, "endowment", None) if s is not None else None
+    if e is None:
+        e = 10
+    return max(int(e), observed or 0)
+
+
+# ------------------------------------------------------------------------------------------ sampled
+def evaluate_samples(
+    samples: pd.DataFrame | str | Path | Iterable,
+    *,
+    expected_samples: int | None = None,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> EvaluationResult:
+    """Metrics from raw samples (see the module docstring). `expected_samples`: assert exactly N per group."""
+    df = samples if isinstance(samples, pd.DataFrame) else read_samples(samples)
+    _require(df, SAMPLE_REQUIRED, "samples")
+    if df.empty:
+        raise EvaluationDataError("samples: no rows")
+    df = df.copy()
+    for col in ("role", "scenario_id", "family", "context", "game"):
+        df[col] = df[col].astype(str)
+    dup = df.duplicated(subset=["role", "scenario_id", "sample_index"], keep=False)
+    if dup.any():
+        first = df[dup].iloc[0]
+        raise EvaluationDataError(
+            f"{int(dup.sum())} duplicate samples, e.g. {first['role']} {first['scenario_id']} "
+            f"index {first['sample_index']}"
+        )
+    key = _order_key()
+    rates: list[RoleRate] = []
+    by_scenario: dict[str, dict[str, RoleRate]] = {}
+    meta: dict[str, tuple[str, str, str]] = {}
+    pgg_values: dict[str, dict[str, list[int]]] = {}
+    pgg_counts: dict[str, dict[str, tuple[int, int]]] = {}
+    models: dict[str, str] = {}
+    groups = df.groupby(["role", "scenario_id"], sort=False)
+    for (role, sid), g in groups:
+        fam, ctx, game = _one(g, "family", sid), _one(g, "context", sid), _one(g, "game", sid)
+        n = len(g)
+        if expected_samples is not None and n != expected_samples:
+            raise EvaluationDataError(f"{role} {sid}: {n} samples, expected exactly {expected_samples}")
+        valid_mask = g["valid"].astype(bool).to_numpy()
+        answers = g["answer"].tolist()
+        bad = [a for a, v in zip(answers, valid_mask) if v and _is_missing(a)]
+        if bad:
+            raise EvaluationDataError(f"{role} {sid}: {len(bad)} sample(s) marked valid without an answer")
+        valid = int(valid_mask.sum())
+        invalid = n - valid
+        assert valid + invalid == n
+        model = _first_str(g, "model")
+        if model:
+            models.setdefault(role, model)
+        meta[sid] = (fam, ctx, game)
+        if fam == "pgg":
+            values = []
+            for a, v in zip(answers, valid_mask):
+                if v:
+                    try:
+                        values.append(int(float(str(a))))
+                    except ValueError:
+                        raise EvaluationDataError(f"{role} {sid}: contribution {a!r} is not a number") from None
+            pgg_values.setdefault(sid, {})[role] = values
+            pgg_counts.setdefault(sid, {})[role] = (n, valid)
+            rates.append(RoleRate(role, sid, fam, ctx, game, model, n, valid, invalid, None, None, invalid / n))
+            continue
+        chosen = [str(a).strip().upper() for a, v in zip(answers, valid_mask) if v]
+        odd = sorted(set(chosen) - {"C", "D"})
+        if odd:
+            raise EvaluationDataError(f"{role} {sid}: valid answers must be C or D, got {', '.join(odd)}")
+        c = chosen.count("C")
+        rr = RoleRate(role, sid, fam, ctx, game, model, n, valid, invalid, c,
+                      c / valid if valid else None, invalid / n)
+        rates.append(rr)
+        by_scenario.setdefault(sid, {})[role] = rr
+
+    rates.sort(key=lambda r: (key(r.family, r.scenario_id), ROLES.index(r.role)))
+    notes: list[str] = []
+    results: list[ScenarioResult] = []
+    for sid, rr in sorted(by_scenario.items(), key=lambda kv: key(meta[kv[0]][0], kv[0])):
+        if not all(r in rr for r in ROLES):
+            continue
+        fam, ctx, game = meta[sid]
+        t, b, f = rr["teacher"], rr["student_base"], rr["student_finetuned"]
+        if min(t.valid, b.valid, f.valid) == 0:
+            notes.append(f"{sid}: a role has no valid answer; no improvement")
+            continue
+        counts = Counts(
+            id=sid, samples=max(t.n, b.n, f.n), c_base=b.cooperate, c_ft=f.cooperate, c_teacher=t.cooperate,
+            valid_base=b.valid, valid_ft=f.valid, valid_teacher=t.valid, game=game, context=ctx, family=fam,
+        )
+        results.append(scenario_result(counts, n_resamples=n_resamples, seed=seed))
+
+    table1 = []
+    for normal_id, doubled_id in _table1_pairs(by_scenario, meta):
+        a, d = by_scenario[normal_id]["student_finetuned"], by_scenario[doubled_id]["student_finetuned"]
+        if a.valid and d.valid:
+            table1.append(table1_ztest(normal_id, a.cooperate, a.valid, d.cooperate, d.valid))
+
+    pgg: dict[str, PggResult] = {}
+    for sid, per_role in pgg_values.items():
+        observed = max((max(v) for v in per_role.values() if v), default=0)
+        e = _endowment(sid, observed)
+        dists = {r: _histogram(v, e) for r, v in per_role.items() if v}
+        roles_d: dict[str, dict] = {}
+        for r in ROLES:
+            if r not in per_role:
+                continue
+            n, valid = pgg_counts[sid][r]
+            d = moments(per_role[r]).to_dict() if per_role[r] else {"mean": None, "sd": None, "se": None, "n": 0}
+            roles_d[r] = d | {"valid": valid, "invalid": n - valid, "invalid_rate": (n - valid) / n}
+        imp, tests = None, {}
+        if all(per_role.get(r) for r in PGG_ROLES):
+            res = pgg_analysis({r: per_role[r] for r in PGG_ROLES})
+            imp, tests = res["improvement"], res["tests"]
+        pgg[sid] = _pgg_result(sid, e, roles_d, dists, imp, tests)
+
+    n_all = sorted({r.n for r in rates})
+    return _assemble(
+        "sample", expected_samples or (n_all[0] if len(n_all) == 1 else None), rates, results, table1, pgg,
+        models, notes, n_resamples,
+    )
+
+
+def _one(g: pd.DataFrame, col: str, sid: str) -> str:
+    vals = g[col].unique()
+    if len(vals) != 1:
+        raise EvaluationDataError(f"{sid}: rows disagree on {col} ({', '.join(map(str, vals))})")
+    return str(vals[0])
+
+
+def _first_str(g: pd.DataFrame, col: str) -> str | None:
+    if col not in g.columns:
+        return None
+    vals = [v for v in g[col].tolist() if not _is_missing(v) and str(v)]
+    return str(vals[0]) if vals else None
+
+
+def _histogram(values: Sequence[int], endowment: int) -> list[float]:
+    h = np.bincount(np.clip(np.asarray(values, int), 0, endowment), minlength=endowment + 1).astype(float)
+    return (h / h.sum()).tolist()
+
+
+def _table1_pairs(by_scenario: Mapping[str, Mapping[str, RoleRate]], meta) -> list[tuple[str, str]]:
+    """(in-sample id, its doubled-payoff oos_game id) where both have a student_finetuned entry."""
+    pairs = []
+    for sid, rr in by_scenario.items():
+        if meta[sid][0] != "oos_game" or "student_finetuned" not in rr:
+            continue
+        normal = _DOUBLED.sub("", sid)
+        if normal != sid and normal in by_scenario and meta[normal][0] == "in_sample" \
+                and "student_finetuned" in by_scenario[normal]:
+            pairs.append((normal, sid))
+    key = _order_key()
+    return sorted(pairs, key=lambda p: key("in_sample", p[0]))
+
+
+def _pgg_result(sid, endowment, roles_d, dists, imp, tests) -> PggResult:
+    js_b = js_f = br = None
+    if "teacher" in dists:
+        if "student_base" in dists:
+            js_b = js_divergence(dists["student_base"], dists["teacher"])
+        if "student_finetuned" in dists:
+            js_f = js_divergence(dists["student_finetuned"], dists["teacher"])
+    means = {r: d.get("mean") for r, d in roles_d.items()}
+    if all(means.get(r) is not None for r in PGG_ROLES):
+        br = bridging(means["student_base"], means["student_finetuned"], means["teacher"])
+        if imp is None:
+            imp = improvement(means["student_base"], means["student_finetuned"], means["teacher"])
+    return PggResult(sid, endowment, roles_d, dists, imp, tests, js_b, js_f, br)
+
+
+# ------------------------------------------------------------------------------------------ exact
+def evaluate_exact(
+    exact: pd.DataFrame | str | Path,
+    *,
+    samples: int = 300,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> EvaluationResult:
+    """Metrics from exact-mode probabilities; `samples` is the effective n for Table 1, unstable and PGG se."""
+    df = exact if isinstance(exact, pd.DataFrame) else read_exact(exact)
+    _require(df, EXACT_REQUIRED, "exact results")
+    if df.empty:
+        raise EvaluationDataError("exact results: no rows")
+    if samples < 2:
+        raise EvaluationDataError("exact mode needs an effective sample size >= 2")
+    df = df.copy()
+    for col in ("role", "scenario_id", "family", "context", "game"):
+        df[col] = df[col].astype(str)
+    dup = df.duplicated(subset=["role", "scenario_id"], keep=False)
+    if dup.any():
+        first = df[dup].iloc[0]
+        raise EvaluationDataError(f"exact results: duplicate rows for {first['role']} {first['scenario_id']}")
+    key = _order_key()
+    n = int(samples)
+    rates: list[RoleRate] = []
+    by_scenario: dict[str, dict[str, RoleRate]] = {}
+    meta: dict[str, tuple[str, str, str]] = {}
+    dists: dict[str, dict[str, list[float]]] = {}
+    masses: dict[str, dict[str, float]] = {}
+    models: dict[str, str] = {}
+    for row in df.to_dict(orient="records"):
+        role, sid, fam, ctx, game = (row[k] for k in ("role", "scenario_id", "family", "context", "game"))
+        meta[sid] = (fam, ctx, game)
+        model = None if _is_missing(row.get("model")) else (str(row["model"]) if row.get("model") else None)
+        if model:
+            models.setdefault(role, model)
+        mass = _prob(row["valid_mass"], f"{role} {sid}: valid_mass")
+        if fam == "pgg":
+            raw = row.get("pgg_dist")
+            if _is_missing(raw):
+                raise EvaluationDataError(f"{role} {sid}: PGG row without pgg_dist")
+            dist = json.loads(raw) if isinstance(raw, str) else list(raw)
+            p = np.asarray(dist, float)
+            if p.ndim != 1 or len(p) < 2 or (p < 0).any() or p.sum() <= 0:
+                raise EvaluationDataError(f"{role} {sid}: pgg_dist must be a list of >= 2 probabilities")
+            dists.setdefault(sid, {})[role] = (p / p.sum()).tolist()
+            masses.setdefault(sid, {})[role] = mass
+            rates.append(RoleRate(role, sid, fam, ctx, game, model, n, None, None, None, None, 1 - mass, mass))
+            continue
+        pc, pd_ = _prob(row["p_C"], f"{role} {sid}: p_C"), _prob(row["p_D"], f"{role} {sid}: p_D")
+        rate = pc / (pc + pd_) if pc + pd_ > 0 else None
+        rr = RoleRate(role, sid, fam, ctx, game, model, n, None, None, None, rate, 1 - mass, mass)
+        rates.append(rr)
+        by_scenario.setdefault(sid, {})[role] = rr
+    rates.sort(key=lambda r: (key(r.family, r.scenario_id), ROLES.index(r.role)))
+
+    notes = [f"exact mode: probabilities, not samples; improvement has no sampling CI; Table 1, unstable "
+             f"flags and PGG standard errors use an effective n = {n} (the configured samples)"]
+    results: list[ScenarioResult] = []
+    for sid, rr in sorted(by_scenario.items(), key=lambda kv: key(meta[kv[0]][0], kv[0])):
+        if not all(r in rr for r in ROLES):
+            continue
+        fam, ctx, game = meta[sid]
+        pt, pb, pf = rr["teacher"].rate, rr["student_base"].rate, rr["student_finetuned"].rate
+        if None in (pt, pb, pf):
+            notes.append(f"{sid}: a role puts no probability on C or D; no improvement")
+            continue
+        imp = improvement(pb, pf, pt)
+        results.append(ScenarioResult(
+            id=sid, game=game, context=ctx, family=fam, samples=n, p_base=pb, p_ft=pf, p_teacher=pt,
+            improvement=imp, cls=classify(imp), unstable=unstable(pt * n, n, pb * n, n), ci95=None,
+            bridging=bridging(pb, pf, pt), js_base_teacher=binary_js(pb, pt), js_ft_teacher=binary_js(pf, pt),
+        ))
+
+    table1 = []
+    for normal_id, doubled_id in _table1_pairs(by_scenario, meta):
+        a, d = by_scenario[normal_id]["student_finetuned"], by_scenario[doubled_id]["student_finetuned"]
+        if a.rate is not None and d.rate is not None:
+            table1.append(table1_ztest(normal_id, a.rate * n, n, d.rate * n, n))
+
+    pgg: dict[str, PggResult] = {}
+    for sid, per_role in dists.items():
+        e = max(len(d) for d in per_role.values()) - 1
+        per_role = {r: list(d) + [0.0] * (e + 1 - len(d)) for r, d in per_role.items()}
+        roles_d = {}
+        for r in ROLES:
+            if r not in per_role:
+                continue
+            k = np.arange(e + 1)
+            p = np.asarray(per_role[r])
+            mean = float((k * p).sum())
+            sd = float(math.sqrt(max(((k - mean) ** 2 * p).sum(), 0.0)))
+            roles_d[r] = {"mean": mean, "sd": sd, "se": sd / math.sqrt(n), "n": n,
+                          "invalid_rate": 1 - masses[sid][r], "valid": None, "invalid": None}
+        tests = {}
+        for a, b in (("student_finetuned", "student_base"), ("student_finetuned", "teacher"),
+                     ("teacher", "student_base")):
+            if a in roles_d and b in roles_d:
+                tests[f"{a}_vs_{b}"] = _welch_from_stats(roles_d[a], roles_d[b])
+        pgg[sid] = _pgg_result(sid, e, roles_d, per_role, None, tests)
+
+    return _assemble("exact", n, rates, results, table1, pgg, models, notes, n_resamples)
+
+
+def _prob(x, what: str) -> float:
+    if _is_missing(x):
+        raise EvaluationDataError(f"{what} is missing")
+    v = float(x)
+    if not -1e-9 <= v <= 1 + 1e-9:
+        raise EvaluationDataError(f"{what} = {v} is not a probability")
+    return min(max(v, 0.0), 1.0)
+
+
+def _welch_from_stats(a: dict, b: dict) -> dict:
+    """Welch's t-test from (mean, sd, n) per group: scipy for t and p, the Welch-Satterthwaite df."""
+    if not (a["sd"] or b["sd"]):
+        return {"difference": a["mean"] - b["mean"], "t": None, "df": None, "p_value": None}
+    res = stats.ttest_ind_from_stats(a["mean"], a["sd"], a["n"], b["mean"], b["sd"], b["n"], equal_var=False)
+    va, vb = a["sd"] ** 2 / a["n"], b["sd"] ** 2 / b["n"]
+    df = (va + vb) ** 2 / (va ** 2 / (a["n"] - 1) + vb ** 2 / (b["n"] - 1))
+    t, p = float(res.statistic), float(res.pvalue)
+    return {"difference": a["mean"] - b["mean"], "t": None if math.isnan(t) else t, "df": float(df),
+            "p_value": None if math.isnan(p) else p}
+
+
+# ------------------------------------------------------------------------------------------ assembly
+def _family_summary(name: str, results: list[ScenarioResult], n_resamples: int) -> FamilySummary:
+    return FamilySummary(
+        family=name,
+        scenarios=len(results),
+        improvement=aggregate([r.improvement for r in results], n_resamples),
+        by_game=group_by(results, "game", n_resamples),
+        by_context=group_by(results, "context", n_resamples),
+        classes=class_counts(results),
+        unstable=tuple(r.id for r in results if r.unstable and r.improvement is not None),
+        bridging=aggregate([r.bridging for r in results], n_resamples),
+        js_base_teacher=aggregate([r.js_base_teacher for r in results], n_resamples),
+        js_ft_teacher=aggregate([r.js_ft_teacher for r in results], n_resamples),
+    )
+
+
+def _rate_means(rates: list[RoleRate]) -> dict[str, dict[str, dict]]:
+    """Per 2x2 family and role: mean rate over scenarios, and by game / by context (Fig. 2)."""
+    out: dict[str, dict[str, dict]] = {}
+    for fam in dict.fromkeys(r.family for r in rates if r.family != "pgg"):
+        out[fam] = {}
+        for role in ROLES:
+            rr = [r for r in rates if r.family == fam and r.role == role]
+            if not rr:
+                continue
+            d: dict = {"mean": _mean(r.rate for r in rr), "invalid_mean": _mean(r.invalid_rate for r in rr)}
+            for kind in ("game", "context"):
+                d[kind] = {k: _mean(r.rate for r in rr if getattr(r, kind) == k)
+                           for k in dict.fromkeys(getattr(r, kind) for r in rr)}
+            out[fam][role] = d
+    return out
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    v = [x for x in values if x is not None and not math.isnan(x)]
+    return float(np.mean(v)) if v else None
+
+
+def _assemble(estimator, samples, rates, results, table1, pgg, models, notes, n_resamples) -> EvaluationResult:
+    roles = tuple(r for r in ROLES if any(x.role == r for x in rates))
+    missing = [r for r in ROLES if r not in roles]
+    if missing:
+        notes = list(notes) + [f"role(s) not evaluated: {', '.join(missing)}; improvement, Table 1 and PGG "
+                               f"tests need all three roles"]
+    families = {}
+    for fam in TWO_BY_TWO:
+        rs = [r for r in results if r.family == fam]
+        if rs:
+            families[fam] = _family_summary(fam, rs, n_resamples)
+    extra = sorted({r.family for r in results} - set(TWO_BY_TWO) - {"pgg"})
+    for fam in extra:
+        families[fam] = _family_summary(fam, [r for r in results if r.family == fam], n_resamples)
+    overall = _family_summary("all", results, n_resamples) if results else None
+    unstable_ids = [r.id for r in results if r.unstable and r.improvement is not None]
+    if unstable_ids:
+        notes = list(notes) + [f"{len(unstable_ids)} unstable scenario(s) (teacher-base gap within sampling noise, "
+                               f"their improvement divides by mostly noise): {', '.join(unstable_ids)}"]
+    undefined = [r.id for r in results if r.improvement is None]
+    if undefined:
+        notes = list(notes) + [f"improvement undefined (teacher = base): {', '.join(undefined)}"]
+    return EvaluationResult(
+        estimator=estimator, samples=samples, roles=roles, models=dict(models), rates=tuple(rates),
+        scenarios=tuple(results), families=families, overall=overall, rate_means=_rate_means(rates),
+        table1=tuple(table1), table1_summary=table1_summary(table1) if table1 else {}, pgg=pgg,
+        notes=tuple(notes),
+    )
+
+
+def compute(
+    *,
+    samples=None,
+    exact=None,
+    expected_samples: int | None = None,
+    effective_n: int = 300,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> EvaluationResult:
+    """One entry point: exactly one of `samples` (DataFrame / Parquet path(s)) or `exact` (DataFrame / path)."""
+    if (samples is None) == (exact is None):
+        raise EvaluationDataError("give exactly one of sampled results or exact results")
+    if samples is not None:
+        return evaluate_samples(samples, expected_samples=expected_samples, n_resamples=n_resamples, seed=seed)
+    return evaluate_exact(exact, samples=effective_n, n_resamples=n_resamples, seed=seed)
+
+
+__all__ = [
+    "CLASSES", "EXACT_PARQUET", "EvaluationDataError", "EvaluationResult", "FamilySummary", "PggResult", "ROLES",
+    "RoleRate", "compute", "evaluate_exact", "evaluate_samples", "metric_name", "read_exact", "read_samples",
+]
