@@ -1,0 +1,564 @@
+"""The sampling runner: fans requests out to the OpenAI-compatible serving app and stores every sample once.
+
+One piece of code serves `tomtransfer generate` (teacher samples with motivations) and both estimators of
+`tomtransfer evaluate` (sampled: `run_sampling`; exact: `run_exact`).
+
+How a run goes:
+
+1. The store (`services.common.samples.SampleStore`) says which sample indices of each (role, scenario)
+   already exist; `plan_requests` turns the missing ones into requests over fixed blocks (block b =
+   indices [b*k, (b+1)*k), `n` = the block's length, `seed` = the seed of its first index). A fresh run and
+   a resumed one send the same (seed, n) for every block, so a server that is deterministic in (seed, n)
+   makes a resumed run's rows identical to an uninterrupted run's.
+2. Requests run concurrently (`asyncio.Semaphore(concurrency)`) through `openai.AsyncOpenAI` with the
+   client's own retries off; each answered block is parsed (`shared.parsing`) and written as one shard,
+   atomically, before it counts as done. Nothing is buffered in memory: a kill -9 loses at most the blocks
+   in flight.
+3. Faults, handled here, explicitly:
+   - 5xx, 408/409/429, timeouts and connection errors are retried with exponential backoff and jitter;
+   - a request that keeps failing for `RetryPolicy.give_up_after_s` (default 25 s) means the endpoint is
+     dead or broken: every other request is cancelled and `EndpointError` is raised with one line (what
+     failed, the last error, how many samples are kept, "rerun to resume"); with the defaults that is
+     within ~35 s of the endpoint dying (give-up window + one backoff + one connect timeout);
+   - any other 4xx (bad model / adapter name, n or max_tokens over the server's cap, auth) is raised at once
+     as `EndpointError` with the server's message: retrying cannot fix it.
+   Completed blocks are on disk whatever happens; rerunning the same command fills in only what is missing.
+4. At the end the counts are checked: exactly N rows per (role, scenario), or an error.
+
+Limitation: a server that accepts connections but never answers (hung, not dead) is detected only after
+`RetryPolicy.request_timeout_s`, since a healthy CPU server may legitimately take minutes for a block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import UserError
+from shared.games import PublicGoodsGame
+from shared.parsing import parse_choice, parse_contribution
+from shared.scenarios import Scenario
+
+from services.common.samples import ExactStore, Request, SampleStore, plan_requests
+
+ROLE_MODELS = {"teacher": "teacher", "student_base": "student"}
+
+
+def served_model(role: str, adapter_name: str | None = None) -> str:
+    """The model name a role is served under: `teacher`, `student`, `student:<adapter>`."""
+    if role in ROLE_MODELS:
+        return ROLE_MODELS[role]
+    if role == "student_finetuned":
+        if not adapter_name:
+            raise UserError("role student_finetuned needs an adapter name (training.adapter_name)")
+        return f"student:{adapter_name}"
+    raise UserError(f"unknown role {role!r}; expected teacher, student_base or student_finetuned")
+
+
+def api_root(base_url: str) -> str:
+    """`http://host:port` from a base URL given with or without a trailing `/v1`."""
+    root = base_url.rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
+class EndpointError(UserError):
+    """The endpoint failed in a way retrying cannot fix (dead, rejecting requests, breaking the protocol).
+    The message is one line; samples written before the failure are kept."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """N samples of one scenario from one role."""
+
+    role: str
+    model: str
+    scenario: Scenario
+    messages: list[dict[str, str]]
+    n: int
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.role, self.scenario.id)
+
+    @property
+    def label(self) -> str:
+        return f"{self.role}/{self.scenario.id}"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+    block_size: int
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 5.0
+    give_up_after_s: float = 25.0  # one request failing this long without a success = endpoint dead
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 900.0
+
+    def delay(self, attempt: int) -> float:
+        """Exponential backoff with 'equal jitter': half fixed, half random, capped."""
+        d = min(self.backoff_max_s, self.backoff_base_s * (2 ** attempt))
+        return d / 2 + random.uniform(0, d / 2)
+
+
+@dataclass
+class RunReport:
+    requests: int = 0  # requests sent that succeeded
+    retries: int = 0
+    written: int = 0  # rows written by this run
+    already: int = 0  # rows present before this run
+    elapsed_s: float = 0.0
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def parse_answer(scenario: Scenario, text: str | None) -> str | None:
+    if isinstance(scenario.game, PublicGoodsGame):
+        v = parse_contribution(text, scenario.game.endowment)
+        return None if v is None else str(v)
+    return parse_choice(text)
+
+
+def sample_rows(job: Job, req: Request, run_id: str, completion: Any, latency_s: float) -> list[dict]:
+    choices = sorted(completion.choices, key=lambda c: c.index)
+    if len(choices) != req.n or [c.index for c in choices] != list(range(req.n)):
+        raise EndpointError(
+            f"{job.label}: the endpoint returned {len(choices)} choices for n={req.n} "
+            f"(indices {[c.index for c in choices][:8]}); it does not honour `n`"
+        )
+    usage = getattr(completion, "usage", None)
+    prompt_tokens = getattr(usage, "prompt_tokens", None)
+    total_completion = getattr(usage, "completion_tokens", None)
+    messages = json.dumps(job.messages, ensure_ascii=False)
+    rows = []
+    for c in choices:
+        text = (c.message.content if c.message is not None else None) or ""
+        answer = parse_answer(job.scenario, text)
+        # Per-choice token counts when the server reports them (an extension field), else the request total
+        # when n == 1; otherwise unknown rather than made up.
+        extra = getattr(c, "model_extra", None) or {}
+        ctoks = extra.get("completion_tokens")
+        if ctoks is None and req.n == 1:
+            ctoks = total_completion
+        rows.append({
+            "run_id": run_id,
+            "role": job.role,
+            "model": job.model,
+            "scenario_id": job.scenario.id,
+            "family": job.scenario.family,
+            "context": job.scenario.context.id,
+            "game": job.scenario.game_id,
+            "sample_index": req.start + c.index,
+            "seed": req.seed,
+            "messages": messages,
+            "response": text,
+            "answer": answer,
+            "valid": answer is not None,
+            "latency_s": float(latency_s),
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": ctoks,
+            "finish_reason": c.finish_reason,
+            "request_n": req.n,
+            "choice_index": c.index,
+        })
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ faults
+_RETRY_STATUS = {408, 409, 429}
+
+
+def _classify(err: BaseException) -> str:
+    """'retry', 'fatal' or 'raise' (not an endpoint error at all)."""
+    import openai
+
+    if isinstance(err, openai.APIStatusError):
+        code = err.status_code
+        return "retry" if code >= 500 or code in _RETRY_STATUS else "fatal"
+    if isinstance(err, (openai.APIConnectionError, asyncio.TimeoutError)):  # includes APITimeoutError
+        return "retry"
+    if isinstance(err, openai.APIResponseValidationError):
+        return "fatal"
+    return "raise"
+
+
+def _describe(err: BaseException) -> str:
+    import openai
+
+    if isinstance(err, openai.APIStatusError):
+        msg = None
+        body = err.body
+        if isinstance(body, dict):
+            e = body.get("error", body)
+            msg = e.get("message") if isinstance(e, dict) else (e if isinstance(e, str) else None)
+            msg = msg or body.get("detail") or body.get("message")
+        msg = msg or (err.response.text[:200] if err.response is not None else str(err))
+        return f"HTTP {err.status_code}: {' '.join(str(msg).split())}"
+    if isinstance(err, openai.APITimeoutError):
+        return "request timed out"
+    if isinstance(err, openai.APIConnectionError):
+        cause = err.__cause__ or err.__context__
+        return f"connection failed ({type(cause).__name__ if cause else 'error'}: {' '.join(str(cause or err).split())[:160]})"
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+
+
+class _Aborted(Exception):
+    pass
+
+
+@dataclass
+class _Shared:
+    base_url: str
+    store_root: str
+    retry: RetryPolicy
+    report: RunReport
+    kept: Callable[[], int]
+    fatal: EndpointError | None = None
+
+    def fail(self, what: str, err: BaseException, dead: bool) -> EndpointError:
+        why = f"no answer for {self.retry.give_up_after_s:g} s, last error {_describe(err)}" if dead else _describe(err)
+        e = EndpointError(
+            f"endpoint {self.base_url} {'is down' if dead else 'rejected the request'} ({what}: {why}); "
+            f"{self.kept()} rows kept in {self.store_root}, rerun the same command to resume"
+        )
+        if self.fatal is None:
+            self.fatal = e
+        return e
+
+
+async def _with_retries(shared: _Shared, what: str, call: Callable[[], Any]) -> tuple[Any, float]:
+    """Run `call()` (an awaitable factory) until it succeeds; returns (result, latency of the successful try)."""
+    first_failure: float | None = None
+    attempt = 0
+    while True:
+        if shared.fatal is not None:
+            raise _Aborted
+        t0 = time.monotonic()
+        try:
+            result = await call()
+            return result, time.monotonic() - t0
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - classified below
+            kind = _classify(err)
+            if kind == "raise":
+                raise
+            if kind == "fatal":
+                raise shared.fail(what, err, dead=False) from None
+            now = time.monotonic()
+            first_failure = first_failure if first_failure is not None else t0
+            if now - first_failure >= shared.retry.give_up_after_s:
+                raise shared.fail(what, err, dead=True) from None
+            shared.report.retries += 1
+            await asyncio.sleep(shared.retry.delay(attempt))
+            attempt += 1
+
+
+# ----------------------------------------------------------------------------------------- progress
+class _Progress:
+    """A rich progress display: one bar per (role, scenario) in flight, one overall. A no-op when disabled."""
+
+    def __init__(self, enabled: bool, total: int, done: int, description: str):
+        self.enabled = enabled
+        self.bars: dict[tuple[str, str], Any] = {}
+        self.left: dict[tuple[str, str], int] = {}
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=Console(stderr=True), transient=False,
+        )
+        self.overall = self.progress.add_task(f"[bold]{description}", total=total, completed=done)
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+    def add(self, job: Job, done: int) -> None:
+        if self.enabled and done < job.n:
+            self.bars[job.key] = self.progress.add_task(f"  {job.label}", total=job.n, completed=done)
+            self.left[job.key] = job.n - done
+
+    def advance(self, job: Job, k: int) -> None:
+        if not self.enabled:
+            return
+        self.progress.advance(self.overall, k)
+        bar = self.bars.get(job.key)
+        if bar is not None:
+            self.progress.advance(bar, k)
+            self.left[job.key] -= k
+            if self.left[job.key] <= 0:
+                self.progress.remove_task(bar)  # keep the display to what is still running
+                del self.bars[job.key]
+
+
+def _progress_enabled(progress: bool | None) -> bool:
+    if progress is not None:
+        return progress
+    import sys
+
+    return sys.stderr.isatty()
+
+
+def _client(base_url: str, api_key: str | None, retry: RetryPolicy, concurrency: int):
+    import httpx2
+    import openai
+
+    limits = httpx2.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    return openai.AsyncOpenAI(
+        base_url=api_root(base_url) + "/v1",
+        api_key=api_key or "unused",
+        max_retries=0,  # retries are ours (see _with_retries), so they are visible and bounded
+        timeout=openai.Timeout(retry.request_timeout_s, connect=retry.connect_timeout_s),
+        http_client=openai.DefaultAsyncHttpxClient(limits=limits),
+    )
+
+
+async def _gather_or_abort(tasks: list[asyncio.Task], shared: _Shared) -> None:
+    """Wait for all tasks; on the first failure cancel the rest, wait for them, and raise that failure."""
+    if not tasks:
+        return
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    for t in pending:
+        t.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    if shared.fatal is not None:
+        raise shared.fatal
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, (asyncio.CancelledError, _Aborted)):
+            raise r
+
+
+# ----------------------------------------------------------------------------------------- sampling
+async def sample_async(
+    store: SampleStore,
+    jobs: list[Job],
+    *,
+    base_url: str,
+    params: SamplingParams,
+    run_id: str,
+    concurrency: int = 16,
+    api_key: str | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+    progress: bool | None = None,
+    description: str = "sampling",
+) -> RunReport:
+    """Fill `store` (already opened for writing) up to exactly `job.n` rows per job. See the module docstring."""
+    t_start = time.monotonic()
+    seen: set[tuple[str, str]] = set()
+    for j in jobs:
+        if j.key in seen:
+            raise ValueError(f"two jobs for {j.label}")
+        seen.add(j.key)
+    have = store.indices()
+    report = RunReport()
+    plans: list[tuple[Job, Request]] = []
+    for j in jobs:
+        idx = have.get(j.key, set())
+        extra = [i for i in idx if i >= j.n]
+        if extra:
+            raise EndpointError(f"{store.root}: {j.label} already holds {len(idx)} samples (index up to {max(idx)}) "
+                                f"but N = {j.n}; use the same sample count or another output folder")
+        report.already += len(idx)
+        plans += [(j, r) for r in plan_requests(idx, j.n, params.block_size, base_seed=params.seed,
+                                                 role=j.role, scenario_id=j.scenario.id)]
+    total = sum(j.n for j in jobs)
+    shared = _Shared(base_url=base_url, store_root=str(store.root), retry=retry, report=report,
+                     kept=lambda: report.already + report.written)
+    sem = asyncio.Semaphore(concurrency)
+    client = _client(base_url, api_key, retry, concurrency)
+
+    async def one(job: Job, req: Request, bar: _Progress) -> None:
+        async with sem:
+            if shared.fatal is not None:
+                raise _Aborted
+            kwargs: dict[str, Any] = dict(
+                model=job.model, messages=job.messages, n=req.n, temperature=params.temperature,
+                top_p=params.top_p, max_tokens=params.max_tokens, seed=req.seed,
+            )
+            if params.stop:
+                kwargs["stop"] = list(params.stop)
+            what = f"{job.label} samples {req.start}..{req.start + req.n - 1}"
+            completion, latency = await _with_retries(
+                shared, what, lambda: client.chat.completions.create(**kwargs))
+            rows = sample_rows(job, req, run_id, completion, latency)
+            store.write(rows)  # the block is done once this returns (atomic, fsync'ed)
+            report.requests += 1
+            report.written += len(rows)
+            bar.advance(job, len(rows))
+
+    try:
+        with _Progress(_progress_enabled(progress), total, report.already, description) as bar:
+            for j in jobs:
+                bar.add(j, len(have.get(j.key, ())))
+            tasks = [asyncio.create_task(one(j, r, bar)) for j, r in plans]
+            await _gather_or_abort(tasks, shared)
+    finally:
+        await client.close()
+
+    counts = store.counts()
+    report.counts = {j.key: counts.get(j.key, 0) for j in jobs}
+    wrong = {j.key: report.counts[j.key] for j in jobs if report.counts[j.key] != j.n}
+    if wrong:
+        k, c = next(iter(wrong.items()))
+        raise EndpointError(f"{store.root}: {len(wrong)} (role, scenario) pairs do not hold exactly N samples "
+                            f"after the run, e.g. {k[0]}/{k[1]}: {c}")
+    report.elapsed_s = time.monotonic() - t_start
+    return report
+
+
+def run_sampling(store: SampleStore, jobs: list[Job], **kwargs) -> RunReport:
+    """`sample_async` in a fresh event loop, holding the store's writer lock."""
+    with store.writer():
+        return asyncio.run(sample_async(store, jobs, **kwargs))
+
+
+# -------------------------------------------------------------------------------------------- exact
+def exact_row(job: Job, run_id: str, temperature: float, data: dict, latency_s: float) -> dict:
+    """One `EXACT_SCHEMA` row from the exact endpoint's answer for one (role, scenario).
+
+    Reads the serving app's `ExactResult.to_dict()` shape (services/teacher/engines/base.py): `p_C`, `p_D`,
+    `valid_mass`, `invalid_mass`, `unresolved_mass`, and for the PGG `contributions` (answer -> probability)
+    or `p` (same mapping)."""
+    def num(name: str) -> float | None:
+        v = data.get(name)
+        return None if v is None else float(v)
+
+    p = data.get("p") if isinstance(data.get("p"), dict) else {}
+    valid_mass = num("valid_mass")
+    if job.scenario.is_pgg:
+        dist = data.get("contributions") or data.get("distribution") or p
+        if not isinstance(dist, dict) or not dist:
+            raise EndpointError(f"{job.label}: the exact endpoint gave no contribution distribution for the PGG")
+        dist = {str(int(k)): float(v) for k, v in dist.items()}
+        mass = valid_mass if valid_mass is not None else sum(dist.values())
+        mean = num("mean_given_valid")
+        if mean is None and mass > 0:
+            mean = sum(int(k) * v for k, v in dist.items()) / mass
+        p_c = p_d = p_cv = None
+        distribution = json.dumps(dict(sorted(dist.items(), key=lambda kv: int(kv[0]))))
+    else:
+        p_c = num("p_C") if data.get("p_C") is not None else (float(p["C"]) if "C" in p else None)
+        p_d = num("p_D") if data.get("p_D") is not None else (float(p["D"]) if "D" in p else None)
+        if p_c is None or p_d is None:
+            raise EndpointError(f"{job.label}: the exact endpoint's answer has no p_C/p_D: {json.dumps(data)[:200]}")
+        mass = valid_mass if valid_mass is not None else p_c + p_d
+        p_cv = num("p_C_given_valid")
+        if p_cv is None and mass > 0:
+            p_cv = p_c / mass
+        mean, distribution = None, None
+    return {
+        "run_id": run_id,
+        "role": job.role,
+        "model": job.model,
+        "scenario_id": job.scenario.id,
+        "family": job.scenario.family,
+        "context": job.scenario.context.id,
+        "game": job.scenario.game_id,
+        "temperature": float(data.get("temperature", temperature)),
+        "p_C": p_c,
+        "p_D": p_d,
+        "p_C_given_valid": p_cv,
+        "valid_mass": mass,
+        "invalid_mass": num("invalid_mass"),
+        "unresolved_mass": num("unresolved_mass"),
+        "distribution": distribution,
+        "mean_given_valid": mean,
+        "messages": json.dumps(job.messages, ensure_ascii=False),
+        "latency_s": float(latency_s),
+        "raw": json.dumps(data, sort_keys=True, default=str),
+    }
+
+
+def exact_body(job: Job, temperature: float) -> dict:
+    body: dict[str, Any] = {"model": job.model, "messages": job.messages, "temperature": temperature}
+    if job.scenario.is_pgg:
+        body["kind"] = "contribution"
+        body["endowment"] = job.scenario.game.endowment  # type: ignore[union-attr]
+    else:
+        body["kind"] = "choice"
+    return body
+
+
+async def exact_async(
+    store: ExactStore,
+    jobs: list[Job],
+    *,
+    base_url: str,
+    temperature: float,
+    run_id: str,
+    concurrency: int = 4,
+    api_key: str | None = None,
+    retry: RetryPolicy = RetryPolicy(),
+    progress: bool | None = None,
+    description: str = "exact",
+    path: str = "/exact",
+) -> RunReport:
+    """One exact-mode call per (role, scenario) not yet in `store` (opened for writing); one row each."""
+    t_start = time.monotonic()
+    done = store.done()
+    todo = [j for j in jobs if j.key not in done]
+    report = RunReport(already=len(jobs) - len(todo))
+    shared = _Shared(base_url=base_url, store_root=str(store.root), retry=retry, report=report,
+                     kept=lambda: report.already + report.written)
+    sem = asyncio.Semaphore(concurrency)
+    client = _client(base_url, api_key, retry, concurrency)
+
+    async def one(job: Job, bar: _Progress) -> None:
+        async with sem:
+            if shared.fatal is not None:
+                raise _Aborted
+            body = exact_body(job, temperature)
+            data, latency = await _with_retries(
+                shared, f"{job.label} exact", lambda: client.post(path, cast_to=object, body=body))
+            if not isinstance(data, dict):
+                raise EndpointError(f"{job.label}: the exact endpoint answered {type(data).__name__}, not a JSON object")
+            store.write([exact_row(job, run_id, temperature, data, latency)])
+            report.requests += 1
+            report.written += 1
+            bar.advance(job, 1)
+
+    try:
+        with _Progress(_progress_enabled(progress), len(jobs), report.already, description) as bar:
+            tasks = [asyncio.create_task(one(j, bar)) for j in todo]
+            await _gather_or_abort(tasks, shared)
+    finally:
+        await client.close()
+    left = {j.key for j in jobs} - store.done()
+    if left:
+        raise EndpointError(f"{store.root}: {len(left)} (role, scenario) pairs have no exact row after the run")
+    report.counts = {j.key: 1 for j in jobs}
+    report.elapsed_s = time.monotonic() - t_start
+    return report
+
+
+def run_exact(store: ExactStore, jobs: list[Job], **kwargs) -> RunReport:
+    with store.writer():
+        return asyncio.run(exact_async(store, jobs, **kwargs))

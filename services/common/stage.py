@@ -1,0 +1,77 @@
+"""What `generate` and `evaluate` share around the runner: scenario selection, jobs, the endpoint, run ids.
+
+The endpoint: `serving.base_url` when the config names one (an app started by `tomtransfer serve`, by
+`tomtransfer run`, or a deployment), else `http://<serving.host>:<serving.port>` - the address `serve`
+binds by default. Bearer token: the env var named by `serving.auth_token_env`, if any.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from shared.config import ExperimentConfig, load_config
+from shared.errors import UserError
+from shared.prompts import build_messages
+from shared.scenarios import Scenario, build_catalog
+
+from services.common.runner import Job, served_model
+
+
+def as_config(config: str | Path | ExperimentConfig) -> ExperimentConfig:
+    return config if isinstance(config, ExperimentConfig) else load_config(config)
+
+
+def select_scenarios(cfg: ExperimentConfig, families: list[str]) -> list[Scenario]:
+    """`scenarios.ids` when given (they override families), else every scenario of `families`."""
+    try:
+        catalog = build_catalog(cfg.scenarios.packs)
+        chosen = catalog.select(families, cfg.scenarios.ids)
+    except KeyError as e:
+        raise UserError(f"scenarios: {e.args[0]}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"scenarios: {e}") from None
+    if not chosen:
+        raise UserError(f"no scenarios selected (families {families}, ids {cfg.scenarios.ids})")
+    return chosen
+
+
+def base_url(cfg: ExperimentConfig, override: str | None = None) -> str:
+    return (override or cfg.serving.base_url or f"http://{cfg.serving.host}:{cfg.serving.port}").rstrip("/")
+
+
+def api_key(cfg: ExperimentConfig) -> str | None:
+    env = cfg.serving.auth_token_env
+    if not env:
+        return None
+    value = os.environ.get(env)
+    if not value:
+        raise UserError(f"serving.auth_token_env names {env}, but that environment variable is not set")
+    return value
+
+
+def jobs_for(cfg: ExperimentConfig, roles: list[str], scenarios: list[Scenario], n: int, instruction: str) -> list[Job]:
+    out = []
+    for role in roles:
+        model = served_model(role, cfg.training.adapter_name)
+        for s in scenarios:
+            out.append(Job(role=role, model=model, scenario=s, messages=build_messages(s, instruction), n=n))  # type: ignore[arg-type]
+    return out
+
+
+def role_identity(cfg: ExperimentConfig, role: str) -> dict:
+    """What a role's samples depend on besides the sampling settings: the weights behind the served name."""
+    spec = cfg.models.teacher if role == "teacher" else cfg.models.student
+    ident = {"served": served_model(role, cfg.training.adapter_name), "model": spec.model, "engine": spec.engine,
+             "remote_model": spec.remote_model}
+    if role == "student_finetuned":
+        ident["adapter"] = cfg.serving.adapters.get(cfg.training.adapter_name)
+    return ident
+
+
+def run_id_for(stage: str, cfg: ExperimentConfig, settings: dict) -> str:
+    """A stable id: the same experiment and settings give the same id, so a resumed run keeps it."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{cfg.name}-{stage}-{digest}"

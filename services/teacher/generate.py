@@ -1,0 +1,155 @@
+"""`tomtransfer generate`: the teacher dataset.
+
+For every selected scenario (`scenarios.ids` if given, else `generate.families`), N = `generate.samples`
+samples from the served model `teacher` with the `generate.instruction` prompt (answer, then motivation),
+at `sampling.temperature` / `top_p` / `max_tokens`, `generate.request_n` samples per request and
+`generate.concurrency` requests in flight (`services.common.runner`).
+
+Output under `<output_dir>/<name>/generate/`:
+
+  samples/samples.parquet   raw samples (schema: services.common.samples.SAMPLE_SCHEMA), exactly N per
+                            scenario; `samples/shards/` while a run is in progress or was interrupted
+  dataset/                  the training set and its exports (services.trainer.dataset): train.parquet,
+                            LLaMA-Factory alpaca/sharegpt JSON + dataset_info.json, DATASET_CARD.md
+
+Rerunning the same command resumes: only missing samples are requested; a kill -9 at any moment loses at
+most the requests in flight. Seeds are per (scenario, block of samples), so a resumed run's samples equal
+an uninterrupted run's (given a server deterministic in (seed, n), which the project's engines are).
+
+With `mlflow.tracking_uri` set, one MLflow run (`<name>-generate`, nested under an active run if any) gets
+the settings as params, counts and per-scenario C-rates as metrics, the training set as an MLflow dataset
+input (name, digest, schema) and the card, exports and raw samples as artifacts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shared.config import ExperimentConfig
+
+from services.common.runner import RetryPolicy, RunReport, SamplingParams, sample_async
+from services.common.samples import SampleStore, check_manifest
+from services.common.stage import (
+    api_key,
+    as_config,
+    base_url as endpoint_url,
+    jobs_for,
+    role_identity,
+    run_id_for,
+    select_scenarios,
+)
+
+
+@dataclass
+class GenerateResult:
+    run_id: str
+    samples_path: Path
+    dataset_dir: Path
+    report: RunReport
+    dataset: object | None = None  # services.trainer.dataset.DatasetExport
+    mlflow_run_id: str | None = None
+    scenarios: list[str] = field(default_factory=list)
+
+
+def generate_dir(cfg: ExperimentConfig) -> Path:
+    return cfg.run_dir / "generate"
+
+
+def generate(
+    config: str | Path | ExperimentConfig,
+    *,
+    base_url: str | None = None,
+    targets: str | None = None,
+    valid_policy: str | None = None,
+    progress: bool | None = None,
+    retry: RetryPolicy | None = None,
+    export: bool = True,
+    log_to_mlflow: bool = True,
+) -> GenerateResult:
+    """Sample the teacher (resuming), compact the samples, build the training set and exports, log to MLflow."""
+    cfg = as_config(config)
+    g = cfg.generate
+    scenarios = select_scenarios(cfg, list(g.families))
+    settings = {
+        "stage": "generate",
+        "instruction": g.instruction,
+        "temperature": cfg.sampling.temperature,
+        "top_p": cfg.sampling.top_p,
+        "max_tokens": cfg.sampling.max_tokens,
+        "seed": cfg.sampling.seed,
+        "block_size": g.request_n,
+    }
+    teacher = role_identity(cfg, "teacher")
+    run_id = run_id_for("generate", cfg, {**settings, "teacher": teacher})
+    out = generate_dir(cfg)
+    store = SampleStore(out / "samples")
+    jobs = jobs_for(cfg, ["teacher"], scenarios, g.samples, g.instruction)
+    params = SamplingParams(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+                            max_tokens=cfg.sampling.max_tokens, seed=cfg.sampling.seed, block_size=g.request_n)
+    url = endpoint_url(cfg, base_url)
+    with store.writer():
+        check_manifest(store, {"version": 1, "run_id": run_id, **settings, "roles": {"teacher": teacher}})
+        report = asyncio.run(sample_async(
+            store, jobs, base_url=url, params=params, run_id=run_id, concurrency=g.concurrency,
+            api_key=api_key(cfg), retry=retry or RetryPolicy(), progress=progress,
+            description=f"generate: teacher, {len(scenarios)} scenarios x {g.samples}",
+        ))
+        samples_path = store.compact()
+    result = GenerateResult(run_id=run_id, samples_path=samples_path, dataset_dir=out / "dataset", report=report,
+                            scenarios=[s.id for s in scenarios])
+    if export:
+        from services.trainer.dataset import export_training_set
+
+        table = store.read()
+        ids = [s.id for s in scenarios]
+        table = table.filter(pc.and_(pc.equal(table["role"], "teacher"),
+                                     pc.is_in(table["scenario_id"], value_set=pa.array(ids))))
+        result.dataset = export_training_set(
+            table.to_pandas(), result.dataset_dir, name=cfg.name,
+            targets=targets or g.targets, valid_policy=valid_policy or g.valid_policy,  # type: ignore[arg-type]
+        )
+        if log_to_mlflow and cfg.mlflow.tracking_uri:
+            result.mlflow_run_id = log_generate_to_mlflow(cfg, result, settings, teacher)
+    return result
+
+
+def log_generate_to_mlflow(cfg: ExperimentConfig, result: GenerateResult, settings: dict, teacher: dict) -> str:
+    import mlflow
+
+    from services.trainer.dataset import log_dataset_to_mlflow
+
+    ex = result.dataset
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    nested = mlflow.active_run() is not None
+    tags = {"tomtransfer.stage": "generate", "tomtransfer.experiment": cfg.name, "tomtransfer.run_id": result.run_id}
+    with mlflow.start_run(run_name=f"{cfg.name}-generate", nested=nested, tags=tags) as run:
+        mlflow.log_params({
+            **{k: v for k, v in settings.items() if k != "stage"},
+            "teacher_model": teacher["model"], "teacher_engine": teacher["engine"],
+            "samples_per_scenario": cfg.generate.samples, "scenarios": len(result.scenarios),
+            "families": ",".join(cfg.generate.families) if not cfg.scenarios.ids else "ids",
+            "targets": ex.targets, "valid_policy": ex.valid_policy, "concurrency": cfg.generate.concurrency,
+            "sample_run_id": result.run_id,
+        })
+        metrics = {
+            "samples": float(ex.samples), "examples": float(ex.examples), "invalid": float(ex.invalid),
+            "invalid_rate": ex.invalid / ex.samples if ex.samples else 0.0,
+            "requests": float(result.report.requests), "retries": float(result.report.retries),
+            "generate_seconds": result.report.elapsed_s,
+        }
+        for s in ex.scenarios:
+            if s["c_rate"] is not None:
+                metrics[f"c_rate.{s['scenario_id']}"] = s["c_rate"]
+            if s["mean_contribution"] is not None:
+                metrics[f"mean_contribution.{s['scenario_id']}"] = s["mean_contribution"]
+            metrics[f"invalid_rate.{s['scenario_id']}"] = s["invalid_rate"]
+        mlflow.log_metrics(metrics)
+        log_dataset_to_mlflow(ex, run_id=run.info.run_id)
+        mlflow.log_artifact(str(result.samples_path), "samples")
+        return run.info.run_id
