@@ -9,7 +9,8 @@ Two inputs, one output (`EvaluationResult`):
   N = `expected_samples` when given). Cooperation rate = C / valid answers, the paper's convention
   (`shared.metrics.Counts`); the invalid count is reported next to it, never dropped.
 * **exact** (`evaluate_exact`): `exact.parquet`, one row per (role, scenario_id, family, context, game) with
-  `p_C`, `p_D`, `valid_mass` and, for the PGG, `pgg_dist` (a JSON list of probabilities over 0..endowment).
+  `p_C`, `p_D`, `valid_mass` and, for the PGG, `pgg_dist` (a JSON list of probabilities over 0..endowment) or
+  `distribution` (the serving store's JSON object {"0": p, ..., "10": p}, `services.common.samples.EXACT_SCHEMA`).
   Rate = p_C / (p_C + p_D), the probability of C among valid answers - correct whether the server reports
   joint or already-conditional probabilities; `1 - valid_mass` is the invalid probability.
 
@@ -393,8 +394,8 @@ def _endowment(sid: str, observed: int | None = None) -> int:
 
     s = default_catalog().scenarios.get(sid)
     e = getattr(s.game, "endowment", None) if s is not None else None
-    if e is None:
-        e = 10
+    if e is None:  # not a built-in scenario (a pack's): what the data shows, else the paper's 10
+        return int(observed) if observed else 10
     return max(int(e), observed or 0)
 
 
@@ -602,11 +603,7 @@ def evaluate_exact(
             models.setdefault(role, model)
         mass = _prob(row["valid_mass"], f"{role} {sid}: valid_mass")
         if fam == "pgg":
-            raw = row.get("pgg_dist")
-            if _is_missing(raw):
-                raise EvaluationDataError(f"{role} {sid}: PGG row without pgg_dist")
-            dist = json.loads(raw) if isinstance(raw, str) else list(raw)
-            p = np.asarray(dist, float)
+            p = np.asarray(_pgg_distribution(row, f"{role} {sid}"), float)
             if p.ndim != 1 or len(p) < 2 or (p < 0).any() or p.sum() <= 0:
                 raise EvaluationDataError(f"{role} {sid}: pgg_dist must be a list of >= 2 probabilities")
             dists.setdefault(sid, {})[role] = (p / p.sum()).tolist()
@@ -646,7 +643,7 @@ def evaluate_exact(
 
     pgg: dict[str, PggResult] = {}
     for sid, per_role in dists.items():
-        e = max(len(d) for d in per_role.values()) - 1
+        e = _endowment(sid, max(len(d) for d in per_role.values()) - 1)
         per_role = {r: list(d) + [0.0] * (e + 1 - len(d)) for r, d in per_role.items()}
         roles_d = {}
         for r in ROLES:
@@ -666,6 +663,29 @@ def evaluate_exact(
         pgg[sid] = _pgg_result(sid, e, roles_d, per_role, None, tests)
 
     return _assemble("exact", n, rates, results, table1, pgg, models, notes, n_resamples)
+
+
+def _pgg_distribution(row: Mapping, what: str) -> list[float]:
+    """P(contribution = k), k = 0..endowment, from `pgg_dist` (a JSON list) or `distribution` (the serving
+    store's JSON object {"0": p, ..., "10": p}; a JSON list is accepted too)."""
+    for col in ("pgg_dist", "distribution"):
+        raw = row.get(col)
+        if _is_missing(raw):
+            continue
+        try:
+            data = json.loads(raw) if isinstance(raw, str) else raw
+        except json.JSONDecodeError:
+            raise EvaluationDataError(f"{what}: {col} is not JSON") from None
+        if isinstance(data, Mapping):
+            try:
+                items = {int(k): float(v) for k, v in data.items()}
+            except (TypeError, ValueError):
+                raise EvaluationDataError(f"{what}: {col} keys must be whole contributions") from None
+            if not items or min(items) < 0:
+                raise EvaluationDataError(f"{what}: {col} has no contributions 0..endowment")
+            return [items.get(k, 0.0) for k in range(max(items) + 1)]
+        return [float(v) for v in data]
+    raise EvaluationDataError(f"{what}: PGG row without a distribution (pgg_dist or distribution)")
 
 
 def _prob(x, what: str) -> float:
