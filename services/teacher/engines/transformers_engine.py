@@ -1,0 +1,401 @@
+"""The embedded engine: transformers + peft, CPU or GPU.
+
+Sampling (`chat`): the chat-templated prompt is prefilled ONCE; all `n` continuations are decoded from
+that one prompt cache in chunks of at most `ModelSpec.max_batch_size` rows (fewer if the per-row KV
+buffers would exceed the KV budget: `TOMTRANSFER_KV_BUDGET_MB`, default 1024 on CPU, 40 % of free GPU
+memory on CUDA). Llama-family models use `SharedPrefixDecoder` (prompt K/V shared by all rows, CUDA graph
+on GPU), others the generic `HFDecoder` (see `decoding.py`). Per step: softmax(logits / T), optional
+nucleus (top_p) filter, one multinomial draw per row from a per-request `torch.Generator(seed)`.
+Same (seed, n, max_batch_size, model) -> same samples. Rows that end (EOS or a stop string) are dropped
+from the batch on CPU once a quarter of them are done.
+
+Semantics (OpenAI-compatible): `stop` strings end a sample and are not included in its text
+(finish_reason "stop"); EOS tokens (generation config + tokenizer + ChatML/Llama-3 end tokens present in
+the vocabulary) end a sample (not in the text) unless `ignore_eos`; `max_tokens` ends it with
+finish_reason "length". `logprobs` are log-probabilities under the distribution the token was drawn
+from *before* top_p, i.e. log_softmax(logits / T) (T = 0: T = 1), with `top_logprobs` (<= 20) of the same.
+
+Adapters: peft LoRA adapters are loaded into one multi-adapter `PeftModel`; a request names one
+(`set_adapter`) or none (`disable_adapter()` context, the base model). All model work runs on one worker
+thread per engine, so switching adapters between requests is safe; requests are served one at a time.
+
+Exact mode: see `services.teacher.exact`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from services.teacher.engines.base import (
+    ChatRequest,
+    ChatResult,
+    Completion,
+    Engine,
+    EngineInputError,
+    ExactRequest,
+    ExactResult,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+)
+from services.teacher.engines.decoding import HFDecoder, Prefix, State, make_decoder
+from services.teacher.exact import RootClassifier, TokenTable, expand, make_rule
+
+_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
+
+
+def _pick_device(want: str) -> torch.device:
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise EngineInputError("device 'cuda' requested but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _pick_dtype(want: str, device: torch.device) -> torch.dtype:
+    if want == "auto":
+        # bf16 on this CPU is slower for prompts (MODELS.md); on GPU it is the natural choice.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[want]
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+    supports_adapters = True
+
+    def __init__(self, spec, *, model_path: str | None = None, threads: int | None = None,
+                 fast: bool | None = None, graphs: bool | None = None, model=None, tokenizer=None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from services.common.models import resolve_model
+
+        self.spec = spec
+        self.device = _pick_device(spec.device)
+        self.dtype = _pick_dtype(spec.dtype, self.device)
+        if threads and self.device.type == "cpu":
+            torch.set_num_threads(int(threads))
+        if model is None:
+            path = model_path or str(resolve_model(spec.model))
+            self.model_path = path
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        else:  # an in-memory model (benchmarks, tests)
+            self.model_path = model_path or "<in-memory>"
+            self.tokenizer = tokenizer
+        self.base = model.to(self.device).eval()
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.model = self.base
+        self.peft = None
+        self.adapters: dict[str, str] = {}
+        self.vocab_size = int(self.base.get_output_embeddings().weight.shape[0])
+        self.end_ids = self._end_ids()
+        env_fast = os.environ.get("TOMTRANSFER_FAST_DECODE")
+        self.fast = (env_fast != "0") if fast is None else fast
+        self.graphs = (self.device.type == "cuda" and os.environ.get("TOMTRANSFER_CUDA_GRAPHS", "1") != "0") \
+            if graphs is None else graphs
+        self.decoder = make_decoder(self.model, prefer_fast=self.fast, graphs=self.graphs)
+        self.max_batch_size = spec.max_batch_size
+        self.max_context = int(getattr(self.base.config, "max_position_embeddings", 0) or 1 << 30)
+        self._table: TokenTable | None = None
+        self._root: RootClassifier | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.name}")
+        self._pool.submit(self._root_classifier)  # warm the vocabulary table off the request path
+
+    # ----------------------------------------------------------------------------------- plumbing
+    def _end_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen = getattr(self.base, "generation_config", None)
+        for src in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if src is None:
+                continue
+            ids.update(src if isinstance(src, (list, tuple)) else [src])
+        vocab = self.tokenizer.get_vocab()
+        special = set(self.tokenizer.all_special_tokens) | {str(t) for t in getattr(self.tokenizer, "added_tokens_encoder", {})}
+        for tok in _END_TOKENS:
+            if tok in vocab and tok in special:
+                ids.add(vocab[tok])
+        return {int(i) for i in ids}
+
+    def _root_classifier(self) -> RootClassifier:
+        if self._root is None:
+            self._table = TokenTable.from_tokenizer(self.tokenizer, self.vocab_size, self.end_ids)
+            self._root = RootClassifier(self._table)
+            self._root.classify(make_rule("choice"))
+        return self._root
+
+    async def _run(self, fn, *args):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, fn, *args)
+
+    def prompt_ids(self, messages) -> list[int]:
+        msgs = [dict(m) for m in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja errors on odd role orders etc.
+            raise EngineInputError(f"the model's chat template rejected the messages: {e}", param="messages") from None
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise EngineInputError("empty prompt", param="messages")
+        return list(ids)
+
+    @contextmanager
+    def _adapter(self, name: str | None):
+        if name is not None and name not in self.adapters:
+            raise EngineInputError(f"adapter {name!r} is not loaded", param="model", status=404,
+                                   code="model_not_found")
+        if self.peft is None:
+            yield
+            return
+        if name is None:
+            with self.peft.disable_adapter():
+                yield
+        else:
+            self.peft.set_adapter(name)
+            yield
+
+    def _rows_per_chunk(self, capacity: int) -> int:
+        cfg = self.base.config
+        layers = cfg.num_hidden_layers
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_row = 2 * layers * kv_heads * head_dim * capacity * torch.tensor([], dtype=self.dtype).element_size()
+        if isinstance(self.decoder, HFDecoder):
+            per_row *= 2  # the prompt is copied into every row, and torch.cat doubles it transiently
+        env = os.environ.get("TOMTRANSFER_KV_BUDGET_MB")
+        if env:
+            budget = float(env) * 2**20
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = 0.4 * free
+        else:
+            budget = 1024 * 2**20
+        return max(1, min(self.max_batch_size, int(budget // max(per_row, 1))))
+
+    # ------------------------------------------------------------------------------------ sampling
+    def _draw(self, logits: torch.Tensor, p: SamplingParams, gen: torch.Generator, rows: int):
+        """Sample `rows` tokens. `logits` is (rows, V), or (1, V) when all rows share one distribution."""
+        shared = logits.shape[0] == 1 and rows > 1
+        if p.temperature <= 0:
+            logp = torch.log_softmax(logits, dim=-1) if p.logprobs else None
+            tok = logits.argmax(-1)
+            tok = tok.expand(rows) if shared else tok
+        else:
+            logp = torch.log_softmax(logits / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                sorted_lp, idx = torch.sort(logp, dim=-1, descending=True)
+                sp = sorted_lp.exp()
+                drop = (sp.cumsum(-1) - sp) >= p.top_p  # keep the smallest prefix reaching top_p
+                sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
+                probs = torch.softmax(torch.full_like(logp, float("-inf")).scatter(-1, idx, sorted_lp), dim=-1)
+            else:
+                probs = logp.exp()
+            if shared:
+                tok = torch.multinomial(probs, rows, replacement=True, generator=gen).view(rows)
+            else:
+                tok = torch.multinomial(probs, 1, generator=gen).view(-1)
+        if not p.logprobs:
+            return tok, None
+        lp_rows = logp.expand(rows, -1) if shared else logp
+        chosen = lp_rows.gather(-1, tok.view(-1, 1)).view(-1)
+        top = torch.topk(lp_rows, p.top_logprobs, dim=-1) if p.top_logprobs else None
+        return tok, (chosen, top)
+
+    def _token_logprob(self, tid: int, lp: float, top) -> TokenLogprob:
+        texts = self._table.texts if self._table else None
+        text = texts[tid] if texts else self.tokenizer.decode([tid])
+        out = TokenLogprob(token=text, logprob=lp, bytes=list(text.encode("utf-8")))
+        if top is not None:
+            vals, ids = top
+            for v, i in zip(vals, ids):
+                t = texts[i] if texts else self.tokenizer.decode([i])
+                out.top_logprobs.append(TopLogprob(token=t, logprob=float(v), bytes=list(t.encode("utf-8"))))
+        return out
+
+    def _sample_chunk(self, prefix: Prefix, rows: int, p: SamplingParams, gen: torch.Generator) -> list[Completion]:
+        dec = self.decoder
+        cap = p.max_tokens
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        generated = [0] * rows
+        lps: list[list[TokenLogprob]] | None = [[] for _ in range(rows)] if p.logprobs else None
+        finish: list[str | None] = [None] * rows
+        cut: list[int | None] = [None] * rows  # char index of a stop string in the final text
+        stops = [s for s in p.stop if s]
+        window = (2 * max(len(s) for s in stops) + 8) if stops else 0
+        sample_of = list(range(rows))  # batch row -> sample index
+        alive = [True] * rows
+        state: State | None = dec.start(prefix, rows, cap) if cap > 1 else None
+        logits = prefix.logits.unsqueeze(0)
+        compact = not (self.graphs and self.device.type == "cuda")
+        for step in range(cap):
+            tok, lpinfo = self._draw(logits, p, gen, len(sample_of))
+            tok_list = tok.tolist()
+            if lpinfo is not None:
+                chosen = lpinfo[0].tolist()
+                top = (lpinfo[1].values.tolist(), lpinfo[1].indices.tolist()) if lpinfo[1] is not None else None
+            check = []
+            for r, s in enumerate(sample_of):
+                if not alive[r]:
+                    continue
+                t = tok_list[r]
+                generated[s] += 1
+                if not p.ignore_eos and t in self.end_ids:
+                    finish[s], alive[r] = "stop", False
+                    continue
+                tokens[s].append(t)
+                if lps is not None:
+                    lps[s].append(self._token_logprob(t, chosen[r], (top[0][r], top[1][r]) if top else None))
+                if generated[s] >= cap:
+                    finish[s], alive[r] = "length", False
+                if stops:
+                    check.append((r, s))
+            if check:
+                tails = self.tokenizer.batch_decode([tokens[s][-window:] for _, s in check], skip_special_tokens=True)
+                for (r, s), tail in zip(check, tails):
+                    if any(st in tail for st in stops):
+                        full = self.tokenizer.decode(tokens[s], skip_special_tokens=True)
+                        hits = [full.find(st) for st in stops if st in full]
+                        if hits:
+                            cut[s] = min(hits)
+                            finish[s], alive[r] = "stop", False
+            n_alive = sum(alive)
+            if n_alive == 0 or step == cap - 1:
+                break
+            if compact and n_alive <= 0.75 * len(alive):
+                keep = [r for r, a in enumerate(alive) if a]
+                index = torch.tensor(keep, device=self.device)
+                dec.select(state, index)
+                sample_of = [sample_of[r] for r in keep]
+                alive = [True] * len(keep)
+                tok = tok.index_select(0, index)
+            logits = dec.step(state, tok)
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        out = []
+        for s in range(rows):
+            text = texts[s] if cut[s] is None else texts[s][: cut[s]]
+            out.append(Completion(text=text, finish_reason=finish[s] or "length", num_tokens=generated[s],
+                                  logprobs=lps[s] if lps is not None else None))
+        return out
+
+    def _chat_sync(self, req: ChatRequest) -> ChatResult:
+        p = req.params
+        if p.logprobs and self._table is None:
+            self._root_classifier()
+        ids = self.prompt_ids(req.messages)
+        if len(ids) + p.max_tokens > self.max_context:
+            raise EngineInputError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceeds the model's "
+                                   f"context of {self.max_context} tokens", param="max_tokens")
+        seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(int(seed))
+        t0 = time.perf_counter()
+        with self._adapter(req.adapter), torch.inference_mode():
+            prefix = self.decoder.prefill(ids)
+            t1 = time.perf_counter()
+            per_chunk = self._rows_per_chunk(p.max_tokens)
+            choices: list[Completion] = []
+            left = p.n
+            while left > 0:
+                rows = min(per_chunk, left)
+                choices += self._sample_chunk(prefix, rows, p, gen)
+                left -= rows
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        return ChatResult(choices=choices, prompt_tokens=len(ids), completion_tokens=sum(c.num_tokens for c in choices),
+                          timings={"prefill_s": t1 - t0, "decode_s": t2 - t1, "rows_per_chunk": per_chunk})
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        return await self._run(self._chat_sync, request)
+
+    # -------------------------------------------------------------------------------------- exact
+    def _exact_sync(self, req: ExactRequest) -> ExactResult:
+        rule = make_rule(req.kind, req.endowment)
+        root = self._root_classifier()
+        ids = self.prompt_ids(req.messages)
+        if len(ids) + req.max_depth > self.max_context:
+            raise EngineInputError(f"prompt ({len(ids)} tokens) exceeds the model's context", param="messages")
+        with self._adapter(req.adapter), torch.inference_mode():
+            prefix = self.decoder.prefill(ids)
+            backend = _TreeBackend(self.decoder, prefix, req.max_depth, self.device)
+            p, invalid, unresolved, passes, top = expand(
+                rule, backend, self._table, root, self.tokenizer, req.temperature,
+                min_mass=req.min_mass, max_depth=req.max_depth)
+        valid = sum(p.values())
+        return ExactResult(kind=rule.kind, temperature=req.temperature, p=p, valid_mass=valid, invalid_mass=invalid,
+                           unresolved_mass=unresolved, forward_passes=passes, prompt_tokens=len(ids),
+                           top_tokens=top)
+
+    async def exact(self, request: ExactRequest) -> ExactResult:
+        return await self._run(self._exact_sync, request)
+
+    # ----------------------------------------------------------------------------------- adapters
+    def _load_adapter_sync(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        p = Path(path)
+        if not (p / "adapter_config.json").is_file():
+            raise EngineInputError(f"{path} is not a peft adapter folder (no adapter_config.json)", param="path")
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, str(p), adapter_name=name, is_trainable=False)
+                self.peft.eval()
+            else:
+                if name in self.peft.peft_config:
+                    self.peft.delete_adapter(name)
+                self.peft.load_adapter(str(p), adapter_name=name, is_trainable=False)
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            raise EngineInputError(f"adapter {name!r} does not fit this model: {e}", param="path") from None
+        for prm in self.peft.parameters():
+            prm.requires_grad_(False)
+        self.adapters[name] = str(p)
+        self.model = self.peft
+        self.decoder = make_decoder(self.model, prefer_fast=self.fast, graphs=self.graphs)
+
+    def _unload_adapter_sync(self, name: str) -> None:
+        if name not in self.adapters:
+            raise EngineInputError(f"adapter {name!r} is not loaded", param="name", status=404, code="model_not_found")
+        self.peft.delete_adapter(name)
+        del self.adapters[name]
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        await self._run(self._load_adapter_sync, name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._run(self._unload_adapter_sync, name)
+
+    def models(self) -> list[str]:
+        return sorted(self.adapters)
+
+    def info(self) -> dict:
+        return {"engine": self.name, "model_path": self.model_path, "device": str(self.device),
+                "dtype": str(self.dtype).replace("torch.", ""), "decoder": self.decoder.name,
+                "adapters": self.models(), "max_context": self.max_context, "vocab_size": self.vocab_size}
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class _TreeBackend:
+    """Adapts a decoder to `exact.TreeBackend` (frontier rows share the prompt cache)."""
+
+    def __init__(self, decoder, prefix: Prefix, capacity: int, device):
+        self.dec, self.prefix, self.capacity, self.device = decoder, prefix, capacity, device
+        self.state: State | None = None
+
+    def root_logits(self) -> torch.Tensor:
+        return self.prefix.logits
+
+    def advance(self, parent_rows: list[int], tokens: list[int]) -> torch.Tensor:
+        if self.state is None:
+            self.state = self.dec.start(self.prefix, len(tokens), self.capacity)
+        else:
+            self.dec.select(self.state, torch.tensor(parent_rows, device=self.device))
+        return self.dec.step(self.state, torch.tensor(tokens, device=self.device))

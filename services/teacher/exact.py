@@ -1,0 +1,325 @@
+"""Exact mode: answer probabilities at temperature T from forward passes, with no sampling noise.
+
+Definition (what the numbers mean)
+----------------------------------
+Sample a response token by token from softmax(logits / T) (top_p = 1, no penalties) after the
+chat-templated prompt, until an end-of-sequence token. Its *leading answer* is what `shared.parsing`'s
+first rule reads from the response text:
+
+- choice (2x2 games): strip leading decoration (whitespace, `*_\\`'"()[]{}<>#~`), then an optional
+  word `answer|choice|decision|strategy|option|letter` and separator, then a standalone C or D (not
+  followed by a letter/digit, and not "C and D"/"C or D"/"C/D"...). Case-insensitive, as the parser.
+- contribution (PGG): the number at the very start (after `\\s*_\\`'"([` and an optional `$`), which
+  must be a whole number in 0..endowment ("5.0" counts as 5, "5.5" and "11" are invalid).
+
+`p[a]` is the probability that the response's leading answer is `a`; `valid_mass = sum(p)`;
+`invalid_mass` is the probability that the response provably has no leading answer (it starts with
+something else, e.g. "Sure, ..." or "I choose C"); `unresolved_mass` is what the expansion below did
+not decide (mass below `min_mass`, deeper than `max_depth`, or outside the explored part of a
+distribution). `valid + invalid + unresolved = 1` up to float rounding. The full parser also accepts
+answers stated later in a response (rule 2/3 of `parse_choice`, "contribute 7" in a PGG answer), so
+`1 - valid_mass` bounds how far free-form sampling + full parsing can differ from these numbers.
+
+How it is computed
+------------------
+A short deterministic expansion of the token tree. The root is the next-token distribution after the
+prompt (one prefill). Every token whose text already decides the leading answer ("C.", " D", "**C**",
+"Sure") is classified at once; tokens whose text could still become either ("**", " ", "C" (might
+continue as "Cooperate"), "1" (might become "10"), "Answer") are expanded: all such prefixes of one
+depth are scored together in one batched forward pass over the shared prompt cache. A prefix is
+*decided* when the rule gives the same result for it followed by each of a set of adversarial
+continuations (end of text, a letter, a digit, " and D", ", C", completions of a partial keyword or
+"and"/"or", ".5", ...), see `ChoiceRule.probes`; the tests check this against the parser on random
+strings. A token that ends the response (EOS) decides with the rule applied to the final text.
+At the root the whole vocabulary is classified (cached per tokenizer and rule); deeper, the most
+likely tokens covering all but `min_mass` of the node's mass are classified and the rest counts as
+unresolved. Typical cost: one prefill + one or two small batched steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from shared.parsing import _DECORATION, _LEADING, _LEADING_NUMBER  # the parser's own leading rules
+
+UNDECIDED = "?"
+INVALID = None
+
+_KEYWORDS = ("answer", "choice", "decision", "strategy", "option", "letter")
+_CONJ = ("and", "or")
+_CHOICE_BASE_PROBES = (
+    "", " ", "x", "X", "0", ".", ",", ":", "C", "D", "c", "d", " C", " D", ": C", ": D", ":C", "-C", "=D",
+    " and C", " and D", " or C", " or D", " & C", " & D", "&C", "&D", "/C", "/D", ",C", ",D", ", C", ", D",
+    "\nC", "\nD", " x", "**", "\n",
+)
+_CHOICE_FIRST = set("acdslo:-=")
+_NUM_PROBES = ("", "x", " ", "0", "5", "9", ".", ".5", ".0", "$", " 5", ",", "\n")
+_NUM_LEAD_STRIP = " \t\r\n*_`'\"(["
+
+
+def lead_choice(text: str) -> str | None:
+    """Rule 1 of shared.parsing.parse_choice only: the leading C/D, or None."""
+    m = _LEADING.match(text.lstrip(_DECORATION))
+    return m.group(1).upper() if m else None
+
+
+def lead_contribution(text: str, endowment: int) -> str | None:
+    """The leading whole number in 0..endowment (as a string), or None."""
+    m = _LEADING_NUMBER.match(text)
+    if not m:
+        return None
+    value = float(m.group(1))
+    if not value.is_integer() or not 0 <= value <= endowment:
+        return None
+    return str(int(value))
+
+
+class ChoiceRule:
+    kind = "choice"
+
+    def answers(self) -> list[str]:
+        return ["C", "D"]
+
+    def key(self) -> str:
+        return "choice"
+
+    def final(self, text: str) -> str | None:
+        return lead_choice(text)
+
+    def probes(self, head: str) -> list[str]:
+        probes = list(_CHOICE_BASE_PROBES)
+        low = head.lower()
+        for word in _KEYWORDS + _CONJ:
+            for i in range(1, len(word)):
+                if low.endswith(word[:i]):
+                    rest = word[i:]
+                    probes += [rest, rest + " C", rest + " D", rest + ": C", rest + "C"]
+        return probes
+
+    def status(self, text: str, final: bool = False) -> str | None:
+        """"C"/"D" (decided), None (decided: no leading answer) or UNDECIDED."""
+        if final:
+            return lead_choice(text)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: decided only if the text before it is
+            base = text.rstrip("\ufffd")
+            return self.status(base) if base.lstrip(_DECORATION).strip() else UNDECIDED
+        head = text.lstrip(_DECORATION)
+        h2 = head.lstrip()
+        if not h2:
+            return UNDECIDED
+        if h2[0].lower() not in _CHOICE_FIRST:
+            return INVALID
+        outcomes = {lead_choice(text + u) for u in self.probes(head)}
+        return outcomes.pop() if len(outcomes) == 1 else UNDECIDED
+
+
+class ContributionRule:
+    kind = "contribution"
+
+    def __init__(self, endowment: int):
+        if endowment < 0:
+            raise ValueError("endowment must be >= 0")
+        self.endowment = endowment
+
+    def answers(self) -> list[str]:
+        return [str(i) for i in range(self.endowment + 1)]
+
+    def key(self) -> str:
+        return f"contribution:{self.endowment}"
+
+    def final(self, text: str) -> str | None:
+        return lead_contribution(text, self.endowment)
+
+    def status(self, text: str, final: bool = False) -> str | None:
+        if final:
+            return lead_contribution(text, self.endowment)
+        if text.endswith("\ufffd"):
+            base = text.rstrip("\ufffd")
+            return self.status(base) if base.lstrip(_NUM_LEAD_STRIP) else UNDECIDED
+        h = text.lstrip(_NUM_LEAD_STRIP)
+        if not h:
+            return UNDECIDED
+        if h[0] != "$" and not h[0].isdigit():
+            # unicode digits are not [0-9] for the parser's purposes unless \d matches them: ask the rule.
+            return INVALID if lead_contribution(text + "5", self.endowment) is None else UNDECIDED
+        outcomes = {lead_contribution(text + u, self.endowment) for u in _NUM_PROBES}
+        return outcomes.pop() if len(outcomes) == 1 else UNDECIDED
+
+
+def make_rule(kind: str, endowment: int = 10):
+    if kind == "choice":
+        return ChoiceRule()
+    if kind == "contribution":
+        return ContributionRule(endowment)
+    raise ValueError(f"unknown exact kind {kind!r}; expected 'choice' or 'contribution'")
+
+
+# ------------------------------------------------------------------------------------- expansion
+class TreeBackend(Protocol):
+    """What the expansion needs from a model. Rows are the current frontier, in order."""
+
+    def root_logits(self) -> torch.Tensor:  # (V,) next-token logits after the prompt
+        ...
+
+    def advance(self, parent_rows: list[int], tokens: list[int]) -> torch.Tensor:
+        """New frontier: row i = parent row parent_rows[i] (of the previous frontier; the root is row 0
+        of an implicit one-row frontier) followed by tokens[i]. Returns next-token logits (K, V)."""
+        ...
+
+
+@dataclass
+class TokenTable:
+    """Per-tokenizer facts the expansion needs (computed once per engine)."""
+
+    texts: list[str]  # decode([id]) for every id < model vocab (ids beyond the tokenizer: "")
+    end_ids: frozenset[int]  # tokens that end a response (EOS set)
+    n_real: int  # ids >= n_real do not exist in the tokenizer (padded embedding rows): invalid
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, vocab_size: int, end_ids) -> "TokenTable":
+        n_real = min(len(tokenizer), vocab_size)
+        texts = tokenizer.batch_decode([[i] for i in range(n_real)], skip_special_tokens=True,
+                                       clean_up_tokenization_spaces=False)
+        texts += [""] * (vocab_size - n_real)
+        return cls(texts=texts, end_ids=frozenset(int(i) for i in end_ids), n_real=n_real)
+
+
+def probs_at(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / T) in float64; T == 0 is greedy (all mass on the argmax)."""
+    logits = logits.double()
+    if temperature <= 0:
+        p = torch.zeros_like(logits)
+        p.scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        return p
+    return torch.softmax(logits / temperature, dim=-1)
+
+
+class RootClassifier:
+    """Caches the root-level classification of the whole vocabulary per rule."""
+
+    def __init__(self, table: TokenTable):
+        self.table = table
+        self._cache: dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
+
+    def classify(self, rule) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(undecided_ids, invalid_mask, {answer: ids}) for single tokens at the start of a response."""
+        key = rule.key()
+        if key not in self._cache:
+            t = self.table
+            V = len(t.texts)
+            invalid = torch.zeros(V, dtype=torch.bool)
+            undecided: list[int] = []
+            by_answer: dict[str, list[int]] = {a: [] for a in rule.answers()}
+            for i, text in enumerate(t.texts):
+                if i >= t.n_real:
+                    invalid[i] = True
+                    continue
+                s = rule.status("", final=True) if i in t.end_ids else rule.status(text)
+                if s is UNDECIDED:
+                    undecided.append(i)
+                elif s is None:
+                    invalid[i] = True
+                else:
+                    by_answer[s].append(i)
+            self._cache[key] = (torch.tensor(undecided, dtype=torch.long), invalid,
+                                {a: torch.tensor(v, dtype=torch.long) for a, v in by_answer.items()})
+        und, inv, by = self._cache[key]
+        return und, inv, by
+
+
+@dataclass
+class _Node:
+    ids: list[int]
+    text: str
+    mass: float
+
+
+def expand(rule, backend: TreeBackend, table: TokenTable, root: RootClassifier, tokenizer, temperature: float,
+           *, min_mass: float = 1e-6, max_depth: int = 8, max_width: int = 256,
+           max_children: int = 4096) -> tuple[dict[str, float], float, float, int, list[dict]]:
+    """Run the expansion; returns (p, invalid_mass, unresolved_mass, forward_passes, top_tokens)."""
+    p = {a: 0.0 for a in rule.answers()}
+    invalid = 0.0
+    unresolved = 0.0
+    root_p = probs_at(backend.root_logits().float().cpu(), temperature)
+    und_ids, inv_mask, by_answer = root.classify(rule)
+    for a, ids in by_answer.items():
+        if len(ids):
+            p[a] += float(root_p[ids].sum())
+    invalid += float(root_p[inv_mask].sum())
+    top_tokens = []
+    for prob, tid in zip(*torch.topk(root_p, min(10, root_p.numel()))):
+        tid = int(tid)
+        st = rule.status("", final=True) if tid in table.end_ids else rule.status(table.texts[tid])
+        top_tokens.append({"token": table.texts[tid], "id": tid, "p": float(prob),
+                           "decides": "undecided" if st is UNDECIDED else st})
+    frontier: list[_Node] = []
+    parents: list[int] = []
+    if len(und_ids):
+        und_p = root_p[und_ids]
+        order = torch.argsort(und_p, descending=True)
+        for j in order.tolist():
+            m = float(und_p[j])
+            tid = int(und_ids[j])
+            if m < min_mass or len(frontier) >= max_width:
+                unresolved += m
+                continue
+            frontier.append(_Node([tid], table.texts[tid], m))
+            parents.append(0)
+    passes = 1
+    depth = 1
+    while frontier:
+        if depth >= max_depth:
+            unresolved += sum(n.mass for n in frontier)
+            break
+        logits = backend.advance(parents, [n.ids[-1] for n in frontier])
+        passes += 1
+        probs = probs_at(logits.float().cpu(), temperature)
+        candidates: list[_Node] = []
+        cand_parents: list[int] = []
+        for row, node in enumerate(frontier):
+            pr = probs[row] * node.mass
+            # most likely children until all but min_mass of this node's mass is covered
+            k = min(max_children, pr.numel())
+            vals, idx = torch.topk(pr, k)
+            csum = torch.cumsum(vals, 0)
+            keep = int(torch.searchsorted(csum, torch.tensor(node.mass - min_mass, dtype=csum.dtype)).item()) + 1
+            keep = max(1, min(keep, k))
+            vals, idx = vals[:keep].tolist(), idx[:keep].tolist()
+            unresolved += max(0.0, node.mass - sum(vals))
+            real = [t for t in idx if t < table.n_real and t not in table.end_ids]
+            texts = dict(zip(real, tokenizer.batch_decode([node.ids + [t] for t in real], skip_special_tokens=True,
+                                                          clean_up_tokenization_spaces=False)))
+            for m, t in zip(vals, idx):
+                if t >= table.n_real:
+                    invalid += m
+                    continue
+                if t in table.end_ids:
+                    s = rule.status(node.text, final=True)
+                    text = node.text
+                else:
+                    text = texts[t]
+                    s = rule.status(text)
+                if s is UNDECIDED:
+                    candidates.append(_Node(node.ids + [t], text, m))
+                    cand_parents.append(row)
+                elif s is None:
+                    invalid += m
+                else:
+                    p[s] += m
+        order = sorted(range(len(candidates)), key=lambda i: -candidates[i].mass)
+        frontier, parents = [], []
+        for i in order:
+            c = candidates[i]
+            if c.mass < min_mass or len(frontier) >= max_width:
+                unresolved += c.mass
+                continue
+            frontier.append(c)
+            parents.append(cand_parents[i])
+        depth += 1
+    return p, invalid, unresolved, passes, top_tokens
+
+
