@@ -348,8 +348,16 @@ def _parquet_files(paths) -> list[Path]:
 
 
 def read_samples(paths) -> pd.DataFrame:
-    """Raw samples from Parquet files or folders of them (recursively; `exact.parquet` is skipped)."""
-    frames = [pd.read_parquet(f) for f in _parquet_files(paths)]
+    """Raw samples from Parquet files or folders of them (recursively; `exact.parquet` is skipped).
+
+    Only the columns the metrics use are read (not the prompts and responses), to keep memory small."""
+    import pyarrow.parquet as pq
+
+    wanted = set(SAMPLE_REQUIRED) | {"model", "run_id"}
+    frames = []
+    for f in _parquet_files(paths):
+        names = pq.read_schema(f).names
+        frames.append(pd.read_parquet(f, columns=[c for c in names if c in wanted]))
     df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     _require(df, SAMPLE_REQUIRED, "samples")
     return df

@@ -416,6 +416,27 @@ def _families(result: EvaluationResult, with_all: bool = False):
     return fams
 
 
+def summary_rows(result: EvaluationResult) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-family summary, for a console table (`run` / `evaluate` print it)."""
+    header = ["family", "scenarios", "mean %", "median %", "se", "95 % CI", "exac/part/over/undef", "unstable"]
+    rows = []
+    for fam, f in _families(result, with_all=True):
+        a, c = f.improvement, f.classes
+        rows.append([fam, str(f.scenarios), fmt(a.mean), fmt(a.median), fmt(a.se), _ci(a.ci95),
+                     "/".join(str(c[k]) for k in ("exacerbation", "partial", "overcorrection", "undefined")),
+                     str(len(f.unstable))])
+    return header, rows
+
+
+def pgg_lines(result: EvaluationResult) -> list[str]:
+    """One console line per public-goods scenario: mean contribution per role and the improvement."""
+    out = []
+    for sid, p in result.pgg.items():
+        means = ", ".join(f"{ROLE_LABELS[r]} {fmt(d.get('mean'))} +- {fmt(d.get('se'))}" for r, d in p.roles.items())
+        out.append(f"{sid}: mean contribution {means}; improvement {fmt(p.improvement)} %")
+    return out
+
+
 # ------------------------------------------------------------------------------------------ writing
 def write_report(
     result: EvaluationResult,
