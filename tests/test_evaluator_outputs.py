@@ -123,3 +123,12 @@ def test_exact_report_states_its_conventions(tmp_path):
     assert "No configuration was given." in md
     assert (tmp_path / "figures" / "fig5_pgg.png").is_file() and (tmp_path / "tables" / "table1.tex").is_file()
     assert "Exact mode" in (tmp_path / "tables" / "table1.md").read_text()
+
+
+def test_console_summary(outputs):
+    from services.evaluator.report import pgg_lines, summary_rows
+
+    header, rows = summary_rows(outputs.result)
+    assert header[0] == "family" and [r[0] for r in rows] == ["in_sample", "oos_context", "oos_game", "all"]
+    assert rows[0][2] == "46.26" and rows[0][6] == "2/16/2/0"
+    assert pgg_lines(outputs.result)[0].startswith("pgg: mean contribution teacher 7.17")
