@@ -200,6 +200,110 @@ def analyze(
             out.print(f"Welch {name}: diff {_fmt(test['difference'])}, t {_fmt(test['t'])}, p {_fmt(test['p_value'], 4)}")
 
 
+# --------------------------------------------------------------------------------------- workflows
+from services.teacher.generate_cli import generate_command  # noqa: E402  (light: heavy imports are inside)
+
+app.command("generate")(generate_command)
+
+ConfigOpt = typer.Option(..., "--config", "-c", help="experiment config (YAML)")
+
+
+@app.command()
+def serve(config: Path = ConfigOpt) -> None:
+    """Serve teacher and student on one OpenAI-compatible endpoint (Ray Serve); Ctrl-C stops it."""
+    from services.teacher.serve_cli import serve as run_serve
+
+    run_serve(config)
+
+
+@app.command()
+def train(
+    config: Path = ConfigOpt,
+    dataset: Optional[Path] = typer.Option(None, help="training-set Parquet (default: <run_dir>/generate/dataset)"),
+) -> None:
+    """LoRA on the student with Ray Train (resumes an interrupted run); adapter logged to MLflow."""
+    from services.evaluator.pipeline import Stages, effective_config, tracking
+    from services.trainer.dataset import TRAIN_PARQUET
+    from services.trainer.train import run_training
+    from shared.config import load_config
+
+    cfg = load_config(config)
+    path = dataset or cfg.run_dir / "generate" / "dataset" / TRAIN_PARQUET
+    if not path.is_file():
+        fail(f"training set not found: {path} (run `tomtransfer generate` first, or pass --dataset)")
+    with tracking(cfg) as uri:
+        cfg = effective_config(cfg, uri)
+        res = run_training(cfg, path, cfg.models.student.model, uri)
+    Stages(cfg.run_dir).mark("train", **{k: res.get(k) for k in ("run_id", "adapter_dir", "adapter_uri")})
+    out.print(f"[green]train[/] adapter {res['adapter_dir']} ({res.get('adapter_uri')}), "
+              f"mlflow run {res['run_id']}", highlight=False, soft_wrap=True)
+
+
+def _print_summary(result) -> None:
+    from services.evaluator.report import pgg_lines, summary_rows
+
+    header, rows = summary_rows(result)
+    t = Table(*header, title="transfer: improvement of the fine-tuned student, % of the teacher-base gap")
+    for r in rows:
+        t.add_row(*r)
+    out.print(t)
+    for line in pgg_lines(result):
+        out.print(line, highlight=False)
+
+
+@app.command()
+def evaluate(config: Path = ConfigOpt) -> None:
+    """Evaluate teacher, base and fine-tuned student (sampled or exact); metrics, figures, report, MLflow."""
+    from services.evaluator.pipeline import evaluate_only
+
+    run_id, result, outputs = evaluate_only(config)
+    _print_summary(result)
+    out.print(f"report: {outputs.report.get('html')}  mlflow run: {run_id}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def run(config: Path = ConfigOpt) -> None:
+    """The whole experiment: serve, generate, train, serve the adapter, evaluate, report."""
+    from services.evaluator.pipeline import run as run_pipeline
+
+    res = run_pipeline(config)
+    _print_summary(res.summary["result"])
+    outputs = res.summary["outputs"]
+    out.print(f"report: {outputs.report.get('html')}", highlight=False, soft_wrap=True)
+    out.print(f"mlflow run {res.mlflow_run_id} (experiment {res.config.mlflow.experiment}); "
+              f"{res.timings.get('total_s', 0):.0f} s in all", highlight=False, soft_wrap=True)
+    if res.config.mlflow.tracking_uri and "127.0.0.1" in res.config.mlflow.tracking_uri:
+        out.print("open the MLflow UI: make mlflow-ui   (then http://127.0.0.1:5000)", highlight=False)
+
+
+@app.command()
+def sweep(config: Path = typer.Option(..., "--config", "-c", help="sweep file (YAML: name, base, grid)")) -> None:
+    """A grid of experiments: one parent MLflow run, a child run per cell; finished cells are skipped."""
+    from services.evaluator.pipeline import sweep as run_sweep
+
+    rows = run_sweep(config)
+    keys = list(rows[0])
+    t = Table(*keys, title=f"sweep: {len(rows)} cells")
+    for r in rows:
+        t.add_row(*[(_fmt(v) if isinstance(v, float) else str(v)) for v in r.values()])
+    out.print(t)
+
+
+@app.command()
+def report(
+    run_id: str = typer.Option(..., "--run-id", help="the MLflow run of an evaluation (or of `run`)"),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", help="default: $MLFLOW_TRACKING_URI"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="default: runs/reports/<run_id>"),
+    log: bool = typer.Option(False, "--log", help="log the regenerated report back to the run"),
+) -> None:
+    """Regenerate the report of an MLflow run from its raw results."""
+    from services.evaluator.report_cli import report as make_report
+
+    o = make_report(run_id, tracking_uri=tracking_uri, out_dir=out_dir, log=log)
+    _print_summary(o.result)
+    out.print(f"report: {o.report.get('html')}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     try:
         app()
