@@ -235,7 +235,8 @@ def test_experiment_configmap_parses_and_points_in_cluster(rendered, name):
     cfg = parse_config(yaml.safe_load(cm["data"]["experiment.yaml"]), f"ConfigMap/{cm['metadata']['name']}")
     assert isinstance(cfg, ExperimentConfig)
     ns = "tomtransfer"
-    mlflow_svc = next(s for s in by_kind(objs, "Service") if s["metadata"]["labels"]["app.kubernetes.io/component"] == "mlflow")
+    mlflow_svc = next(s for s in by_kind(objs, "Service")
+                      if s["metadata"]["labels"]["app.kubernetes.io/component"] == "mlflow")
     port = mlflow_svc["spec"]["ports"][0]["port"]
     assert cfg.mlflow.tracking_uri == f"http://{mlflow_svc['metadata']['name']}.{ns}.svc:{port}"
     # KubeRay names the serve Service <RayService name>-serve-svc and serves on the "serve" port
@@ -325,7 +326,8 @@ def test_inline_dev_secrets_live_only_in_the_secret(helm):
     cfg = parse_config(yaml.safe_load(one(objs, "ConfigMap")["data"]["experiment.yaml"]))
     assert cfg.models.teacher.api_key_env == "TEACHER_API_KEY"  # a name, not the key
     env = _env(one(objs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"])
-    assert env["TEACHER_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "teacherApiKey"}
+    assert env["TEACHER_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"],
+                                                                   "key": "teacherApiKey"}
     # the helm test authenticates with the same token, by reference
     test_pod = one(objs, "Pod")
     assert _env(test_pod["spec"])["SERVE_TOKEN"]["valueFrom"]["secretKeyRef"]["key"] == "serveAuthToken"
@@ -516,7 +518,8 @@ class _Endpoints:
                     if token and self.headers.get("Authorization") != f"Bearer {token}":
                         body, status = b'{"error": "unauthorized"}', 401
                     else:
-                        body = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in models]}).encode()
+                        data = [{"id": m, "object": "model"} for m in models]
+                        body = json.dumps({"object": "list", "data": data}).encode()
                         status = 200
                 elif self.path == "/health":
                     body, status = b"OK", 200
@@ -575,3 +578,63 @@ def test_helm_test_pod_sends_the_bearer_token(rendered):
         assert _run_test_pod(pod, ep.url, token="t0ken").returncode == 0
         assert "Bearer t0ken" in ep.seen_auth
         assert _run_test_pod(pod, ep.url, timeout_s="1", token="wrong").returncode != 0
+
+
+# ---- make deploy / undeploy against stand-ins for helm and kubectl --------------------------------
+
+
+@pytest.fixture()
+def fake_tools(tmp_path):
+    log = tmp_path / "calls.log"
+    for tool, body in {
+        "helm": 'case "$1" in version) echo v4.1.4 ;; esac',
+        "kubectl": 'case "$*" in "config current-context") echo test-context ;; "get crd"*) [ -z "$NO_CRDS" ] ;; esac',
+    }.items():
+        path = tmp_path / tool
+        path.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n{body}\n')
+        path.chmod(0o755)
+    env = {**os.environ, "HELM": str(tmp_path / "helm"), "KUBECTL": str(tmp_path / "kubectl"), "WAIT": "0"}
+    env.pop("NO_CRDS", None)
+    return env, log
+
+
+def _make(target: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", "-f", str(REPO / "deploy" / "deploy.mk"), target,
+                           f"DEPLOY_PYTHON={sys.executable}", *args],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_make_deploy_runs_helm_upgrade_install(fake_tools):
+    env, log = fake_tools
+    digest = "sha256:" + "ab" * 32
+    proc = _make("deploy", env, f"IMAGE=registry.example.com/tt@{digest}", "NAMESPACE=exp", "JOBS=train",
+                 "RUN_ID=r9", f"VALUES={CHART / 'values-gpu.yaml'}")
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert any(c.startswith("kubectl get crd rayservices.ray.io") for c in calls)
+    (upgrade,) = [c for c in calls if c.startswith("helm upgrade")]
+    expected = (f"helm upgrade --install tomtransfer {CHART} --namespace exp --create-namespace --timeout 10m "
+                f"-f {CHART / 'values-gpu.yaml'} --set-string image.repository=registry.example.com/tt "
+                f"--set-string image.digest={digest}")
+    assert upgrade.startswith(expected), upgrade
+    ray_pin = next(line.split("==")[1] for line in (REPO / "constraints.txt").read_text().splitlines()
+                   if line.startswith("ray=="))
+    assert f"--set-string ray.version={ray_pin}" in upgrade
+    assert upgrade.endswith("--set-string jobs.runId=r9 --set jobs.train.enabled=true")
+    assert "--atomic" not in upgrade and "--rollback-on-failure" not in upgrade  # jobs outlive timeouts
+
+
+def test_make_deploy_refuses_a_cluster_without_kuberay(fake_tools):
+    env, log = fake_tools
+    proc = _make("deploy", {**env, "NO_CRDS": "1"})
+    assert proc.returncode != 0
+    assert "CRD rayservices.ray.io is missing: install the KubeRay operator first" in proc.stderr
+    assert not any(c.startswith("helm upgrade") for c in log.read_text().splitlines())
+
+
+def test_make_undeploy_uninstalls_and_keeps_the_volumes(fake_tools):
+    env, log = fake_tools
+    proc = _make("undeploy", env, "NAMESPACE=exp", "RELEASE=tt")
+    assert proc.returncode == 0, proc.stderr
+    assert "helm uninstall tt --namespace exp --wait --timeout 10m" in log.read_text()
+    assert "delete pvc -l app.kubernetes.io/instance=tt" in proc.stderr

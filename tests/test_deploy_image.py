@@ -116,12 +116,12 @@ def test_entrypoint_is_exec_form_with_an_init(instructions):
 
 
 def test_dockerignore_keeps_the_sources_and_drops_the_rest():
-    lines = [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines()
-             if l.strip() and not l.startswith("#")]
+    lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
     for excluded in (".git", ".venv", ".venv-*", "runs", "mlruns", "tests", "deploy"):
         assert excluded in lines
     for kept in ("pyproject.toml", "constraints.txt", "shared", "services", "README.md", "configs"):
-        assert kept not in lines and not any(l.rstrip("/") == kept for l in lines)
+        assert kept not in lines and not any(line.rstrip("/") == kept for line in lines)
     assert "!deploy/scripts/pyproject_requirements.py" in lines
 
 

