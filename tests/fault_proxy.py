@@ -8,7 +8,7 @@ paths, injects one of the faults a real deployment shows:
             response: the request *was* served, so a naive client that had already counted it duplicates)
   "reset"   forward, then close the connection without any response (a crashing proxy / network cut)
 
-`kill()` makes the endpoint die on demand: the listening socket closes (new connections are refused) and
+`delay_s` adds latency to every sampling request. `kill()` makes the endpoint die on demand: the listening socket closes (new connections are refused) and
 requests in flight are cut. `revive()` listens again on the same port.
 
 Use in-process (`FaultProxy(upstream).start()`, a background thread with its own event loop) or as a
@@ -33,13 +33,15 @@ FAULTS = ("503", "502", "reset")
 
 class FaultProxy:
     def __init__(self, upstream: str, *, fail_rate: float = 0.0, faults: tuple[str, ...] = FAULTS, seed: int = 0,
-                 paths: tuple[str, ...] = ("/v1/chat/completions", "/v1/exact"), port: int = 0):
+                 paths: tuple[str, ...] = ("/v1/chat/completions", "/v1/exact"), port: int = 0,
+                 delay_s: float = 0.0):
         self.upstream = upstream.rstrip("/")
         self.fail_rate = fail_rate
         self.faults = faults
         self.paths = paths
         self.rng = random.Random(seed)
         self.port = port
+        self.delay_s = delay_s  # added latency per sampling request (a slow network / busy server)
         self.stats: Counter = Counter()
         self.reject_status: int | None = None  # answer every sampling request with this (e.g. 404), if set
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -73,6 +75,8 @@ class FaultProxy:
             self.stats["fault_503"] += 1
             return web.json_response({"error": {"message": "injected fault: service unavailable"}}, status=503)
         body = await request.read()
+        if self.delay_s and path in self.paths:
+            await asyncio.sleep(self.delay_s)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
         async with self._session.request(request.method, self.upstream + str(request.rel_url), data=body,
                                          headers=headers) as up:

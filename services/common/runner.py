@@ -230,10 +230,12 @@ class _Shared:
 
     def fail(self, what: str, err: BaseException, dead: bool) -> EndpointError:
         why = f"no answer for {self.retry.give_up_after_s:g} s, last error {_describe(err)}" if dead else _describe(err)
-        e = EndpointError(
-            f"endpoint {self.base_url} {'is down' if dead else 'rejected the request'} ({what}: {why}); "
-            f"{self.kept()} rows kept in {self.store_root}, rerun the same command to resume"
-        )
+        if dead:
+            e = EndpointError(f"endpoint {self.base_url} is down ({what}: {why}); {self.kept()} rows kept in "
+                              f"{self.store_root}, rerun the same command to resume once it is back")
+        else:
+            e = EndpointError(f"endpoint {self.base_url} rejected the request ({what}: {why}); retrying cannot fix "
+                              f"this; {self.kept()} rows kept in {self.store_root}")
         if self.fatal is None:
             self.fatal = e
         return e
@@ -446,7 +448,7 @@ def exact_row(job: Job, run_id: str, temperature: float, data: dict, latency_s: 
 
     Reads the serving app's `ExactResult.to_dict()` shape (services/teacher/engines/base.py): `p_C`, `p_D`,
     `valid_mass`, `invalid_mass`, `unresolved_mass`, and for the PGG `contributions` (answer -> probability)
-    or `p` (same mapping)."""
+    or `p` (same mapping), stored as `pgg_dist`, a JSON list over 0..endowment."""
     def num(name: str) -> float | None:
         v = data.get(name)
         return None if v is None else float(v)
@@ -457,13 +459,15 @@ def exact_row(job: Job, run_id: str, temperature: float, data: dict, latency_s: 
         dist = data.get("contributions") or data.get("distribution") or p
         if not isinstance(dist, dict) or not dist:
             raise EndpointError(f"{job.label}: the exact endpoint gave no contribution distribution for the PGG")
-        dist = {str(int(k)): float(v) for k, v in dist.items()}
-        mass = valid_mass if valid_mass is not None else sum(dist.values())
+        endowment = job.scenario.game.endowment  # type: ignore[union-attr]
+        probs = {int(k): float(v) for k, v in dist.items()}
+        pgg_dist = [probs.get(i, 0.0) for i in range(endowment + 1)]
+        mass = valid_mass if valid_mass is not None else sum(pgg_dist)
         mean = num("mean_given_valid")
         if mean is None and mass > 0:
-            mean = sum(int(k) * v for k, v in dist.items()) / mass
+            mean = sum(i * v for i, v in enumerate(pgg_dist)) / mass
         p_c = p_d = p_cv = None
-        distribution = json.dumps(dict(sorted(dist.items(), key=lambda kv: int(kv[0]))))
+        distribution = json.dumps(pgg_dist)
     else:
         p_c = num("p_C") if data.get("p_C") is not None else (float(p["C"]) if "C" in p else None)
         p_d = num("p_D") if data.get("p_D") is not None else (float(p["D"]) if "D" in p else None)
@@ -489,7 +493,7 @@ def exact_row(job: Job, run_id: str, temperature: float, data: dict, latency_s: 
         "valid_mass": mass,
         "invalid_mass": num("invalid_mass"),
         "unresolved_mass": num("unresolved_mass"),
-        "distribution": distribution,
+        "pgg_dist": distribution,
         "mean_given_valid": mean,
         "messages": json.dumps(job.messages, ensure_ascii=False),
         "latency_s": float(latency_s),

@@ -80,7 +80,7 @@ SAMPLE_SCHEMA = pa.schema([
 SAMPLE_KEY = ("role", "scenario_id", "sample_index")
 
 # One row per (role, scenario) from exact mode: probabilities at temperature T, no sampling noise
-# (definitions: services/teacher/exact.py). p_C / p_D / distribution are unconditional probabilities that
+# (definitions: services/teacher/exact.py). p_C / p_D / pgg_dist are unconditional probabilities that
 # a response *starts with* that answer; valid_mass is their sum; the *_given_valid columns condition on it.
 EXACT_SCHEMA = pa.schema([
     pa.field("run_id", pa.string(), nullable=False),
@@ -97,7 +97,7 @@ EXACT_SCHEMA = pa.schema([
     pa.field("valid_mass", pa.float64()),
     pa.field("invalid_mass", pa.float64()),
     pa.field("unresolved_mass", pa.float64()),
-    pa.field("distribution", pa.string()),  # PGG: JSON {"0": p, ..., "10": p} (unconditional), else null
+    pa.field("pgg_dist", pa.string()),  # PGG: JSON list [P(0), ..., P(endowment)] (unconditional), else null
     pa.field("mean_given_valid", pa.float64()),  # PGG: mean contribution given a valid answer
     pa.field("messages", pa.string(), nullable=False),
     pa.field("latency_s", pa.float64()),

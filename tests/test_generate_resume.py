@@ -1,0 +1,143 @@
+"""`generate` against a really served model: exact counts, the training-set exports, MLflow logging, and
+kill -9 in the middle of a run (a subprocess running the command), then a rerun: exact counts, no duplicate,
+and the same samples and metrics as an uninterrupted run with the same seeds.
+
+Starts servers: run inside a private network namespace (`scripts/in-netns`, as `make test` does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from services.common.samples import SampleStore
+from services.teacher.generate import generate
+from tests.fault_proxy import FaultProxy
+
+pytest_plugins = ["tests.fixtures.engine_endpoint", "tests.fixtures.mlflow_server"]
+pytestmark = pytest.mark.netns
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ["IR_prison", "biz_staghunt", "team_snowdrift", "environment_delight", "sports_prison", "pgg"]
+N, BLOCK = 12, 4
+
+
+def write_config(path: Path, out: Path, url: str, tracking_uri: str | None = None) -> Path:
+    path.write_text(yaml.safe_dump({
+        "name": "gen-test",
+        "output_dir": str(out),
+        "models": {"teacher": {"model": "tiny-teacher"}, "student": {"model": "tiny-student"}},
+        "sampling": {"temperature": 0.8, "max_tokens": 8, "seed": 5},
+        "scenarios": {"ids": SCENARIOS},
+        "serving": {"base_url": url},
+        # valid_policy all: a random-weight teacher rarely answers in format; the test is about bookkeeping.
+        "generate": {"samples": N, "request_n": BLOCK, "concurrency": 2, "valid_policy": "all"},
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": "generate-tests"},
+    }))
+    return path
+
+
+def cli(config: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "services.teacher.generate_cli", "--config", str(config),
+                             "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def comparable(path: Path) -> list[dict]:
+    t = pq.read_table(path).drop_columns(["latency_s"])
+    return t.sort_by([("scenario_id", "ascending"), ("sample_index", "ascending")]).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(llm_endpoint, mlflow_tracking_uri, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    cfg = write_config(tmp / "cfg.yaml", tmp / "runs", llm_endpoint.url, mlflow_tracking_uri)
+    return generate(cfg, progress=False)
+
+
+def test_counts_exact_and_exports(uninterrupted):
+    res = uninterrupted
+    t = pq.read_table(res.samples_path)
+    keys = list(zip(t.column("scenario_id").to_pylist(), t.column("sample_index").to_pylist()))
+    assert len(keys) == len(set(keys)) == len(SCENARIOS) * N
+    for sid in SCENARIOS:
+        assert sorted(i for s, i in keys if s == sid) == list(range(N))
+    assert set(t.column("role").to_pylist()) == {"teacher"} and set(t.column("model").to_pylist()) == {"teacher"}
+    first = json.loads(t.column("messages")[0].as_py())
+    assert [m["role"] for m in first] == ["system", "user"] and "reasoning" in first[0]["content"]
+    # valid + invalid = N for every scenario; the card says so too.
+    ex = res.dataset
+    assert ex.samples == len(SCENARIOS) * N and {s["samples"] for s in ex.scenarios} == {N}
+    for name in ("train.parquet", "train_alpaca.json", "train_sharegpt.json", "dataset_info.json", "DATASET_CARD.md"):
+        assert (res.dataset_dir / name).is_file(), name
+    assert res.report.requests == len(SCENARIOS) * 3
+
+
+def test_mlflow_run_logged(uninterrupted, mlflow_tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_tracking_uri)
+    run = client.get_run(uninterrupted.mlflow_run_id)
+    assert run.data.params["samples_per_scenario"] == str(N)
+    assert run.data.params["teacher_model"] == "tiny-teacher"
+    assert run.data.metrics["samples"] == len(SCENARIOS) * N
+    assert "invalid_rate.IR_prison" in run.data.metrics
+    inputs = run.inputs.dataset_inputs
+    assert inputs and inputs[0].dataset.digest == uninterrupted.dataset.mlflow_digest
+    arts = {f.path for f in client.list_artifacts(run.info.run_id, "dataset")}
+    assert "dataset/DATASET_CARD.md" in arts
+    assert [f.path for f in client.list_artifacts(run.info.run_id, "samples")] == ["samples/samples.parquet"]
+
+
+def test_kill9_mid_generation_then_rerun(uninterrupted, llm_endpoint, tmp_path):
+    cfg_slow = None
+    store = SampleStore(tmp_path / "runs" / "gen-test" / "generate" / "samples")
+    total_blocks = len(SCENARIOS) * 3
+    with FaultProxy(llm_endpoint.url, delay_s=0.3) as slow:
+        cfg_slow = write_config(tmp_path / "slow.yaml", tmp_path / "runs", slow.url)
+        p = cli(cfg_slow)
+        deadline = time.monotonic() + 120
+        while len(store.shard_paths()) < 5 and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.01)
+        assert p.poll() is None, f"generate finished before it could be killed: {p.stderr.read().decode()}"
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    assert p.returncode == -signal.SIGKILL
+    kept = store.counts()
+    kept_total = sum(kept.values())
+    assert 5 * BLOCK <= kept_total < total_blocks * BLOCK  # mid-way
+    assert all(c % BLOCK == 0 for c in kept.values())  # whole blocks only, never a half-written one
+    assert not store.compact_path.exists()
+
+    # Rerun (the endpoint is reachable directly now): fills in only what is missing.
+    cfg = write_config(tmp_path / "cfg.yaml", tmp_path / "runs", llm_endpoint.url)
+    r = cli(cfg)
+    out, err = r.communicate(timeout=120)
+    assert r.returncode == 0, err.decode()
+    assert f"{len(SCENARIOS) * N - kept_total} new, {kept_total} resumed" in out.decode()
+    samples = tmp_path / "runs" / "gen-test" / "generate" / "samples" / "samples.parquet"
+    t = pq.read_table(samples)
+    keys = list(zip(t.column("scenario_id").to_pylist(), t.column("sample_index").to_pylist()))
+    assert len(keys) == len(set(keys)) == len(SCENARIOS) * N
+    assert store.shard_paths() == []
+    # Same seeds -> the same samples and the same metrics as the uninterrupted run.
+    assert comparable(samples) == comparable(uninterrupted.samples_path)
+    meta = json.loads((tmp_path / "runs" / "gen-test" / "generate" / "dataset" / "dataset_meta.json").read_text())
+    assert meta["content_hash"] == uninterrupted.dataset.content_hash
+    assert meta["scenarios"] == uninterrupted.dataset.scenarios  # per-scenario counts, C-rate, invalid rate
+
+
+def test_cli_bad_input_exit_2(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("name: x\nmodels: {teacher: {model: a}}\n")
+    r = cli(cfg)
+    _, err = r.communicate(timeout=60)
+    assert r.returncode == 2 and err.decode().count("\n") == 1 and "models.student" in err.decode()

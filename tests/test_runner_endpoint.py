@@ -1,0 +1,189 @@
+"""The sampling runner against a real HTTP endpoint (the project's engine on tiny models), directly and through a
+real fault-injecting reverse proxy: exact counts, resume, 20 % failing requests, a dead endpoint, 4xx.
+
+Starts servers: run inside a private network namespace (`scripts/in-netns`, as `make test` does).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from services.common.runner import EndpointError
+from services.common.samples import SampleStore, atomic_write_parquet, sample_seed
+from services.evaluator.collect import collect_exact, collect_samples
+from shared.config import parse_config
+from tests.fault_proxy import FaultProxy
+
+pytest_plugins = ["tests.fixtures.engine_endpoint"]
+pytestmark = pytest.mark.netns
+
+SCENARIOS = ["IR_prison", "team_staghunt", "pgg"]
+ROLES = ["teacher", "student_base"]
+N, BLOCK = 12, 4
+
+
+def config(tmp_path, url, **evaluate):
+    return parse_config({
+        "name": "runner-test",
+        "output_dir": str(tmp_path),
+        "models": {"teacher": {"model": "tiny-teacher"}, "student": {"model": "tiny-student"}},
+        "sampling": {"temperature": 0.9, "seed": 11},
+        "scenarios": {"ids": SCENARIOS},
+        "serving": {"base_url": url},
+        "training": {"adapter_name": "nope"},
+        "evaluate": {"roles": ROLES, "samples": N, "request_n": BLOCK, "max_tokens": 4, "concurrency": 4, **evaluate},
+    })
+
+
+def comparable(table: pa.Table) -> list[dict]:
+    """The rows minus what legitimately differs between runs (wall-clock latency)."""
+    return table.drop_columns(["latency_s"]).sort_by([("role", "ascending"), ("scenario_id", "ascending"),
+                                                      ("sample_index", "ascending")]).to_pylist()
+
+
+def assert_exact(table: pa.Table, n: int = N) -> None:
+    keys = list(zip(table.column("role").to_pylist(), table.column("scenario_id").to_pylist(),
+                    table.column("sample_index").to_pylist()))
+    assert len(keys) == len(set(keys)), "duplicate samples"
+    for role in ROLES:
+        for sid in SCENARIOS:
+            got = sorted(i for r, s, i in keys if r == role and s == sid)
+            assert got == list(range(n)), f"{role}/{sid}: {len(got)} samples"
+
+
+@pytest.fixture(scope="module")
+def reference(llm_endpoint, tmp_path_factory):
+    """An uninterrupted, fault-free run: what every other run must reproduce row for row."""
+    res = collect_samples(config(tmp_path_factory.mktemp("reference"), llm_endpoint.url), progress=False)
+    return res
+
+
+def test_counts_exact_and_seeds(reference, llm_endpoint):
+    t = reference.table
+    assert_exact(t)
+    assert reference.report.requests == len(ROLES) * len(SCENARIOS) * 3  # 12 samples in blocks of 4
+    # The compacted file other stages read holds every sample exactly once, and nothing else.
+    assert pq.read_table(reference.path).num_rows == len(ROLES) * len(SCENARIOS) * N
+    for row in t.to_pylist():
+        first = row["sample_index"] - row["sample_index"] % BLOCK
+        assert row["seed"] == sample_seed(11, row["role"], row["scenario_id"], first)
+        assert row["request_n"] == BLOCK and row["choice_index"] == row["sample_index"] % BLOCK
+        assert row["model"] == {"teacher": "teacher", "student_base": "student"}[row["role"]]
+        assert row["valid"] == (row["answer"] is not None)
+        if row["scenario_id"] == "pgg" and row["answer"] is not None:
+            assert 0 <= int(row["answer"]) <= 10
+        assert row["completion_tokens"] is not None and row["prompt_tokens"] > 0
+    # A rerun finds everything in place and sends nothing.
+    again = collect_samples(config(reference.path.parents[3], llm_endpoint.url), progress=False)
+    assert again.report.requests == 0 and again.report.already == len(t)
+
+
+def test_paper_bug_regression_double_append_and_lost_samples(reference, llm_endpoint, tmp_path):
+    """The paper's code appended every answer twice and lost samples in two scenarios. Give the store exactly
+    that state: every row twice, and a block missing in two scenarios. Reading counts each sample once, and a
+    rerun asks for the two lost blocks only, ending with exactly N per (role, scenario), no duplicate."""
+    cfg = config(tmp_path, llm_endpoint.url)
+    store = SampleStore(cfg.run_dir / "evaluate" / "samples")
+    store.root.mkdir(parents=True)
+    full = reference.table
+    lost = [("teacher", "IR_prison", 4), ("student_base", "pgg", 8)]  # (role, scenario, block start)
+    keep = [not any(r["role"] == ro and r["scenario_id"] == s and b <= r["sample_index"] < b + BLOCK for ro, s, b in lost)
+            for r in full.select(["role", "scenario_id", "sample_index"]).to_pylist()]
+    damaged = full.filter(pa.array(keep))
+    atomic_write_parquet(pa.concat_tables([damaged, damaged]), store.compact_path)  # every answer twice
+    import shutil
+
+    shutil.copy(reference.path.parent / "manifest.json", store.root / "manifest.json")
+    counts = store.counts()
+    assert counts[("teacher", "IR_prison")] == N - BLOCK and counts[("student_base", "pgg")] == N - BLOCK
+    assert sum(counts.values()) == damaged.num_rows  # duplicates never counted
+    res = collect_samples(cfg, progress=False)
+    assert res.report.requests == 2 and res.report.written == 2 * BLOCK
+    assert_exact(res.table)
+    assert pq.read_table(res.path).num_rows == full.num_rows  # compaction dropped the doubled rows
+    assert comparable(res.table) == comparable(full)
+
+
+def test_twenty_percent_failing_requests(reference, llm_endpoint, tmp_path):
+    """A real proxy fails 20 % of requests (503 before, 502 after the upstream did the work, connection reset):
+    the run completes with exact counts and the same rows as the fault-free run."""
+    with FaultProxy(llm_endpoint.url, fail_rate=0.2, seed=3) as proxy:
+        res = collect_samples(config(tmp_path, proxy.url), progress=False)
+    assert proxy.stats["fault_503"] + proxy.stats["fault_502"] + proxy.stats["fault_reset"] >= 2
+    assert res.report.retries >= 2
+    assert_exact(res.table)
+    assert comparable(res.table) == comparable(reference.table)
+
+
+def test_dead_endpoint_clear_error_within_60s_and_resume(reference, llm_endpoint, tmp_path):
+    """The endpoint dies mid-run: a one-line error well within 60 s (default retry policy), completed blocks kept;
+    once it is back, a rerun fills only the rest and matches the uninterrupted run."""
+    cfg = config(tmp_path, "")
+    store = SampleStore(cfg.run_dir / "evaluate" / "samples")
+    killed_at: list[float] = []
+    with FaultProxy(llm_endpoint.url, delay_s=0.15) as proxy:
+        cfg = config(tmp_path, proxy.url, concurrency=2)
+
+        def killer() -> None:
+            while len(store.shard_paths()) < 3:
+                time.sleep(0.01)
+            proxy.kill()
+            killed_at.append(time.monotonic())
+
+        th = threading.Thread(target=killer, daemon=True)
+        th.start()
+        with pytest.raises(EndpointError) as err:
+            collect_samples(cfg, progress=False)
+        elapsed = time.monotonic() - killed_at[0]
+        msg = str(err.value)
+        assert elapsed < 60, f"took {elapsed:.1f} s to give up"
+        assert "\n" not in msg and "is down" in msg and "rerun" in msg and proxy.url in msg, msg
+        kept = store.counts()
+        assert sum(kept.values()) >= 3 * BLOCK and all(c % BLOCK == 0 for c in kept.values())
+        assert sum(kept.values()) < len(ROLES) * len(SCENARIOS) * N
+        proxy.revive()
+        res = collect_samples(cfg, progress=False)
+    assert res.report.already == sum(kept.values())
+    assert_exact(res.table)
+    assert comparable(res.table) == comparable(reference.table)
+
+
+def test_4xx_is_an_immediate_clear_error(llm_endpoint, tmp_path):
+    # An adapter the server does not have: HTTP 404, no retries.
+    t0 = time.monotonic()
+    with pytest.raises(EndpointError) as err:
+        collect_samples(config(tmp_path / "a", llm_endpoint.url, roles=["student_finetuned"]), progress=False)
+    assert time.monotonic() - t0 < 10
+    msg = str(err.value)
+    assert "\n" not in msg and "rejected" in msg and "HTTP 404" in msg and "student:nope" in msg, msg
+    # n over the server's cap: HTTP 400 with the server's own explanation.
+    with pytest.raises(EndpointError, match=r"HTTP 400: n must be"):
+        collect_samples(config(tmp_path / "b", llm_endpoint.url, request_n=100, samples=100), progress=False)
+
+
+def test_exact_estimator_rows(llm_endpoint, tmp_path):
+    """Exact mode: one row per (role, scenario) from `POST /v1/exact`, resumable. (Kept small: exact mode on a
+    random-weight model explores many undecided prefixes and takes seconds per call on CPU.)"""
+    cfg = parse_config({**config(tmp_path, llm_endpoint.url).model_dump(mode="json"),
+                        "scenarios": {"ids": ["IR_prison", "pgg"]}})
+    res = collect_exact(cfg, roles=["teacher"], progress=False)
+    rows = {r["scenario_id"]: r for r in res.table.to_pylist()}
+    assert set(rows) == {"IR_prison", "pgg"} and all(r["role"] == "teacher" for r in rows.values())
+    r = rows["IR_prison"]
+    assert r["p_C"] >= 0 and r["p_D"] >= 0 and r["pgg_dist"] is None
+    assert r["valid_mass"] == pytest.approx(r["p_C"] + r["p_D"], abs=1e-9)
+    if r["valid_mass"] > 0:
+        assert r["p_C_given_valid"] == pytest.approx(r["p_C"] / r["valid_mass"])
+    g = rows["pgg"]
+    dist = json.loads(g["pgg_dist"])
+    assert len(dist) == 11 and g["p_C"] is None
+    assert sum(dist) == pytest.approx(g["valid_mass"], abs=1e-9)
+    assert pq.read_table(res.path).num_rows == 2
+    again = collect_exact(cfg, roles=["teacher"], progress=False)
+    assert again.report.requests == 0 and again.report.already == 2
