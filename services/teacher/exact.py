@@ -238,8 +238,8 @@ class _Node:
 
 
 def expand(rule, backend: TreeBackend, table: TokenTable, root: RootClassifier, tokenizer, temperature: float,
-           *, min_mass: float = 1e-6, max_depth: int = 8, max_width: int = 256,
-           max_children: int = 4096) -> tuple[dict[str, float], float, float, int, list[dict]]:
+           *, min_mass: float = 1e-6, max_depth: int = 8, max_width: int = 64,
+           max_children: int = 512) -> tuple[dict[str, float], float, float, int, list[dict]]:
     """Run the expansion; returns (p, invalid_mass, unresolved_mass, forward_passes, top_tokens)."""
     p = {a: 0.0 for a in rule.answers()}
     invalid = 0.0

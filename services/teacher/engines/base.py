@@ -60,6 +60,10 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # 0..20; only with logprobs
     ignore_eos: bool = False  # extension (vLLM has it): decode exactly max_tokens tokens
+    # extension: end each sample as soon as its leading answer is decided (see services.teacher.exact):
+    # "choice" (C/D) or "contribution" (0..endowment). The text is the prefix that decided it.
+    stop_at_answer: Literal["choice", "contribution"] | None = None
+    endowment: int = 10
 
 
 @dataclass(frozen=True)

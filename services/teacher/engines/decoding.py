@@ -159,8 +159,18 @@ class SharedPrefixDecoder:
 
     def select(self, state: State, index: torch.Tensor) -> None:
         index = index.to(state.ks[0].device)
-        state.ks = [k.index_select(0, index) for k in state.ks]
-        state.vs = [v.index_select(0, index) for v in state.vs]
+        t = state.t
+        if t == 0:  # nothing written yet: just resize
+            shape = (int(index.numel()), *state.ks[0].shape[1:])
+            state.ks = [torch.zeros(shape, dtype=k.dtype, device=k.device) for k in state.ks]
+            state.vs = [torch.zeros(shape, dtype=v.dtype, device=v.device) for v in state.vs]
+        else:  # copy only the filled part of the suffix buffers
+            def pick(buf):
+                out = torch.empty((int(index.numel()), *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
+                out[:, :, :t] = buf[:, :, :t].index_select(0, index)
+                return out
+            state.ks = [pick(k) for k in state.ks]
+            state.vs = [pick(v) for v in state.vs]
         state.rows = int(index.numel())
         state.graph = None
 

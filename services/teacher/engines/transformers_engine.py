@@ -46,7 +46,7 @@ from services.teacher.engines.base import (
     TopLogprob,
 )
 from services.teacher.engines.decoding import HFDecoder, Prefix, State, make_decoder
-from services.teacher.exact import RootClassifier, TokenTable, expand, make_rule
+from services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
 
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
 
@@ -180,34 +180,6 @@ class TransformersEngine(Engine):
         return max(1, min(self.max_batch_size, int(budget // max(per_row, 1))))
 
     # ------------------------------------------------------------------------------------ sampling
-    def _draw(self, logits: torch.Tensor, p: SamplingParams, gen: torch.Generator, rows: int):
-        """Sample `rows` tokens. `logits` is (rows, V), or (1, V) when all rows share one distribution."""
-        shared = logits.shape[0] == 1 and rows > 1
-        if p.temperature <= 0:
-            logp = torch.log_softmax(logits, dim=-1) if p.logprobs else None
-            tok = logits.argmax(-1)
-            tok = tok.expand(rows) if shared else tok
-        else:
-            logp = torch.log_softmax(logits / p.temperature, dim=-1)
-            if p.top_p < 1.0:
-                sorted_lp, idx = torch.sort(logp, dim=-1, descending=True)
-                sp = sorted_lp.exp()
-                drop = (sp.cumsum(-1) - sp) >= p.top_p  # keep the smallest prefix reaching top_p
-                sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
-                probs = torch.softmax(torch.full_like(logp, float("-inf")).scatter(-1, idx, sorted_lp), dim=-1)
-            else:
-                probs = logp.exp()
-            if shared:
-                tok = torch.multinomial(probs, rows, replacement=True, generator=gen).view(rows)
-            else:
-                tok = torch.multinomial(probs, 1, generator=gen).view(-1)
-        if not p.logprobs:
-            return tok, None
-        lp_rows = logp.expand(rows, -1) if shared else logp
-        chosen = lp_rows.gather(-1, tok.view(-1, 1)).view(-1)
-        top = torch.topk(lp_rows, p.top_logprobs, dim=-1) if p.top_logprobs else None
-        return tok, (chosen, top)
-
     def _token_logprob(self, tid: int, lp: float, top) -> TokenLogprob:
         texts = self._table.texts if self._table else None
         text = texts[tid] if texts else self.tokenizer.decode([tid])
@@ -219,66 +191,144 @@ class TransformersEngine(Engine):
                 out.top_logprobs.append(TopLogprob(token=t, logprob=float(v), bytes=list(t.encode("utf-8"))))
         return out
 
-    def _sample_chunk(self, prefix: Prefix, rows: int, p: SamplingParams, gen: torch.Generator) -> list[Completion]:
+    def _multinomial(self, probs: torch.Tensor, row_of: list[int], gen: torch.Generator) -> list[int]:
+        """One draw per sample from its row's distribution; rows shared by several samples draw together."""
+        R = probs.shape[0]
+        if len(row_of) == R and row_of == list(range(R)):
+            return torch.multinomial(probs, 1, generator=gen).view(-1).tolist()
+        by_row: dict[int, list[int]] = {}
+        for i, r in enumerate(row_of):
+            by_row.setdefault(r, []).append(i)
+        out = [0] * len(row_of)
+        if len(by_row) <= 256:
+            for r, members in by_row.items():
+                draws = torch.multinomial(probs[r], len(members), replacement=True, generator=gen).tolist()
+                for i, t in zip(members, draws):
+                    out[i] = t
+            return out
+        idx = torch.tensor(row_of, device=probs.device)
+        return torch.multinomial(probs.index_select(0, idx), 1, generator=gen).view(-1).tolist()
+
+    def _distribution(self, logits: torch.Tensor, p: SamplingParams):
+        """(probs for drawing or None for greedy, log-probs for reporting or None)."""
+        if p.temperature <= 0:
+            return None, (torch.log_softmax(logits, dim=-1) if p.logprobs else None)
+        logp = torch.log_softmax(logits / p.temperature, dim=-1)
+        if p.top_p >= 1.0:
+            return logp.exp(), logp
+        sorted_lp, idx = torch.sort(logp, dim=-1, descending=True)
+        sp = sorted_lp.exp()
+        drop = (sp.cumsum(-1) - sp) >= p.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
+        probs = torch.softmax(torch.full_like(logp, float("-inf")).scatter(-1, idx, sorted_lp), dim=-1)
+        return probs, logp
+
+    def _sample_chunk(self, prefix: Prefix, n: int, p: SamplingParams, gen: torch.Generator) -> list[Completion]:
+        """Decode `n` samples of one prompt. The batch holds one row per *distinct* token prefix among the
+        live samples (early on many samples share a prefix: "C", "**"...), so a step costs one row per
+        distinct prefix, not per sample; once all prefixes differ this is plain batched decoding.
+        Rows whose samples all ended stay in the batch (fed a dummy token) until a quarter are dead."""
         dec = self.decoder
         cap = p.max_tokens
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        generated = [0] * rows
-        lps: list[list[TokenLogprob]] | None = [[] for _ in range(rows)] if p.logprobs else None
-        finish: list[str | None] = [None] * rows
-        cut: list[int | None] = [None] * rows  # char index of a stop string in the final text
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        generated = [0] * n
+        lps: list[list[TokenLogprob]] | None = [[] for _ in range(n)] if p.logprobs else None
+        finish: list[str | None] = [None] * n
+        cut: list[int | None] = [None] * n  # char index of a stop string in the final text
         stops = [s for s in p.stop if s]
         window = (2 * max(len(s) for s in stops) + 8) if stops else 0
-        sample_of = list(range(rows))  # batch row -> sample index
-        alive = [True] * rows
-        state: State | None = dec.start(prefix, rows, cap) if cap > 1 else None
+        rule = make_rule(p.stop_at_answer, p.endowment) if p.stop_at_answer else None
+        live = list(range(n))  # samples still decoding
+        row_of = [0] * n  # sample -> batch row holding its prefix
+        state: State | None = None
         logits = prefix.logits.unsqueeze(0)
-        compact = not (self.graphs and self.device.type == "cuda")
+        static_batch = self.graphs and self.device.type == "cuda"
         for step in range(cap):
-            tok, lpinfo = self._draw(logits, p, gen, len(sample_of))
-            tok_list = tok.tolist()
-            if lpinfo is not None:
-                chosen = lpinfo[0].tolist()
-                top = (lpinfo[1].values.tolist(), lpinfo[1].indices.tolist()) if lpinfo[1] is not None else None
-            check = []
-            for r, s in enumerate(sample_of):
-                if not alive[r]:
-                    continue
-                t = tok_list[r]
+            probs, logp = self._distribution(logits, p)
+            rows_live = [row_of[s] for s in live]
+            if probs is None:
+                greedy = logits.argmax(-1).tolist()
+                draws = [greedy[r] for r in rows_live]
+            else:
+                draws = self._multinomial(probs, rows_live, gen)
+            if logp is not None:
+                ri = torch.tensor(rows_live, device=logp.device)
+                ti = torch.tensor(draws, device=logp.device)
+                chosen = logp[ri, ti].tolist()
+                if p.top_logprobs:
+                    tv, tix = torch.topk(logp, p.top_logprobs, dim=-1)
+                    tv, tix = tv.tolist(), tix.tolist()
+            still: list[int] = []
+            check: list[int] = []
+            for j, s in enumerate(live):
+                t = draws[j]
                 generated[s] += 1
                 if not p.ignore_eos and t in self.end_ids:
-                    finish[s], alive[r] = "stop", False
+                    finish[s] = "stop"
                     continue
                 tokens[s].append(t)
                 if lps is not None:
-                    lps[s].append(self._token_logprob(t, chosen[r], (top[0][r], top[1][r]) if top else None))
+                    r = rows_live[j]
+                    lps[s].append(self._token_logprob(t, chosen[j], (tv[r], tix[r]) if p.top_logprobs else None))
                 if generated[s] >= cap:
-                    finish[s], alive[r] = "length", False
-                if stops:
-                    check.append((r, s))
+                    finish[s] = "length"
+                    continue
+                still.append(s)
+                if stops or rule is not None:
+                    check.append(s)
             if check:
-                tails = self.tokenizer.batch_decode([tokens[s][-window:] for _, s in check], skip_special_tokens=True)
-                for (r, s), tail in zip(check, tails):
-                    if any(st in tail for st in stops):
-                        full = self.tokenizer.decode(tokens[s], skip_special_tokens=True)
-                        hits = [full.find(st) for st in stops if st in full]
-                        if hits:
-                            cut[s] = min(hits)
-                            finish[s], alive[r] = "stop", False
-            n_alive = sum(alive)
-            if n_alive == 0 or step == cap - 1:
+                done = set()
+                if stops:
+                    tails = self.tokenizer.batch_decode([tokens[s][-window:] for s in check], skip_special_tokens=True)
+                    for s, tail in zip(check, tails):
+                        if any(st in tail for st in stops):
+                            full = self.tokenizer.decode(tokens[s], skip_special_tokens=True)
+                            hits = [full.find(st) for st in stops if st in full]
+                            if hits:
+                                cut[s] = min(hits)
+                                finish[s] = "stop"
+                                done.add(s)
+                if rule is not None:
+                    todo = [s for s in check if s not in done]
+                    texts = self.tokenizer.batch_decode([tokens[s] for s in todo], skip_special_tokens=True)
+                    for s, text in zip(todo, texts):
+                        if rule.status(text) != UNDECIDED:
+                            finish[s] = "stop"
+                            done.add(s)
+                if done:
+                    still = [s for s in still if s not in done]
+            if not still or step == cap - 1:
                 break
-            if compact and n_alive <= 0.75 * len(alive):
-                keep = [r for r, a in enumerate(alive) if a]
-                index = torch.tensor(keep, device=self.device)
-                dec.select(state, index)
-                sample_of = [sample_of[r] for r in keep]
-                alive = [True] * len(keep)
-                tok = tok.index_select(0, index)
-            logits = dec.step(state, tok)
+            # next batch: one row per distinct (parent row, token)
+            pair_row: dict[tuple[int, int], int] = {}
+            parents: list[int] = []
+            feed: list[int] = []
+            for s in still:
+                key = (row_of[s], tokens[s][-1])
+                if key not in pair_row:
+                    pair_row[key] = len(parents)
+                    parents.append(key[0])
+                    feed.append(key[1])
+                row_of[s] = pair_row[key]
+            n_rows = state.rows if state is not None else 1
+            if state is None:
+                state = dec.start(prefix, len(parents), cap)
+            elif parents == sorted(set(parents)) and (static_batch or len(parents) > 0.75 * n_rows):
+                # every row has at most one child: keep dead rows in place (no copy), feed them a dummy token
+                if len(parents) != n_rows:
+                    full_feed = [0] * n_rows
+                    for s in still:
+                        full_feed[parents[row_of[s]]] = tokens[s][-1]
+                    for s in still:
+                        row_of[s] = parents[row_of[s]]
+                    feed = full_feed
+            else:
+                dec.select(state, torch.tensor(parents, device=self.device))
+            live = still
+            logits = dec.step(state, torch.tensor(feed, device=self.device))
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         out = []
-        for s in range(rows):
+        for s in range(n):
             text = texts[s] if cut[s] is None else texts[s][: cut[s]]
             out.append(Completion(text=text, finish_reason=finish[s] or "length", num_tokens=generated[s],
                                   logprobs=lps[s] if lps is not None else None))

@@ -1,0 +1,531 @@
+"""The serving app: teacher and student as named models on one OpenAI-compatible HTTP API (Ray Serve).
+
+Import path for `serve run` / a RayService `serveConfigV2`: `services.teacher.app:build_app`, with args
+`{"config": "/path/to/experiment.yaml"}` (or `{"config_data": {...}}`, the config inline). Locally:
+`tomtransfer serve --config FILE` (services/teacher/serve_cli.py).
+
+Layout: one ingress deployment (FastAPI, `tomtransfer-ingress`, 0 CPUs) routes to two engine deployments,
+`tomtransfer-teacher` and `tomtransfer-student` (`ModelServer`, one engine each, chosen by
+`models.<role>.engine` through the registry in `engines/base.py`; replicas/CPUs/GPUs from the same spec).
+
+HTTP API (base URL `http://<serving.host>:<serving.port>/v1`; errors are OpenAI-style JSON
+`{"error": {"message", "type", "param", "code"}}` with 400 (bad input, over a cap), 401 (auth), 404
+(unknown model/adapter/route), 409 (adapter name taken), 502 (a remote teacher failed)):
+
+- `GET /v1/models` - `teacher`, `student`, and `student:<adapter>` for every registered adapter.
+- `POST /v1/chat/completions` - OpenAI chat completions (no streaming): `model`, `messages`, `n`
+  (<= serving.max_n), `temperature` (0..2), `top_p`, `max_tokens` / `max_completion_tokens`
+  (<= serving.max_tokens_cap; default sampling.max_tokens), `seed`, `stop` (string or list),
+  `logprobs` / `top_logprobs` (0..20). Extensions: `ignore_eos`, `stop_at_answer` ("choice" |
+  "contribution", end each sample once its leading answer is decided), `endowment`. The response carries
+  the usual `choices`/`usage`. Unsupported OpenAI options (`stream`, `tools`, penalties != 0, ...) -> 400.
+- `POST /v1/exact` - exact mode (see services/teacher/exact.py for the definition). Request:
+  `{"model": "student:tom", "messages": [...]}` or `{"model": ..., "scenario": "IR_prison",
+  "instruction": "answer_only"}` (built with shared.prompts.build_messages from the catalog + config
+  packs), `temperature` (default sampling.temperature), `kind` ("choice" | "contribution"; default from the
+  scenario, else "choice"), `endowment` (default: the scenario's, else 10), optional `min_mass` (1e-6),
+  `max_depth` (8). Response: `{"object": "exact", "model", "scenario", "kind", "temperature", "p",
+  "p_C", "p_D", "p_C_given_valid"` (choice) or `"contributions", "mean_given_valid"` (contribution),
+  `"valid_mass", "invalid_mass", "unresolved_mass", "forward_passes", "prompt_tokens", "method",
+  "approximate", "top_tokens"}`.
+- `GET /v1/adapters`, `POST /v1/adapters` `{"name": "tom", "source": "<path or runs:/..., models:/...,
+  mlflow-artifacts:/...>", "replace": false}` (loads it on a student replica before answering, so a bad
+  adapter is a 400 here, not later), `DELETE /v1/adapters/{name}`.
+- `GET /health` - 200 when the ingress is up (no auth).
+
+Auth: when `serving.auth_token_env` names an environment variable, every `/v1` route needs
+`Authorization: Bearer <its value>` (401 otherwise). The variable must be set where the replicas run.
+
+Adapters are registered in the ingress (config `serving.adapters` + the POST/DELETE routes) and travel
+with each request (name + source), so every student replica loads an adapter on first use (MLflow URIs are
+downloaded to `<cache>/adapters/`) and keeps at most `TOMTRANSFER_MAX_ADAPTERS` (default 16) loaded,
+least recently used first out. Adapters registered over HTTP live as long as the ingress replica.
+"""
+
+
+
+import hashlib
+import os
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.errors import UserError
+
+ROLES = ("teacher", "student")
+MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+ADAPTER_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
+# ------------------------------------------------------------------------------------------ errors
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+          409: "conflict_error", 502: "upstream_error"}
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+
+
+def _json_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status)
+
+
+def _pack_error(e: Exception) -> dict:
+    """An engine-side error as a plain value (crosses the Ray boundary without exception pickling)."""
+    if isinstance(e, UserError):
+        return {"error": {"status": getattr(e, "status", 400), "message": str(e), "param": getattr(e, "param", None),
+                          "code": getattr(e, "code", None)}}
+    raise e
+
+
+def _unpack(result: dict) -> Any:
+    if "error" in result:
+        err = result["error"]
+        raise APIError(err["status"], err["message"], err.get("param"), err.get("code"))
+    return result["ok"]
+
+
+# -------------------------------------------------------------------------------------- request bodies
+class _Body(BaseModel):
+    # OpenAI clients send fields we do not use (user, metadata, ...); unknown keys are ignored, but
+    # options that would change results and that we do not implement are rejected explicitly below.
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class MessageIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+
+    def plain(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatBody(_Body):
+    model: str
+    messages: list[MessageIn] = Field(min_length=1)
+    n: int = Field(default=1, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    stream: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    stop_at_answer: Literal["choice", "contribution"] | None = None
+    endowment: int = Field(default=10, ge=0, le=10_000)
+
+
+_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias",
+                "prediction", "audio", "modalities", "stream_options")
+
+
+class ExactBody(_Body):
+    model: str
+    messages: list[MessageIn] | None = None
+    scenario: str | None = None
+    instruction: Literal["answer_only", "answer_motivation"] = "answer_only"
+    temperature: float | None = Field(default=None, ge=0, le=5)
+    kind: Literal["choice", "contribution"] | None = None
+    endowment: int | None = Field(default=None, ge=0, le=10_000)
+    min_mass: float = Field(default=1e-6, gt=0, lt=0.1)
+    max_depth: int = Field(default=8, ge=1, le=32)
+
+
+class AdapterBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    source: str = Field(min_length=1)
+    replace: bool = False
+
+
+def _check_adapter_name(name: str) -> None:
+    if not set(name) <= ADAPTER_NAME_CHARS:
+        raise APIError(400, "adapter names may only hold letters, digits, '-', '_' and '.'", "name")
+
+
+# ---------------------------------------------------------------------------------------- adapters
+def adapter_cache_dir() -> Path:
+    from services.common.models import cache_root
+
+    return cache_root() / "adapters"
+
+
+def fetch_adapter(source: str, tracking_uri: str | None = None) -> str:
+    """A local adapter folder for a local path or an MLflow artifact URI (downloaded once, cached)."""
+    if source.startswith(MLFLOW_SCHEMES):
+        import mlflow
+
+        dst = adapter_cache_dir() / hashlib.sha256(f"{tracking_uri}|{source}".encode()).hexdigest()[:16]
+        done = dst / ".complete"
+        if not done.is_file():
+            from filelock import FileLock
+
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(dst) + ".lock"):
+                if not done.is_file():
+                    tmp = dst.with_name(dst.name + f".tmp-{os.getpid()}")
+                    import shutil
+
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    tmp.mkdir(parents=True)
+                    try:
+                        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(tmp),
+                                                            tracking_uri=tracking_uri)
+                    except Exception as e:  # noqa: BLE001 - any MLflow failure is a bad source for the caller
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        raise UserError(f"cannot download adapter {source}: {type(e).__name__}: {e}") from None
+                    shutil.rmtree(dst, ignore_errors=True)
+                    tmp.rename(dst)
+                    done.write_text(source)
+        root = dst
+    elif "://" in source:
+        raise UserError(f"unsupported adapter source {source!r}: a local path or runs:/, models:/, mlflow-artifacts:/")
+    else:
+        root = Path(source).expanduser()
+        if not root.exists():
+            raise UserError(f"adapter path {source} does not exist")
+    found = sorted(root.rglob("adapter_config.json"), key=lambda p: len(p.parts))
+    if not found:
+        raise UserError(f"no peft adapter (adapter_config.json) under {source}")
+    return str(found[0].parent)
+
+
+# -------------------------------------------------------------------------------------- model server
+@serve.deployment(max_ongoing_requests=256, health_check_period_s=30, health_check_timeout_s=60)
+class ModelServer:
+    """One engine (teacher or student) + lazily loaded adapters. Methods return {"ok": ...} or {"error": ...}."""
+
+    def __init__(self, role: str, spec: dict, tracking_uri: str | None = None):
+        from services.teacher.engines.base import engine_class
+        from shared.config import ModelSpec
+
+        self.role = role
+        self.spec = ModelSpec.model_validate(spec)
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        cls = engine_class(self.spec.engine)
+        kwargs: dict[str, Any] = {}
+        if self.spec.engine == "transformers":
+            kwargs["threads"] = max(1, int(round(self.spec.num_cpus)))
+        self.engine = cls(self.spec, **kwargs)
+        self.sources: OrderedDict[str, str] = OrderedDict()  # adapter name -> source, LRU order
+        self.max_adapters = int(os.environ.get("TOMTRANSFER_MAX_ADAPTERS", "16"))
+
+    async def _ensure_adapter(self, name: str, source: str) -> None:
+        if self.sources.get(name) == source:
+            self.sources.move_to_end(name)
+            return
+        import asyncio
+
+        path = await asyncio.get_running_loop().run_in_executor(None, fetch_adapter, source, self.tracking_uri)
+        await self.engine.load_adapter(name, path)
+        self.sources[name] = source
+        self.sources.move_to_end(name)
+        while len(self.sources) > self.max_adapters:
+            old, _ = self.sources.popitem(last=False)
+            await self.engine.unload_adapter(old)
+
+    async def chat(self, request, adapter_source: str | None = None) -> dict:
+        try:
+            if request.adapter is not None:
+                await self._ensure_adapter(request.adapter, adapter_source)
+            return {"ok": await self.engine.chat(request)}
+        except Exception as e:  # noqa: BLE001 - user errors become values, others propagate
+            return _pack_error(e)
+
+    async def exact(self, request, adapter_source: str | None = None) -> dict:
+        try:
+            if request.adapter is not None:
+                await self._ensure_adapter(request.adapter, adapter_source)
+            return {"ok": (await self.engine.exact(request)).to_dict()}
+        except Exception as e:  # noqa: BLE001
+            return _pack_error(e)
+
+    async def load_adapter(self, name: str, source: str) -> dict:
+        try:
+            self.sources.pop(name, None)
+            await self._ensure_adapter(name, source)
+            return {"ok": True}
+        except Exception as e:  # noqa: BLE001
+            return _pack_error(e)
+
+    async def unload_adapter(self, name: str) -> dict:
+        if name in self.sources:
+            self.sources.pop(name)
+            try:
+                await self.engine.unload_adapter(name)
+            except Exception as e:  # noqa: BLE001
+                return _pack_error(e)
+        return {"ok": True}
+
+    async def info(self) -> dict:
+        return {"ok": {"role": self.role, **self.engine.info()}}
+
+
+# -------------------------------------------------------------------------------------------- ingress
+api = FastAPI(title="tomtransfer serving", version="1", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(APIError)
+async def _api_error(_request: Request, e: APIError):
+    return _json_error(e.status, e.message, e.param, e.code)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_request: Request, e: RequestValidationError):
+    errs = e.errors()
+    first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+    return _json_error(400, f"{param or 'body'}: {first.get('msg')}{more}", param)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_request: Request, e: StarletteHTTPException):
+    return _json_error(e.status_code, str(e.detail))
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, teacher, student, serving: dict, defaults: dict, packs: list[str], info: dict):
+        from shared.scenarios import build_catalog
+
+        self.handles = {"teacher": teacher, "student": student}
+        self.serving = serving
+        self.defaults = defaults
+        self.info_static = info
+        self.catalog = build_catalog([Path(p) for p in packs])
+        self.adapters: dict[str, str] = dict(serving.get("adapters") or {})
+        env = serving.get("auth_token_env")
+        self.token = None
+        if env:
+            self.token = os.environ.get(env)
+            if not self.token:
+                raise UserError(f"serving.auth_token_env names {env}, which is not set where the ingress runs")
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _auth(self, request: Request) -> None:
+        if self.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, value = header.partition(" ")
+        import hmac
+
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+            raise APIError(401, "missing or invalid bearer token", code="invalid_api_key")
+
+    async def _body(self, request: Request, model: type[BaseModel]):
+        try:
+            raw = await request.body()
+            import json
+
+            data = json.loads(raw) if raw else None
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "the body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise APIError(400, "the body must be a JSON object")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            errs = e.errors()
+            loc = ".".join(str(x) for x in errs[0]["loc"]) or None
+            more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+            raise APIError(400, f"{loc or 'body'}: {errs[0]['msg']}{more}", loc) from None
+
+    def _route(self, model: str) -> tuple[str, str | None, str | None]:
+        """model name -> (role, adapter, adapter source)."""
+        role, sep, adapter = model.partition(":")
+        if role in ROLES and not sep:
+            return role, None, None
+        if role == "student" and sep and adapter in self.adapters:
+            return role, adapter, self.adapters[adapter]
+        raise APIError(404, f"model {model!r} not found; served: {', '.join(self._model_ids())}", "model",
+                       "model_not_found")
+
+    def _model_ids(self) -> list[str]:
+        return [*ROLES, *(f"student:{a}" for a in sorted(self.adapters))]
+
+    # ------------------------------------------------------------------------------------- routes
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        self._auth(request)
+        now = int(time.time())
+        data = []
+        for mid in self._model_ids():
+            role, _, adapter = mid.partition(":")
+            item = {"id": mid, "object": "model", "created": now, "owned_by": "tomtransfer",
+                    "root": self.info_static[role]["model"], "parent": role if adapter else None,
+                    "engine": self.info_static[role]["engine"]}
+            if adapter:
+                item["source"] = self.adapters[adapter]
+            data.append(item)
+        return {"object": "list", "data": data}
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        from services.teacher.engines.base import ChatRequest, SamplingParams
+
+        self._auth(request)
+        body: ChatBody = await self._body(request, ChatBody)
+        extra = set(body.model_extra or {}) & set(_UNSUPPORTED)
+        if extra:
+            raise APIError(400, f"unsupported option(s): {', '.join(sorted(extra))}", sorted(extra)[0])
+        if body.stream:
+            raise APIError(400, "stream=true is not supported; ask for the whole response", "stream")
+        if body.presence_penalty or body.frequency_penalty:
+            raise APIError(400, "presence/frequency penalties are not supported", "presence_penalty")
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+        role, adapter, source = self._route(body.model)
+        max_n = self.serving["max_n"]
+        if body.n > max_n:
+            raise APIError(400, f"n={body.n} is over the cap of {max_n} (serving.max_n)", "n")
+        max_tokens = body.max_completion_tokens or body.max_tokens or self.defaults["max_tokens"]
+        cap = self.serving["max_tokens_cap"]
+        if max_tokens > cap:
+            raise APIError(400, f"max_tokens={max_tokens} is over the cap of {cap} (serving.max_tokens_cap)",
+                           "max_tokens")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stop) > 16 or any(not s for s in stop):
+            raise APIError(400, "stop: at most 16 non-empty strings", "stop")
+        params = SamplingParams(n=body.n, temperature=body.temperature, top_p=body.top_p, max_tokens=min(max_tokens, cap),
+                                seed=body.seed, stop=tuple(stop), logprobs=body.logprobs,
+                                top_logprobs=body.top_logprobs or 0, ignore_eos=body.ignore_eos,
+                                stop_at_answer=body.stop_at_answer, endowment=body.endowment)
+        req = ChatRequest(messages=tuple(m.plain() for m in body.messages), params=params, adapter=adapter)
+        result = _unpack(await self.handles[role].chat.remote(req, source))
+        choices = []
+        for i, c in enumerate(result.choices):
+            lp = None
+            if c.logprobs is not None:
+                lp = {"content": [asdict(t) for t in c.logprobs], "refusal": None}
+            choices.append({"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+                            "finish_reason": c.finish_reason, "logprobs": lp})
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.model, "system_fingerprint": None, "choices": choices,
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+                      "total_tokens": result.prompt_tokens + result.completion_tokens},
+            "timings": result.timings,
+        }
+
+    @api.post("/v1/exact")
+    async def exact(self, request: Request):
+        from services.teacher.engines.base import ExactRequest
+        from shared.prompts import build_messages
+
+        self._auth(request)
+        body: ExactBody = await self._body(request, ExactBody)
+        role, adapter, source = self._route(body.model)
+        scenario = None
+        if (body.messages is None) == (body.scenario is None):
+            raise APIError(400, "give exactly one of `messages` and `scenario`", "messages")
+        if body.scenario is not None:
+            scenario = self.catalog.scenarios.get(body.scenario)
+            if scenario is None:
+                raise APIError(404, f"unknown scenario {body.scenario!r}", "scenario", "scenario_not_found")
+            messages = tuple(build_messages(scenario, body.instruction))
+        else:
+            messages = tuple(m.plain() for m in body.messages)
+        kind = body.kind or ("contribution" if scenario is not None and scenario.is_pgg else "choice")
+        endowment = body.endowment
+        if endowment is None:
+            endowment = scenario.game.endowment if scenario is not None and scenario.is_pgg else 10
+        temperature = self.defaults["temperature"] if body.temperature is None else body.temperature
+        req = ExactRequest(messages=messages, temperature=temperature, kind=kind, endowment=endowment,
+                           adapter=adapter, min_mass=body.min_mass, max_depth=body.max_depth)
+        result = _unpack(await self.handles[role].exact.remote(req, source))
+        return {"object": "exact", "model": body.model, "scenario": body.scenario, **result}
+
+    @api.get("/v1/adapters")
+    async def list_adapters(self, request: Request):
+        self._auth(request)
+        return {"object": "list", "data": [{"id": f"student:{n}", "name": n, "source": s}
+                                           for n, s in sorted(self.adapters.items())]}
+
+    @api.post("/v1/adapters")
+    async def add_adapter(self, request: Request):
+        self._auth(request)
+        body: AdapterBody = await self._body(request, AdapterBody)
+        _check_adapter_name(body.name)
+        if body.name in self.adapters and self.adapters[body.name] != body.source and not body.replace:
+            raise APIError(409, f"adapter {body.name!r} exists with another source; pass replace=true", "name",
+                           "adapter_exists")
+        _unpack(await self.handles["student"].load_adapter.remote(body.name, body.source))
+        self.adapters[body.name] = body.source
+        return {"id": f"student:{body.name}", "name": body.name, "source": body.source, "object": "adapter"}
+
+    @api.delete("/v1/adapters/{name}")
+    async def delete_adapter(self, name: str, request: Request):
+        self._auth(request)
+        if name not in self.adapters:
+            raise APIError(404, f"adapter {name!r} not found", "name", "adapter_not_found")
+        del self.adapters[name]
+        _unpack(await self.handles["student"].unload_adapter.remote(name))
+        return {"id": f"student:{name}", "deleted": True, "object": "adapter"}
+
+
+# ------------------------------------------------------------------------------------------ builder
+def _load(args: dict):
+    from shared.config import load_config, parse_config
+
+    if "config_data" in args:
+        return parse_config(args["config_data"], "<config_data>")
+    if "config" in args:
+        return load_config(args["config"])
+    raise UserError("build_app needs args {'config': PATH} or {'config_data': {...}}")
+
+
+def build_app(args: dict) -> serve.Application:
+    """The Serve application for an experiment config (`args`: {"config": path} or {"config_data": dict})."""
+    cfg = _load(dict(args or {}))
+    serving = cfg.serving.model_dump(mode="json")
+    for name in serving["adapters"]:
+        _check_adapter_name(name)
+    tracking = cfg.mlflow.tracking_uri
+    apps = {}
+    info = {}
+    for role in ROLES:
+        spec = getattr(cfg.models, role)
+        info[role] = {"model": spec.model, "engine": spec.engine}
+        apps[role] = ModelServer.options(
+            name=f"tomtransfer-{role}", num_replicas=spec.num_replicas,
+            ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+        ).bind(role, spec.model_dump(mode="json"), tracking)
+    defaults = {"temperature": cfg.sampling.temperature, "max_tokens": min(cfg.sampling.max_tokens,
+                                                                          cfg.serving.max_tokens_cap)}
+    return Ingress.options(name="tomtransfer-ingress").bind(
+        apps["teacher"], apps["student"], serving, defaults, [str(p) for p in cfg.scenarios.packs], info)

@@ -1,0 +1,130 @@
+"""`tomtransfer serve --config FILE`: start Ray (local, or the cluster in RAY_ADDRESS), deploy the serving
+app, print its base URL, block until Ctrl-C / SIGTERM, then shut down cleanly.
+
+Register in services/cli.py::
+
+    @app.command()
+    def serve(config: Path = typer.Option(..., "--config", "-c", exists=False)) -> None:
+        \"\"\"Serve teacher and student on one OpenAI-compatible endpoint (Ray Serve).\"\"\"
+        from services.teacher.serve_cli import serve as run_serve
+        run_serve(config)
+
+Local runs bind `serving.host` (127.0.0.1 by default). Ray itself listens on every interface of the
+machine (it ignores the node IP setting): run it inside a private network namespace where that matters
+(`scripts/in-netns tomtransfer serve --config FILE`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from shared.errors import UserError
+
+APP_NAME = "tomtransfer"
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def preflight(cfg) -> None:
+    """Fail fast, before Ray starts: models resolvable (aliases fetched here), env vars present."""
+    from services.common.models import resolve_model
+
+    for role in ("teacher", "student"):
+        spec = getattr(cfg.models, role)
+        if spec.engine == "openai":
+            if spec.api_key_env and not os.environ.get(spec.api_key_env):
+                raise UserError(f"models.{role}.api_key_env: environment variable {spec.api_key_env} is not set")
+            continue
+        resolve_model(spec.model, progress=_say)
+    if cfg.serving.auth_token_env and not os.environ.get(cfg.serving.auth_token_env):
+        raise UserError(f"serving.auth_token_env: environment variable {cfg.serving.auth_token_env} is not set")
+
+
+def start(config_path: str | Path, *, ray_address: str | None = None, num_cpus: int | None = None,
+          wait_ready: bool = True) -> str:
+    """Start Ray + Serve and deploy; returns the base URL (`http://host:port/v1`). Does not block."""
+    import ray
+    from ray import serve
+
+    from services.teacher.app import build_app
+    from shared.config import load_config
+
+    cfg = load_config(config_path)
+    preflight(cfg)
+    address = ray_address if ray_address is not None else os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
+    serve.run(build_app({"config": str(Path(config_path).resolve())}), name=APP_NAME, route_prefix="/",
+              blocking=False)
+    host = cfg.serving.host if cfg.serving.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{host}:{cfg.serving.port}/v1"
+    if wait_ready:
+        _wait_ready(url)
+    return url
+
+
+def _wait_ready(url: str, timeout: float = 600.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    health = url.rsplit("/v1", 1)[0] + "/health"
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(health, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the serving app did not answer on {health} within {timeout:.0f} s")
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def serve(config_path: str | Path) -> None:
+    """Deploy, print the base URL, block until Ctrl-C or SIGTERM, then shut down Serve and Ray."""
+    stop_event = threading.Event()
+    previous: dict = {}
+    try:
+        url = start(config_path)  # Ctrl-C while starting raises KeyboardInterrupt; `finally` cleans up
+        previous = {s: signal.signal(s, lambda *_: stop_event.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        print(url, flush=True)
+        _say(f"serving teacher and student on {url} (models: teacher, student, student:<adapter>); Ctrl-C stops")
+        while not stop_event.wait(1.0):
+            pass
+        _say("stopping ...")
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        stop()
+        _say("stopped")
+
+
+if __name__ == "__main__":  # python -m services.teacher.serve_cli CONFIG
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m services.teacher.serve_cli CONFIG")
+    try:
+        serve(sys.argv[1])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
