@@ -203,6 +203,9 @@ def test_rayjobs_run_the_cli_with_the_configmap(rendered):
             assert vols["experiment-config"]["configMap"]["name"] == cm["metadata"]["name"]
             env = {e["name"]: e for e in pod["containers"][0]["env"]}
             assert env["HF_HUB_OFFLINE"]["value"] == "1"
+            # the model caches the serving pods fill, shared on the data volume
+            assert env["TOMTRANSFER_CACHE"]["value"] == "/data/cache"
+            assert env["HF_HOME"]["value"] == "/data/hf"
     evaluate = next(j for j in by_kind(objs, "RayJob") if j["metadata"]["name"].endswith("evaluate-ci1"))
     assert evaluate["spec"]["entrypoint"].endswith("--estimator exact")
     train = next(j for j in by_kind(objs, "RayJob") if "-train-" in j["metadata"]["name"])

@@ -209,6 +209,9 @@ Secrets only through secretKeyRef; the teacher API key only reaches the serving 
 - name: PYTHONUNBUFFERED
   value: "1"
 {{- if $root.Values.storage.data.enabled }}
+{{- /* Shared caches: model aliases fetched once (tomtransfer models), adapters, Hugging Face. */}}
+- name: TOMTRANSFER_CACHE
+  value: {{ printf "%s/cache" $root.Values.storage.data.mountPath | quote }}
 - name: HF_HOME
   value: {{ printf "%s/hf" $root.Values.storage.data.mountPath | quote }}
 {{- end }}
