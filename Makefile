@@ -18,7 +18,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 help:
 	@echo "make run | test | install | models | bench | mlflow-ui | deploy [DRY_RUN=1] | undeploy | clean"
 
-install: $(STAMP) system-deps
+install: $(STAMP) system-deps helm
 
 # Debian's chromium renders the MLflow UI in a browser test; installed only where we may (root + apt).
 system-deps:
