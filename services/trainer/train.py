@@ -501,6 +501,8 @@ def train_loop_per_worker(config: dict) -> dict:
                     marker.parent.mkdir(parents=True, exist_ok=True)
                     marker.write_text(f"fault injected at step {step} on rank {dist.rank}\n")
                     raise RuntimeError(f"injected fault at step {step} on rank {dist.rank}")
+            if epoch_done:
+                break  # next epoch: a fresh shuffle
 
     if not last and history:  # resumed a run that had already finished
         last = {"loss": history[-1]["loss"], "step": step}
