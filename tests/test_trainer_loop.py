@@ -1,0 +1,99 @@
+"""The per-worker training loop run plainly (no Ray, world size 1), as the GPU benchmark runs it.
+
+- an interrupted run resumed from its checkpoint ends with bit-identical adapter weights;
+- gradient accumulation gives the exact token mean over the effective batch (4 x 4 == 16 x 1);
+- the adapter it writes loads with PeftModel.from_pretrained and reproduces the saved probe logits;
+- Qwen2-architecture students train too (q/k/v biases).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+SCENARIOS = ["IR_prison", "biz_staghunt", "team_snowdrift", "environment_delight"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from services.trainer.dataset import export_training_set
+    from services.trainer.synthetic import fake_samples
+
+    samples = fake_samples(SCENARIOS, n=8, c_rate=0.9, invalid_rate=0.0, seed=5)
+    return export_training_set(samples, tmp_path_factory.mktemp("ds"), targets="answer").parquet
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from services.common.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "llama", arch="llama", seed=1)
+
+
+def _config(data, student, out, **over):
+    cfg = {"dataset_path": str(data), "student_path": str(student), "num_threads": 1, "output_dir": str(out),
+           "training": {"epochs": 3, "effective_batch_size": 16, "per_device_batch_size": 4,
+                        "learning_rate": 3e-2}}
+    for k, v in over.items():
+        if k == "training":
+            cfg["training"] = {**cfg["training"], **v}
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def test_resume_is_exact(data, llama, tmp_path):
+    from services.trainer.train import train_loop_per_worker
+
+    full = train_loop_per_worker(_config(data, llama, tmp_path / "full", probe_examples=0))
+    with pytest.raises(RuntimeError, match="injected fault at step 3"):
+        train_loop_per_worker(_config(data, llama, tmp_path / "cut", probe_examples=0,
+                                      checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_steps=1,
+                                      fault={"at_step": 3, "rank": 0, "marker": str(tmp_path / "fired")}))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000001", "step_000002", "step_000003"]
+    resumed = train_loop_per_worker(_config(data, llama, tmp_path / "cut", probe_examples=0,
+                                            resume_from=str(tmp_path / "ckpt")))
+    assert resumed["start_step"] == 3 and resumed["step"] == full["step"] == 6
+    assert resumed["adapter_checksums"] == full["adapter_checksums"]
+    assert resumed["loss"] == full["loss"]
+
+
+def test_grad_accumulation_is_an_exact_token_mean(data, llama, tmp_path):
+    from services.trainer.train import train_loop_per_worker
+
+    accum = train_loop_per_worker(_config(data, llama, tmp_path / "a", probe_examples=0,
+                                          training={"per_device_batch_size": 4, "epochs": 1}))
+    whole = train_loop_per_worker(_config(data, llama, tmp_path / "b", probe_examples=0,
+                                          training={"per_device_batch_size": 16, "epochs": 1}))
+    assert accum["step"] == whole["step"] == 2
+    assert accum["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    a = _adapter(tmp_path / "a" / "adapter")
+    b = _adapter(tmp_path / "b" / "adapter")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def _adapter(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_adapter_reload_reproduces_logits(arch, data, llama, tmp_path_factory, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from services.common.tiny import build_tiny_model
+    from services.trainer.train import train_loop_per_worker
+
+    student = llama if arch == "llama" else build_tiny_model(tmp_path_factory.mktemp("q") / "qwen2", arch="qwen2")
+    r = train_loop_per_worker(_config(data, student, tmp_path, training={"epochs": 1}))
+    assert r["loss_last"] < r["loss_first"]
+    probe = torch.load(tmp_path / "probe.pt")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(student), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        logits = model.eval()(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    mask = probe["attention_mask"].bool()
+    torch.testing.assert_close(logits[mask], probe["logits"][mask], rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "adapter" / "tomtransfer_training.json").is_file()
