@@ -8,6 +8,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import pandas as pd
 import pytest
 import torch
 
@@ -97,3 +101,39 @@ def test_adapter_reload_reproduces_logits(arch, data, llama, tmp_path_factory, t
     mask = probe["attention_mask"].bool()
     torch.testing.assert_close(logits[mask], probe["logits"][mask], rtol=1e-5, atol=1e-5)
     assert (tmp_path / "adapter" / "tomtransfer_training.json").is_file()
+
+
+def test_cli_builds_the_training_set_from_samples(tmp_path):
+    from services.trainer.synthetic import fake_samples
+    from services.trainer.train_cli import training_set_path
+    from shared.config import parse_config
+    from shared.errors import UserError
+
+    cfg = parse_config({"name": "cli", "output_dir": str(tmp_path), "generate": {"targets": "answer"},
+                        "models": {"teacher": {"model": "t"}, "student": {"model": "s"}}})
+    with pytest.raises(UserError, match="tomtransfer generate"):
+        training_set_path(cfg)
+    samples_dir = cfg.run_dir / "generate" / "samples"
+    samples_dir.mkdir(parents=True)
+    fake_samples(SCENARIOS[:2], n=4, invalid_rate=0.0).to_parquet(samples_dir / "samples.parquet")
+    path = training_set_path(cfg)
+    assert path == cfg.run_dir / "generate" / "dataset" / "train.parquet" and path.is_file()
+    assert set(pd.read_parquet(path).target) <= {"C", "D"}  # generate.targets = answer
+
+
+def test_preflight_refuses_a_student_without_chat_template(data, llama, tmp_path):
+    from services.trainer.train import TrainError, preflight
+    from shared.errors import UserError
+
+    assert preflight(data, llama, 1024)["examples"] == 32
+    with pytest.raises(UserError, match="max_seq_len"):
+        preflight(data, llama, 64)
+    bare = tmp_path / "bare"
+    shutil.copytree(llama, bare)
+    cfg = bare / "tokenizer_config.json"
+    conf = json.loads(cfg.read_text())
+    conf.pop("chat_template", None)
+    cfg.write_text(json.dumps(conf))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(TrainError, match="chat template"):
+        preflight(data, bare, 1024)

@@ -289,6 +289,16 @@ class DatasetExport:
     def mlflow_digest(self) -> str:
         return self.content_hash[:MLFLOW_DIGEST_LEN]
 
+    @classmethod
+    def from_dir(cls, out_dir: str | Path) -> "DatasetExport":
+        """An export written earlier (reads its `dataset_meta.json`)."""
+        meta_path = Path(out_dir) / META_JSON
+        if not meta_path.is_file():
+            raise DatasetError(f"no {META_JSON} in {out_dir}: not a training-set export")
+        d = json.loads(meta_path.read_text())
+        paths = {"out_dir", "parquet", "alpaca", "sharegpt", "dataset_info", "card", "meta"}
+        return cls(**{k: (Path(v) if k in paths else v) for k, v in d.items() if k in cls.__dataclass_fields__})
+
     def to_json(self) -> dict:
         d = asdict(self)
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}

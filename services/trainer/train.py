@@ -79,7 +79,13 @@ DEFAULT_TRAINING: dict[str, Any] = {
 }
 
 
-class TrainError(ValueError):
+try:  # shared/ needs pydantic, which the GPU image lacks; the loop must import without it
+    from shared.errors import UserError as _UserError
+except ImportError:  # pragma: no cover
+    _UserError = ValueError
+
+
+class TrainError(_UserError):
     """Input the loop cannot train on (no chat template, empty set after truncation, bad config)."""
 
 
@@ -632,6 +638,43 @@ def _resolve_student(name_or_path: str | Path) -> Path:
     raise UserError(f"student model not found: {name_or_path} (give a local folder)")
 
 
+def preflight(dataset_path: str | Path, student_path: str | Path, max_seq_len: int) -> dict:
+    """Checks on the driver, before any worker starts: the training set reads, the student's tokenizer has a
+    chat template that renders prompt-as-prefix, and some examples fit `max_seq_len`. Raises TrainError."""
+    import transformers
+
+    from services.trainer.dataset import read_training_set
+
+    rows = read_training_set(dataset_path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(student_path))
+    except (OSError, ValueError) as err:
+        raise TrainError(f"cannot load the student's tokenizer from {student_path}: {err}") from None
+    encoded = [encode_example(tokenizer, r["messages"], r["target"], max_seq_len) for r in rows[:8]]
+    if all(e is None for e in encoded):
+        raise TrainError(f"prompts are longer than training.max_seq_len={max_seq_len}; raise it")
+    return {"examples": len(rows)}
+
+
+def ensure_mlflow_run(cfg, tracking_uri: str, run_id: str | None = None) -> str:
+    """The training run's MLflow run id: `run_id` if given, else the one an earlier (interrupted) attempt
+    recorded in `<run_dir>/train/mlflow_run_id`, else a new run `<name>-train` in `cfg.mlflow.experiment`.
+    The id is recorded, so a resumed training continues the same MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    id_file = Path(cfg.run_dir).resolve() / "train" / "mlflow_run_id"
+    if run_id is None and id_file.is_file():
+        run_id = id_file.read_text().strip() or None
+    if run_id is None:
+        client = MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
+        run_id = client.create_run(exp_id, run_name=f"{cfg.name}-train", tags={"tomtransfer.stage": "train"}).info.run_id
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id + "\n")
+    return run_id
+
+
 def run_training(
     cfg,
     dataset_path: str | Path,
@@ -663,22 +706,12 @@ def run_training(
     train_dir.mkdir(parents=True, exist_ok=True)
     student = _resolve_student(student_path).resolve()
     dataset_path = Path(dataset_path).resolve()
+    preflight(dataset_path, student, t.max_seq_len)
 
-    # MLflow run: explicit > the one an interrupted attempt used > a new one.
-    run_id_file = train_dir / "mlflow_run_id"
     if tracking_uri:
-        import mlflow
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri)
-        if run_id is None and run_id_file.is_file():
-            run_id = run_id_file.read_text().strip()
-        if run_id is None:
-            mlflow.set_tracking_uri(tracking_uri)
-            exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
-            run_id = client.create_run(exp_id, run_name=name, tags={"tomtransfer.stage": "train"}).info.run_id
-        run_id_file.write_text(run_id + "\n")
+        run_id = ensure_mlflow_run(cfg, tracking_uri, run_id)
     resumed = (storage / name).is_dir() and (
         any((storage / name).glob("checkpoint_*")) or any((storage / name).glob("*snapshot*"))
     )
@@ -733,6 +766,8 @@ def run_training(
         MlflowClient(tracking_uri).set_terminated(run_id, "FINISHED")
     return {
         **metrics,
+        "train_loss": metrics.get("loss"),
+        "steps": metrics.get("step"),
         "run_id": run_id,
         "adapter_dir": str(adapter_dir),
         "adapter_uri": metrics.get("adapter_uri") or (f"runs:/{run_id}/adapter" if run_id else None),
