@@ -23,7 +23,7 @@ from services.common.samples import SampleStore
 from services.teacher.generate import generate
 from tests.fault_proxy import FaultProxy
 
-pytest_plugins = ["tests.fixtures.engine_endpoint", "tests.fixtures.mlflow_server"]
+pytest_plugins = ["tests.fixtures.llm_endpoint", "tests.fixtures.mlflow_server"]
 pytestmark = pytest.mark.netns
 
 ROOT = Path(__file__).resolve().parents[1]

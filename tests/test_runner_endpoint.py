@@ -20,15 +20,16 @@ from services.evaluator.collect import collect_exact, collect_samples
 from shared.config import parse_config
 from tests.fault_proxy import FaultProxy
 
-pytest_plugins = ["tests.fixtures.engine_endpoint"]
+pytest_plugins = ["tests.fixtures.llm_endpoint"]
 pytestmark = pytest.mark.netns
 
 SCENARIOS = ["IR_prison", "team_staghunt", "pgg"]
-ROLES = ["teacher", "student_base"]
+ROLES = ["teacher", "student_base", "student_finetuned"]
+MODELS = {"teacher": "teacher", "student_base": "student", "student_finetuned": "student:tt"}
 N, BLOCK = 12, 4
 
 
-def config(tmp_path, url, **evaluate):
+def config(tmp_path, url, adapter="tt", **evaluate):
     return parse_config({
         "name": "runner-test",
         "output_dir": str(tmp_path),
@@ -36,7 +37,7 @@ def config(tmp_path, url, **evaluate):
         "sampling": {"temperature": 0.9, "seed": 11},
         "scenarios": {"ids": SCENARIOS},
         "serving": {"base_url": url},
-        "training": {"adapter_name": "nope"},
+        "training": {"adapter_name": adapter},
         "evaluate": {"roles": ROLES, "samples": N, "request_n": BLOCK, "max_tokens": 4, "concurrency": 4, **evaluate},
     })
 
@@ -74,11 +75,13 @@ def test_counts_exact_and_seeds(reference, llm_endpoint):
         first = row["sample_index"] - row["sample_index"] % BLOCK
         assert row["seed"] == sample_seed(11, row["role"], row["scenario_id"], first)
         assert row["request_n"] == BLOCK and row["choice_index"] == row["sample_index"] % BLOCK
-        assert row["model"] == {"teacher": "teacher", "student_base": "student"}[row["role"]]
+        assert row["model"] == MODELS[row["role"]]
         assert row["valid"] == (row["answer"] is not None)
         if row["scenario_id"] == "pgg" and row["answer"] is not None:
             assert 0 <= int(row["answer"]) <= 10
-        assert row["completion_tokens"] is not None and row["prompt_tokens"] > 0
+        assert row["prompt_tokens"] > 0 and row["finish_reason"] in ("stop", "length")
+        # Per-sample token counts need a per-choice count from the server (an extension); else null, never guessed.
+        assert row["completion_tokens"] is None or 0 <= row["completion_tokens"] <= 4
     # A rerun finds everything in place and sends nothing.
     again = collect_samples(config(reference.path.parents[3], llm_endpoint.url), progress=False)
     assert again.report.requests == 0 and again.report.already == len(t)
@@ -114,7 +117,7 @@ def test_twenty_percent_failing_requests(reference, llm_endpoint, tmp_path):
     """A real proxy fails 20 % of requests (503 before, 502 after the upstream did the work, connection reset):
     the run completes with exact counts and the same rows as the fault-free run."""
     with FaultProxy(llm_endpoint.url, fail_rate=0.2, seed=3) as proxy:
-        res = collect_samples(config(tmp_path, proxy.url), progress=False)
+        res = collect_samples(config(tmp_path, proxy.url), progress=True)  # the progress display path too
     assert proxy.stats["fault_503"] + proxy.stats["fault_502"] + proxy.stats["fault_reset"] >= 2
     assert res.report.retries >= 2
     assert_exact(res.table)
@@ -158,12 +161,13 @@ def test_4xx_is_an_immediate_clear_error(llm_endpoint, tmp_path):
     # An adapter the server does not have: HTTP 404, no retries.
     t0 = time.monotonic()
     with pytest.raises(EndpointError) as err:
-        collect_samples(config(tmp_path / "a", llm_endpoint.url, roles=["student_finetuned"]), progress=False)
+        collect_samples(config(tmp_path / "a", llm_endpoint.url, adapter="nope", roles=["student_finetuned"]),
+                        progress=False)
     assert time.monotonic() - t0 < 10
     msg = str(err.value)
     assert "\n" not in msg and "rejected" in msg and "HTTP 404" in msg and "student:nope" in msg, msg
     # n over the server's cap: HTTP 400 with the server's own explanation.
-    with pytest.raises(EndpointError, match=r"HTTP 400: n must be"):
+    with pytest.raises(EndpointError, match=r"HTTP 400: n=100 is over the cap of 64"):
         collect_samples(config(tmp_path / "b", llm_endpoint.url, request_n=100, samples=100), progress=False)
 
 

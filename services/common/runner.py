@@ -271,12 +271,14 @@ async def _with_retries(shared: _Shared, what: str, call: Callable[[], Any]) -> 
 
 # ----------------------------------------------------------------------------------------- progress
 class _Progress:
-    """A rich progress display: one bar per (role, scenario) in flight, one overall. A no-op when disabled."""
+    """A rich progress display: one overall bar, plus one bar per (role, scenario) while it is in flight (shown
+    when its first request starts, removed when it is complete, so the display stays as small as the
+    concurrency). A no-op when disabled."""
 
     def __init__(self, enabled: bool, total: int, done: int, description: str):
         self.enabled = enabled
         self.bars: dict[tuple[str, str], Any] = {}
-        self.left: dict[tuple[str, str], int] = {}
+        self.done: dict[tuple[str, str], int] = {}
         if not enabled:
             return
         from rich.console import Console
@@ -298,20 +300,22 @@ class _Progress:
             self.progress.stop()
 
     def add(self, job: Job, done: int) -> None:
-        if self.enabled and done < job.n:
-            self.bars[job.key] = self.progress.add_task(f"  {job.label}", total=job.n, completed=done)
-            self.left[job.key] = job.n - done
+        self.done[job.key] = done
+
+    def start(self, job: Job) -> None:
+        if self.enabled and job.key not in self.bars and self.done.get(job.key, 0) < job.n:
+            self.bars[job.key] = self.progress.add_task(f"  {job.label}", total=job.n, completed=self.done[job.key])
 
     def advance(self, job: Job, k: int) -> None:
+        self.done[job.key] = self.done.get(job.key, 0) + k
         if not self.enabled:
             return
         self.progress.advance(self.overall, k)
         bar = self.bars.get(job.key)
         if bar is not None:
             self.progress.advance(bar, k)
-            self.left[job.key] -= k
-            if self.left[job.key] <= 0:
-                self.progress.remove_task(bar)  # keep the display to what is still running
+            if self.done[job.key] >= job.n:
+                self.progress.remove_task(bar)
                 del self.bars[job.key]
 
 
@@ -408,6 +412,7 @@ async def sample_async(
             if params.stop:
                 kwargs["stop"] = list(params.stop)
             what = f"{job.label} samples {req.start}..{req.start + req.n - 1}"
+            bar.start(job)
             completion, latency = await _with_retries(
                 shared, what, lambda: client.chat.completions.create(**kwargs))
             rows = sample_rows(job, req, run_id, completion, latency)
@@ -540,6 +545,7 @@ async def exact_async(
             if shared.fatal is not None:
                 raise _Aborted
             body = exact_body(job, temperature)
+            bar.start(job)
             data, latency = await _with_retries(
                 shared, f"{job.label} exact", lambda: client.post(path, cast_to=object, body=body))
             if not isinstance(data, dict):
@@ -551,6 +557,8 @@ async def exact_async(
 
     try:
         with _Progress(_progress_enabled(progress), len(jobs), report.already, description) as bar:
+            for j in jobs:
+                bar.add(j, 1 if j.key in done else 0)
             tasks = [asyncio.create_task(one(j, bar)) for j in todo]
             await _gather_or_abort(tasks, shared)
     finally:
