@@ -489,7 +489,8 @@ def train_loop_per_worker(config: dict) -> dict:
                     "tokens_per_s": window_tokens / dt if dt > 0 else 0.0, "step": step,
                     "epoch": epoch + micro_done / len(batches),
                 }
-                history.append({"step": step, "loss": global_loss})
+                history.append({"step": step, "loss": global_loss, "tokens_per_s": last["tokens_per_s"],
+                                "window_s": dt})
                 log.metrics({k: v for k, v in last.items() if k != "step"}, step)
                 window_tokens, window_t0 = 0, time.perf_counter()
                 if use_ray and not ((ckpt_every and step % ckpt_every == 0) or epoch_done or step == total_steps):
@@ -519,6 +520,8 @@ def train_loop_per_worker(config: dict) -> dict:
               "loss_first": history[0]["loss"] if history else None,
               "loss_last": history[-1]["loss"] if history else None, "trainable_params": n_trainable,
               "total_params": n_total}
+    if not use_ray:
+        result["history"] = history  # per logged step: loss, tokens/s (benchmarks read it)
     final_dir = None
     if dist.rank == 0:
         final_dir = Path(config.get("output_dir") or tempfile.mkdtemp(prefix="tomtransfer-final-"))
