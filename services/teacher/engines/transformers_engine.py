@@ -5,8 +5,9 @@ that one prompt cache in chunks of at most `ModelSpec.max_batch_size` rows (fewe
 buffers would exceed the KV budget: `TOMTRANSFER_KV_BUDGET_MB`, default 1024 on CPU, 40 % of free GPU
 memory on CUDA). Llama-family models use `SharedPrefixDecoder` (prompt K/V shared by all rows, CUDA graph
 on GPU), others the generic `HFDecoder` (see `decoding.py`). Per step: softmax(logits / T), optional
-nucleus (top_p) filter, one multinomial draw per row from a per-request `torch.Generator(seed)`.
-Same (seed, n, max_batch_size, model) -> same samples. Rows that end (EOS or a stop string) are dropped
+nucleus (top_p) filter, then inverse-CDF sampling with uniforms drawn up front from
+`torch.Generator(seed)` as an (n, max_tokens) matrix: sample i at step t always uses u[i, t], so with the
+same (seed, max_tokens, model) sample i is the same whatever n, the batch size, or stop strings. Rows that end (EOS or a stop string) are dropped
 from the batch on CPU once a quarter of them are done.
 
 Semantics (OpenAI-compatible): `stop` strings end a sample and are not included in its text
@@ -191,23 +192,29 @@ class TransformersEngine(Engine):
                 out.top_logprobs.append(TopLogprob(token=t, logprob=float(v), bytes=list(t.encode("utf-8"))))
         return out
 
-    def _multinomial(self, probs: torch.Tensor, row_of: list[int], gen: torch.Generator) -> list[int]:
-        """One draw per sample from its row's distribution; rows shared by several samples draw together."""
-        R = probs.shape[0]
+    @staticmethod
+    def _inverse_cdf(probs: torch.Tensor, row_of: list[int], u: torch.Tensor) -> list[int]:
+        """Sample j takes the token where its own uniform u[j] falls in the CDF of its row's distribution.
+        Each sample's randomness is fixed by (seed, sample index, step), whatever the batch layout."""
+        R, V = probs.shape
+        u = u.to(probs.device)
         if len(row_of) == R and row_of == list(range(R)):
-            return torch.multinomial(probs, 1, generator=gen).view(-1).tolist()
+            out = []
+            for b in range(0, R, 64):  # float64 CDFs, 64 rows at a time to bound memory
+                cdf = probs[b:b + 64].double().cumsum(-1)
+                x = u[b:b + 64] * cdf[:, -1]
+                out.append(torch.searchsorted(cdf, x.unsqueeze(1), right=True).squeeze(1))
+            return torch.cat(out).clamp_(max=V - 1).tolist()
         by_row: dict[int, list[int]] = {}
-        for i, r in enumerate(row_of):
-            by_row.setdefault(r, []).append(i)
-        out = [0] * len(row_of)
-        if len(by_row) <= 256:
-            for r, members in by_row.items():
-                draws = torch.multinomial(probs[r], len(members), replacement=True, generator=gen).tolist()
-                for i, t in zip(members, draws):
-                    out[i] = t
-            return out
-        idx = torch.tensor(row_of, device=probs.device)
-        return torch.multinomial(probs.index_select(0, idx), 1, generator=gen).view(-1).tolist()
+        for j, r in enumerate(row_of):
+            by_row.setdefault(r, []).append(j)
+        res = [0] * len(row_of)
+        for r, members in by_row.items():
+            cdf = probs[r].double().cumsum(0)
+            x = u[members] * cdf[-1]
+            for j, t in zip(members, torch.searchsorted(cdf, x, right=True).clamp_(max=V - 1).tolist()):
+                res[j] = t
+        return res
 
     def _distribution(self, logits: torch.Tensor, p: SamplingParams):
         """(probs for drawing or None for greedy, log-probs for reporting or None)."""
@@ -223,7 +230,7 @@ class TransformersEngine(Engine):
         probs = torch.softmax(torch.full_like(logp, float("-inf")).scatter(-1, idx, sorted_lp), dim=-1)
         return probs, logp
 
-    def _sample_chunk(self, prefix: Prefix, n: int, p: SamplingParams, gen: torch.Generator) -> list[Completion]:
+    def _sample_chunk(self, prefix: Prefix, n: int, p: SamplingParams, uniforms: torch.Tensor) -> list[Completion]:
         """Decode `n` samples of one prompt. The batch holds one row per *distinct* token prefix among the
         live samples (early on many samples share a prefix: "C", "**"...), so a step costs one row per
         distinct prefix, not per sample; once all prefixes differ this is plain batched decoding.
@@ -250,7 +257,7 @@ class TransformersEngine(Engine):
                 greedy = logits.argmax(-1).tolist()
                 draws = [greedy[r] for r in rows_live]
             else:
-                draws = self._multinomial(probs, rows_live, gen)
+                draws = self._inverse_cdf(probs, rows_live, uniforms[live, step])
             if logp is not None:
                 ri = torch.tensor(rows_live, device=logp.device)
                 ti = torch.tensor(draws, device=logp.device)
@@ -272,8 +279,8 @@ class TransformersEngine(Engine):
                     lps[s].append(self._token_logprob(t, chosen[j], (tv[r], tix[r]) if p.top_logprobs else None))
                 if generated[s] >= cap:
                     finish[s] = "length"
-                    continue
-                still.append(s)
+                else:
+                    still.append(s)
                 if stops or rule is not None:
                     check.append(s)
             if check:
@@ -343,8 +350,9 @@ class TransformersEngine(Engine):
             raise EngineInputError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceeds the model's "
                                    f"context of {self.max_context} tokens", param="max_tokens")
         seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        gen = torch.Generator(device=self.device)
+        gen = torch.Generator()
         gen.manual_seed(int(seed))
+        uniforms = torch.rand(p.n, p.max_tokens, generator=gen, dtype=torch.float64)  # sample i, step t
         t0 = time.perf_counter()
         with self._adapter(req.adapter), torch.inference_mode():
             prefix = self.decoder.prefill(ids)
@@ -354,7 +362,8 @@ class TransformersEngine(Engine):
             left = p.n
             while left > 0:
                 rows = min(per_chunk, left)
-                choices += self._sample_chunk(prefix, rows, p, gen)
+                done = p.n - left
+                choices += self._sample_chunk(prefix, rows, p, uniforms[done:done + rows])
                 left -= rows
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -412,8 +421,17 @@ class TransformersEngine(Engine):
     def _unload_adapter_sync(self, name: str) -> None:
         if name not in self.adapters:
             raise EngineInputError(f"adapter {name!r} is not loaded", param="name", status=404, code="model_not_found")
-        self.peft.delete_adapter(name)
         del self.adapters[name]
+        if not self.adapters:
+            # last one: take the LoRA layers out again, so the base model runs exactly as before any adapter
+            self.base = self.peft.unload()
+            self.peft = None
+            self.model = self.base
+            self.decoder = make_decoder(self.model, prefer_fast=self.fast, graphs=self.graphs)
+            return
+        self.peft.delete_adapter(name)
+        if name in (self.peft.active_adapters or []):
+            self.peft.set_adapter(next(iter(self.adapters)))
 
     async def load_adapter(self, name: str, path: str) -> None:
         await self._run(self._load_adapter_sync, name, path)

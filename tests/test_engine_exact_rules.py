@@ -1,0 +1,74 @@
+"""Exact mode's answer rules: the 'decided' test on text prefixes must agree with the parser.
+
+`ChoiceRule.status(s)` / `ContributionRule.status(s)` say a prefix already decides the leading answer; then no
+continuation may change what `shared.parsing`'s leading rule reads. Checked on examples and on random strings
+built from the pieces that matter (letters, decoration, keywords, conjunctions, digits, dots).
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.teacher.exact import UNDECIDED, ChoiceRule, ContributionRule, lead_choice, lead_contribution
+from shared.parsing import parse_choice, parse_contribution
+
+CHOICE = ChoiceRule()
+PGG = ContributionRule(10)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", UNDECIDED), (" ", UNDECIDED), ("**", UNDECIDED), ("C", UNDECIDED), ("D", UNDECIDED), ("c", UNDECIDED),
+    ("C.", "C"), ("D:", "D"), ("**C**", "C"), (" C because", "C"), ("(D)", "D"), ("Sure", None), ("I choose C", None),
+    ("Cooperate", None), ("C and D", UNDECIDED), ("C and D.", None), ("C, ", UNDECIDED), ("C or", UNDECIDED), ("C an", UNDECIDED), ("Answer", UNDECIDED),
+    ("Answer: D.", "D"), ("ans", UNDECIDED), ("Option B", None), ("C, because", "C"), ("C, b", "C"),
+    ("C/D", UNDECIDED), ("C/D ", None), ("C\ufffd", UNDECIDED), ("Sure\ufffd", None),
+])
+def test_choice_status_examples(text, expected):
+    assert CHOICE.status(text) == expected
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", UNDECIDED), ("$", UNDECIDED), ("1", UNDECIDED), ("10", UNDECIDED), ("10 ", "10"), ("5.", UNDECIDED),
+    ("5.0", UNDECIDED), ("5.0 ", "5"), ("5.5", None), ("11", None), ("$7 because", "7"), ("I give 5", None),
+    ("**3**", "3"), ("0", UNDECIDED), ("0 dollars", "0"),
+])
+def test_contribution_status_examples(text, expected):
+    assert PGG.status(text) == expected
+
+
+def test_final_status_is_the_leading_rule():
+    for text in ["C", "D", "Cooperate", "", "**D**", "Answer: C"]:
+        assert CHOICE.status(text, final=True) == lead_choice(text)
+    for text in ["1", "10", "11", "$5", ""]:
+        assert PGG.status(text, final=True) == lead_contribution(text, 10)
+
+
+def test_leading_rule_agrees_with_the_parser_when_it_decides():
+    for text in ["C.", "**D** because", "Answer: C", " c - yes", "D, since"]:
+        assert lead_choice(text) == parse_choice(text)
+    for text in ["5 dollars", "$10.", "0"]:
+        assert lead_contribution(text, 10) == str(parse_contribution(text, 10))
+
+
+PIECES = ["C", "D", "c", "d", " ", "*", "**", ".", ",", ":", "-", "(", ")", "\n", "and", "or", " and ", " or ", "/",
+          "&", "Answer", "ans", "wer", "Choice", "opt", "ion", "x", "Coop", "erate", "1", "0", "5", "$", ".5", "e",
+          "\ufffd", "D D", "letter", "strategy"]
+texts = st.lists(st.sampled_from(PIECES), min_size=0, max_size=5).map("".join)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(prefix=texts, suffix=texts)
+def test_decided_choice_prefixes_never_change(prefix, suffix):
+    s = CHOICE.status(prefix)
+    if s is not UNDECIDED and "\ufffd" not in prefix:
+        assert lead_choice(prefix + suffix) == s, (prefix, suffix, s)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(prefix=texts, suffix=texts)
+def test_decided_contribution_prefixes_never_change(prefix, suffix):
+    s = PGG.status(prefix)
+    if s is not UNDECIDED and "\ufffd" not in prefix:
+        assert lead_contribution(prefix + suffix, 10) == s, (prefix, suffix, s)
