@@ -1,0 +1,310 @@
+"""The serving app for real: `python -m services.teacher.serve_cli CONFIG` (Ray Serve, in this session's private
+network namespace), queried over HTTP with the `openai` client and httpx.
+
+teacher = SmolLM2-135M-Instruct (real pretrained weights), student = a tiny random llama with a LoRA adapter from
+the config; a second adapter is added over HTTP from a local folder and a third from an MLflow run (a real
+`mlflow server`). Bearer auth is on. At the end the server gets SIGINT and must exit 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from services.common.models import is_fetched
+from services.common.tiny import tiny_model_dir
+from services.teacher.exact import lead_choice
+from tests.fixtures.netns_guard import require_private_netns
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+pytest_plugins = ["tests.fixtures.mlflow_server"]
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = "smollm2-135m-instruct"
+TOKEN_ENV = "TT_SERVING_TEST_TOKEN"
+TOKEN = "s3cret-test-token"
+MSG = [{"role": "system", "content": "Answer with one letter, C or D."}, {"role": "user", "content": "C or D?"}]
+
+
+def make_lora(model_path: str, out: Path, seed: int, scale: float = 3.0) -> str:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.mul_(scale)
+    peft.save_pretrained(str(out))
+    return str(out)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class App:
+    def __init__(self, url: str, proc: subprocess.Popen, log: Path, student: str, tmp: Path):
+        self.url, self.proc, self.log, self.student, self.tmp = url, proc, log, student, tmp
+        self.http = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=300)
+        self.client = openai.OpenAI(base_url=url, api_key=TOKEN, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, mlflow_tracking_uri):
+    require_private_netns()
+    if not is_fetched(TEACHER):
+        pytest.skip(f"{TEACHER} is not fetched (make models)")
+    tmp = tmp_path_factory.mktemp("serving")
+    student = str(tiny_model_dir("llama", seed=3))
+    cfg = {
+        "name": "serving-test",
+        "models": {
+            "teacher": {"model": TEACHER, "num_cpus": 1, "max_batch_size": 2048, "device": "cpu"},
+            "student": {"model": student, "num_cpus": 0.5, "device": "cpu"},
+        },
+        "sampling": {"temperature": 0.8, "max_tokens": 16},
+        "serving": {"port": free_port(), "max_n": 2000, "max_tokens_cap": 64, "auth_token_env": TOKEN_ENV,
+                    "adapters": {"cfg": make_lora(student, tmp / "lora-cfg", seed=1)}},
+        "mlflow": {"tracking_uri": mlflow_tracking_uri},
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = tmp / "serve.log"
+    env = {**os.environ, TOKEN_ENV: TOKEN, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "services.teacher.serve_cli", str(path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=open(log, "wb"), start_new_session=True, text=True)
+    url = None
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("http://"):
+            url = line.strip()
+            break
+        if not line and proc.poll() is not None:
+            break
+    if url is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"serve did not start:\n{log.read_text()[-3000:]}")
+    a = App(url, proc, log, student, tmp)
+    yield a
+    try:  # normally test_zz_sigint_stops_cleanly has stopped it; take down anything left in its group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
+
+
+# --------------------------------------------------------------------------------------------- basics
+def test_binds_loopback_and_lists_models(app):
+    assert app.url.startswith("http://127.0.0.1:") and app.url.endswith("/v1")
+    ids = [m.id for m in app.client.models.list().data]
+    assert ids == ["teacher", "student", "student:cfg"]
+
+
+def test_auth_is_required(app):
+    r = httpx.get(app.url + "/models")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.get(app.url + "/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=app.url, api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(app.url.rsplit("/v1", 1)[0] + "/health").status_code == 200
+
+
+def test_chat_completions_with_the_openai_client(app):
+    kw = dict(model="teacher", messages=MSG, n=4, temperature=0.8, max_tokens=8, seed=7)
+    a = app.client.chat.completions.create(**kw)
+    b = app.client.chat.completions.create(**kw)
+    assert len(a.choices) == 4 and [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.usage.completion_tokens > 0 and a.usage.prompt_tokens > 10
+    assert all(c.finish_reason in ("stop", "length") for c in a.choices)
+    lp = app.client.chat.completions.create(model="teacher", messages=MSG, n=2, max_tokens=4, seed=1, logprobs=True,
+                                            top_logprobs=3, temperature=0.5)
+    content = lp.choices[0].logprobs.content
+    assert 1 <= len(content) <= 4 and len(content[0].top_logprobs) == 3 and content[0].logprob <= 0
+    free = app.client.chat.completions.create(model="teacher", messages=MSG, n=8, max_tokens=12, seed=3)
+    word = next(c.message.content.split()[1] for c in free.choices if len(c.message.content.split()) > 2)
+    cut = app.client.chat.completions.create(model="teacher", messages=MSG, n=8, max_tokens=12, seed=3, stop=[word])
+    for f, c in zip(free.choices, cut.choices):
+        if word in f.message.content:
+            assert word not in c.message.content and c.finish_reason == "stop"
+            assert f.message.content.startswith(c.message.content)
+
+
+def test_exact_matches_2000_samples_over_http(app):
+    """Real model, real HTTP: exact P(C), P(D) vs 2000 samples that stop once the leading answer is decided."""
+    body = {"model": "teacher", "scenario": "IR_prison", "instruction": "answer_only", "temperature": 0.8}
+    x = app.http.post("/exact", json=body).json()
+    assert x["object"] == "exact" and x["kind"] == "choice" and x["method"] == "tree"
+    assert x["valid_mass"] + x["invalid_mass"] + x["unresolved_mass"] == pytest.approx(1, abs=1e-6)
+    from shared.prompts import build_messages
+    from shared.scenarios import default_catalog
+
+    messages = build_messages(default_catalog().scenarios["IR_prison"], "answer_only")
+    n = 2000
+    r = app.client.chat.completions.create(model="teacher", messages=messages, n=n, temperature=0.8, max_tokens=16,
+                                           seed=99, extra_body={"stop_at_answer": "choice"})
+    counts = Counter(lead_choice(c.message.content) for c in r.choices)
+    for a in ("C", "D"):
+        p = x["p_" + a]
+        se = math.sqrt(max(p * (1 - p), 1e-12) / n)
+        assert abs(counts[a] / n - p) <= 3 * se + x["unresolved_mass"] + 1.0 / n, (a, counts[a] / n, p)
+    assert abs(sum(v for k, v in counts.items() if k) / n - x["valid_mass"]) <= \
+        3 * math.sqrt(max(x["valid_mass"] * (1 - x["valid_mass"]), 1e-12) / n) + x["unresolved_mass"] + 1.0 / n
+    pgg = app.http.post("/exact", json={"model": "teacher", "scenario": "pgg"}).json()
+    assert pgg["kind"] == "contribution" and set(pgg["contributions"]) == {str(i) for i in range(11)}
+
+
+def test_adapters_over_http(app):
+    base = app.http.post("/exact", json={"model": "student", "messages": MSG, "temperature": 1.0}).json()
+    cfg = app.http.post("/exact", json={"model": "student:cfg", "messages": MSG, "temperature": 1.0}).json()
+    assert cfg["top_tokens"] != base["top_tokens"]
+    hot = make_lora(app.student, app.tmp / "lora-hot", seed=2)
+    r = app.http.post("/adapters", json={"name": "hot", "source": hot})
+    assert r.status_code == 200, r.text
+    assert "student:hot" in [m.id for m in app.client.models.list().data]
+    with_hot = app.http.post("/exact", json={"model": "student:hot", "messages": MSG, "temperature": 1.0}).json()
+    assert with_hot["top_tokens"] != base["top_tokens"] and with_hot["top_tokens"] != cfg["top_tokens"]
+    s = app.client.chat.completions.create(model="student:hot", messages=MSG, n=3, max_tokens=4, seed=1)
+    assert len(s.choices) == 3
+    # same name, other source: 409 unless replace
+    assert app.http.post("/adapters", json={"name": "hot", "source": str(app.tmp / "lora-cfg")}).status_code == 409
+    assert app.http.delete("/adapters/hot").status_code == 200
+    gone = app.http.post("/exact", json={"model": "student:hot", "messages": MSG})
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "model"
+    again = app.http.post("/exact", json={"model": "student", "messages": MSG, "temperature": 1.0}).json()
+    assert again["p"] == pytest.approx(base["p"], abs=1e-9) and again["top_tokens"] == base["top_tokens"]
+    assert app.http.delete("/adapters/hot").status_code == 404
+
+
+def test_adapter_from_mlflow(app, mlflow_tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_tracking_uri)
+    exp = client.create_experiment(f"serving-test-{time.time_ns()}")
+    run = client.create_run(exp)
+    client.log_artifacts(run.info.run_id, make_lora(app.student, app.tmp / "lora-ml", seed=4), "adapter")
+    client.set_terminated(run.info.run_id)
+    base = app.http.post("/exact", json={"model": "student", "messages": MSG, "temperature": 1.0}).json()
+    for name, source in (("ml", f"runs:/{run.info.run_id}/adapter"),
+                         ("ml2", client.get_run(run.info.run_id).info.artifact_uri + "/adapter")):
+        r = app.http.post("/adapters", json={"name": name, "source": source})
+        assert r.status_code == 200, r.text
+        got = app.http.post("/exact", json={"model": f"student:{name}", "messages": MSG, "temperature": 1.0}).json()
+        assert got["top_tokens"] != base["top_tokens"]
+    one = app.http.post("/exact", json={"model": "student:ml", "messages": MSG}).json()
+    two = app.http.post("/exact", json={"model": "student:ml2", "messages": MSG}).json()
+    assert one["p"] == pytest.approx(two["p"], abs=1e-9)  # the same weights through both URI kinds
+    bad = app.http.post("/adapters", json={"name": "nope", "source": "runs:/0123456789abcdef/adapter"})
+    assert bad.status_code == 400 and "cannot download" in bad.json()["error"]["message"]
+
+
+# --------------------------------------------------------------------------------------- bad requests
+@pytest.mark.parametrize("method,path,body,status,param", [
+    ("post", "/chat/completions", {"model": "nope", "messages": MSG}, 404, "model"),
+    ("post", "/chat/completions", {"model": "student:nope", "messages": MSG}, 404, "model"),
+    ("post", "/chat/completions", {"model": "teacher", "messages": MSG, "n": 2001}, 400, "n"),
+    ("post", "/chat/completions", {"model": "teacher", "messages": MSG, "max_tokens": 65}, 400, "max_tokens"),
+    ("post", "/chat/completions", {"model": "teacher", "messages": MSG, "n": 0}, 400, "n"),
+    ("post", "/chat/completions", {"model": "teacher", "messages": MSG, "temperature": -1}, 400, "temperature"),
+    ("post", "/chat/completions", {"model": "teacher", "messages": MSG, "top_logprobs": 50, "logprobs": True}, 400,
+     "top_logprobs"),
+    ("post", "/chat/completions", {"model": "teacher"}, 400, "messages"),
+    ("post", "/chat/completions", {"model": "teacher", "messages": []}, 400, "messages"),
+    ("post", "/chat/completions", {"model": "teacher", "messages": [{"role": "robot", "content": "x"}]}, 400, None),
+    ("post", "/chat/completions", {"model": "teacher", "messages": MSG, "stream": True}, 400, "stream"),
+    ("post", "/chat/completions", {"model": "teacher", "messages": MSG, "tools": []}, 400, "tools"),
+    ("post", "/chat/completions", {"model": "teacher", "messages": MSG, "n": "many"}, 400, "n"),
+    ("post", "/chat/completions", "{not json", 400, None),
+    ("post", "/chat/completions", [1, 2], 400, None),
+    ("post", "/exact", {"model": "teacher", "scenario": "nope"}, 404, "scenario"),
+    ("post", "/exact", {"model": "teacher"}, 400, "messages"),
+    ("post", "/exact", {"model": "teacher", "scenario": "pgg", "kind": "vote"}, 400, "kind"),
+    ("post", "/adapters", {"name": "bad name!", "source": "/tmp"}, 400, "name"),
+    ("post", "/adapters", {"name": "x", "source": "/does/not/exist"}, 400, None),
+    ("post", "/adapters", {"name": "x", "source": "s3://bucket/a"}, 400, None),
+    ("delete", "/adapters/unknown", None, 404, "name"),
+    ("get", "/nowhere", None, 404, None),
+])
+def test_bad_requests_get_openai_style_4xx(app, method, path, body, status, param):
+    if isinstance(body, str):
+        r = app.http.request(method.upper(), path, content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = app.http.request(method.upper(), path, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if param:
+        assert err["param"] and err["param"].startswith(param)
+
+
+def test_openai_client_sees_typed_errors(app):
+    with pytest.raises(openai.NotFoundError):
+        app.client.chat.completions.create(model="nope", messages=MSG)
+    with pytest.raises(openai.BadRequestError):
+        app.client.chat.completions.create(model="teacher", messages=MSG, n=5000)
+
+
+# ------------------------------------------------------------------------------------ openai engine
+def test_openai_engine_against_the_app(app, monkeypatch):
+    """The remote-teacher engine, pointed at this app's teacher: chat, seeds, answer cut, approximate exact."""
+    import asyncio
+
+    from services.teacher.engines.base import ChatRequest, EngineInputError, ExactRequest, SamplingParams
+    from services.teacher.engines.openai_engine import OpenAIEngine, UpstreamError
+    from shared.config import ModelSpec
+    from shared.errors import UserError
+
+    monkeypatch.setenv("TT_REMOTE_KEY", TOKEN)
+    spec = ModelSpec(model="remote", engine="openai", base_url=app.url, api_key_env="TT_REMOTE_KEY",
+                     remote_model="teacher")
+
+    async def go():
+        e = OpenAIEngine(spec)
+        try:
+            p = SamplingParams(n=5, temperature=0.8, max_tokens=6, seed=3)
+            a = await e.chat(ChatRequest(messages=tuple(MSG), params=p))
+            direct = app.client.chat.completions.create(model="teacher", messages=MSG, n=5, temperature=0.8,
+                                                        max_tokens=6, seed=3)
+            assert [c.text for c in a.choices] == [c.message.content for c in direct.choices]
+            x = await e.exact(ExactRequest(messages=tuple(MSG), temperature=0.8))
+            assert x.approximate and x.method == "top_logprobs"
+            assert x.valid_mass + x.invalid_mass + x.unresolved_mass == pytest.approx(1, abs=1e-6)
+            with pytest.raises(EngineInputError):
+                await e.chat(ChatRequest(messages=tuple(MSG), params=SamplingParams(n=1, max_tokens=1000)))
+        finally:
+            await e.close()
+        bad = OpenAIEngine(spec.model_copy(update={"remote_model": "nope"}))
+        with pytest.raises(UpstreamError):
+            await bad.chat(ChatRequest(messages=tuple(MSG)))
+        await bad.close()
+
+    asyncio.run(go())
+    monkeypatch.delenv("TT_REMOTE_KEY")
+    with pytest.raises(UserError):
+        OpenAIEngine(spec)
+
+
+# ------------------------------------------------------------------------------------------- shutdown
+def test_zz_sigint_stops_cleanly(app):
+    app.proc.send_signal(signal.SIGINT)  # Ctrl-C to the serve process only
+    assert app.proc.wait(90) == 0, app.log.read_text()[-3000:]
+    assert "stopped" in app.log.read_text()
