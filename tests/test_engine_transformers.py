@@ -103,6 +103,22 @@ def test_shared_prefix_decoder_matches_hf(engine, tmp_path, with_adapter):
             run(engine.unload_adapter("a"))
 
 
+def test_static_graph_step_matches_dynamic_step(engine):
+    """The CUDA-graph form of a decode step (masked full buffer, step index as a tensor), run eagerly on CPU."""
+    ids = engine.prompt_ids(MSGS)
+    dec = SharedPrefixDecoder(engine.model)
+    with torch.inference_mode():
+        pre = dec.prefill(ids)
+        a, b = dec.start(pre, 2, 5), dec.start(pre, 2, 5)
+        for t, tok in enumerate([[3, 4], [5, 6], [7, 7]]):
+            tok = torch.tensor(tok)
+            la = dec._forward(a, tok, t, static=False)
+            lb = dec._forward(b, tok, torch.tensor([t]), static=True)
+            a.t += 1
+            b.t += 1
+            torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------- sampling
 def test_seeded_sampling_is_reproducible_and_chunked(engine):
     a = chat(engine, n=20, seed=7)

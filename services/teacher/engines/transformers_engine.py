@@ -342,10 +342,12 @@ class TransformersEngine(Engine):
         return out
 
     def _chat_sync(self, req: ChatRequest) -> ChatResult:
-        p = req.params
+        return self.sample_ids(self.prompt_ids(req.messages), req.params, req.adapter)
+
+    def sample_ids(self, ids: list[int], p: SamplingParams, adapter: str | None = None) -> ChatResult:
+        """`chat` from token ids (already chat-templated). Synchronous: call on the engine thread or alone."""
         if p.logprobs and self._table is None:
             self._root_classifier()
-        ids = self.prompt_ids(req.messages)
         if len(ids) + p.max_tokens > self.max_context:
             raise EngineInputError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceeds the model's "
                                    f"context of {self.max_context} tokens", param="max_tokens")
@@ -354,7 +356,7 @@ class TransformersEngine(Engine):
         gen.manual_seed(int(seed))
         uniforms = torch.rand(p.n, p.max_tokens, generator=gen, dtype=torch.float64)  # sample i, step t
         t0 = time.perf_counter()
-        with self._adapter(req.adapter), torch.inference_mode():
+        with self._adapter(adapter), torch.inference_mode():
             prefix = self.decoder.prefill(ids)
             t1 = time.perf_counter()
             per_chunk = self._rows_per_chunk(p.max_tokens)
@@ -376,9 +378,12 @@ class TransformersEngine(Engine):
 
     # -------------------------------------------------------------------------------------- exact
     def _exact_sync(self, req: ExactRequest) -> ExactResult:
+        return self.exact_ids(self.prompt_ids(req.messages), req)
+
+    def exact_ids(self, ids: list[int], req: ExactRequest) -> ExactResult:
+        """`exact` from token ids (already chat-templated; `req.messages` is ignored). Synchronous."""
         rule = make_rule(req.kind, req.endowment)
         root = self._root_classifier()
-        ids = self.prompt_ids(req.messages)
         if len(ids) + req.max_depth > self.max_context:
             raise EngineInputError(f"prompt ({len(ids)} tokens) exceeds the model's context", param="messages")
         with self._adapter(req.adapter), torch.inference_mode():
