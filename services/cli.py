@@ -222,19 +222,12 @@ def train(
     dataset: Optional[Path] = typer.Option(None, help="training-set Parquet (default: <run_dir>/generate/dataset)"),
 ) -> None:
     """LoRA on the student with Ray Train (resumes an interrupted run); adapter logged to MLflow."""
-    from services.evaluator.pipeline import Stages, effective_config, tracking
-    from services.trainer.dataset import TRAIN_PARQUET
-    from services.trainer.train import run_training
+    from services.evaluator.pipeline import Stages
+    from services.trainer.train_cli import train as run_train
     from shared.config import load_config
 
-    cfg = load_config(config)
-    path = dataset or cfg.run_dir / "generate" / "dataset" / TRAIN_PARQUET
-    if not path.is_file():
-        fail(f"training set not found: {path} (run `tomtransfer generate` first, or pass --dataset)")
-    with tracking(cfg) as uri:
-        cfg = effective_config(cfg, uri)
-        res = run_training(cfg, path, cfg.models.student.model, uri)
-    Stages(cfg.run_dir).mark("train", **{k: res.get(k) for k in ("run_id", "adapter_dir", "adapter_uri")})
+    res = run_train(config, dataset=dataset)
+    Stages(load_config(config).run_dir).mark("train", **{k: res.get(k) for k in ("run_id", "adapter_dir", "adapter_uri")})
     out.print(f"[green]train[/] adapter {res['adapter_dir']} ({res.get('adapter_uri')}), "
               f"mlflow run {res['run_id']}", highlight=False, soft_wrap=True)
 
