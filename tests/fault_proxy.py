@@ -8,7 +8,8 @@ paths, injects one of the faults a real deployment shows:
             response: the request *was* served, so a naive client that had already counted it duplicates)
   "reset"   forward, then close the connection without any response (a crashing proxy / network cut)
 
-`delay_s` adds latency to every sampling request. `kill()` makes the endpoint die on demand: the listening socket closes (new connections are refused) and
+`delay_s` adds latency to every sampling request; `frozen = True` makes every request hang (a wedged host
+that accepts connections and never answers). `kill()` makes the endpoint die on demand: the listening socket closes (new connections are refused) and
 requests in flight are cut. `revive()` listens again on the same port.
 
 Use in-process (`FaultProxy(upstream).start()`, a background thread with its own event loop) or as a
@@ -44,6 +45,7 @@ class FaultProxy:
         self.delay_s = delay_s  # added latency per sampling request (a slow network / busy server)
         self.stats: Counter = Counter()
         self.reject_status: int | None = None  # answer every sampling request with this (e.g. 404), if set
+        self.frozen = False  # hang every request (a wedged host: connections accepted, nothing answered)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -66,6 +68,9 @@ class FaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.stats["requests"] += 1
         path = request.rel_url.path
+        if self.frozen:
+            self.stats["frozen"] += 1
+            await asyncio.Event().wait()
         if self.reject_status is not None and path in self.paths:
             self.stats["rejected"] += 1
             return web.json_response({"error": {"message": f"injected rejection {self.reject_status}",

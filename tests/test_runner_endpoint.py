@@ -11,10 +11,11 @@ import threading
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from services.common.runner import EndpointError
+from services.common.runner import EndpointError, RetryPolicy
 from services.common.samples import SampleStore, atomic_write_parquet, sample_seed
 from services.evaluator.collect import collect_exact, collect_samples
 from shared.config import parse_config
@@ -155,6 +156,23 @@ def test_dead_endpoint_clear_error_within_60s_and_resume(reference, llm_endpoint
     assert res.report.already == sum(kept.values())
     assert_exact(res.table)
     assert comparable(res.table) == comparable(reference.table)
+
+
+def test_hung_endpoint_detected_by_probe_and_slow_endpoint_is_not(reference, llm_endpoint, tmp_path):
+    """An endpoint that accepts connections and never answers is found by the health probe (here with a
+    scaled-down policy; the defaults give ~50 s), while one that is merely slow is left alone."""
+    fast = RetryPolicy(stall_after_s=1.0, probe_every_s=0.25, probe_timeout_s=0.5, give_up_after_s=1.5)
+    with FaultProxy(llm_endpoint.url, delay_s=2.5) as slow:  # every block takes longer than stall_after_s
+        res = collect_samples(config(tmp_path / "slow", slow.url, roles=["teacher"], concurrency=9), progress=False,
+                              retry=fast)
+    assert res.report.retries == 0 and slow.stats["requests"] > 9  # the probes came, and were answered
+    assert comparable(res.table) == comparable(reference.table.filter(pc.equal(reference.table["role"], "teacher")))
+    with FaultProxy(llm_endpoint.url) as proxy:
+        proxy.frozen = True
+        t0 = time.monotonic()
+        with pytest.raises(EndpointError, match="is down.*health probe"):
+            collect_samples(config(tmp_path / "hung", proxy.url, roles=["teacher"]), progress=False, retry=fast)
+        assert time.monotonic() - t0 < 10
 
 
 def test_4xx_is_an_immediate_clear_error(llm_endpoint, tmp_path):

@@ -20,13 +20,19 @@ How a run goes:
      dead or broken: every other request is cancelled and `EndpointError` is raised with one line (what
      failed, the last error, how many samples are kept, "rerun to resume"); with the defaults that is
      within ~35 s of the endpoint dying (give-up window + one backoff + one connect timeout);
+   - an endpoint that hangs (accepts connections, never answers) would otherwise only be noticed after
+     `request_timeout_s` (a healthy CPU server may legitimately need minutes per block): when no HTTP
+     response of any kind has arrived for `stall_after_s` (20 s), a watchdog probes `GET /v1/models`;
+     probes failing for `give_up_after_s` mean dead (~50 s in all). A slow endpoint answers its probes and
+     is left alone;
    - any other 4xx (bad model / adapter name, n or max_tokens over the server's cap, auth) is raised at once
      as `EndpointError` with the server's message: retrying cannot fix it.
    Completed blocks are on disk whatever happens; rerunning the same command fills in only what is missing.
 4. At the end the counts are checked: exactly N rows per (role, scenario), or an error.
 
-Limitation: a server that accepts connections but never answers (hung, not dead) is detected only after
-`RetryPolicy.request_timeout_s`, since a healthy CPU server may legitimately take minutes for a block.
+Token counts: `prompt_tokens` is the request's; `completion_tokens` per sample is filled when the server
+reports a per-choice count (a `completion_tokens` field on each choice, an extension) or when n == 1, and
+left null otherwise rather than guessed from the request total.
 """
 
 from __future__ import annotations
@@ -102,11 +108,18 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """Retry and dead-endpoint rules. With the defaults a dead endpoint is reported within ~35 s when it
+    refuses or drops connections, and within ~50 s when it hangs (stall 20 s + probes failing 25 s + one
+    probe timeout); both stay under a minute whatever the concurrency."""
+
     backoff_base_s: float = 0.5
     backoff_max_s: float = 5.0
-    give_up_after_s: float = 25.0  # one request failing this long without a success = endpoint dead
+    give_up_after_s: float = 25.0  # one request (or the health probe) failing this long = endpoint dead
     connect_timeout_s: float = 5.0
-    request_timeout_s: float = 900.0
+    request_timeout_s: float = 900.0  # a healthy CPU server may take minutes for one block
+    stall_after_s: float = 20.0  # no HTTP response of any kind for this long -> start probing GET /v1/models
+    probe_every_s: float = 2.5
+    probe_timeout_s: float = 5.0
 
     def delay(self, attempt: int) -> float:
         """Exponential backoff with 'equal jitter': half fixed, half random, capped."""
@@ -227,6 +240,7 @@ class _Shared:
     report: RunReport
     kept: Callable[[], int]
     fatal: EndpointError | None = None
+    last_activity: float = field(default_factory=time.monotonic)  # last HTTP response of any kind
 
     def fail(self, what: str, err: BaseException, dead: bool) -> EndpointError:
         why = f"no answer for {self.retry.give_up_after_s:g} s, last error {_describe(err)}" if dead else _describe(err)
@@ -251,10 +265,15 @@ async def _with_retries(shared: _Shared, what: str, call: Callable[[], Any]) -> 
         t0 = time.monotonic()
         try:
             result = await call()
-            return result, time.monotonic() - t0
+            shared.last_activity = time.monotonic()
+            return result, shared.last_activity - t0
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001 - classified below
+            import openai
+
+            if isinstance(err, openai.APIStatusError):
+                shared.last_activity = time.monotonic()  # it answered: alive, if unhappy
             kind = _classify(err)
             if kind == "raise":
                 raise
@@ -341,25 +360,63 @@ def _client(base_url: str, api_key: str | None, retry: RetryPolicy, concurrency:
     )
 
 
-async def _gather_or_abort(tasks: list[asyncio.Task], shared: _Shared) -> None:
-    """Wait for all tasks; on the first failure cancel the rest, wait for them, and raise that failure."""
+async def _watchdog(client, shared: _Shared) -> None:
+    """Catch an endpoint that hangs instead of failing: requests in flight would only time out after
+    `request_timeout_s`. When no HTTP response at all has arrived for `stall_after_s`, probe `GET /v1/models`
+    (cheap, answered by any OpenAI-compatible server even while it is busy generating); probes failing for
+    `give_up_after_s` mean the endpoint is dead. Returns never; raises EndpointError."""
+    r = shared.retry
+    failing_since: float | None = None
+    while True:
+        await asyncio.sleep(r.probe_every_s)
+        if time.monotonic() - shared.last_activity < r.stall_after_s:
+            failing_since = None
+            continue
+        t0 = time.monotonic()
+        try:
+            await client.models.list(timeout=r.probe_timeout_s)
+            failing_since = None
+            shared.last_activity = time.monotonic()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001
+            import openai
+
+            if isinstance(err, openai.APIStatusError) and err.status_code < 500:
+                failing_since = None  # it answers (e.g. 401/404 on the probe route): alive
+                continue
+            failing_since = failing_since if failing_since is not None else t0
+            if time.monotonic() - failing_since >= r.give_up_after_s:
+                raise shared.fail("health probe GET /v1/models while requests hang", err, dead=True) from None
+
+
+async def _gather_or_abort(tasks: list[asyncio.Task], shared: _Shared, client=None) -> None:
+    """Wait for all tasks (and watch the endpoint); on the first failure cancel the rest, wait for them to
+    finish cancelling, and raise that failure."""
     if not tasks:
         return
+    watchdog = asyncio.create_task(_watchdog(client, shared)) if client is not None else None
+    pending = set(tasks)
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    except asyncio.CancelledError:
-        for t in tasks:
+        while pending:
+            done, _ = await asyncio.wait(pending | ({watchdog} if watchdog else set()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            pending -= done
+            if any(not t.cancelled() and t.exception() is not None for t in done):
+                break
+    finally:
+        rest = [*pending, *([watchdog] if watchdog else [])]
+        for t in rest:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-    for t in pending:
-        t.cancel()
-    results = await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*rest, return_exceptions=True)
+    # Retrieve every task's exception (so none is logged later from a garbage-collector callback), then raise
+    # the endpoint failure if there was one, else the first unexpected error.
+    errors = [t.exception() for t in tasks if t.done() and not t.cancelled()]
     if shared.fatal is not None:
         raise shared.fatal
-    for r in results:
-        if isinstance(r, BaseException) and not isinstance(r, (asyncio.CancelledError, _Aborted)):
-            raise r
+    for e in errors:
+        if e is not None and not isinstance(e, _Aborted):
+            raise e
 
 
 # ----------------------------------------------------------------------------------------- sampling
@@ -426,7 +483,7 @@ async def sample_async(
             for j in jobs:
                 bar.add(j, len(have.get(j.key, ())))
             tasks = [asyncio.create_task(one(j, r, bar)) for j, r in plans]
-            await _gather_or_abort(tasks, shared)
+            await _gather_or_abort(tasks, shared, client)
     finally:
         await client.close()
 
@@ -560,7 +617,7 @@ async def exact_async(
             for j in jobs:
                 bar.add(j, 1 if j.key in done else 0)
             tasks = [asyncio.create_task(one(j, bar)) for j in todo]
-            await _gather_or_abort(tasks, shared)
+            await _gather_or_abort(tasks, shared, client)
     finally:
         await client.close()
     left = {j.key for j in jobs} - store.done()
