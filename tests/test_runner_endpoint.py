@@ -156,6 +156,14 @@ def test_dead_endpoint_clear_error_within_60s_and_resume(reference, llm_endpoint
     assert res.report.already == sum(kept.values())
     assert_exact(res.table)
     assert comparable(res.table) == comparable(reference.table)
+    # ... hence the evaluation metrics (domain core, via the evaluator) are those of the uninterrupted run.
+    from services.evaluator.metrics import evaluate_samples
+
+    def metrics(t):
+        return evaluate_samples(t.to_pandas(), expected_samples=N, n_resamples=200).flat_metrics()
+
+    got = metrics(res.table)
+    assert got == metrics(reference.table) and any(k.startswith("invalid_rate.") for k in got)
 
 
 def test_hung_endpoint_detected_by_probe_and_slow_endpoint_is_not(reference, llm_endpoint, tmp_path):
