@@ -41,6 +41,9 @@ class ModelSpec(_Strict):
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    threads: int | None = Field(
+        default=None, ge=1, description="CPU threads of the transformers engine (default: num_cpus); more threads "
+        "than reserved CPUs lets one busy model use an idle core, e.g. the teacher while the student waits")
     max_batch_size: int = Field(default=512, ge=1, description="sequences decoded together")
     vllm_engine_kwargs: dict = Field(default_factory=dict)
 

@@ -233,7 +233,7 @@ class ModelServer:
         cls = engine_class(self.spec.engine)
         kwargs: dict[str, Any] = {}
         if self.spec.engine == "transformers":
-            kwargs["threads"] = max(1, int(round(self.spec.num_cpus)))
+            kwargs["threads"] = self.spec.threads or max(1, int(round(self.spec.num_cpus)))
         self.engine = cls(self.spec, **kwargs)
         self.sources: OrderedDict[str, str] = OrderedDict()  # adapter name -> source, LRU order
         self.max_adapters = int(os.environ.get("TOMTRANSFER_MAX_ADAPTERS", "16"))

@@ -1,0 +1,155 @@
+"""End to end: `tomtransfer run` on tiny random-weight models through real Ray Serve, Ray Train (2 workers)
+and a real `mlflow server`; the MLflow run must hold the metrics, figures and adapter, the run's page in
+the MLflow UI must render in headless Chromium, a rerun must resume instead of redoing work, and
+`tomtransfer report --run-id` must rebuild the same numbers. Bad configs exit 2 with one line.
+
+Starts Ray and servers: runs inside a private network namespace (`make test` does).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.browser import render
+
+pytest_plugins = ["tests.fixtures.mlflow_server"]
+pytestmark = pytest.mark.netns
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tomtransfer(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "services.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory, mlflow_tracking_uri):
+    from services.common.tiny import tiny_model_dir
+
+    out = tmp_path_factory.mktemp("e2e")
+    cfg = {
+        "name": "e2e-tiny",
+        "output_dir": str(out),
+        "models": {"teacher": {"model": str(tiny_model_dir("qwen2", seed=3))},
+                   "student": {"model": str(tiny_model_dir("llama", seed=4))}},
+        "sampling": {"temperature": 1.0, "max_tokens": 12, "seed": 5},
+        "serving": {"port": 8123},
+        "generate": {"samples": 4, "families": ["in_sample"], "request_n": 4},
+        "training": {"epochs": 1, "learning_rate": 1e-3, "effective_batch_size": 8, "per_device_batch_size": 2,
+                     "num_workers": 2, "max_seq_len": 256, "adapter_name": "e2e"},
+        "evaluate": {"estimator": "exact", "samples": 300},
+        "mlflow": {"tracking_uri": mlflow_tracking_uri, "experiment": "e2e"},
+    }
+    path = out / "experiment.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    first = tomtransfer("run", "--config", path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    return path, out / "e2e-tiny", first
+
+
+@pytest.fixture(scope="module")
+def run(experiment, mlflow_tracking_uri):
+    from mlflow.tracking import MlflowClient
+
+    _, run_dir, _ = experiment
+    client = MlflowClient(mlflow_tracking_uri)
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    return client, client.get_run(run_id)
+
+
+def test_run_holds_metrics_figures_and_adapter(run):
+    client, r = run
+    assert r.info.status == "FINISHED" and r.info.run_name == "e2e-tiny"
+    m = r.data.metrics
+    # every family evaluated, for every scenario: 20 + 12 + 20 rates per role, and the PGG
+    for role in ("teacher", "student_base", "student_finetuned"):
+        for fam, n in (("in_sample", 20), ("oos_context", 12), ("oos_game", 20)):
+            assert sum(k.startswith(f"rate.{role}.{fam}.") for k in m) == n, (role, fam)
+        assert f"pgg.mean.{role}" in m
+    assert "improvement_n.in_sample" in m and "table1.n" in m
+    for k in ("timing.generate_s", "timing.train_s", "timing.evaluate_s"):
+        assert m[k] > 0
+    top = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"adapter", "figures", "tables", "report", "samples", "config"} <= top
+    figures = {Path(a.path).name for a in client.list_artifacts(r.info.run_id, "figures")}
+    assert {"fig2_cooperation_in_sample.png", "fig3_improvement_in_sample.png", "fig5_pgg.png"} <= figures
+    adapter = {Path(a.path).name for a in client.list_artifacts(r.info.run_id, "adapter")}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= adapter
+    # child runs: the teacher dataset and the training, linked to this run
+    children = client.search_runs([r.info.experiment_id], f"tags.mlflow.parentRunId = '{r.info.run_id}'")
+    stages = {c.data.tags.get("tomtransfer.stage") for c in children}
+    assert {"generate", "train"} <= stages
+    train = next(c for c in children if c.data.tags.get("tomtransfer.stage") == "train")
+    assert "train_loss" in train.data.metrics or any(k.startswith("loss") for k in train.data.metrics)
+
+
+def test_adapter_reloads_with_peft(run, tmp_path):
+    import mlflow
+    from peft import PeftConfig
+
+    client, r = run
+    local = mlflow.artifacts.download_artifacts(run_id=r.info.run_id, artifact_path="adapter", dst_path=str(tmp_path),
+                                                tracking_uri=client._tracking_client.tracking_uri)
+    cfg = PeftConfig.from_pretrained(local)
+    assert cfg.r == 8 and set(cfg.target_modules) == {"q_proj", "v_proj"}
+
+
+def test_generated_dataset_is_exact(experiment):
+    import pyarrow.parquet as pq
+
+    _, run_dir, _ = experiment
+    t = pq.read_table(run_dir / "generate" / "samples" / "samples.parquet").to_pandas()
+    assert len(t) == 20 * 4
+    assert t.groupby("scenario_id").sample_index.apply(lambda s: sorted(s) == [0, 1, 2, 3]).all()
+
+
+def test_rerun_resumes_without_redoing_work(experiment, run):
+    path, run_dir, _ = experiment
+    client, r = run
+    before = (run_dir / "stages.json").read_text()
+    again = tomtransfer("run", "--config", path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[generate] done earlier" in again.stderr and "[train] done earlier" in again.stderr
+    assert json.loads(before)["train"]["adapter_uri"] == json.loads((run_dir / "stages.json").read_text())["train"]["adapter_uri"]
+    assert (run_dir / "mlflow_run_id").read_text().strip() == r.info.run_id
+
+
+def test_report_rebuilds_the_logged_numbers(run, tmp_path, mlflow_tracking_uri):
+    client, r = run
+    res = tomtransfer("report", "--run-id", r.info.run_id, "--tracking-uri", mlflow_tracking_uri, "--out", tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "report" / "report.html").is_file()
+    bad = tomtransfer("report", "--run-id", "0" * 32, "--tracking-uri", mlflow_tracking_uri)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_mlflow_ui_renders_the_run(run, mlflow_tracking_uri, tmp_path):
+    _, r = run
+    shot = tmp_path / "run.png"
+    dom = render(f"{mlflow_tracking_uri}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}", screenshot=shot)
+    assert "e2e-tiny" in dom
+    assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("models: {teacher: {model: a}, student: {model: b}}\ntraining: {num_workers: 0}\n", "training.num_workers"),
+        ("models: {teacher: {model: a}, student: {model: b}}\nevaluate: {estimator: guess}\n", "evaluate.estimator"),
+        ("name: 'bad name'\nmodels: {teacher: {model: a}, student: {model: b}}\n", "name"),
+    ],
+)
+def test_bad_configs_exit_2(tmp_path, text, message):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    for cmd in ("run", "evaluate", "train", "generate", "serve"):
+        res = tomtransfer(cmd, "--config", f, timeout=120)
+        assert res.returncode == 2, (cmd, res.stderr)
+        assert message in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert list(tmp_path.iterdir()) == [f]  # nothing written
