@@ -93,7 +93,7 @@ class HFDecoder:
         out = self.model(input_ids=x, use_cache=True)
         return Prefix(length=len(ids), logits=out.logits[0, -1].float(), cache=out.past_key_values)
 
-    def start(self, prefix: Prefix, rows: int, capacity: int) -> State:
+    def start(self, prefix: Prefix, rows: int, capacity: int, graph: bool = True) -> State:
         from transformers import DynamicCache
 
         cache = DynamicCache()
@@ -122,8 +122,35 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+def _is_plain_linear(m) -> bool:
+    return type(m) is torch.nn.Linear
+
+
+def _attn_lse_manual(q, k, v, mask):
+    """softmax(q k^T) v and its log-sum-exp over keys; q (..., Sq, D) pre-scaled, mask (Sk,) bool or None."""
+    s = torch.matmul(q, k.transpose(-1, -2)).float()
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.matmul(torch.exp(s - lse.unsqueeze(-1)).to(v.dtype), v)
+    return out, lse
+
+
+def _attn_lse_cuda(q, k, v, bias):
+    """The same on CUDA with PyTorch's memory-efficient attention kernel (one kernel, returns the LSE)."""
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=1.0)
+    return out, lse[..., : q.shape[-2]]
+
+
 class SharedPrefixDecoder:
-    """Llama-family decode with a shared prompt cache (see the module docstring)."""
+    """Llama-family decode with a shared prompt cache (see the module docstring).
+
+    Two forms of the layer math, same numbers: with peft adapters it calls the model's modules (LoRA wrappers
+    apply); without, q/k/v and gate/up run as single fused matrix products (the modules' weights become views
+    into the fused tensors, so nothing is duplicated and the HF forward still sees the same weights). On CUDA the
+    attention is two fused kernels (prompt, suffix) merged by their log-sum-exps; with `graphs`, the decode step
+    is captured once per (rows, capacity, prompt length) and replayed, also across requests.
+    """
 
     name = "shared_prefix"
 
@@ -141,7 +168,56 @@ class SharedPrefixDecoder:
         self.head_dim = att.head_dim
         self.scaling = att.scaling
         self.graphs = graphs
+        self.peft = model is not self.lm
+        self.fused = None if self.peft else self._fuse()
+        self.cuda_attn = False
+        self._pool: "dict[tuple, _Graph]" = {}
+        if self.lm.device.type == "cuda":
+            self.cuda_attn = self._check_cuda_attention()
 
+    # ---------------------------------------------------------------------------------------- setup
+    @torch.no_grad()
+    def _fuse(self):
+        fused = []
+        for layer in self.lm.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            projs = [att.q_proj, att.k_proj, att.v_proj]
+            if not all(_is_plain_linear(m) for m in (*projs, mlp.gate_proj, mlp.up_proj)):
+                return None
+            w = torch.cat([m.weight for m in projs])
+            bias = torch.cat([m.bias for m in projs]) if projs[0].bias is not None else None
+            start = 0
+            for m in projs:
+                n = m.weight.shape[0]
+                m.weight = torch.nn.Parameter(w[start:start + n], requires_grad=False)
+                if bias is not None:
+                    m.bias = torch.nn.Parameter(bias[start:start + n], requires_grad=False)
+                start += n
+            gu = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            n = mlp.gate_proj.weight.shape[0]
+            mlp.gate_proj.weight = torch.nn.Parameter(gu[:n], requires_grad=False)
+            mlp.up_proj.weight = torch.nn.Parameter(gu[n:], requires_grad=False)
+            fused.append((w, bias, gu))
+        return fused
+
+    def _check_cuda_attention(self) -> bool:
+        """Use the fused CUDA attention only if it runs here and agrees with the plain math."""
+        try:
+            dev, dt = self.lm.device, self.lm.dtype
+            g = torch.Generator(device=dev).manual_seed(0)
+            q = torch.randn(2, self.n_kv, 3, self.head_dim, device=dev, dtype=dt, generator=g)
+            k = torch.randn(2, self.n_kv, 16, self.head_dim, device=dev, dtype=dt, generator=g)
+            v = torch.randn(2, self.n_kv, 16, self.head_dim, device=dev, dtype=dt, generator=g)
+            mask = torch.arange(16, device=dev) < 11
+            bias = torch.zeros(16, device=dev, dtype=dt).masked_fill(~mask, float("-inf")).view(1, 1, 1, 16)
+            o1, l1 = _attn_lse_cuda(q, k, v, bias.expand(2, self.n_kv, 3, 16))
+            o2, l2 = _attn_lse_manual(q, k, v, mask)
+            ok = torch.allclose(o1.float(), o2.float(), atol=2e-2, rtol=2e-2) and torch.allclose(l1, l2, atol=2e-2)
+            return bool(ok)
+        except Exception:  # noqa: BLE001 - any failure: use the plain math
+            return False
+
+    # -------------------------------------------------------------------------------------- prefill
     # The model's modules are looked up at call time: peft replaces q_proj/v_proj with LoRA wrappers.
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> Prefix:
@@ -150,60 +226,111 @@ class SharedPrefixDecoder:
         kv = [(layer.keys[0].contiguous(), layer.values[0].contiguous()) for layer in out.past_key_values.layers]
         return Prefix(length=len(ids), logits=out.logits[0, -1].float(), kv=kv)
 
-    def start(self, prefix: Prefix, rows: int, capacity: int) -> State:
+    def start(self, prefix: Prefix, rows: int, capacity: int, graph: bool = True) -> State:
+        """`graph=False`: never a CUDA graph for this batch (short or irregular work such as exact mode)."""
+        if graph and self.graphs and self.lm.device.type == "cuda":
+            g = self._pooled(rows, capacity, prefix)
+            return State(prefix=g.prefix, rows=rows, capacity=capacity, ks=g.ks, vs=g.vs, graph=g)
         k0 = prefix.kv[0][0]
         shape = (rows, self.n_kv, capacity, self.head_dim)
         ks = [torch.zeros(shape, dtype=k0.dtype, device=k0.device) for _ in prefix.kv]
         vs = [torch.zeros(shape, dtype=k0.dtype, device=k0.device) for _ in prefix.kv]
         return State(prefix=prefix, rows=rows, capacity=capacity, ks=ks, vs=vs)
 
+    def _pooled(self, rows: int, capacity: int, prefix: Prefix) -> "_Graph":
+        """Static buffers (and, once captured, the graph) for this shape; the prompt's K/V copied in."""
+        key = (rows, capacity, prefix.length)
+        g = self._pool.get(key)
+        if g is None:
+            while len(self._pool) >= 2:  # bound the memory held by idle shapes
+                self._pool.pop(next(iter(self._pool)))
+            k0 = prefix.kv[0][0]
+            shape = (rows, self.n_kv, capacity, self.head_dim)
+            g = _Graph()
+            g.ks = [torch.zeros(shape, dtype=k0.dtype, device=k0.device) for _ in prefix.kv]
+            g.vs = [torch.zeros(shape, dtype=k0.dtype, device=k0.device) for _ in prefix.kv]
+            g.prefix = Prefix(length=prefix.length, logits=prefix.logits,
+                              kv=[(k.clone(), v.clone()) for k, v in prefix.kv])
+            g.tokens = torch.zeros(rows, dtype=torch.long, device=k0.device)
+            g.t = torch.zeros(1, dtype=torch.long, device=k0.device)
+            g.graph = None
+            self._pool[key] = g
+        else:
+            for (sk, sv), (k, v) in zip(g.prefix.kv, prefix.kv):
+                sk.copy_(k)
+                sv.copy_(v)
+            g.prefix.logits = prefix.logits
+        return g
+
     def select(self, state: State, index: torch.Tensor) -> None:
         index = index.to(state.ks[0].device)
         t = state.t
-        if t == 0:  # nothing written yet: just resize
-            shape = (int(index.numel()), *state.ks[0].shape[1:])
+        rows = int(index.numel())
+        if state.graph is not None:  # move into the pooled buffers of the new shape
+            g = self._pooled(rows, state.capacity, state.prefix)
+            if t:
+                for dst, src in zip(g.ks + g.vs, state.ks + state.vs):
+                    dst[:, :, :t] = src[:, :, :t].index_select(0, index)
+            state.ks, state.vs, state.prefix, state.graph = g.ks, g.vs, g.prefix, g
+        elif t == 0:  # nothing written yet: just resize
+            shape = (rows, *state.ks[0].shape[1:])
             state.ks = [torch.zeros(shape, dtype=k.dtype, device=k.device) for k in state.ks]
             state.vs = [torch.zeros(shape, dtype=v.dtype, device=v.device) for v in state.vs]
         else:  # copy only the filled part of the suffix buffers
             def pick(buf):
-                out = torch.empty((int(index.numel()), *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
+                out = torch.empty((rows, *buf.shape[1:]), dtype=buf.dtype, device=buf.device)
                 out[:, :, :t] = buf[:, :, :t].index_select(0, index)
                 return out
             state.ks = [pick(k) for k in state.ks]
             state.vs = [pick(v) for v in state.vs]
-        state.rows = int(index.numel())
-        state.graph = None
+        state.rows = rows
 
+    # ---------------------------------------------------------------------------------------- step
     def _rope(self, x_like: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = self.lm.model.rotary_emb(x_like, position.view(1, 1))
         return cos.view(1, 1, -1), sin.view(1, 1, -1)  # (1, 1, D)
+
+    @staticmethod
+    def _norm(norm, x):
+        return torch.nn.functional.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
     def _forward(self, state: State, tokens: torch.Tensor, t: int | torch.Tensor, static: bool) -> torch.Tensor:
         """One decode step. `static`: mask the whole suffix buffer (graph-capturable) instead of slicing."""
         lm = self.lm
         B, Hkv, G, D = tokens.shape[0], self.n_kv, self.group, self.head_dim
+        H = Hkv * G
         x = lm.model.embed_tokens(tokens)  # (B, hidden)
+        L = state.prefix.length
         if static:
             t_idx = t  # (1,) long tensor on device
-            pos = t_idx + state.prefix.length
+            pos = t_idx + L
             span = state.capacity
-            L0 = state.prefix.length
-            mask = torch.cat([torch.ones(L0, dtype=torch.bool, device=x.device),
-                              torch.arange(span, device=x.device) <= t_idx])  # (L + cap,)
+            mask = torch.arange(span, device=x.device) <= t_idx  # (cap,)
         else:
-            pos = torch.tensor([state.prefix.length + t], device=x.device)
+            pos = torch.tensor([L + t], device=x.device)
             span = t + 1
             mask = None
         cos, sin = self._rope(x, pos)
-        cos, sin = cos.view(1, 1, D), sin.view(1, 1, D)
+        bias = None
+        if self.cuda_attn and mask is not None:
+            bias = torch.zeros(span, device=x.device, dtype=x.dtype).masked_fill(~mask, float("-inf"))
+            bias = bias.view(1, 1, 1, span).expand(B, Hkv, G, span)
         for i, layer in enumerate(lm.model.layers):
             att = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = att.q_proj(h).view(B, Hkv * G, D)
-            k = att.k_proj(h).view(B, Hkv, D)
-            v = att.v_proj(h).view(B, Hkv, D)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            h = self._norm(layer.input_layernorm, x)
+            if self.fused is not None:
+                w, b, gu = self.fused[i]
+                qkv = torch.nn.functional.linear(h, w, b).view(B, H + 2 * Hkv, D)
+                qk = qkv[:, : H + Hkv]
+                qk = qk * cos + _rotate_half(qk) * sin
+                q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
+            else:
+                q = att.q_proj(h).view(B, H, D)
+                k = att.k_proj(h).view(B, Hkv, D)
+                v = att.v_proj(h).view(B, Hkv, D)
+                q = q * cos + _rotate_half(q) * sin
+                k = k * cos + _rotate_half(k) * sin
+            q = q * self.scaling
             ks, vs = state.ks[i], state.vs[i]
             if static:
                 ks.index_copy_(2, t_idx, k.unsqueeze(2))
@@ -212,25 +339,29 @@ class SharedPrefixDecoder:
                 ks[:, :, t] = k
                 vs[:, :, t] = v
             kp, vp = state.prefix.kv[i]  # (Hkv, L, D)
-            L = kp.shape[1]
-            qg = q.view(B, Hkv, G, D)
-            # prefix scores: all rows' queries of one KV head against that head's shared prompt keys
-            qp = qg.permute(1, 0, 2, 3).reshape(Hkv, B * G, D)
-            sp = torch.bmm(qp, kp.transpose(1, 2)).view(Hkv, B, G, L).permute(1, 0, 2, 3)  # (B,Hkv,G,L)
-            ks_ = ks[:, :, :span]
-            vs_ = vs[:, :, :span]
-            ss = torch.matmul(qg, ks_.transpose(-1, -2))  # (B,Hkv,G,span)
-            scores = torch.cat([sp, ss], dim=-1).float() * self.scaling
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).to(q.dtype)
-            pp, ps = probs[..., :L], probs[..., L:]
-            op = torch.bmm(pp.permute(1, 0, 2, 3).reshape(Hkv, B * G, L), vp).view(Hkv, B, G, D).permute(1, 0, 2, 3)
-            os_ = torch.matmul(ps, vs_)
-            o = (op + os_).reshape(B, Hkv * G * D)
+            qg = q.reshape(B, Hkv, G, D)
+            # prompt part: all rows' queries of one KV head against that head's shared prompt keys (read once)
+            qp = qg.permute(1, 0, 2, 3).reshape(1, Hkv, B * G, D)
+            ks_, vs_ = ks[:, :, :span], vs[:, :, :span]
+            if self.cuda_attn:
+                op, lp = _attn_lse_cuda(qp, kp.unsqueeze(0), vp.unsqueeze(0), None)
+                os_, ls = _attn_lse_cuda(qg, ks_, vs_, bias)
+            else:
+                op, lp = _attn_lse_manual(qp, kp.unsqueeze(0), vp.unsqueeze(0), None)
+                os_, ls = _attn_lse_manual(qg, ks_, vs_, mask)
+            op = op.view(Hkv, B, G, D).permute(1, 0, 2, 3)
+            lp = lp.view(Hkv, B, G).permute(1, 0, 2)
+            m = torch.maximum(lp, ls)
+            wp, ws = torch.exp(lp - m).unsqueeze(-1), torch.exp(ls - m).unsqueeze(-1)
+            o = ((op.float() * wp + os_.float() * ws) / (wp + ws)).to(x.dtype).reshape(B, H * D)
             x = x + att.o_proj(o)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        x = lm.model.norm(x)
+            h = self._norm(layer.post_attention_layernorm, x)
+            if self.fused is not None:
+                g_, u_ = torch.nn.functional.linear(h, gu).chunk(2, dim=-1)
+                x = x + layer.mlp.down_proj(layer.mlp.act_fn(g_) * u_)
+            else:
+                x = x + layer.mlp(h)
+        x = self._norm(lm.model.norm, x)
         return lm.lm_head(x).float()
 
     @torch.inference_mode()
@@ -238,7 +369,7 @@ class SharedPrefixDecoder:
         if state.t >= state.capacity:
             raise RuntimeError("decode capacity exceeded")
         tokens = tokens.to(state.ks[0].device)
-        if self.graphs and tokens.is_cuda:
+        if state.graph is not None and tokens.is_cuda:
             logits = self._graph_step(state, tokens)
         else:
             logits = self._forward(state, tokens, state.t, static=False)
@@ -247,34 +378,34 @@ class SharedPrefixDecoder:
 
     def _graph_step(self, state: State, tokens: torch.Tensor) -> torch.Tensor:
         g = state.graph
-        if g is None:
-            g = _Graph()
-            g.tokens = tokens.clone()
-            g.t = torch.zeros(1, dtype=torch.long, device=tokens.device)
+        g.tokens.copy_(tokens)
+        g.t.fill_(state.t)
+        if g.graph is None:
             # warm up on a side stream (required before capture), then capture one static step
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 # warm-up steps write this step's slot, which the replay below rewrites identically
                 for _ in range(2):
-                    g.t.fill_(state.t)
                     self._forward(state, g.tokens, g.t, static=True)
             torch.cuda.current_stream().wait_stream(s)
             g.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g.graph):
                 g.out = self._forward(state, g.tokens, g.t, static=True)
-            state.graph = g
-        g.tokens.copy_(tokens)
-        g.t.fill_(state.t)
         g.graph.replay()
         return g.out.clone()
 
 
 class _Graph:
+    """Static buffers of one decode shape and the CUDA graph of its step (captured on first use)."""
+
     tokens: torch.Tensor
     t: torch.Tensor
     out: torch.Tensor
     graph: object
+    prefix: Prefix
+    ks: list
+    vs: list
 
 
 def make_decoder(model, prefer_fast: bool = True, graphs: bool = False):

@@ -222,13 +222,13 @@ class TransformersEngine(Engine):
             return None, (torch.log_softmax(logits, dim=-1) if p.logprobs else None)
         logp = torch.log_softmax(logits / p.temperature, dim=-1)
         if p.top_p >= 1.0:
-            return logp.exp(), logp
+            return logp.exp(), (logp if p.logprobs else None)
         sorted_lp, idx = torch.sort(logp, dim=-1, descending=True)
         sp = sorted_lp.exp()
         drop = (sp.cumsum(-1) - sp) >= p.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
         probs = torch.softmax(torch.full_like(logp, float("-inf")).scatter(-1, idx, sorted_lp), dim=-1)
-        return probs, logp
+        return probs, (logp if p.logprobs else None)
 
     def _sample_chunk(self, prefix: Prefix, n: int, p: SamplingParams, uniforms: torch.Tensor) -> list[Completion]:
         """Decode `n` samples of one prompt. The batch holds one row per *distinct* token prefix among the
@@ -249,7 +249,7 @@ class TransformersEngine(Engine):
         row_of = [0] * n  # sample -> batch row holding its prefix
         state: State | None = None
         logits = prefix.logits.unsqueeze(0)
-        static_batch = self.graphs and self.device.type == "cuda"
+        static_batch = self.graphs and self.device.type == "cuda" and cap >= 16  # CUDA graph pays off
         for step in range(cap):
             probs, logp = self._distribution(logits, p)
             rows_live = [row_of[s] for s in live]
@@ -319,7 +319,7 @@ class TransformersEngine(Engine):
                 row_of[s] = pair_row[key]
             n_rows = state.rows if state is not None else 1
             if state is None:
-                state = dec.start(prefix, len(parents), cap)
+                state = dec.start(prefix, len(parents), cap, graph=static_batch)
             elif parents == sorted(set(parents)) and (static_batch or len(parents) > 0.75 * n_rows):
                 # every row has at most one child: keep dead rows in place (no copy), feed them a dummy token
                 if len(parents) != n_rows:
@@ -468,7 +468,7 @@ class _TreeBackend:
 
     def advance(self, parent_rows: list[int], tokens: list[int]) -> torch.Tensor:
         if self.state is None:
-            self.state = self.dec.start(self.prefix, len(tokens), self.capacity)
+            self.state = self.dec.start(self.prefix, len(tokens), self.capacity, graph=False)
         else:
             self.dec.select(self.state, torch.tensor(parent_rows, device=self.device))
         return self.dec.step(self.state, torch.tensor(tokens, device=self.device))
