@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -164,6 +165,8 @@ def stage_train(cfg: ExperimentConfig, tracking_uri: str, dataset: str, stages: 
                                    tags={"mlflow.parentRunId": parent_id, "tomtransfer.stage": "train"}).info.run_id
     _say(f"[train] LoRA on {cfg.models.student.model}: {cfg.training.num_workers} Ray Train worker(s)")
     res = run_training(cfg, dataset, cfg.models.student.model, tracking_uri, run_id=run_id)
+    # A new adapter under the same name: fine-tuned results collected earlier describe the old one.
+    shutil.rmtree(cfg.run_dir / "evaluate", ignore_errors=True)
     out = {k: res.get(k) for k in ("run_id", "adapter_dir", "adapter_uri", "train_loss", "loss", "tokens_per_s",
                                    "steps", "wall_s")}
     stages.mark("train", **out)
