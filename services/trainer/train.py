@@ -441,6 +441,7 @@ def train_loop_per_worker(config: dict) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     window_tokens, window_t0 = 0, time.perf_counter()
+    loop_tokens, loop_t0, loop_cpu0 = 0, time.perf_counter(), time.process_time()
     last: dict = {}
     model.train()
     while step < total_steps:
@@ -477,6 +478,7 @@ def train_loop_per_worker(config: dict) -> dict:
             micro_done += len(group)
             step += 1
             window_tokens += n_tokens
+            loop_tokens += n_tokens
             epoch_done = micro_done >= len(batches)
 
             if step % log_every == 0 or step == total_steps or epoch_done:
@@ -511,6 +513,9 @@ def train_loop_per_worker(config: dict) -> dict:
             if epoch_done:
                 break  # next epoch: a fresh shuffle
 
+    if on_gpu:
+        torch.cuda.synchronize()
+    loop_s, loop_cpu_s = time.perf_counter() - loop_t0, time.process_time() - loop_cpu0
     if not last and history:  # resumed a run that had already finished
         last = {"loss": history[-1]["loss"], "step": step}
     # 10. The end: checksums from every rank, the adapter in PEFT format, probe logits, MLflow.
@@ -519,7 +524,8 @@ def train_loop_per_worker(config: dict) -> dict:
               "adapters_identical": len(set(checksums)) == 1, "examples": len(examples),
               "loss_first": history[0]["loss"] if history else None,
               "loss_last": history[-1]["loss"] if history else None, "trainable_params": n_trainable,
-              "total_params": n_total}
+              "total_params": n_total, "loop_tokens": loop_tokens, "loop_s": loop_s, "loop_cpu_s_rank0": loop_cpu_s,
+              "tokens_per_s_avg": loop_tokens / loop_s if loop_s > 0 else 0.0}
     if not use_ray:
         result["history"] = history  # per logged step: loss, tokens/s (benchmarks read it)
     final_dir = None
