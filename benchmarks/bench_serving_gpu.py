@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32, help="fewer for a smoke run")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also a variant with the compiled decode layer")
     ap.add_argument("--out", default=None)
     ap.add_argument("--prepare", default=None, help="save the stand-in tokenizer to this folder and exit")
     ap.add_argument("--tokenizer", default=None, help="a tokenizer folder saved by --prepare")
@@ -99,15 +100,24 @@ def main() -> None:
             best = min(best, time.perf_counter() - t0)
         return best, out
 
-    for name, graphs in (("engine", True), ("engine_nograph", False)):
+    import os
+
+    variants = [("engine", True, False), ("engine_nograph", False, False)]
+    if args.compile:
+        variants.insert(1, ("engine_compiled", True, True))
+    for name, graphs, compiled in variants:
+        os.environ["TOMTRANSFER_COMPILE"] = "1" if compiled else "0"
+        t_build = time.perf_counter()
         eng = TransformersEngine(spec, model=model, tokenizer=tok, graphs=graphs)
         eng._pool.submit(lambda: None).result()  # vocabulary table built
-        eng.sample_ids(ids, params)  # warm-up (allocator, graph capture, kernels)
+        eng.sample_ids(ids, params)  # warm-up (allocator, graph capture, compile, kernels)
+        warm_s = time.perf_counter() - t_build
         best, res = timed(lambda e=eng: e.sample_ids(ids, params), args.repeats)
         assert len(res.choices) == args.samples and all(c.num_tokens == args.new for c in res.choices)
         results[name] = {"seconds": best, "prefill_s": res.timings["prefill_s"], "decode_s": res.timings["decode_s"],
                          "decoder": eng.decoder.name, "rows_per_chunk": res.timings["rows_per_chunk"],
-                         "tokens_per_s": args.samples * args.new / best}
+                         "tokens_per_s": args.samples * args.new / best, "first_call_s": warm_s,
+                         "cuda_attention_kernel": getattr(eng.decoder, "cuda_attn", None)}
         print(name, json.dumps(results[name]), flush=True)
         if name == "engine":
             req = ExactRequest(messages=(), temperature=args.temperature)
@@ -157,6 +167,8 @@ def main() -> None:
         "engine_vs_floor": results["engine"]["seconds"] / results["physical_floor_s"],
         "engine_vs_nograph": results["engine_nograph"]["seconds"] / results["engine"]["seconds"],
     }
+    if "engine_compiled" in results:
+        results["ratios"]["compiled_vs_floor"] = results["engine_compiled"]["seconds"] / results["physical_floor_s"]
     if "hf_batched" in results:
         results["ratios"]["hf_batched_vs_engine"] = results["hf_batched"]["seconds"] / results["engine"]["seconds"]
         results["ratios"]["one_at_a_time_vs_engine"] = (results["one_at_a_time"]["seconds_for_samples_extrapolated"]

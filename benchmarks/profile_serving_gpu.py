@@ -36,6 +36,18 @@ def main():
     ids = torch.randint(10, 32000, (300,)).tolist()
     dec = eng.decoder
     print("fused", dec.fused is not None, "cuda_attn", dec.cuda_attn)
+    try:
+        from services.teacher.engines.decoding import _attn_lse_cuda
+
+        q = torch.randn(2, 32, 3, 128, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(2, 32, 16, 128, device=dev, dtype=torch.bfloat16)
+        bias = torch.zeros(1, 1, 1, 16, device=dev, dtype=torch.bfloat16).expand(2, 32, 3, 16)
+        o, l = _attn_lse_cuda(q, k, k, bias)
+        print("efficient attention ok", o.shape, l.shape)
+        o, l = _attn_lse_cuda(q, k, k, None)
+        print("efficient attention (no bias) ok", o.shape, l.shape)
+    except Exception as e:  # noqa: BLE001
+        print("efficient attention failed:", type(e).__name__, str(e)[:300])
     from services.teacher.engines.decoding import HFDecoder
 
     with torch.inference_mode():
@@ -59,7 +71,10 @@ def main():
         dec._graph_step(st, torch.zeros(300, dtype=torch.long, device=dev))
         toks = torch.randint(0, 32000, (300,), device=dev)
         st.t = 10
-        print("graph step   ", sync_time(lambda: dec._graph_step(st, toks)))
+        print("graph step t=10", sync_time(lambda: dec._graph_step(st, toks)))
+        st.t = 60
+        print("graph step t=60", sync_time(lambda: dec._graph_step(st, toks)))
+        st.t = 10
         print("eager step   ", sync_time(lambda: dec._forward(st, toks, 10, static=False)))
         t_idx = torch.tensor([10], device=dev)
         print("static eager ", sync_time(lambda: dec._forward(st, toks, t_idx, static=True)))
@@ -83,8 +98,27 @@ def main():
             eng.sample_ids(ids, params)
             torch.cuda.synchronize()
             print("sample_ids", time.perf_counter() - t0)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+    import os
+
+    os.environ["TOMTRANSFER_COMPILE"] = "1"
+    from services.teacher.engines.decoding import SharedPrefixDecoder
+
+    t0 = time.perf_counter()
+    cdec = SharedPrefixDecoder(model, graphs=True)
+    with torch.inference_mode():
+        pre = cdec.prefill(ids)
+        st = cdec.start(pre, 300, 64)
+        st.t = 10
+        cdec._graph_step(st, toks)
+        print("compiled graph step: first (compile+capture) s", time.perf_counter() - t0)
+        print("compiled graph step t=10", sync_time(lambda: cdec._graph_step(st, toks)))
+        st.t = 60
+        print("compiled graph step t=60", sync_time(lambda: cdec._graph_step(st, toks)))
+        ref = dec.start(dec.prefill(ids), 300, 64, graph=False)
+        a = cdec.step(cdec.start(pre, 300, 64), toks)
+        b = dec.step(ref, toks)
+        print("compiled vs eager max |dlogit|", float((a - b).abs().max()))
 
 
 if __name__ == "__main__":

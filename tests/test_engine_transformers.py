@@ -113,10 +113,24 @@ def test_static_graph_step_matches_dynamic_step(engine):
         for t, tok in enumerate([[3, 4], [5, 6], [7, 7]]):
             tok = torch.tensor(tok)
             la = dec._forward(a, tok, t, static=False)
-            lb = dec._forward(b, tok, torch.tensor([t]), static=True)
+            lb = dec._forward(b, tok, torch.tensor([t]), static=True, span=4 if t < 3 else None)
             a.t += 1
             b.t += 1
             torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+    if dec.fused is not None:  # the pure (compilable) layer function agrees too
+        from services.teacher.engines import decoding
+
+        dec._layer = decoding._fused_layer
+        with torch.inference_mode():
+            c = dec.start(pre, 2, 5)
+            a2 = dec.start(pre, 2, 5)
+            for t, tok in enumerate([[3, 4], [5, 6]]):
+                tok = torch.tensor(tok)
+                la = dec._forward(a2, tok, t, static=False)
+                lc = dec._forward(c, tok, torch.tensor([t]), static=True)
+                a2.t += 1
+                c.t += 1
+                torch.testing.assert_close(la, lc, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------- sampling

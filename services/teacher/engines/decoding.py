@@ -25,6 +25,7 @@ not sliced), the step index lives in a device tensor, and sampling stays outside
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -142,6 +143,35 @@ def _attn_lse_cuda(q, k, v, bias):
     return out, lse[..., : q.shape[-2]]
 
 
+def _fused_layer(x, w_qkv, b_qkv, w_o, w_gu, w_down, n1, n2, eps: float, cos, sin, kp, vp, ks, vs, t_idx, mask,
+                 H: int, Hkv: int, G: int, D: int, scaling: float):
+    """One decoder layer, static (graph) form, fused weights, plain attention math: a pure function of tensors, so
+    one `torch.compile` serves every layer (TOMTRANSFER_COMPILE=1)."""
+    F = torch.nn.functional
+    B = x.shape[0]
+    h = F.rms_norm(x, (x.shape[-1],), n1, eps)
+    qkv = F.linear(h, w_qkv, b_qkv).view(B, H + 2 * Hkv, D)
+    qk = qkv[:, : H + Hkv]
+    qk = qk * cos + _rotate_half(qk) * sin
+    q, k, v = qk[:, :H] * scaling, qk[:, H:], qkv[:, H + Hkv:]
+    ks.index_copy_(2, t_idx, k.unsqueeze(2))
+    vs.index_copy_(2, t_idx, v.unsqueeze(2))
+    span = mask.shape[0]
+    qg = q.reshape(B, Hkv, G, D)
+    qp = qg.permute(1, 0, 2, 3).reshape(1, Hkv, B * G, D)
+    op, lp = _attn_lse_manual(qp, kp.unsqueeze(0), vp.unsqueeze(0), None)
+    os_, ls = _attn_lse_manual(qg, ks[:, :, :span], vs[:, :, :span], mask)
+    op = op.view(Hkv, B, G, D).permute(1, 0, 2, 3)
+    lp = lp.view(Hkv, B, G).permute(1, 0, 2)
+    m = torch.maximum(lp, ls)
+    wp, ws = torch.exp(lp - m).unsqueeze(-1), torch.exp(ls - m).unsqueeze(-1)
+    o = ((op.float() * wp + os_.float() * ws) / (wp + ws)).to(x.dtype).reshape(B, H * D)
+    x = x + F.linear(o, w_o)
+    h = F.rms_norm(x, (x.shape[-1],), n2, eps)
+    g_, u_ = F.linear(h, w_gu).chunk(2, dim=-1)
+    return x + F.linear(F.silu(g_) * u_, w_down)
+
+
 class SharedPrefixDecoder:
     """Llama-family decode with a shared prompt cache (see the module docstring).
 
@@ -174,6 +204,11 @@ class SharedPrefixDecoder:
         self._pool: "dict[tuple, _Graph]" = {}
         if self.lm.device.type == "cuda":
             self.cuda_attn = self._check_cuda_attention()
+        self.span_bucket = int(os.environ.get("TOMTRANSFER_SPAN_BUCKET", "16"))
+        self._layer = None  # compiled `_fused_layer` for graph steps (opt-in)
+        if (graphs and self.fused is not None and os.environ.get("TOMTRANSFER_COMPILE") == "1"
+                and self.lm.config.hidden_act == "silu" and self.lm.model.layers[0].self_attn.o_proj.bias is None):
+            self._layer = torch.compile(_fused_layer, dynamic=False)
 
     # ---------------------------------------------------------------------------------------- setup
     @torch.no_grad()
@@ -253,7 +288,7 @@ class SharedPrefixDecoder:
                               kv=[(k.clone(), v.clone()) for k, v in prefix.kv])
             g.tokens = torch.zeros(rows, dtype=torch.long, device=k0.device)
             g.t = torch.zeros(1, dtype=torch.long, device=k0.device)
-            g.graph = None
+            g.graphs = {}
             self._pool[key] = g
         else:
             for (sk, sv), (k, v) in zip(g.prefix.kv, prefix.kv):
@@ -294,8 +329,10 @@ class SharedPrefixDecoder:
     def _norm(norm, x):
         return torch.nn.functional.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
-    def _forward(self, state: State, tokens: torch.Tensor, t: int | torch.Tensor, static: bool) -> torch.Tensor:
-        """One decode step. `static`: mask the whole suffix buffer (graph-capturable) instead of slicing."""
+    def _forward(self, state: State, tokens: torch.Tensor, t: int | torch.Tensor, static: bool,
+                 span: int | None = None) -> torch.Tensor:
+        """One decode step. `static`: attend to the first `span` (default: all) suffix slots with a mask, the step
+        index a device tensor (graph-capturable), instead of slicing to t + 1."""
         lm = self.lm
         B, Hkv, G, D = tokens.shape[0], self.n_kv, self.group, self.head_dim
         H = Hkv * G
@@ -304,8 +341,8 @@ class SharedPrefixDecoder:
         if static:
             t_idx = t  # (1,) long tensor on device
             pos = t_idx + L
-            span = state.capacity
-            mask = torch.arange(span, device=x.device) <= t_idx  # (cap,)
+            span = span or state.capacity
+            mask = torch.arange(span, device=x.device) <= t_idx  # (span,)
         else:
             pos = torch.tensor([L + t], device=x.device)
             span = t + 1
@@ -317,6 +354,13 @@ class SharedPrefixDecoder:
             bias = bias.view(1, 1, 1, span).expand(B, Hkv, G, span)
         for i, layer in enumerate(lm.model.layers):
             att = layer.self_attn
+            if static and self._layer is not None:
+                w, b, gu = self.fused[i]
+                kp, vp = state.prefix.kv[i]
+                x = self._layer(x, w, b, att.o_proj.weight, gu, layer.mlp.down_proj.weight, layer.input_layernorm.weight,
+                                layer.post_attention_layernorm.weight, layer.input_layernorm.variance_epsilon, cos, sin,
+                                kp, vp, state.ks[i], state.vs[i], t_idx, mask, H, Hkv, G, D, self.scaling)
+                continue
             h = self._norm(layer.input_layernorm, x)
             if self.fused is not None:
                 w, b, gu = self.fused[i]
@@ -377,23 +421,28 @@ class SharedPrefixDecoder:
         return logits
 
     def _graph_step(self, state: State, tokens: torch.Tensor) -> torch.Tensor:
+        """Replay the captured step for this shape and span bucket (captured on first use, kept in the pool)."""
         g = state.graph
         g.tokens.copy_(tokens)
         g.t.fill_(state.t)
-        if g.graph is None:
+        b = max(1, self.span_bucket)
+        span = min(state.capacity, -(-(state.t + 1) // b) * b)
+        if span not in g.graphs:
             # warm up on a side stream (required before capture), then capture one static step
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 # warm-up steps write this step's slot, which the replay below rewrites identically
                 for _ in range(2):
-                    self._forward(state, g.tokens, g.t, static=True)
+                    self._forward(state, g.tokens, g.t, static=True, span=span)
             torch.cuda.current_stream().wait_stream(s)
-            g.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g.graph):
-                g.out = self._forward(state, g.tokens, g.t, static=True)
-        g.graph.replay()
-        return g.out.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._forward(state, g.tokens, g.t, static=True, span=span)
+            g.graphs[span] = (graph, out)
+        graph, out = g.graphs[span]
+        graph.replay()
+        return out.clone()
 
 
 class _Graph:
@@ -401,8 +450,7 @@ class _Graph:
 
     tokens: torch.Tensor
     t: torch.Tensor
-    out: torch.Tensor
-    graph: object
+    graphs: dict  # span bucket -> (CUDAGraph, output tensor)
     prefix: Prefix
     ks: list
     vs: list
