@@ -102,11 +102,12 @@ def main() -> None:
 
     import os
 
-    variants = [("engine", True, False), ("engine_nograph", False, False)]
+    variants = [("engine", True, False, "1"), ("engine_nograph", False, False, "1")]
     if args.compile:
-        variants.insert(1, ("engine_compiled", True, True))
-    for name, graphs, compiled in variants:
+        variants[1:1] = [("engine_compiled", True, True, "1"), ("engine_compiled_plain_attention", True, True, "0")]
+    for name, graphs, compiled, cuda_attn in variants:
         os.environ["TOMTRANSFER_COMPILE"] = "1" if compiled else "0"
+        os.environ["TOMTRANSFER_COMPILE_CUDA_ATTN"] = cuda_attn
         t_build = time.perf_counter()
         eng = TransformersEngine(spec, model=model, tokenizer=tok, graphs=graphs)
         eng._pool.submit(lambda: None).result()  # vocabulary table built

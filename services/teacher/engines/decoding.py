@@ -144,7 +144,7 @@ def _attn_lse_cuda(q, k, v, bias):
 
 
 def _fused_layer(x, w_qkv, b_qkv, w_o, w_gu, w_down, n1, n2, eps: float, cos, sin, kp, vp, ks, vs, t_idx, mask,
-                 H: int, Hkv: int, G: int, D: int, scaling: float):
+                 H: int, Hkv: int, G: int, D: int, scaling: float, cuda_attn: bool = False):
     """One decoder layer, static (graph) form, fused weights, plain attention math: a pure function of tensors, so
     one `torch.compile` serves every layer (TOMTRANSFER_COMPILE=1)."""
     F = torch.nn.functional
@@ -159,8 +159,13 @@ def _fused_layer(x, w_qkv, b_qkv, w_o, w_gu, w_down, n1, n2, eps: float, cos, si
     span = mask.shape[0]
     qg = q.reshape(B, Hkv, G, D)
     qp = qg.permute(1, 0, 2, 3).reshape(1, Hkv, B * G, D)
-    op, lp = _attn_lse_manual(qp, kp.unsqueeze(0), vp.unsqueeze(0), None)
-    os_, ls = _attn_lse_manual(qg, ks[:, :, :span], vs[:, :, :span], mask)
+    if cuda_attn:
+        bias = torch.zeros(span, device=x.device, dtype=x.dtype).masked_fill(~mask, float("-inf"))
+        op, lp = _attn_lse_cuda(qp, kp.unsqueeze(0), vp.unsqueeze(0), None)
+        os_, ls = _attn_lse_cuda(qg, ks[:, :, :span], vs[:, :, :span], bias.view(1, 1, 1, span).expand(B, Hkv, G, span))
+    else:
+        op, lp = _attn_lse_manual(qp, kp.unsqueeze(0), vp.unsqueeze(0), None)
+        os_, ls = _attn_lse_manual(qg, ks[:, :, :span], vs[:, :, :span], mask)
     op = op.view(Hkv, B, G, D).permute(1, 0, 2, 3)
     lp = lp.view(Hkv, B, G).permute(1, 0, 2)
     m = torch.maximum(lp, ls)
@@ -206,6 +211,7 @@ class SharedPrefixDecoder:
             self.cuda_attn = self._check_cuda_attention()
         self.span_bucket = int(os.environ.get("TOMTRANSFER_SPAN_BUCKET", "16"))
         self._layer = None  # compiled `_fused_layer` for graph steps (opt-in)
+        self.compiled_cuda_attn = os.environ.get("TOMTRANSFER_COMPILE_CUDA_ATTN", "1") == "1"
         if (graphs and self.fused is not None and os.environ.get("TOMTRANSFER_COMPILE") == "1"
                 and self.lm.config.hidden_act == "silu" and self.lm.model.layers[0].self_attn.o_proj.bias is None):
             self._layer = torch.compile(_fused_layer, dynamic=False)
@@ -240,14 +246,14 @@ class SharedPrefixDecoder:
         try:
             dev, dt = self.lm.device, self.lm.dtype
             g = torch.Generator(device=dev).manual_seed(0)
-            q = torch.randn(2, self.n_kv, 3, self.head_dim, device=dev, dtype=dt, generator=g)
+            q = torch.randn(2, self.n_kv, 3, self.head_dim, device=dev, dtype=dt, generator=g) * self.head_dim ** -0.5
             k = torch.randn(2, self.n_kv, 16, self.head_dim, device=dev, dtype=dt, generator=g)
             v = torch.randn(2, self.n_kv, 16, self.head_dim, device=dev, dtype=dt, generator=g)
             mask = torch.arange(16, device=dev) < 11
             bias = torch.zeros(16, device=dev, dtype=dt).masked_fill(~mask, float("-inf")).view(1, 1, 1, 16)
             o1, l1 = _attn_lse_cuda(q, k, v, bias.expand(2, self.n_kv, 3, 16))
             o2, l2 = _attn_lse_manual(q, k, v, mask)
-            ok = torch.allclose(o1.float(), o2.float(), atol=2e-2, rtol=2e-2) and torch.allclose(l1, l2, atol=2e-2)
+            ok = torch.allclose(o1.float(), o2.float(), atol=5e-2, rtol=5e-2) and torch.allclose(l1, l2, atol=5e-2)
             return bool(ok)
         except Exception:  # noqa: BLE001 - any failure: use the plain math
             return False
@@ -359,7 +365,8 @@ class SharedPrefixDecoder:
                 kp, vp = state.prefix.kv[i]
                 x = self._layer(x, w, b, att.o_proj.weight, gu, layer.mlp.down_proj.weight, layer.input_layernorm.weight,
                                 layer.post_attention_layernorm.weight, layer.input_layernorm.variance_epsilon, cos, sin,
-                                kp, vp, state.ks[i], state.vs[i], t_idx, mask, H, Hkv, G, D, self.scaling)
+                                kp, vp, state.ks[i], state.vs[i], t_idx, mask, H, Hkv, G, D, self.scaling,
+                                self.cuda_attn and self.compiled_cuda_attn)
                 continue
             h = self._norm(layer.input_layernorm, x)
             if self.fused is not None:
