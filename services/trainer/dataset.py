@@ -441,11 +441,6 @@ def log_dataset_to_mlflow(
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     df = pd.read_parquet(ex.parquet)
-    with warnings.catch_warnings():  # "source can be interpreted in multiple ways", "integer columns": noise here
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(
-            df, source=str(ex.parquet.resolve()), targets="target", name=ex.name, digest=ex.mlflow_digest
-        )
     tags = {
         "content_sha256": ex.content_hash,
         "targets": ex.targets,
@@ -454,16 +449,23 @@ def log_dataset_to_mlflow(
         "examples": str(ex.examples),
     }
     client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
-    active = mlflow.active_run()
-    if run_id is None or (active is not None and active.info.run_id == run_id):
-        mlflow.log_input(dataset, context=context, tags=tags)
-        run_id = mlflow.active_run().info.run_id
-    else:
-        entity = DatasetInput(
-            dataset=dataset._to_mlflow_entity(),
-            tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)] + [InputTag(k, v) for k, v in tags.items()],
+    # mlflow warns that the source "can be interpreted in multiple ways" and that the inferred schema has integer
+    # columns: both are noise for a training set with no missing values.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(
+            df, source=str(ex.parquet.resolve()), targets="target", name=ex.name, digest=ex.mlflow_digest
         )
-        client.log_inputs(run_id, datasets=[entity])
+        active = mlflow.active_run()
+        if run_id is None or (active is not None and active.info.run_id == run_id):
+            mlflow.log_input(dataset, context=context, tags=tags)
+            run_id = mlflow.active_run().info.run_id
+        else:
+            entity = DatasetInput(
+                dataset=dataset._to_mlflow_entity(),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)] + [InputTag(k, v) for k, v in tags.items()],
+            )
+            client.log_inputs(run_id, datasets=[entity])
     for path in (ex.card, ex.meta, ex.parquet, ex.alpaca, ex.sharegpt, ex.dataset_info):
         client.log_artifact(run_id, str(path), artifact_path)
     return run_id
