@@ -207,13 +207,19 @@ class SharedPrefixDecoder:
         self.fused = None if self.peft else self._fuse()
         self.cuda_attn = False
         self._pool: "dict[tuple, _Graph]" = {}
-        if self.lm.device.type == "cuda":
+        # PyTorch's memory-efficient attention kernel measured slower than the plain matrix products for this
+        # decode shape (one query per row) on an H200, so it is opt-in: TOMTRANSFER_CUDA_ATTN=1.
+        if self.lm.device.type == "cuda" and os.environ.get("TOMTRANSFER_CUDA_ATTN") == "1":
             self.cuda_attn = self._check_cuda_attention()
         self.span_bucket = int(os.environ.get("TOMTRANSFER_SPAN_BUCKET", "16"))
         self._layer = None  # compiled `_fused_layer` for graph steps (opt-in)
-        self.compiled_cuda_attn = os.environ.get("TOMTRANSFER_COMPILE_CUDA_ATTN", "1") == "1"
+        self.compiled_cuda_attn = True  # inside the compiled layer too, when TOMTRANSFER_CUDA_ATTN=1
         if (graphs and self.fused is not None and os.environ.get("TOMTRANSFER_COMPILE") == "1"
                 and self.lm.config.hidden_act == "silu" and self.lm.model.layers[0].self_attn.o_proj.bias is None):
+            import torch._dynamo
+
+            # one specialisation per (rows, prompt length, span bucket): allow plenty before falling back to eager
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
             self._layer = torch.compile(_fused_layer, dynamic=False)
 
     # ---------------------------------------------------------------------------------------- setup
