@@ -410,7 +410,7 @@ class VLLMEngine(Engine):
         import inspect
 
         rule = make_rule(req.kind, req.endowment)
-        root = self._root_classifier()
+        root = self._root_future.result()  # the vocabulary table, built once at start-up
         ids = self.prompt_ids(req.messages)
         self._check_lengths(ids, req.max_depth + 1)
         max_children = inspect.signature(expand).parameters["max_children"].default

