@@ -204,14 +204,18 @@ class _MlflowLog:
             self.client.log_batch(self.run_id, params=new[i : i + 100])
 
     def metrics(self, metrics: dict, step: int) -> None:
+        """Best effort: a tracking-server outage (after the client's own retries) must not kill training."""
         if not self.client:
             return
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
-        )
+        try:
+            self.client.log_batch(
+                self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+            )
+        except Exception as err:  # noqa: BLE001
+            print(f"[train] warning: MLflow metrics at step {step} not logged: {err}", flush=True)
 
     def final(self, adapter_dir: Path, probe: Path | None, adapter_name: str, params: dict) -> dict:
         if not self.client:
@@ -312,7 +316,7 @@ def train_loop_per_worker(config: dict) -> dict:
     Returns a dict of final results (also reported to Ray Train).
     """
     import transformers
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     from services.trainer.dataset import read_training_set
 
@@ -530,6 +534,7 @@ def train_loop_per_worker(config: dict) -> dict:
         result["history"] = history  # per logged step: loss, tokens/s (benchmarks read it)
     final_dir = None
     if dist.rank == 0:
+        temp_final = not config.get("output_dir")
         final_dir = Path(config.get("output_dir") or tempfile.mkdtemp(prefix="tomtransfer-final-"))
         adapter_dir = final_dir / "adapter"
         if adapter_dir.exists():
@@ -559,6 +564,9 @@ def train_loop_per_worker(config: dict) -> dict:
         report = {k: v for k, v in result.items() if k != "adapter_dir"}
         if dist.rank == 0:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(final_dir)))
+            if temp_final:  # persisted to the run's storage by now (synchronous upload)
+                shutil.rmtree(final_dir, ignore_errors=True)
+                result.pop("adapter_dir", None)
         else:
             ray.train.report(report)
     return result
