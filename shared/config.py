@@ -115,6 +115,9 @@ class TrainingConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     max_failures: int = Field(default=1, ge=0)
+    checkpoint_every_steps: int = Field(default=0, ge=0, description="0: a checkpoint at every epoch end only")
+    gradient_checkpointing: bool = False
+    compile: bool = Field(default=False, description="torch.compile the model (fixed-length batches recompile less)")
     adapter_name: str = "tom"
 
     @field_validator("adapter_name")

@@ -741,7 +741,9 @@ def run_training(
         "use_gpu": bool(t.use_gpu),
         "seed": int(cfg.sampling.seed),
         "mlflow": {"tracking_uri": tracking_uri, "run_id": run_id} if tracking_uri else None,
-        "checkpoint_every_steps": int(checkpoint_every_steps),
+        "checkpoint_every_steps": int(checkpoint_every_steps or t.checkpoint_every_steps),
+        "compile": bool(t.compile),
+        "gradient_checkpointing": bool(t.gradient_checkpointing),
         "num_threads": max(1, int(t.cpus_per_worker)),
         **(extra_loop_config or {}),
     }
@@ -749,6 +751,19 @@ def run_training(
     if not ray.is_initialized():
         ray.init(**({"include_dashboard": False} | (ray_init_kwargs or {})))
         started_ray = True
+    if started_ray or not os.environ.get("RAY_ADDRESS"):
+        # A local cluster does not autoscale: a worker group that cannot fit would wait out Ray's start-up
+        # timeout and fail obscurely (e.g. serving replicas already hold the CPUs). Say so up front.
+        need = {"CPU": t.num_workers * t.cpus_per_worker, "GPU": float(t.num_workers if t.use_gpu else 0)}
+        free = ray.available_resources()
+        short = [f"{need[k]:g} {k} (free: {free.get(k, 0.0):g})" for k in need if need[k] > free.get(k, 0.0) + 1e-9]
+        if short:
+            if started_ray:
+                ray.shutdown()
+            from shared.errors import UserError
+
+            raise UserError(f"training needs {', '.join(short)} on this Ray cluster: lower training.num_workers / "
+                            "cpus_per_worker, or the serving replicas' num_cpus")
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
