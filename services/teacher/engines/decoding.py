@@ -18,9 +18,11 @@ layers injected into them apply as usual) but keeps the attention cache in two p
   instead of once per row - for 300 samples of a 300-token prompt that is 300x less KV traffic;
 - a preallocated per-row suffix buffer (rows x heads x capacity x dim): no `torch.cat` per step.
 
-The two partial attentions are joined in one softmax over [prefix scores | suffix scores]. On CUDA the
-decode step can be captured once as a CUDA graph (`graphs=True`): static shapes (the suffix is masked,
-not sliced), the step index lives in a device tensor, and sampling stays outside the graph.
+The two partial attentions are merged by their log-sum-exps. Without adapters q/k/v and gate/up run as fused
+matrix products. On CUDA the decode step is captured as a CUDA graph (`graphs=True`) per (rows, capacity,
+prompt length, suffix-span bucket), kept in a small pool and replayed across requests: static shapes (the
+suffix is masked up to the bucket, not sliced), the step index lives in a device tensor, sampling stays
+outside the graph. `TOMTRANSFER_COMPILE=1` additionally compiles the fused layer (`_fused_layer`).
 """
 
 from __future__ import annotations
