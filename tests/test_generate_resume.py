@@ -40,7 +40,8 @@ def write_config(path: Path, out: Path, url: str, tracking_uri: str | None = Non
         "scenarios": {"ids": SCENARIOS},
         "serving": {"base_url": url},
         # valid_policy all: a random-weight teacher rarely answers in format; the test is about bookkeeping.
-        "generate": {"samples": N, "request_n": BLOCK, "concurrency": 2, "valid_policy": "all"},
+        "generate": {"samples": N, "request_n": BLOCK, "concurrency": 2, "valid_policy": "all",
+                     "families": ["in_sample", "oos_context", "pgg"]},  # every family of SCENARIOS
         "mlflow": {"tracking_uri": tracking_uri, "experiment": "generate-tests"},
     }))
     return path

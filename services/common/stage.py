@@ -25,10 +25,11 @@ def as_config(config: str | Path | ExperimentConfig) -> ExperimentConfig:
 
 
 def select_scenarios(cfg: ExperimentConfig, families: list[str]) -> list[Scenario]:
-    """`scenarios.ids` when given (they override families), else every scenario of `families`."""
+    """The scenarios of `families` (the stage's own: generate.families, evaluate.families), restricted to
+    `scenarios.ids` when given: an out-of-sample id listed there must never leak into the teacher dataset."""
     try:
         catalog = build_catalog(cfg.scenarios.packs)
-        chosen = catalog.select(families, cfg.scenarios.ids)
+        chosen = [s for s in catalog.select(families, cfg.scenarios.ids) if s.family in families]
     except KeyError as e:
         raise UserError(f"scenarios: {e.args[0]}") from None
     except (OSError, ValueError) as e:
