@@ -121,6 +121,11 @@ class VLLMEngine(Engine):
 
         from services.common.models import resolve_model
 
+        try:
+            import vllm  # noqa: F401
+        except ModuleNotFoundError:
+            raise EngineInputError("engine 'vllm' needs vLLM, which this environment lacks: on CPU run in .venv-vllm "
+                                   "(make vllm-venv), on GPU install vllm", param="engine") from None
         self.spec = spec
         self.model_path = model_path or str(resolve_model(spec.model))
         self.cpu = _on_cpu()
@@ -481,7 +486,10 @@ class VLLMEngine(Engine):
                 "guided_choice": True, "exact": "tree over full-vocabulary logprobs"}
 
     async def close(self) -> None:
-        self.llm.shutdown()
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()
+            del llm  # collected now, not at interpreter exit (where AsyncLLM.__del__ trips over torn-down modules)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
