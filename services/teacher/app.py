@@ -141,6 +141,17 @@ class ChatBody(_Body):
     ignore_eos: bool = False
     stop_at_answer: Literal["choice", "contribution"] | None = None
     endowment: int = Field(default=10, ge=0, le=10_000)
+    # vLLM's names for choice-constrained sampling: `guided_choice` (older) or `structured_outputs.choice`.
+    guided_choice: list[str] | None = Field(default=None, min_length=1, max_length=1024)
+    structured_outputs: dict[str, Any] | None = None
+
+    def choices(self) -> tuple[str, ...] | None:
+        if self.structured_outputs is not None:
+            extra = set(self.structured_outputs) - {"choice"}
+            if extra or not isinstance(self.structured_outputs.get("choice"), list):
+                raise APIError(400, "structured_outputs: only {'choice': [...]} is supported", "structured_outputs")
+            return tuple(str(c) for c in self.structured_outputs["choice"])
+        return tuple(self.guided_choice) if self.guided_choice is not None else None
 
 
 _UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias",
@@ -424,7 +435,8 @@ class Ingress:
         params = SamplingParams(n=body.n, temperature=body.temperature, top_p=body.top_p, max_tokens=min(max_tokens, cap),
                                 seed=body.seed, stop=tuple(stop), logprobs=body.logprobs,
                                 top_logprobs=body.top_logprobs or 0, ignore_eos=body.ignore_eos,
-                                stop_at_answer=body.stop_at_answer, endowment=body.endowment)
+                                stop_at_answer=body.stop_at_answer, endowment=body.endowment,
+                                guided_choice=body.choices())
         req = ChatRequest(messages=tuple(m.plain() for m in body.messages), params=params, adapter=adapter)
         result = _unpack(await self.handles[role].chat.remote(req, source))
         choices = []

@@ -64,6 +64,9 @@ class SamplingParams:
     # "choice" (C/D) or "contribution" (0..endowment). The text is the prefix that decided it.
     stop_at_answer: Literal["choice", "contribution"] | None = None
     endowment: int = 10
+    # extension (vLLM structured outputs): every sample is exactly one of these strings; engines that cannot
+    # constrain decoding refuse it (EngineInputError -> HTTP 400) rather than ignore it.
+    guided_choice: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -108,8 +108,13 @@ class OpenAIEngine(Engine):
                 kwargs["logprobs"] = True
                 if p.top_logprobs:
                     kwargs["top_logprobs"] = p.top_logprobs
+            extra: dict = {}
             if p.ignore_eos:
-                kwargs["extra_body"] = {"ignore_eos": True}
+                extra["ignore_eos"] = True
+            if p.guided_choice is not None:  # a vLLM (or compatible) remote constrains decoding itself
+                extra["structured_outputs"] = {"choice": list(p.guided_choice)}
+            if extra:
+                kwargs["extra_body"] = extra
             return await self._create(**kwargs)
 
         responses = await asyncio.gather(*(one(i, n) for i, n in enumerate(sizes)))

@@ -103,6 +103,9 @@ class TransformersEngine(Engine):
         self.graphs = (self.device.type == "cuda" and os.environ.get("TOMTRANSFER_CUDA_GRAPHS", "1") != "0") \
             if graphs is None else graphs
         self.decoder = make_decoder(self.model, prefer_fast=self.fast, graphs=self.graphs)
+        # the on-device sampling loop (`_sample_chunk_device`): default on CUDA; TOMTRANSFER_DEVICE_LOOP=0/1 forces it
+        env_loop = os.environ.get("TOMTRANSFER_DEVICE_LOOP")
+        self.device_loop = (env_loop == "1") if env_loop in ("0", "1") else self.device.type == "cuda"
         self.max_batch_size = spec.max_batch_size
         self.max_context = int(getattr(self.base.config, "max_position_embeddings", 0) or 1 << 30)
         self._table: TokenTable | None = None
@@ -230,11 +233,76 @@ class TransformersEngine(Engine):
         probs = torch.softmax(torch.full_like(logp, float("-inf")).scatter(-1, idx, sorted_lp), dim=-1)
         return probs, (logp if p.logprobs else None)
 
+    def _device_loop_ok(self, p: SamplingParams) -> bool:
+        return (self.device_loop and p.temperature > 0 and not p.logprobs and not p.stop_at_answer
+                and not any(p.stop))
+
+    def _draw_device(self, logits: torch.Tensor, p: SamplingParams, u: torch.Tensor) -> torch.Tensor:
+        """`_inverse_cdf` on the device without a host sync: logits (R, V) with R = 1 (all samples from the
+        same distribution) or R = len(u); sample j takes the token where u[j] falls in its row's CDF."""
+        probs, _ = self._distribution(logits, p)
+        V = probs.shape[-1]
+        cdf = probs.double().cumsum(-1)
+        if probs.shape[0] == 1:
+            x = (u * cdf[0, -1]).unsqueeze(0)  # (1, n)
+            return torch.searchsorted(cdf, x, right=True).squeeze(0).clamp_(max=V - 1)
+        x = (u * cdf[:, -1]).unsqueeze(1)  # (n, 1)
+        return torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_(max=V - 1)
+
+    def _sample_chunk_device(self, prefix: Prefix, n: int, p: SamplingParams, uniforms: torch.Tensor,
+                             check_every: int = 16) -> list[Completion]:
+        """The batched path without per-step host work (no logprobs, stop strings or stop_at_answer; T > 0):
+        one row per sample for the whole call (a fixed shape: one CUDA graph, no dedup/select), tokens drawn on
+        the device with the same inverse-CDF rule and uniforms u[i, t] as `_sample_chunk`, kept on the device
+        until the end. EOS is applied afterwards (a sample ends at its first end token; its later tokens are
+        computed and thrown away), and the loop stops early once every row has ended (checked every
+        `check_every` steps: one host sync each)."""
+        dec = self.decoder
+        cap = p.max_tokens
+        dev = prefix.logits.device
+        u = uniforms.to(dev)
+        out = torch.empty((n, cap), dtype=torch.long, device=dev)
+        ends = None if p.ignore_eos or not self.end_ids else torch.tensor(sorted(self.end_ids), device=dev)
+        ended = torch.zeros(n, dtype=torch.bool, device=dev) if ends is not None else None
+        logits = prefix.logits.unsqueeze(0)
+        state: State | None = None
+        steps = cap
+        for step in range(cap):
+            tok = self._draw_device(logits, p, u[:, step])
+            out[:, step] = tok
+            if ended is not None:
+                ended |= torch.isin(tok, ends)
+                if (step + 1) % check_every == 0 and step + 1 < cap and bool(ended.all()):
+                    steps = step + 1
+                    break
+            if step == cap - 1:
+                break
+            if state is None:
+                state = dec.start(prefix, n, cap, graph=self.graphs and cap >= 16)
+            logits = dec.step(state, tok)
+        rows = out[:, :steps].tolist()
+        tokens, generated, finish = [], [], []
+        for r in rows:
+            cut = next((i for i, t in enumerate(r) if t in self.end_ids), None) if ends is not None else None
+            if cut is None:
+                tokens.append(r)
+                generated.append(len(r))
+                finish.append("length")
+            else:
+                tokens.append(r[:cut])
+                generated.append(cut + 1)
+                finish.append("stop")
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return [Completion(text=texts[s], finish_reason=finish[s], num_tokens=generated[s], logprobs=None)
+                for s in range(n)]
+
     def _sample_chunk(self, prefix: Prefix, n: int, p: SamplingParams, uniforms: torch.Tensor) -> list[Completion]:
         """Decode `n` samples of one prompt. The batch holds one row per *distinct* token prefix among the
         live samples (early on many samples share a prefix: "C", "**"...), so a step costs one row per
         distinct prefix, not per sample; once all prefixes differ this is plain batched decoding.
         Rows whose samples all ended stay in the batch (fed a dummy token) until a quarter are dead."""
+        if self._device_loop_ok(p):
+            return self._sample_chunk_device(prefix, n, p, uniforms)
         dec = self.decoder
         cap = p.max_tokens
         tokens: list[list[int]] = [[] for _ in range(n)]
@@ -244,6 +312,9 @@ class TransformersEngine(Engine):
         cut: list[int | None] = [None] * n  # char index of a stop string in the final text
         stops = [s for s in p.stop if s]
         window = (2 * max(len(s) for s in stops) + 8) if stops else 0
+        if p.guided_choice is not None:
+            raise EngineInputError("guided_choice (choice-constrained decoding) needs the vllm engine; use "
+                                   "stop_at_answer or exact mode with the transformers engine", param="guided_choice")
         rule = make_rule(p.stop_at_answer, p.endowment) if p.stop_at_answer else None
         live = list(range(n))  # samples still decoding
         row_of = [0] * n  # sample -> batch row holding its prefix
@@ -388,7 +459,8 @@ class TransformersEngine(Engine):
             raise EngineInputError(f"prompt ({len(ids)} tokens) exceeds the model's context", param="messages")
         with self._adapter(req.adapter), torch.inference_mode():
             prefix = self.decoder.prefill(ids)
-            backend = _TreeBackend(self.decoder, prefix, req.max_depth, self.device)
+            backend = _TreeBackend(self.decoder, prefix, req.max_depth, self.device,
+                                   graphs=self.graphs and getattr(self.decoder, "graphs", False))
             p, invalid, unresolved, passes, top = expand(
                 rule, backend, self._table, root, self.tokenizer, req.temperature,
                 min_mass=req.min_mass, max_depth=req.max_depth)
@@ -457,18 +529,28 @@ class TransformersEngine(Engine):
 
 
 class _TreeBackend:
-    """Adapts a decoder to `exact.TreeBackend` (frontier rows share the prompt cache)."""
+    """Adapts a decoder to `exact.TreeBackend` (frontier rows share the prompt cache).
 
-    def __init__(self, decoder, prefix: Prefix, capacity: int, device):
+    With `graphs` (CUDA, shared-prefix decoder) the frontier is padded to a power-of-two number of rows (at least
+    8; padding rows repeat row 0 with token 0 and are dropped from the result), so each expansion step replays
+    a CUDA graph from the decoder's pool (kept per (rows, depth, prompt-length bucket), reused across calls)
+    instead of launching every kernel from Python."""
+
+    def __init__(self, decoder, prefix: Prefix, capacity: int, device, graphs: bool = False):
         self.dec, self.prefix, self.capacity, self.device = decoder, prefix, capacity, device
+        self.graphs = graphs
         self.state: State | None = None
 
     def root_logits(self) -> torch.Tensor:
         return self.prefix.logits
 
     def advance(self, parent_rows: list[int], tokens: list[int]) -> torch.Tensor:
+        k = len(tokens)
+        rows = max(8, 1 << (k - 1).bit_length()) if self.graphs else k
+        pad = rows - k
         if self.state is None:
-            self.state = self.dec.start(self.prefix, len(tokens), self.capacity, graph=False)
+            self.state = self.dec.start(self.prefix, rows, self.capacity, graph=self.graphs)
         else:
-            self.dec.select(self.state, torch.tensor(parent_rows, device=self.device))
-        return self.dec.step(self.state, torch.tensor(tokens, device=self.device))
+            self.dec.select(self.state, torch.tensor(list(parent_rows) + [0] * pad, device=self.device))
+        logits = self.dec.step(self.state, torch.tensor(list(tokens) + [0] * pad, device=self.device))
+        return logits[:k] if pad else logits
