@@ -466,10 +466,17 @@ def train_loop_per_worker(config: dict) -> dict:
                 sync = (k == len(group) - 1) or not ddp
                 ctx = model.no_sync() if not sync else _nullcontext()
                 with ctx:
+                    # Logits only from the first position that predicts a target token on: the prompt is
+                    # most of each sequence, and the LM head over a 50-150k vocabulary is costly there.
+                    labels = g["labels"][:, 1:]
+                    has_target = (labels != IGNORE_INDEX).any(dim=0)
+                    first = int(has_target.nonzero()[0]) if bool(has_target.any()) else labels.shape[1] - 1
+                    keep = labels.shape[1] - first
                     with autocast:
-                        logits = model(input_ids=g["input_ids"], attention_mask=g["attention_mask"]).logits
+                        logits = model(input_ids=g["input_ids"], attention_mask=g["attention_mask"],
+                                       logits_to_keep=keep + 1).logits[:, :-1]
                     loss = F.cross_entropy(
-                        logits[:, :-1].flatten(0, 1).float(), g["labels"][:, 1:].flatten(),
+                        logits.flatten(0, 1).float(), labels[:, first:].flatten(),
                         ignore_index=IGNORE_INDEX, reduction="sum",
                     )
                     # DDP averages gradients over ranks; x world makes the result sum / global target tokens.
