@@ -119,6 +119,37 @@ def main():
         a = cdec.step(cdec.start(pre, 300, 64), toks)
         b = dec.step(ref, toks)
         print("compiled vs eager max |dlogit|", float((a - b).abs().max()))
+        from torch.profiler import ProfilerActivity, profile
+
+        st.t = 40
+        cdec._graph_step(st, toks)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                cdec._graph_step(st, toks)
+            torch.cuda.synchronize()
+        print("compiled graph step t=40, 5 replays:")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        # the suffix attention alone (scores + values over the per-row cache), as bmm and as a fused reduction
+        B, H, S, D = 300, 32, 48, 128
+        q = torch.randn(B, H, 1, D, device=dev, dtype=torch.bfloat16)
+        kk = torch.randn(B, H, 64, D, device=dev, dtype=torch.bfloat16)[:, :, :S]
+        vv = torch.randn(B, H, 64, D, device=dev, dtype=torch.bfloat16)[:, :, :S]
+
+        def bmm_form():
+            p_ = torch.softmax(torch.matmul(q, kk.transpose(-1, -2)), -1)
+            return torch.matmul(p_, vv)
+
+        def red_form(q, kk, vv):
+            sc = (q.float() * kk.float()).sum(-1, keepdim=True)  # (B, H, S, 1)
+            p_ = torch.softmax(sc, dim=-2)
+            return (p_ * vv.float()).sum(-2, keepdim=True).to(q.dtype)
+
+        cred = torch.compile(red_form, dynamic=False)
+        print("suffix attn S=48 bmm form", sync_time(bmm_form, 50))
+        print("suffix attn S=48 compiled reduction form", sync_time(lambda: cred(q, kk, vv), 50),
+              "max diff", float((cred(q, kk, vv) - bmm_form()).abs().max()))
+        print("suffix K+V bytes at S=48 / 4.8 TB/s:", 2 * B * H * S * D * 2 / 4.8e12)
 
 
 if __name__ == "__main__":

@@ -230,6 +230,22 @@ class RootClassifier:
         return und, inv, by
 
 
+_STATUS_CACHE: dict[tuple, object] = {}
+_STATUS_CACHE_MAX = 200_000
+
+
+def _status(rule, text: str, final: bool = False):
+    """rule.status, memoised per (rule, text): the same leading texts ("**", " C", "Answer") recur across calls and
+    scenarios, and each check runs dozens of probe regexes."""
+    key = (rule.key(), text, final)
+    s = _STATUS_CACHE.get(key, _STATUS_CACHE)
+    if s is _STATUS_CACHE:
+        if len(_STATUS_CACHE) >= _STATUS_CACHE_MAX:
+            _STATUS_CACHE.clear()
+        s = _STATUS_CACHE[key] = rule.status(text, final=final)
+    return s
+
+
 @dataclass
 class _Node:
     ids: list[int]
@@ -253,7 +269,7 @@ def expand(rule, backend: TreeBackend, table: TokenTable, root: RootClassifier, 
     top_tokens = []
     for prob, tid in zip(*torch.topk(root_p, min(10, root_p.numel()))):
         tid = int(tid)
-        st = rule.status("", final=True) if tid in table.end_ids else rule.status(table.texts[tid])
+        st = _status(rule, "", final=True) if tid in table.end_ids else _status(rule, table.texts[tid])
         top_tokens.append({"token": table.texts[tid], "id": tid, "p": float(prob),
                            "decides": "undecided" if st is UNDECIDED else st})
     frontier: list[_Node] = []
@@ -277,32 +293,37 @@ def expand(rule, backend: TreeBackend, table: TokenTable, root: RootClassifier, 
             break
         logits = backend.advance(parents, [n.ids[-1] for n in frontier])
         passes += 1
-        probs = probs_at(logits.float().cpu(), temperature)
+        # all rows at once, where the logits are (the GPU on CUDA): softmax, each row's most likely children until
+        # all but min_mass of its mass is covered; only (rows, k) values and ids come back to the host
+        probs = probs_at(logits.float(), temperature)
+        mass = torch.tensor([n.mass for n in frontier], dtype=probs.dtype, device=probs.device)
+        k = min(max_children, probs.shape[-1])
+        vals_all, idx_all = torch.topk(probs * mass.unsqueeze(1), k, dim=-1)
+        csum = torch.cumsum(vals_all, -1)
+        keeps = (torch.searchsorted(csum, (mass - min_mass).unsqueeze(1)).squeeze(1) + 1).clamp_(1, k)
+        ghost = idx_all >= table.n_real  # ids the tokenizer does not have: invalid answers
+        in_keep = torch.arange(k, device=probs.device).unsqueeze(0) < keeps.unsqueeze(1)
+        ghost_mass = torch.where(ghost & in_keep, vals_all, torch.zeros_like(vals_all)).sum(-1).tolist()
+        kept_sum = torch.where(in_keep, vals_all, torch.zeros_like(vals_all)).sum(-1).tolist()
+        keeps, vals_all, idx_all, ghost = keeps.tolist(), vals_all.cpu(), idx_all.cpu(), ghost.cpu()
         candidates: list[_Node] = []
         cand_parents: list[int] = []
         for row, node in enumerate(frontier):
-            pr = probs[row] * node.mass
-            # most likely children until all but min_mass of this node's mass is covered
-            k = min(max_children, pr.numel())
-            vals, idx = torch.topk(pr, k)
-            csum = torch.cumsum(vals, 0)
-            keep = int(torch.searchsorted(csum, torch.tensor(node.mass - min_mass, dtype=csum.dtype)).item()) + 1
-            keep = max(1, min(keep, k))
-            vals, idx = vals[:keep].tolist(), idx[:keep].tolist()
-            unresolved += max(0.0, node.mass - sum(vals))
-            real = [t for t in idx if t < table.n_real and t not in table.end_ids]
+            keep = keeps[row]
+            unresolved += max(0.0, node.mass - kept_sum[row])
+            invalid += ghost_mass[row]
+            sel = ~ghost[row, :keep]
+            vals, idx = vals_all[row, :keep][sel].tolist(), idx_all[row, :keep][sel].tolist()
+            real = [t for t in idx if t not in table.end_ids]
             texts = dict(zip(real, tokenizer.batch_decode([node.ids + [t] for t in real], skip_special_tokens=True,
                                                           clean_up_tokenization_spaces=False)))
             for m, t in zip(vals, idx):
-                if t >= table.n_real:
-                    invalid += m
-                    continue
                 if t in table.end_ids:
-                    s = rule.status(node.text, final=True)
+                    s = _status(rule, node.text, final=True)
                     text = node.text
                 else:
                     text = texts[t]
-                    s = rule.status(text)
+                    s = _status(rule, text)
                 if s is UNDECIDED:
                     candidates.append(_Node(node.ids + [t], text, m))
                     cand_parents.append(row)

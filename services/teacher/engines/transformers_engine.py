@@ -8,7 +8,9 @@ on GPU), others the generic `HFDecoder` (see `decoding.py`). Per step: softmax(l
 nucleus (top_p) filter, then inverse-CDF sampling with uniforms drawn up front from
 `torch.Generator(seed)` as an (n, max_tokens) matrix: sample i at step t always uses u[i, t], so with the
 same (seed, max_tokens, model) sample i is the same whatever n, the batch size, or stop strings. Rows that end (EOS or a stop string) are dropped
-from the batch on CPU once a quarter of them are done.
+from the batch on CPU once a quarter of them are done. On CUDA, requests without logprobs, stop strings or
+stop_at_answer (T > 0) take `_sample_chunk_device` instead: the same draws, made on the GPU with no host sync per
+step, one row per sample, EOS applied at the end (checked every 16 steps for an early stop).
 
 Semantics (OpenAI-compatible): `stop` strings end a sample and are not included in its text
 (finish_reason "stop"); EOS tokens (generation config + tokenizer + ChatML/Llama-3 end tokens present in
@@ -235,7 +237,7 @@ class TransformersEngine(Engine):
 
     def _device_loop_ok(self, p: SamplingParams) -> bool:
         return (self.device_loop and p.temperature > 0 and not p.logprobs and not p.stop_at_answer
-                and not any(p.stop))
+                and not any(p.stop) and getattr(p, "guided_choice", None) is None)
 
     def _draw_device(self, logits: torch.Tensor, p: SamplingParams, u: torch.Tensor) -> torch.Tensor:
         """`_inverse_cdf` on the device without a host sync: logits (R, V) with R = 1 (all samples from the
