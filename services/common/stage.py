@@ -54,11 +54,14 @@ def api_key(cfg: ExperimentConfig) -> str | None:
 
 
 def jobs_for(cfg: ExperimentConfig, roles: list[str], scenarios: list[Scenario], n: int, instruction: str) -> list[Job]:
+    # Scenario-major order: the roles live on different replicas (teacher, student), so interleaving them keeps
+    # every replica busy inside the concurrency window instead of draining one model's queue at a time.
     out = []
-    for role in roles:
-        model = served_model(role, cfg.training.adapter_name)
-        for s in scenarios:
-            out.append(Job(role=role, model=model, scenario=s, messages=build_messages(s, instruction), n=n))  # type: ignore[arg-type]
+    for s in scenarios:
+        messages = build_messages(s, instruction)  # type: ignore[arg-type]
+        for role in roles:
+            out.append(Job(role=role, model=served_model(role, cfg.training.adapter_name), scenario=s,
+                           messages=messages, n=n))
     return out
 
 
