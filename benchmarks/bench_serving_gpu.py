@@ -7,7 +7,9 @@ Measured (wall clock, CUDA synchronised, best of `--repeats` after one warm-up):
 - engine       the transformers engine's batched path: one prefill, 300 rows decoded together with the shared
                prompt cache (SharedPrefixDecoder) and a CUDA-graph decode step;
 - engine_compiled  the same with the decode layer compiled by torch.compile (TOMTRANSFER_COMPILE=1; compiles
-               once per (rows, prompt length, span bucket), ~10 s the first time);
+               once per (rows, prompt bucket, span bucket)) and, by default with it, the Triton suffix-attention kernel;
+- engine_compiled_plain_suffix  compiled, suffix attention as plain matrix products (TOMTRANSFER_TRITON_SUFFIX=0);
+- engine_triton_suffix / engine_flash_suffix  not compiled, with the Triton / PyTorch-flash suffix kernel;
 - engine_nograph  the engine without CUDA graphs (eager decode step);
 - hf_batched   plain `model.generate(num_return_sequences=300, do_sample=True)` (reference);
 - one_at_a_time  `model.generate` for one sample, timed on `--single` samples and scaled to 300 (the paper's loop);
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32, help="fewer for a smoke run")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated engine variants to run (default: all)")
     ap.add_argument("--compile", action="store_true", help="also a variant with the compiled decode layer")
     ap.add_argument("--out", default=None)
     ap.add_argument("--prepare", default=None, help="save the stand-in tokenizer to this folder and exit")
@@ -104,13 +107,20 @@ def main() -> None:
 
     import os
 
-    variants = [("engine", True, False, "0"), ("engine_flash_suffix", True, False, "1"),
-                ("engine_nograph", False, False, "0")]
+    # (name, CUDA graphs, compiled layer, suffix-attention kernel: "auto" the engine's default (Triton kernel with
+    # the compiled layer, plain matrix products without), "plain", "triton", "flash")
+    variants = [("engine", True, False, "auto"), ("engine_triton_suffix", True, False, "triton"),
+                ("engine_flash_suffix", True, False, "flash"), ("engine_nograph", False, False, "auto")]
     if args.compile:
-        variants.insert(1, ("engine_compiled", True, True, "0"))
-    for name, graphs, compiled, flash in variants:
+        variants[1:1] = [("engine_compiled", True, True, "auto"), ("engine_compiled_plain_suffix", True, True, "plain")]
+    if args.only:
+        variants = [v for v in variants if v[0] in args.only.split(",")]
+    for name, graphs, compiled, kernel in variants:
         os.environ["TOMTRANSFER_COMPILE"] = "1" if compiled else "0"
-        os.environ["TOMTRANSFER_FLASH_SUFFIX"] = flash
+        os.environ["TOMTRANSFER_FLASH_SUFFIX"] = "1" if kernel == "flash" else "0"
+        os.environ.pop("TOMTRANSFER_TRITON_SUFFIX", None)
+        if kernel != "auto":
+            os.environ["TOMTRANSFER_TRITON_SUFFIX"] = "1" if kernel == "triton" else "0"
         t_build = time.perf_counter()
         eng = TransformersEngine(spec, model=model, tokenizer=tok, graphs=graphs)
         eng._pool.submit(lambda: None).result()  # vocabulary table built
@@ -129,7 +139,8 @@ def main() -> None:
                          "decoder": eng.decoder.name, "rows_per_chunk": res.timings["rows_per_chunk"],
                          "tokens_per_s": args.samples * args.new / best, "first_call_s": warm_s,
                          "cuda_attention_kernel": getattr(eng.decoder, "cuda_attn", None),
-                         "flash_suffix": getattr(eng.decoder, "flash", None)}
+                         "flash_suffix": getattr(eng.decoder, "flash", None),
+                         "triton_suffix": getattr(eng.decoder, "triton_suffix", None)}
         print(name, json.dumps(results[name]), flush=True)
         if name == "engine":
             try:
