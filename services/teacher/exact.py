@@ -143,8 +143,11 @@ class ContributionRule:
         if not h:
             return UNDECIDED
         if h[0] != "$" and not h[0].isdigit():
-            # unicode digits are not [0-9] for the parser's purposes unless \d matches them: ask the rule.
-            return INVALID if lead_contribution(text + "5", self.endowment) is None else UNDECIDED
+            # unicode digits are not [0-9] for the parser's purposes unless \d matches them: ask the rule. A minus
+            # sign can still lead to a valid answer: "-0" (and "-0.0") parse as 0.
+            if all(lead_contribution(text + d, self.endowment) is None for d in ("5", "0")):
+                return INVALID
+            return UNDECIDED
         outcomes = {lead_contribution(text + u, self.endowment) for u in _NUM_PROBES}
         return outcomes.pop() if len(outcomes) == 1 else UNDECIDED
 
