@@ -36,13 +36,13 @@ def experiment(tmp_path_factory, mlflow_tracking_uri):
     cfg = {
         "name": "e2e-tiny",
         "output_dir": str(out),
-        "models": {"teacher": {"model": str(tiny_model_dir("qwen2", seed=3))},
-                   "student": {"model": str(tiny_model_dir("llama", seed=4))}},
+        "models": {"teacher": {"model": str(tiny_model_dir("qwen2", seed=3)), "num_cpus": 0.5},
+                   "student": {"model": str(tiny_model_dir("llama", seed=4)), "num_cpus": 0.5}},
         "sampling": {"temperature": 1.0, "max_tokens": 12, "seed": 5},
         "serving": {"port": 8123},
         "generate": {"samples": 4, "families": ["in_sample"], "request_n": 4},
         "training": {"epochs": 1, "learning_rate": 1e-3, "effective_batch_size": 8, "per_device_batch_size": 2,
-                     "num_workers": 2, "max_seq_len": 256, "adapter_name": "e2e"},
+                     "num_workers": 2, "cpus_per_worker": 0.5, "max_seq_len": 1024, "adapter_name": "e2e"},
         "evaluate": {"estimator": "exact", "samples": 300},
         "mlflow": {"tracking_uri": mlflow_tracking_uri, "experiment": "e2e"},
     }

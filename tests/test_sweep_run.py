@@ -38,7 +38,7 @@ def test_sweep_runs_cells_as_child_runs_and_skips_finished_ones(tmp_path, mlflow
         "serving": {"port": 8125},
         "generate": {"samples": 4, "request_n": 4},
         "training": {"epochs": 1, "learning_rate": 1e-3, "effective_batch_size": 4, "per_device_batch_size": 2,
-                     "num_workers": 1, "cpus_per_worker": 0.5, "max_seq_len": 256, "adapter_name": "cell"},
+                     "num_workers": 1, "cpus_per_worker": 0.5, "max_seq_len": 1024, "adapter_name": "cell"},
         "evaluate": {"estimator": "exact", "samples": 100},
         "mlflow": {"tracking_uri": mlflow_tracking_uri, "experiment": "sweep-test"},
     }

@@ -94,15 +94,19 @@ def stop() -> None:
     import ray
     from ray import serve
 
+    if not ray.is_initialized():  # failed before Ray started (e.g. a bad config): serve.shutdown() would start it
+        return
     try:
         serve.shutdown()
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
+        ray.shutdown()
 
 
 def serve(config_path: str | Path) -> None:
     """Deploy, print the base URL, block until Ctrl-C or SIGTERM, then shut down Serve and Ray."""
+    from shared.config import load_config
+
+    load_config(config_path)  # a bad config fails here, in one line, before anything starts
     stop_event = threading.Event()
     previous: dict = {}
     try:
