@@ -114,6 +114,7 @@ class TrainingConfig(_Strict):
     num_workers: int = Field(default=1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    threads_per_worker: int | None = Field(default=None, ge=1, description="torch CPU threads (default: cpus_per_worker)")
     max_failures: int = Field(default=1, ge=0)
     checkpoint_every_steps: int = Field(default=0, ge=0, description="0: a checkpoint at every epoch end only")
     gradient_checkpointing: bool = False

@@ -137,3 +137,14 @@ def test_preflight_refuses_a_student_without_chat_template(data, llama, tmp_path
     (bare / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(TrainError, match="chat template"):
         preflight(data, bare, 1024)
+
+
+def test_gradient_checkpointing_trains_the_same_adapter(data, llama, tmp_path):
+    """Recomputing activations (the demo's memory saver) must not change what is learned."""
+    from services.trainer.train import train_loop_per_worker
+
+    plain = train_loop_per_worker(_config(data, llama, tmp_path / "plain", training={"epochs": 1}))
+    ckpt = train_loop_per_worker(_config(data, llama, tmp_path / "ckpt", training={"epochs": 1},
+                                         gradient_checkpointing=True))
+    assert ckpt["loss_last"] == pytest.approx(plain["loss_last"], rel=1e-4, abs=1e-5)
+    assert ckpt["loss_first"] == pytest.approx(plain["loss_first"], rel=1e-4, abs=1e-5)

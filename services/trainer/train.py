@@ -751,7 +751,7 @@ def run_training(
         "checkpoint_every_steps": int(checkpoint_every_steps or t.checkpoint_every_steps),
         "compile": bool(t.compile),
         "gradient_checkpointing": bool(t.gradient_checkpointing),
-        "num_threads": max(1, int(t.cpus_per_worker)),
+        "num_threads": t.threads_per_worker or max(1, int(t.cpus_per_worker)),
         **(extra_loop_config or {}),
     }
     started_ray = False
