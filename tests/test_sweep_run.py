@@ -36,7 +36,8 @@ def test_sweep_runs_cells_as_child_runs_and_skips_finished_ones(tmp_path, mlflow
         "sampling": {"temperature": 1.0, "max_tokens": 8, "seed": 1},
         "scenarios": {"ids": ["IR_prison", "team_delight", "IR_prison_x2", "sports_prison", "pgg"]},
         "serving": {"port": 8125},
-        "generate": {"samples": 4, "request_n": 4},
+        # valid_policy all: random-weight teachers rarely answer in format; the test is about the sweep
+        "generate": {"samples": 4, "request_n": 4, "valid_policy": "all"},
         "training": {"epochs": 1, "learning_rate": 1e-3, "effective_batch_size": 4, "per_device_batch_size": 2,
                      "num_workers": 1, "cpus_per_worker": 0.5, "max_seq_len": 1024, "adapter_name": "cell"},
         "evaluate": {"estimator": "exact", "samples": 100},
@@ -44,7 +45,7 @@ def test_sweep_runs_cells_as_child_runs_and_skips_finished_ones(tmp_path, mlflow
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(
-        {"name": "tiny-sweep", "base": "base.yaml", "grid": {"generate.targets": ["answer_motivation", "answer"]}}))
+        {"name": "tiny-sweep", "base": "base.yaml", "grid": {"sampling.seed": [1, 2]}}))
 
     first = tomtransfer("sweep", "--config", tmp_path / "sweep.yaml")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -57,9 +58,9 @@ def test_sweep_runs_cells_as_child_runs_and_skips_finished_ones(tmp_path, mlflow
     assert len(cells) == 2 and all(c.info.status == "FINISHED" for c in cells)
     assert all(c.data.tags["mlflow.parentRunId"] == parent_id for c in cells)
     assert {c.data.params["estimator"] for c in cells} == {"exact"}
-    # the two cells really differ: answer-only targets vs answer + motivation
-    targets = {c.data.params.get("generate.targets") for c in cells}
-    assert targets == {"answer", "answer_motivation"}, targets
+    # the two cells really differ (their configs, hence their samples)
+    seeds = {c.data.params.get("sampling.seed") for c in cells}
+    assert seeds == {"1", "2"}, seeds
     assert all("rate.teacher.in_sample.IR_prison" in c.data.metrics for c in cells)
     parent_files = {a.path for a in client.list_artifacts(parent_id)}
     assert "sweep_summary.json" in parent_files
