@@ -112,6 +112,7 @@ def generate(
         result.dataset = export_training_set(
             table.to_pandas(), result.dataset_dir, name=cfg.name,
             targets=targets or g.targets, valid_policy=valid_policy or g.valid_policy,  # type: ignore[arg-type]
+            teacher=f"{teacher['model']} ({teacher['engine']}, served as {teacher['served']})",
         )
         if log_to_mlflow and cfg.mlflow.tracking_uri:
             result.mlflow_run_id = log_generate_to_mlflow(cfg, result, settings, teacher)

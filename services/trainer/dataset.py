@@ -378,8 +378,12 @@ def export_training_set(
     name: str = "tomtransfer",
     targets: Targets = "answer_motivation",
     valid_policy: ValidPolicy = "valid_only",
+    teacher: str | None = None,
 ) -> DatasetExport:
-    """Build the training set from samples (a DataFrame, or Parquet paths) and write every export."""
+    """Build the training set from samples (a DataFrame, or Parquet paths) and write every export.
+
+    `teacher` names the weights behind the served model name in the samples (e.g. `qwen2.5-coder-0.5b-instruct
+    (transformers)` for `teacher`), for the card; default: the served names."""
     if not isinstance(samples, pd.DataFrame):
         samples = load_samples(samples)
     train = build_training_set(samples, targets=targets, valid_policy=valid_policy)
@@ -401,7 +405,7 @@ def export_training_set(
         content_hash=content_hash(train),
         targets=targets,
         valid_policy=valid_policy,
-        teachers=sorted(str(m) for m in samples["model"].unique()),
+        teachers=[teacher] if teacher else sorted(str(m) for m in samples["model"].unique()),
         run_ids=sorted(str(r) for r in samples["run_id"].unique()),
         samples=int(len(samples)),
         examples=int(len(train)),
