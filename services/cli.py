@@ -298,6 +298,11 @@ def report(
 
 
 def main() -> None:
+    import signal
+
+    # SIGTERM (kill, a pod's stop) unwinds like Ctrl-C, so the local MLflow server, Ray and Serve that a command
+    # started are stopped by their context managers instead of being left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         app()
     except UserError as e:
