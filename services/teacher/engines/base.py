@@ -38,6 +38,10 @@ from shared.errors import UserError
 Message = dict[str, str]
 
 
+# Chat-template end markers of the supported families (ChatML/Qwen, Llama 2/3, SmolLM2, Phi): also stop decoding.
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
+
+
 class EngineInputError(UserError):
     """A request this engine cannot serve; maps to HTTP 400 (`status` may say 404)."""
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from services.teacher.engines.base import (
+    END_TOKENS,
     ChatRequest,
     ChatResult,
     Completion,
@@ -51,7 +52,6 @@ from services.teacher.engines.base import (
 from services.teacher.engines.decoding import HFDecoder, Prefix, State, make_decoder
 from services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
 
-_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
 
 
 def _pick_device(want: str) -> torch.device:
@@ -125,7 +125,7 @@ class TransformersEngine(Engine):
             ids.update(src if isinstance(src, (list, tuple)) else [src])
         vocab = self.tokenizer.get_vocab()
         special = set(self.tokenizer.all_special_tokens) | {str(t) for t in getattr(self.tokenizer, "added_tokens_encoder", {})}
-        for tok in _END_TOKENS:
+        for tok in END_TOKENS:
             if tok in vocab and tok in special:
                 ids.add(vocab[tok])
         return {int(i) for i in ids}

@@ -71,6 +71,7 @@ from typing import Any
 import torch
 
 from services.teacher.engines.base import (
+    END_TOKENS,
     ChatRequest,
     ChatResult,
     Completion,
@@ -84,7 +85,6 @@ from services.teacher.engines.base import (
 )
 from services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
 
-_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
 MAX_GUIDED_CHOICES = 1024
 
 
@@ -201,7 +201,7 @@ class VLLMEngine(Engine):
             ids.update(src if isinstance(src, (list, tuple)) else [src])
         vocab = self.tokenizer.get_vocab()
         special = set(self.tokenizer.all_special_tokens) | {str(t) for t in getattr(self.tokenizer, "added_tokens_encoder", {})}
-        for tok in _END_TOKENS:
+        for tok in END_TOKENS:
             if tok in vocab and tok in special:
                 ids.add(vocab[tok])
         return {int(i) for i in ids}
