@@ -42,6 +42,19 @@ Message = dict[str, str]
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>", "<|end|>")
 
 
+def end_token_ids(tokenizer, *eos_sources) -> set[int]:
+    """Token ids that end a response: the EOS id(s) given (int, list or None each) plus the END_TOKENS that
+    this tokenizer has as special tokens."""
+    ids: set[int] = set()
+    for src in eos_sources:
+        if src is not None:
+            ids.update(src if isinstance(src, (list, tuple)) else [src])
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_tokens) | {str(t) for t in getattr(tokenizer, "added_tokens_encoder", {})}
+    ids.update(vocab[tok] for tok in END_TOKENS if tok in vocab and tok in special)
+    return {int(i) for i in ids}
+
+
 class EngineInputError(UserError):
     """A request this engine cannot serve; maps to HTTP 400 (`status` may say 404)."""
 

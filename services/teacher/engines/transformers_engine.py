@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 
 from services.teacher.engines.base import (
-    END_TOKENS,
     ChatRequest,
     ChatResult,
     Completion,
@@ -48,6 +47,7 @@ from services.teacher.engines.base import (
     SamplingParams,
     TokenLogprob,
     TopLogprob,
+    end_token_ids,
 )
 from services.teacher.engines.decoding import HFDecoder, Prefix, State, make_decoder
 from services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
@@ -117,18 +117,8 @@ class TransformersEngine(Engine):
 
     # ----------------------------------------------------------------------------------- plumbing
     def _end_ids(self) -> set[int]:
-        ids: set[int] = set()
         gen = getattr(self.base, "generation_config", None)
-        for src in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if src is None:
-                continue
-            ids.update(src if isinstance(src, (list, tuple)) else [src])
-        vocab = self.tokenizer.get_vocab()
-        special = set(self.tokenizer.all_special_tokens) | {str(t) for t in getattr(self.tokenizer, "added_tokens_encoder", {})}
-        for tok in END_TOKENS:
-            if tok in vocab and tok in special:
-                ids.add(vocab[tok])
-        return {int(i) for i in ids}
+        return end_token_ids(self.tokenizer, getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id)
 
     def _root_classifier(self) -> RootClassifier:
         if self._root is None:

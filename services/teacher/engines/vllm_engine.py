@@ -71,7 +71,6 @@ from typing import Any
 import torch
 
 from services.teacher.engines.base import (
-    END_TOKENS,
     ChatRequest,
     ChatResult,
     Completion,
@@ -82,6 +81,7 @@ from services.teacher.engines.base import (
     SamplingParams,
     TokenLogprob,
     TopLogprob,
+    end_token_ids,
 )
 from services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
 
@@ -187,7 +187,6 @@ class VLLMEngine(Engine):
         return AsyncLLM.from_engine_args(args)
 
     def _end_ids(self) -> set[int]:
-        ids: set[int] = set()
         srcs: list[Any] = [self.tokenizer.eos_token_id]
         try:
             from transformers import GenerationConfig
@@ -195,16 +194,7 @@ class VLLMEngine(Engine):
             srcs.append(GenerationConfig.from_pretrained(self.model_path).eos_token_id)
         except (OSError, ValueError):
             pass
-        for src in srcs:
-            if src is None:
-                continue
-            ids.update(src if isinstance(src, (list, tuple)) else [src])
-        vocab = self.tokenizer.get_vocab()
-        special = set(self.tokenizer.all_special_tokens) | {str(t) for t in getattr(self.tokenizer, "added_tokens_encoder", {})}
-        for tok in END_TOKENS:
-            if tok in vocab and tok in special:
-                ids.add(vocab[tok])
-        return {int(i) for i in ids}
+        return end_token_ids(self.tokenizer, *srcs)
 
     def _root_classifier(self) -> RootClassifier:
         if self._root is None:
