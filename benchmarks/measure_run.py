@@ -23,17 +23,35 @@ from pathlib import Path
 import psutil
 
 
-def tree_memory(root: psutil.Process) -> tuple[int, int, int]:
+def _label(p: psutil.Process) -> str:
+    """A short name for a process: Ray sets the titles of its workers (e.g. `ray::ServeReplica:...`)."""
+    try:
+        cmd = p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return "?"
+    if not cmd:
+        return p.name()
+    first = cmd[0]
+    if first.startswith("ray::"):
+        return " ".join(cmd)[:80]
+    tail = next((c for c in cmd[1:] if not c.startswith("-")), "")
+    return f"{Path(first).name} {Path(tail).name if '/' in tail else tail}"[:80]
+
+
+def tree_memory(root: psutil.Process) -> tuple[int, int, int, list[tuple[str, int]]]:
     pss = rss = n = 0
+    parts: list[tuple[str, int]] = []
     for p in [root, *root.children(recursive=True)]:
         try:
             info = p.memory_full_info()
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-        pss += getattr(info, "pss", info.rss)
+        one = getattr(info, "pss", info.rss)
+        pss += one
         rss += info.rss
         n += 1
-    return pss, rss, n
+        parts.append((_label(p), one))
+    return pss, rss, n, parts
 
 
 def main() -> int:
@@ -48,14 +66,22 @@ def main() -> int:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
     root = psutil.Process(proc.pid)
-    peak = {"pss": 0, "rss": 0, "processes": 0}
+    peak = {"pss": 0, "rss": 0, "processes": 0, "at_s": 0.0, "parts": []}
+    timeline: list[tuple[float, float]] = []  # (seconds, PSS GiB) every ~10 s
     stop = threading.Event()
 
     def sample() -> None:
+        last = -1e9
         while not stop.is_set():
-            pss, rss, n = tree_memory(root)
-            peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
+            pss, rss, n, parts = tree_memory(root)
+            now = time.perf_counter() - t0
+            if pss > peak["pss"]:
+                peak.update(pss=pss, at_s=now, parts=sorted(parts, key=lambda x: -x[1]))
+            peak["rss"] = max(peak["rss"], rss)
             peak["processes"] = max(peak["processes"], n)
+            if now - last >= 10:
+                timeline.append((round(now, 1), round(pss / 2**30, 2)))
+                last = now
             stop.wait(args.interval)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -67,7 +93,9 @@ def main() -> int:
     result = {
         "command": " ".join(cmd), "returncode": rc, "wall_s": round(wall, 1),
         "peak_pss_gib": round(peak["pss"] / 2**30, 2), "peak_rss_sum_gib": round(peak["rss"] / 2**30, 2),
-        "max_processes": peak["processes"], "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "max_processes": peak["processes"], "peak_at_s": round(peak["at_s"], 1),
+        "peak_breakdown_gib": [[name, round(b / 2**30, 3)] for name, b in peak["parts"] if b > 2**24],
+        "timeline_s_pss_gib": timeline, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, "
                    f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, {platform.python_version()}",
     }

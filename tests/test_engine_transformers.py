@@ -103,6 +103,42 @@ def test_shared_prefix_decoder_matches_hf(engine, tmp_path, with_adapter):
             run(engine.unload_adapter("a"))
 
 
+def test_prefix_cache_hits_equal_misses(engine, tmp_path):
+    """Scenario prompts are computed as system turn + rest; a cached system turn gives bit-identical samples and
+    exact probabilities, the split agrees with one whole-prompt forward, and adapter changes empty the cache."""
+    cat = default_catalog().scenarios
+    msgs = build_messages(cat["IR_prison"])
+    ids, split = engine.prompt(msgs)
+    assert 16 <= split < len(ids) and engine.tokenizer.decode(ids[:split]).rstrip().endswith("<|im_end|>")
+    engine.prefixes.clear()
+    hits0 = engine.prefixes.hits
+    params = SamplingParams(n=6, temperature=1.0, max_tokens=6, seed=11)
+    miss = run(engine.chat(ChatRequest(messages=msgs, params=params)))
+    miss_x = run(engine.exact(ExactRequest(messages=msgs, temperature=1.0)))
+    assert engine.prefixes.stats()["entries"] == 1 and engine.prefixes.hits == hits0 + 1  # exact reused chat's
+    engine.prefixes.clear()
+    run(engine.exact(ExactRequest(messages=build_messages(cat["IR_staghunt"]), temperature=1.0)))  # fills the cache
+    hit_x = run(engine.exact(ExactRequest(messages=msgs, temperature=1.0)))
+    hit = run(engine.chat(ChatRequest(messages=msgs, params=params)))
+    assert engine.prefixes.hits >= hits0 + 3
+    assert [c.text for c in hit.choices] == [c.text for c in miss.choices]
+    assert hit_x.p == miss_x.p and hit_x.top_tokens == miss_x.top_tokens
+    with torch.inference_mode():
+        whole = engine.decoder.prefill(ids)
+        split_pf = engine._prefill(ids, split, None)
+    torch.testing.assert_close(split_pf.logits, whole.logits, rtol=1e-4, atol=1e-4)
+    run(engine.load_adapter("pc", make_lora(engine, tmp_path / "pc", seed=4, scale=3.0)))
+    try:
+        assert engine.prefixes.stats()["entries"] == 0
+        ad = run(engine.exact(ExactRequest(messages=msgs, temperature=1.0, adapter="pc")))
+        base = run(engine.exact(ExactRequest(messages=msgs, temperature=1.0)))
+        assert engine.prefixes.stats()["entries"] == 2  # one per adapter (None = the base)
+        assert ad.top_tokens != base.top_tokens and base.p == pytest.approx(miss_x.p, abs=1e-6)
+    finally:
+        run(engine.unload_adapter("pc"))
+    assert engine.prefixes.stats()["entries"] == 0
+
+
 def test_static_graph_step_matches_dynamic_step(engine):
     """The CUDA-graph form of a decode step (masked full buffer, step index as a tensor), run eagerly on CPU."""
     ids = engine.prompt_ids(MSGS)

@@ -58,6 +58,45 @@ class State:
     graph: object = None
 
 
+@dataclass(frozen=True)
+class PromptKV:
+    """The K/V of a prompt prefix for batch 1: per layer (1, Hkv, length, D) keys and values. Never modified:
+    a forward that continues from it builds a fresh cache around the same tensors."""
+
+    length: int
+    layers: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+
+
+def _cache_from(past: PromptKV):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(past.layers):
+        cache.update(k, v, i)
+    return cache
+
+
+def forward_prompt(model, ids: list[int], past: PromptKV | None = None):
+    """The prompt forward (logits of the last position only: the LM head over every prompt position was ~30 % of
+    a Qwen2.5-0.5B prefill on CPU), continuing from `past` (the K/V of `ids[:past.length]`) when given."""
+    dev = model.device
+    if past is None:
+        return model(input_ids=torch.tensor([ids], device=dev), use_cache=True, logits_to_keep=1)
+    if len(ids) <= past.length:
+        raise ValueError("a cached prefix must leave at least one prompt token to compute")
+    return model(input_ids=torch.tensor([ids[past.length:]], device=dev), past_key_values=_cache_from(past),
+                 use_cache=True, logits_to_keep=1)
+
+
+def prompt_kv(model, ids: list[int]) -> PromptKV:
+    out = model(input_ids=torch.tensor([ids], device=model.device), use_cache=True, logits_to_keep=1)
+    return PromptKV(length=len(ids), layers=tuple((layer.keys, layer.values) for layer in out.past_key_values.layers))
+
+
 def _causal_lm(model):
     """The *ForCausalLM module under a possible peft wrapper."""
     inner = model
@@ -93,11 +132,12 @@ class HFDecoder:
         self.model = model
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> Prefix:
-        dev = self.model.device
-        x = torch.tensor([ids], device=dev)
-        out = self.model(input_ids=x, use_cache=True)
+    def prefill(self, ids: list[int], past: "PromptKV | None" = None) -> Prefix:
+        out = forward_prompt(self.model, ids, past)
         return Prefix(length=len(ids), logits=out.logits[0, -1].float(), cache=out.past_key_values)
+
+    def prompt_kv(self, ids: list[int]) -> "PromptKV":
+        return prompt_kv(self.model, ids)
 
     def start(self, prefix: Prefix, rows: int, capacity: int, graph: bool = True) -> State:
         from transformers import DynamicCache
@@ -478,16 +518,24 @@ class SharedPrefixDecoder:
     # -------------------------------------------------------------------------------------- prefill
     # The model's modules are looked up at call time: peft replaces q_proj/v_proj with LoRA wrappers.
     @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> Prefix:
-        """On CUDA with graphs and fused weights (no adapters) the prompt forward replays a CUDA graph captured per
+    def prefill(self, ids: list[int], past: "PromptKV | None" = None) -> Prefix:
+        """`past`: the K/V of `ids[:past.length]` (a cached prompt prefix); only the rest is computed then.
+        On CUDA with graphs and fused weights (no adapters) the prompt forward replays a CUDA graph captured per
         prompt bucket; the returned K/V are then views into that graph's buffers, valid until the next prefill of
         the same bucket (the engine decodes from a prefix before it prefills the next prompt)."""
-        dev = self.lm.device
-        if self.graphs and self.fused is not None and dev.type == "cuda" and 0 < len(ids) <= self.graph_prefill_max:
+        if past is None and self.whole_prompt(ids):
             return self._graph_prefill(ids)
-        out = self.model(input_ids=torch.tensor([ids], device=dev), use_cache=True)
+        out = forward_prompt(self.model, ids, past)
         kv = [(layer.keys[0].contiguous(), layer.values[0].contiguous()) for layer in out.past_key_values.layers]
         return Prefix(length=len(ids), logits=out.logits[0, -1].float(), kv=kv)
+
+    def whole_prompt(self, ids: list[int]) -> bool:
+        """True where the prompt forward is one captured CUDA graph: splitting it off a cached prefix would not pay."""
+        return (self.graphs and self.fused is not None and self.lm.device.type == "cuda"
+                and 0 < len(ids) <= self.graph_prefill_max)
+
+    def prompt_kv(self, ids: list[int]) -> "PromptKV":
+        return prompt_kv(self.model, ids)
 
     def _prefill_static(self, pg: "_PrefillGraph") -> torch.Tensor:
         """The prompt forward in static form: `pg.tokens` (bucket,) padded at the end (causal attention, so real

@@ -12,6 +12,12 @@ from the batch on CPU once a quarter of them are done. On CUDA, requests without
 stop_at_answer (T > 0) take `_sample_chunk_device` instead: the same draws, made on the GPU with no host sync per
 step, one row per sample, EOS applied at the end (checked every 16 steps for an early stop).
 
+Prompt prefix cache: a prompt with a system turn is always computed in two pieces, the system turn (its K/V
+kept in a per-adapter LRU, `TOMTRANSFER_PREFIX_CACHE_MB`, default 256, 0 = off) and the rest, so the 4 games
+of a context, every sample block and every exact call of a scenario reuse one system-turn forward; hits and
+misses give identical numbers (`prefix_cache.py`). Not on CUDA's whole-prompt graph path (no adapters), where
+the prompt forward is one graph replay anyway.
+
 Semantics (OpenAI-compatible): `stop` strings end a sample and are not included in its text
 (finish_reason "stop"); EOS tokens (generation config + tokenizer + ChatML/Llama-3 end tokens present in
 the vocabulary) end a sample (not in the text) unless `ignore_eos`; `max_tokens` ends it with
@@ -50,8 +56,12 @@ from services.teacher.engines.base import (
     end_token_ids,
 )
 from services.teacher.engines.decoding import HFDecoder, Prefix, State, make_decoder
+from services.teacher.engines.prefix_cache import PrefixCache
 from services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
 
+
+
+MIN_SPLIT = 16  # a shorter system turn is not worth a cache entry
 
 
 def _pick_device(want: str) -> torch.device:
@@ -112,6 +122,8 @@ class TransformersEngine(Engine):
         self.max_context = int(getattr(self.base.config, "max_position_embeddings", 0) or 1 << 30)
         self._table: TokenTable | None = None
         self._root: RootClassifier | None = None
+        self.prefixes = PrefixCache(float(os.environ.get("TOMTRANSFER_PREFIX_CACHE_MB", "256")) * 2**20)
+        self._system_ids: dict[str, list[int]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.name}")
         self._pool.submit(self._root_classifier)  # warm the vocabulary table off the request path
 
@@ -132,15 +144,51 @@ class TransformersEngine(Engine):
         return await loop.run_in_executor(self._pool, fn, *args)
 
     def prompt_ids(self, messages) -> list[int]:
+        return self.prompt(messages)[0]
+
+    def prompt(self, messages) -> tuple[list[int], int]:
+        """The chat-templated prompt and where its system turn ends (0: no cacheable system turn)."""
         msgs = [dict(m) for m in messages]
         try:
             text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - jinja errors on odd role orders etc.
             raise EngineInputError(f"the model's chat template rejected the messages: {e}", param="messages") from None
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if not ids:
             raise EngineInputError("empty prompt", param="messages")
-        return list(ids)
+        return ids, self._system_split(msgs, ids)
+
+    def _system_split(self, msgs: list[dict], ids: list[int]) -> int:
+        """The length of the system turn's tokens when they are a prefix of `ids` (templates that fold the system
+        text into the first user turn, e.g. Llama-2's, give 0: nothing is split off then)."""
+        if len(msgs) < 2 or msgs[0].get("role") != "system" or not isinstance(msgs[0].get("content"), str):
+            return 0
+        text = msgs[0]["content"]
+        sys_ids = self._system_ids.get(text)
+        if sys_ids is None:
+            try:
+                rendered = self.tokenizer.apply_chat_template([msgs[0]], tokenize=False, add_generation_prompt=False)
+                sys_ids = list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+            except Exception:  # noqa: BLE001 - a template that needs a user turn: no split
+                sys_ids = []
+            if len(self._system_ids) > 256:
+                self._system_ids.clear()
+            self._system_ids[text] = sys_ids
+        b = len(sys_ids)
+        return b if MIN_SPLIT <= b < len(ids) and ids[:b] == sys_ids else 0
+
+    def _prefill(self, ids: list[int], split: int, adapter: str | None) -> Prefix:
+        """The prompt forward, in two pieces when it has a system turn: that turn's K/V (cached per adapter), then
+        the rest. Always the same pieces, so results do not depend on cache hits (see `prefix_cache`)."""
+        whole = getattr(self.decoder, "whole_prompt", None)
+        if split <= 0 or self.prefixes.budget <= 0 or (whole is not None and whole(ids)):
+            return self.decoder.prefill(ids)
+        head = ids[:split]
+        past = self.prefixes.get(adapter, head)
+        if past is None:
+            past = self.decoder.prompt_kv(head)
+            self.prefixes.put(adapter, head, past)
+        return self.decoder.prefill(ids, past=past)
 
     @contextmanager
     def _adapter(self, name: str | None):
@@ -405,10 +453,12 @@ class TransformersEngine(Engine):
         return out
 
     def _chat_sync(self, req: ChatRequest) -> ChatResult:
-        return self.sample_ids(self.prompt_ids(req.messages), req.params, req.adapter)
+        ids, split = self.prompt(req.messages)
+        return self.sample_ids(ids, req.params, req.adapter, split=split)
 
-    def sample_ids(self, ids: list[int], p: SamplingParams, adapter: str | None = None) -> ChatResult:
-        """`chat` from token ids (already chat-templated). Synchronous: call on the engine thread or alone."""
+    def sample_ids(self, ids: list[int], p: SamplingParams, adapter: str | None = None, split: int = 0) -> ChatResult:
+        """`chat` from token ids (already chat-templated; `split`: where the cacheable system turn ends).
+        Synchronous: call on the engine thread or alone."""
         if p.logprobs and self._table is None:
             self._root_classifier()
         if len(ids) + p.max_tokens > self.max_context:
@@ -420,7 +470,7 @@ class TransformersEngine(Engine):
         uniforms = torch.rand(p.n, p.max_tokens, generator=gen, dtype=torch.float64)  # sample i, step t
         t0 = time.perf_counter()
         with self._adapter(adapter), torch.inference_mode():
-            prefix = self.decoder.prefill(ids)
+            prefix = self._prefill(ids, split, adapter)
             t1 = time.perf_counter()
             per_chunk = self._rows_per_chunk(p.max_tokens)
             choices: list[Completion] = []
@@ -441,16 +491,17 @@ class TransformersEngine(Engine):
 
     # -------------------------------------------------------------------------------------- exact
     def _exact_sync(self, req: ExactRequest) -> ExactResult:
-        return self.exact_ids(self.prompt_ids(req.messages), req)
+        ids, split = self.prompt(req.messages)
+        return self.exact_ids(ids, req, split=split)
 
-    def exact_ids(self, ids: list[int], req: ExactRequest) -> ExactResult:
+    def exact_ids(self, ids: list[int], req: ExactRequest, split: int = 0) -> ExactResult:
         """`exact` from token ids (already chat-templated; `req.messages` is ignored). Synchronous."""
         rule = make_rule(req.kind, req.endowment)
         root = self._root_classifier()
         if len(ids) + req.max_depth > self.max_context:
             raise EngineInputError(f"prompt ({len(ids)} tokens) exceeds the model's context", param="messages")
         with self._adapter(req.adapter), torch.inference_mode():
-            prefix = self.decoder.prefill(ids)
+            prefix = self._prefill(ids, split, req.adapter)
             backend = _TreeBackend(self.decoder, prefix, req.max_depth, self.device,
                                    graphs=self.graphs and getattr(self.decoder, "graphs", False))
             p, invalid, unresolved, passes, top = expand(
@@ -484,6 +535,7 @@ class TransformersEngine(Engine):
         for prm in self.peft.parameters():
             prm.requires_grad_(False)
         self.adapters[name] = str(p)
+        self.prefixes.clear()  # the model changed (a new LoRA wrapper, or new weights under an old name)
         self.model = self.peft
         self.decoder = make_decoder(self.model, prefer_fast=self.fast, graphs=self.graphs)
 
@@ -491,6 +543,7 @@ class TransformersEngine(Engine):
         if name not in self.adapters:
             raise EngineInputError(f"adapter {name!r} is not loaded", param="name", status=404, code="model_not_found")
         del self.adapters[name]
+        self.prefixes.clear()
         if not self.adapters:
             # last one: take the LoRA layers out again, so the base model runs exactly as before any adapter
             self.base = self.peft.unload()
@@ -514,7 +567,8 @@ class TransformersEngine(Engine):
     def info(self) -> dict:
         return {"engine": self.name, "model_path": self.model_path, "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""), "decoder": self.decoder.name,
-                "adapters": self.models(), "max_context": self.max_context, "vocab_size": self.vocab_size}
+                "adapters": self.models(), "max_context": self.max_context, "vocab_size": self.vocab_size,
+                "prefix_cache": self.prefixes.stats()}
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
