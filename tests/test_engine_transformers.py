@@ -139,10 +139,14 @@ def test_prefix_cache_hits_equal_misses(engine, tmp_path):
     assert engine.prefixes.stats()["entries"] == 0
 
 
-def test_static_graph_step_matches_dynamic_step(engine):
-    """The CUDA-graph form of a decode step (masked full buffer, step index as a tensor), run eagerly on CPU."""
+@pytest.mark.parametrize("fuse", ["0", "1"])
+def test_static_graph_step_matches_dynamic_step(engine, monkeypatch, fuse):
+    """The CUDA-graph form of a decode step (masked full buffer, step index as a tensor), run eagerly on CPU, with
+    separate and with fused (CUDA's default) q/k/v and gate/up weights."""
     ids = engine.prompt_ids(MSGS)
+    monkeypatch.setenv("TOMTRANSFER_FUSE", fuse)
     dec = SharedPrefixDecoder(engine.model)
+    assert (dec.fused is not None) == (fuse == "1")
     with torch.inference_mode():
         pre = dec.prefill(ids)
         a, b = dec.start(pre, 2, 5), dec.start(pre, 2, 5)
@@ -153,7 +157,7 @@ def test_static_graph_step_matches_dynamic_step(engine):
             a.t += 1
             b.t += 1
             torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
-    if dec.fused is not None:  # the pure (compilable) layer function agrees too
+    if fuse == "1":  # the pure (compilable) layer function agrees too
         from services.teacher.engines import decoding
 
         dec._layer = decoding._fused_layer

@@ -278,14 +278,13 @@ def expand(rule, backend: TreeBackend, table: TokenTable, root: RootClassifier, 
     frontier: list[_Node] = []
     parents: list[int] = []
     if len(und_ids):
+        # the most likely undecided tokens with at least min_mass start the frontier; the rest is unresolved
         und_p = root_p[und_ids]
         order = torch.argsort(und_p, descending=True)
-        for j in order.tolist():
-            m = float(und_p[j])
-            tid = int(und_ids[j])
-            if m < min_mass or len(frontier) >= max_width:
-                unresolved += m
-                continue
+        top = order[:max_width]
+        top = top[und_p[top] >= min_mass]
+        unresolved += float(und_p.sum() - und_p[top].sum())
+        for tid, m in zip(und_ids[top].tolist(), und_p[top].tolist()):
             frontier.append(_Node([tid], table.texts[tid], m))
             parents.append(0)
     passes = 1
@@ -306,26 +305,33 @@ def expand(rule, backend: TreeBackend, table: TokenTable, root: RootClassifier, 
         keeps = (torch.searchsorted(csum, (mass - min_mass).unsqueeze(1)).squeeze(1) + 1).clamp_(1, k)
         ghost = idx_all >= table.n_real  # ids the tokenizer does not have: invalid answers
         in_keep = torch.arange(k, device=probs.device).unsqueeze(0) < keeps.unsqueeze(1)
-        ghost_mass = torch.where(ghost & in_keep, vals_all, torch.zeros_like(vals_all)).sum(-1).tolist()
-        kept_sum = torch.where(in_keep, vals_all, torch.zeros_like(vals_all)).sum(-1).tolist()
-        keeps, vals_all, idx_all, ghost = keeps.tolist(), vals_all.cpu(), idx_all.cpu(), ghost.cpu()
-        candidates: list[_Node] = []
-        cand_parents: list[int] = []
+        ghost_mass = torch.where(ghost & in_keep, vals_all, torch.zeros_like(vals_all)).sum(-1)
+        kept_sum = torch.where(in_keep, vals_all, torch.zeros_like(vals_all)).sum(-1)
+        # one device -> host transfer for the per-row numbers, one for the candidates
+        ghost_mass, kept_sum, keeps = torch.stack((ghost_mass, kept_sum, keeps.to(ghost_mass.dtype))).cpu().tolist()
+        vals_all, idx_all, ghost = vals_all.cpu(), idx_all.cpu(), ghost.cpu()
+        kids: list[tuple[list[float], list[int]]] = []
+        real: list[tuple[int, int]] = []  # (row, token) pairs whose text is needed
         for row, node in enumerate(frontier):
-            keep = keeps[row]
+            keep = int(keeps[row])
             unresolved += max(0.0, node.mass - kept_sum[row])
             invalid += ghost_mass[row]
             sel = ~ghost[row, :keep]
             vals, idx = vals_all[row, :keep][sel].tolist(), idx_all[row, :keep][sel].tolist()
-            real = [t for t in idx if t not in table.end_ids]
-            texts = dict(zip(real, tokenizer.batch_decode([node.ids + [t] for t in real], skip_special_tokens=True,
-                                                          clean_up_tokenization_spaces=False)))
+            kids.append((vals, idx))
+            real += [(row, t) for t in idx if t not in table.end_ids]
+        # every child's text from one tokenizer call (decoding ids + [t], not texts[t]: byte-level pieces merge)
+        texts = dict(zip(real, tokenizer.batch_decode([frontier[r].ids + [t] for r, t in real],
+                                                      skip_special_tokens=True, clean_up_tokenization_spaces=False)))
+        candidates: list[_Node] = []
+        cand_parents: list[int] = []
+        for row, (node, (vals, idx)) in enumerate(zip(frontier, kids)):
             for m, t in zip(vals, idx):
                 if t in table.end_ids:
                     s = _status(rule, node.text, final=True)
                     text = node.text
                 else:
-                    text = texts[t]
+                    text = texts[(row, t)]
                     s = _status(rule, text)
                 if s is UNDECIDED:
                     candidates.append(_Node(node.ids + [t], text, m))

@@ -375,7 +375,12 @@ class SharedPrefixDecoder:
         self.scaling = att.scaling
         self.graphs = graphs
         self.peft = model is not self.lm
-        self.fused = None if self.peft else self._fuse()
+        # fused q/k/v and gate/up weights (one product each): on CUDA by default (fewer, larger kernels, and what the
+        # graphs and the compiled layer use); off on CPU, where the concatenated copies would sit beside the
+        # memory-mapped originals (+0.9 GB resident for Qwen2.5-0.5B) for no measurable speed. TOMTRANSFER_FUSE=0/1.
+        env_fuse = os.environ.get("TOMTRANSFER_FUSE")
+        want_fuse = (env_fuse == "1") if env_fuse in ("0", "1") else self.lm.device.type == "cuda"
+        self.fused = None if self.peft or not want_fuse else self._fuse()
         self.cuda_attn = False
         self._pool: "dict[tuple, _Graph]" = {}
         # PyTorch's memory-efficient attention kernel measured slower than the plain matrix products for this
@@ -770,18 +775,20 @@ class SharedPrefixDecoder:
         return lm.lm_head(x).float()
 
     @torch.inference_mode()
-    def step(self, state: State, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, state: State, tokens: torch.Tensor, borrow: bool = False) -> torch.Tensor:
+        """`borrow`: on the graph path, return the graph's own logits buffer (valid until the next step) instead of
+        a copy; for callers that consume the logits before stepping again."""
         if state.t >= state.capacity:
             raise RuntimeError("decode capacity exceeded")
         tokens = tokens.to(state.ks[0].device)
         if state.graph is not None and tokens.is_cuda:
-            logits = self._graph_step(state, tokens)
+            logits = self._graph_step(state, tokens, borrow)
         else:
             logits = self._forward(state, tokens, state.t, static=False)
         state.t += 1
         return logits
 
-    def _graph_step(self, state: State, tokens: torch.Tensor) -> torch.Tensor:
+    def _graph_step(self, state: State, tokens: torch.Tensor, borrow: bool = False) -> torch.Tensor:
         """Replay the captured step for this shape and span bucket (captured on first use, kept in the pool)."""
         g = state.graph
         g.tokens.copy_(tokens)
@@ -805,7 +812,7 @@ class SharedPrefixDecoder:
             g.graphs[span] = (graph, out)
         graph, out = g.graphs[span]
         graph.replay()
-        return out.clone()
+        return out if borrow else out.clone()
 
 
 class _Graph:

@@ -55,7 +55,7 @@ from services.teacher.engines.base import (
     TopLogprob,
     end_token_ids,
 )
-from services.teacher.engines.decoding import HFDecoder, Prefix, State, make_decoder
+from services.teacher.engines.decoding import HFDecoder, Prefix, SharedPrefixDecoder, State, make_decoder
 from services.teacher.engines.prefix_cache import PrefixCache
 from services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
 
@@ -119,6 +119,11 @@ class TransformersEngine(Engine):
         env_loop = os.environ.get("TOMTRANSFER_DEVICE_LOOP")
         self.device_loop = (env_loop == "1") if env_loop in ("0", "1") else self.device.type == "cuda"
         self.max_batch_size = spec.max_batch_size
+        # the per-step draw of the device loop (softmax, float64 CDF, search) as one compiled kernel chain: opt-in
+        # with the compiled decode layer (TOMTRANSFER_COMPILE=1); the same math as `_distribution` + the CDF search
+        self._draw_rows = None
+        if self.device.type == "cuda" and os.environ.get("TOMTRANSFER_COMPILE") == "1":
+            self._draw_rows = torch.compile(_draw_rows, dynamic=False)
         self.max_context = int(getattr(self.base.config, "max_position_embeddings", 0) or 1 << 30)
         self._table: TokenTable | None = None
         self._root: RootClassifier | None = None
@@ -280,6 +285,8 @@ class TransformersEngine(Engine):
     def _draw_device(self, logits: torch.Tensor, p: SamplingParams, u: torch.Tensor) -> torch.Tensor:
         """`_inverse_cdf` on the device without a host sync: logits (R, V) with R = 1 (all samples from the
         same distribution) or R = len(u); sample j takes the token where u[j] falls in its row's CDF."""
+        if logits.shape[0] > 1 and p.top_p >= 1.0 and self._draw_rows is not None:
+            return self._draw_rows(logits, u, p.temperature)
         probs, _ = self._distribution(logits, p)
         V = probs.shape[-1]
         cdf = probs.double().cumsum(-1)
@@ -307,6 +314,7 @@ class TransformersEngine(Engine):
         logits = prefix.logits.unsqueeze(0)
         state: State | None = None
         steps = cap
+        borrow = isinstance(dec, SharedPrefixDecoder)  # the draw consumes the logits before the next step
         for step in range(cap):
             tok = self._draw_device(logits, p, u[:, step])
             out[:, step] = tok
@@ -319,7 +327,7 @@ class TransformersEngine(Engine):
                 break
             if state is None:
                 state = dec.start(prefix, n, cap, graph=self.graphs and cap >= 16)
-            logits = dec.step(state, tok)
+            logits = dec.step(state, tok, borrow=True) if borrow else dec.step(state, tok)
         rows = out[:, :steps].tolist()
         tokens, generated, finish = [], [], []
         for r in rows:
@@ -572,6 +580,14 @@ class TransformersEngine(Engine):
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _draw_rows(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
+    """One token per row (top_p = 1): where u[j] falls in row j's CDF of softmax(logits / T) (float64 sums)."""
+    probs = torch.log_softmax(logits / temperature, dim=-1).exp()
+    cdf = probs.double().cumsum(-1)
+    x = (u * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 class _TreeBackend:
