@@ -45,6 +45,9 @@ class ModelSpec(_Strict):
         default=None, ge=1, description="CPU threads of the transformers engine (default: num_cpus); more threads "
         "than reserved CPUs lets one busy model use an idle core, e.g. the teacher while the student waits")
     max_batch_size: int = Field(default=512, ge=1, description="sequences decoded together")
+    compile: bool = Field(
+        default=False, description="transformers engine on CUDA: torch.compile the decode layer and sampling draw "
+        "(faster steps; ~10 s of compiling per new batch shape); env TOMTRANSFER_COMPILE=1 does the same")
     vllm_engine_kwargs: dict = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -360,7 +360,7 @@ class SharedPrefixDecoder:
 
     name = "shared_prefix"
 
-    def __init__(self, model, graphs: bool = False):
+    def __init__(self, model, graphs: bool = False, compile: bool = False):
         ok, why = fast_path_supported(model)
         if not ok:
             raise ValueError(f"shared-prefix decoding not supported: {why}")
@@ -374,6 +374,7 @@ class SharedPrefixDecoder:
         self.head_dim = att.head_dim
         self.scaling = att.scaling
         self.graphs = graphs
+        self.compile = compile or os.environ.get("TOMTRANSFER_COMPILE") == "1"
         self.peft = model is not self.lm
         # fused q/k/v and gate/up weights (one product each): on CUDA by default (fewer, larger kernels, and what the
         # graphs and the compiled layer use); off on CPU, where the concatenated copies would sit beside the
@@ -400,7 +401,7 @@ class SharedPrefixDecoder:
         # log-sum-exp merge kernels cost more than the kernel saves: 0.91 -> 0.94 s); TOMTRANSFER_TRITON_SUFFIX=0/1.
         env_triton = os.environ.get("TOMTRANSFER_TRITON_SUFFIX")
         want_triton = (env_triton == "1") if env_triton in ("0", "1") else (
-            graphs and self.fused is not None and os.environ.get("TOMTRANSFER_COMPILE") == "1")
+            graphs and self.fused is not None and self.compile)
         self.triton_suffix = (self.lm.device.type == "cuda" and not self.cuda_attn and not self.flash
                               and want_triton and self._check_triton())
         self.span_bucket = int(os.environ.get("TOMTRANSFER_SPAN_BUCKET", "16"))
@@ -413,7 +414,7 @@ class SharedPrefixDecoder:
         self._prefill_pool: "dict[int, _PrefillGraph]" = {}
         self._layer = None  # compiled `_fused_layer` for graph steps (opt-in)
         self.compiled_cuda_attn = True  # inside the compiled layer too, when TOMTRANSFER_CUDA_ATTN=1
-        if (graphs and self.fused is not None and os.environ.get("TOMTRANSFER_COMPILE") == "1"
+        if (graphs and self.fused is not None and self.compile
                 and self.lm.config.hidden_act == "silu" and self.lm.model.layers[0].self_attn.o_proj.bias is None):
             import torch._dynamo
 
@@ -838,9 +839,9 @@ class _PrefillGraph:
     out: torch.Tensor | None
 
 
-def make_decoder(model, prefer_fast: bool = True, graphs: bool = False):
+def make_decoder(model, prefer_fast: bool = True, graphs: bool = False, compile: bool = False):
     if prefer_fast:
         ok, _ = fast_path_supported(model)
         if ok:
-            return SharedPrefixDecoder(model, graphs=graphs)
+            return SharedPrefixDecoder(model, graphs=graphs, compile=compile)
     return HFDecoder(model)

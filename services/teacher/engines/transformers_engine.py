@@ -114,7 +114,8 @@ class TransformersEngine(Engine):
         self.fast = (env_fast != "0") if fast is None else fast
         self.graphs = (self.device.type == "cuda" and os.environ.get("TOMTRANSFER_CUDA_GRAPHS", "1") != "0") \
             if graphs is None else graphs
-        self.decoder = make_decoder(self.model, prefer_fast=self.fast, graphs=self.graphs)
+        self.compile = bool(getattr(spec, "compile", False)) or os.environ.get("TOMTRANSFER_COMPILE") == "1"
+        self.decoder = make_decoder(self.model, prefer_fast=self.fast, graphs=self.graphs, compile=self.compile)
         # the on-device sampling loop (`_sample_chunk_device`): default on CUDA; TOMTRANSFER_DEVICE_LOOP=0/1 forces it
         env_loop = os.environ.get("TOMTRANSFER_DEVICE_LOOP")
         self.device_loop = (env_loop == "1") if env_loop in ("0", "1") else self.device.type == "cuda"
@@ -122,7 +123,7 @@ class TransformersEngine(Engine):
         # the per-step draw of the device loop (softmax, float64 CDF, search) as one compiled kernel chain: opt-in
         # with the compiled decode layer (TOMTRANSFER_COMPILE=1); the same math as `_distribution` + the CDF search
         self._draw_rows = None
-        if self.device.type == "cuda" and os.environ.get("TOMTRANSFER_COMPILE") == "1":
+        if self.device.type == "cuda" and self.compile:
             self._draw_rows = torch.compile(_draw_rows, dynamic=False)
         self.max_context = int(getattr(self.base.config, "max_position_embeddings", 0) or 1 << 30)
         self._table: TokenTable | None = None
@@ -545,7 +546,7 @@ class TransformersEngine(Engine):
         self.adapters[name] = str(p)
         self.prefixes.clear()  # the model changed (a new LoRA wrapper, or new weights under an old name)
         self.model = self.peft
-        self.decoder = make_decoder(self.model, prefer_fast=self.fast, graphs=self.graphs)
+        self.decoder = make_decoder(self.model, prefer_fast=self.fast, graphs=self.graphs, compile=self.compile)
 
     def _unload_adapter_sync(self, name: str) -> None:
         if name not in self.adapters:
@@ -557,7 +558,7 @@ class TransformersEngine(Engine):
             self.base = self.peft.unload()
             self.peft = None
             self.model = self.base
-            self.decoder = make_decoder(self.model, prefer_fast=self.fast, graphs=self.graphs)
+            self.decoder = make_decoder(self.model, prefer_fast=self.fast, graphs=self.graphs, compile=self.compile)
             return
         self.peft.delete_adapter(name)
         if name in (self.peft.active_adapters or []):
