@@ -142,6 +142,11 @@ class EvaluateConfig(_Strict):
     concurrency: int = Field(default=16, ge=1)
     request_n: int = Field(default=50, ge=1)
     bootstrap: int = Field(default=2000, ge=100)
+    role_order: Literal["auto", "interleaved", "grouped"] = Field(
+        default="auto", description="interleaved: scenario by scenario, so the teacher's and the student's replicas "
+        "work at the same time (separate GPUs/nodes); grouped: one role's requests after the other's (replicas that "
+        "share CPU cores then do not slow each other down); auto: grouped when both models are local CPU "
+        "transformers replicas, else interleaved")
 
 
 class MlflowConfig(_Strict):

@@ -79,6 +79,23 @@ def test_engine_registry_and_info(engine):
     assert text.endswith("<|im_start|>assistant\n") and "Which one, C or D?" in text  # chat template applied
 
 
+def test_compile_is_configuration(monkeypatch):
+    """`compile: true` on a model reaches the engine and its decoder (no env var needed); off by default. On CPU it
+    changes nothing else: the compiled layer and draw are CUDA-graph paths."""
+    monkeypatch.delenv("TOMTRANSFER_COMPILE", raising=False)
+    path = str(tiny_model_dir("llama", seed=3))
+    off = TransformersEngine(ModelSpec(model=path, device="cpu"))
+    on = TransformersEngine(ModelSpec(model=path, device="cpu", compile=True))
+    try:
+        assert (off.compile, off.decoder.compile) == (False, False)
+        assert (on.compile, on.decoder.compile) == (True, True)
+        assert on._draw_rows is None and on.decoder._layer is None  # CPU: nothing compiled
+        assert [c.text for c in chat(on, n=4, seed=2).choices] == [c.text for c in chat(off, n=4, seed=2).choices]
+    finally:
+        run(off.close())
+        run(on.close())
+
+
 @pytest.mark.parametrize("with_adapter", [False, True])
 def test_shared_prefix_decoder_matches_hf(engine, tmp_path, with_adapter):
     if with_adapter:

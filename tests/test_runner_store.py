@@ -196,3 +196,26 @@ def test_exact_store_one_row_per_key(tmp_path):
         store.compact()
     t = pq.read_table(tmp_path / "exact.parquet")
     assert t.num_rows == 1 and t.column("p_C").to_pylist() == [0.3]
+
+
+def test_job_order_groups_roles_on_shared_cpu():
+    """Local CPU replicas are asked one role after the other (they share the cores); GPU replicas interleaved;
+    an explicit `evaluate.role_order` wins. The jobs are the same set either way."""
+    from shared.config import parse_config
+    from shared.scenarios import default_catalog
+    from services.common.stage import interleave_roles, jobs_for
+
+    def cfg(teacher: dict, order: str = "auto"):
+        return parse_config({"models": {"teacher": {"model": "t", **teacher}, "student": {"model": "s"}},
+                             "evaluate": {"role_order": order}})
+
+    cpu, gpu = cfg({}), cfg({"engine": "vllm", "num_gpus": 1})
+    assert interleave_roles(cpu) is False and interleave_roles(gpu) is True
+    assert interleave_roles(cfg({}, "interleaved")) is True and interleave_roles(cfg({"num_gpus": 1}, "grouped")) is False
+    scenarios = list(default_catalog().scenarios.values())[:3]
+    roles = ["teacher", "student_base"]
+    grouped = [(j.role, j.scenario.id) for j in jobs_for(cpu, roles, scenarios, 1, "answer_only", False)]
+    mixed = [(j.role, j.scenario.id) for j in jobs_for(cpu, roles, scenarios, 1, "answer_only", True)]
+    assert [r for r, _ in grouped] == ["teacher"] * 3 + ["student_base"] * 3
+    assert [r for r, _ in mixed] == ["teacher", "student_base"] * 3
+    assert sorted(grouped) == sorted(mixed)

@@ -6,8 +6,8 @@ the session runs in a private network namespace (tests/conftest.py re-executes p
 
 One app for the whole module (vLLM starts once, ~40-70 s here): `student` on the vllm engine, `teacher` on
 the transformers engine, both SmolLM2-135M-Instruct, so the two engines can be compared on the same model.
-Queried with the `openai` client and plain HTTP; options the HTTP ingress does not carry yet (guided choices,
-`stop_at_answer` over the handle) go to the student's Serve deployment handle, i.e. the same replica.
+Queried over HTTP only, with the `openai` client (extensions such as `structured_outputs`/`guided_choice` as
+extra body fields) and plain httpx.
 
 - serve: /v1/models, chat with n > 1 (seeds reproduce, n samples differ), logprobs at T;
 - guided choices: every sample parses (C/D, and PGG contributions 0..10), and the frequency of C matches
@@ -29,8 +29,6 @@ import pytest
 
 pytest.importorskip("vllm", reason="the vLLM engine tests run in .venv-vllm: make test-vllm")
 
-from services.teacher.engines.base import ChatRequest  # noqa: E402
-from services.teacher.engines.vllm_engine import GuidedSamplingParams as Params  # noqa: E402
 from shared.parsing import parse_choice, parse_contribution  # noqa: E402
 from shared.prompts import build_messages  # noqa: E402
 from shared.scenarios import build_catalog  # noqa: E402
@@ -150,13 +148,6 @@ def http(app):
         yield h
 
 
-def _student(app, request: ChatRequest, source: str | None = None):
-    """A chat request straight to the student's Serve replica (for options the ingress does not carry)."""
-    res = app["student"].chat.remote(request, source).result()
-    assert "ok" in res, res
-    return res["ok"]
-
-
 def test_models_and_chat(client, pd_messages):
     ids = {m.id for m in client.models.list().data}
     assert {"teacher", "student"} <= ids
@@ -186,13 +177,16 @@ def test_first_token_logprobs_are_at_temperature(client, pd_messages, hf):
     assert max(abs(g - w) for g, w in zip(got, want)) < 2e-3, (got, want)
 
 
-def test_guided_choice_always_parses(app, pd_messages, pgg_messages, hf):
+def test_guided_choice_always_parses(client, http, pd_messages, pgg_messages, hf):
+    """Choice-constrained sampling over HTTP with the openai client: vLLM's `structured_outputs.choice` and the
+    older `guided_choice` spelling, as extra body fields."""
     n, temp = 300, 1.0
-    with timed(f"guided C/D n={n}"):
-        res = _student(app, ChatRequest(messages=pd_messages, params=Params(
-            n=n, temperature=temp, max_tokens=4, seed=11, guided_choice=("C", "D"))))
-    assert {c.text for c in res.choices} <= {"C", "D"}, Counter(c.text for c in res.choices)
-    answers = [parse_choice(c.text) for c in res.choices]
+    with timed(f"guided C/D n={n} (HTTP)"):
+        r = client.chat.completions.create(model="student", messages=list(pd_messages), n=n, temperature=temp,
+                                           max_tokens=4, seed=11, extra_body={"structured_outputs": {"choice": ["C", "D"]}})
+    texts = [c.message.content for c in r.choices]
+    assert len(texts) == n and set(texts) <= {"C", "D"}, Counter(texts)
+    answers = [parse_choice(t) for t in texts]
     assert answers.count(None) == 0
     lp = hf["base"] / temp
     q = float(1 / (1 + math.exp(float(lp[hf["D"]] - lp[hf["C"]]))))
@@ -201,15 +195,16 @@ def test_guided_choice_always_parses(app, pd_messages, pgg_messages, hf):
     print(f"[vllm-test] guided P(C): transformers reference {q:.4f}, vLLM frequency {freq:.4f} over {n} (se {se:.4f})")
     assert abs(freq - q) <= 4 * se
 
-    with timed("guided PGG 0..10 n=40"):
-        res = _student(app, ChatRequest(messages=pgg_messages, params=Params(
-            n=40, temperature=1.0, max_tokens=4, seed=5, guided_choice=tuple(str(i) for i in range(11)))))
-    values = [parse_contribution(c.text, 10) for c in res.choices]
-    assert None not in values, [c.text for c in res.choices]
+    with timed("guided PGG 0..10 n=40 (HTTP)"):
+        r = client.chat.completions.create(model="student", messages=list(pgg_messages), n=40, temperature=1.0,
+                                           max_tokens=4, seed=5, extra_body={"guided_choice": [str(i) for i in range(11)]})
+    values = [parse_contribution(c.message.content, 10) for c in r.choices]
+    assert None not in values, [c.message.content for c in r.choices]
     assert len(set(values)) > 1
 
-    bad = app["student"].chat.remote(ChatRequest(messages=pd_messages, params=Params(guided_choice=())), None).result()
-    assert bad["error"]["status"] == 400
+    for bad in ({"guided_choice": []}, {"structured_outputs": {"choice": ["C"], "regex": "x"}}):
+        resp = http.post("/chat/completions", json={"model": "student", "messages": list(pd_messages), **bad})
+        assert resp.status_code == 400 and "error" in resp.json(), resp.text
 
 
 def test_stop_at_answer(http, pd_messages):
@@ -270,9 +265,9 @@ def test_adapter_changes_distribution_and_delete_restores(app, client, http, pd_
     assert max(abs(g - w) for g, w in zip(got, want)) < 2e-3, (got, want)
     tv = 0.5 * float((hf["base"].exp() - hf["tuned"].exp()).abs().sum())
     print(f"[vllm-test] adapter: next-token total variation {tv:.3f}; exact p base {base['p']} tuned {tuned['p']}")
-    guided = _student(app, ChatRequest(messages=pd_messages, adapter="tom", params=Params(
-        n=32, temperature=1.0, max_tokens=3, seed=2, guided_choice=("C", "D"))), hf["adapter"])
-    assert all(parse_choice(c.text) in ("C", "D") for c in guided.choices)
+    guided = client.chat.completions.create(model="student:tom", messages=list(pd_messages), n=32, temperature=1.0,
+                                            max_tokens=3, seed=2, extra_body={"guided_choice": ["C", "D"]})
+    assert all(parse_choice(c.message.content) in ("C", "D") for c in guided.choices)
     assert http.delete("/adapters/tom").status_code == 200
     assert "student:tom" not in {m.id for m in client.models.list().data}
     after = _exact(http, "student", "IR_prison")

@@ -31,6 +31,7 @@ from services.common.stage import (
     api_key,
     as_config,
     base_url as endpoint_url,
+    interleave_roles,
     jobs_for,
     role_identity,
     run_id_for,
@@ -93,7 +94,7 @@ def collect_samples(
     idents = {r: role_identity(cfg, r) for r in roles}
     run_id = run_id_for("evaluate", cfg, settings)
     store = SampleStore(evaluate_dir(cfg) / "samples")
-    jobs = jobs_for(cfg, roles, scenarios, e.samples, e.instruction)
+    jobs = jobs_for(cfg, roles, scenarios, e.samples, e.instruction, interleave_roles(cfg))
     params = SamplingParams(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, max_tokens=e.max_tokens,
                             seed=cfg.sampling.seed, block_size=e.request_n)
     with store.writer():
@@ -125,7 +126,7 @@ def collect_exact(
     idents = {r: role_identity(cfg, r) for r in roles}
     run_id = run_id_for("exact", cfg, settings)
     store = ExactStore(evaluate_dir(cfg) / "exact")
-    jobs = jobs_for(cfg, roles, scenarios, 1, e.instruction)
+    jobs = jobs_for(cfg, roles, scenarios, 1, e.instruction, interleave_roles(cfg))
     with store.writer():
         check_manifest(store, {"version": 1, "run_id": run_id, **settings, "roles": idents})
         report = asyncio.run(exact_async(
