@@ -72,3 +72,27 @@ def test_decided_contribution_prefixes_never_change(prefix, suffix):
     s = PGG.status(prefix)
     if s is not UNDECIDED and "\ufffd" not in prefix:
         assert lead_contribution(prefix + suffix, 10) == s, (prefix, suffix, s)
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "tiny"])
+def test_decode_many_equals_batch_decode(model):
+    """The expansion's fast decode (Rust backend) gives exactly transformers' batch_decode without clean-up, on
+    the demo models' tokenizers and the tiny one, including special tokens and byte pieces split across tokens."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from services.common.models import resolve_model
+    from services.common.tiny import tiny_model_dir
+    from services.teacher.exact import decode_many
+
+    path = tiny_model_dir("llama", seed=3) if model == "tiny" else resolve_model(model)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    rng = random.Random(0)
+    n = len(tok)
+    special = sorted(tok.all_special_ids)
+    ids = tok("Réponse: **C** — d'accord 🙂 10$", add_special_tokens=False)["input_ids"]
+    seqs = [ids[: k + 1] for k in range(len(ids))] + [special[:1] + ids[:3]]
+    seqs += [[rng.randrange(n) for _ in range(rng.randint(1, 6))] for _ in range(300)]
+    want = tok.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert decode_many(tok, seqs) == want

@@ -249,6 +249,16 @@ def _status(rule, text: str, final: bool = False):
     return s
 
 
+def decode_many(tokenizer, seqs: list[list[int]]) -> list[str]:
+    """`batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)`, straight through the
+    Rust backend of a fast tokenizer when there is one: an expansion step decodes hundreds of short sequences, and
+    transformers' per-sequence Python checks cost ~4 ms of a 30 ms GPU call (profiled on an H200)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode_batch"):
+        return backend.decode_batch(seqs, skip_special_tokens=True)
+    return tokenizer.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 @dataclass
 class _Node:
     ids: list[int]
@@ -321,8 +331,7 @@ def expand(rule, backend: TreeBackend, table: TokenTable, root: RootClassifier, 
             kids.append((vals, idx))
             real += [(row, t) for t in idx if t not in table.end_ids]
         # every child's text from one tokenizer call (decoding ids + [t], not texts[t]: byte-level pieces merge)
-        texts = dict(zip(real, tokenizer.batch_decode([frontier[r].ids + [t] for r, t in real],
-                                                      skip_special_tokens=True, clean_up_tokenization_spaces=False)))
+        texts = dict(zip(real, decode_many(tokenizer, [frontier[r].ids + [t] for r, t in real])))
         candidates: list[_Node] = []
         cand_parents: list[int] = []
         for row, (node, (vals, idx)) in enumerate(zip(frontier, kids)):
