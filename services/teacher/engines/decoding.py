@@ -136,9 +136,6 @@ class HFDecoder:
         out = forward_prompt(self.model, ids, past)
         return Prefix(length=len(ids), logits=out.logits[0, -1].float(), cache=out.past_key_values)
 
-    def prompt_kv(self, ids: list[int]) -> "PromptKV":
-        return prompt_kv(self.model, ids)
-
     def start(self, prefix: Prefix, rows: int, capacity: int, graph: bool = True) -> State:
         from transformers import DynamicCache
 
@@ -539,9 +536,6 @@ class SharedPrefixDecoder:
         """True where the prompt forward is one captured CUDA graph: splitting it off a cached prefix would not pay."""
         return (self.graphs and self.fused is not None and self.lm.device.type == "cuda"
                 and 0 < len(ids) <= self.graph_prefill_max)
-
-    def prompt_kv(self, ids: list[int]) -> "PromptKV":
-        return prompt_kv(self.model, ids)
 
     def _prefill_static(self, pg: "_PrefillGraph") -> torch.Tensor:
         """The prompt forward in static form: `pg.tokens` (bucket,) padded at the end (causal attention, so real

@@ -7,7 +7,7 @@ the rest), whether the first piece comes from here or is computed afresh, so a c
 results to a miss: resumed runs and reruns do not depend on what the cache held.
 
 Keys are (adapter name or None, prefix token ids): a LoRA adapter changes the K/V, so entries never cross
-adapters, and loading or unloading an adapter drops that adapter's entries.
+adapters; the engine empties the cache whenever it loads or unloads an adapter (the model itself changes then).
 """
 
 from __future__ import annotations
@@ -45,10 +45,6 @@ class PrefixCache:
             self.bytes -= self._items.popitem(last=False)[1].nbytes
         self._items[key] = kv
         self.bytes += size
-
-    def drop(self, adapter: str | None) -> None:
-        for key in [k for k in self._items if k[0] == adapter]:
-            self.bytes -= self._items.pop(key).nbytes
 
     def clear(self) -> None:
         self._items.clear()

@@ -55,7 +55,7 @@ from services.teacher.engines.base import (
     TopLogprob,
     end_token_ids,
 )
-from services.teacher.engines.decoding import HFDecoder, Prefix, SharedPrefixDecoder, State, make_decoder
+from services.teacher.engines.decoding import HFDecoder, Prefix, SharedPrefixDecoder, State, make_decoder, prompt_kv
 from services.teacher.engines.prefix_cache import PrefixCache
 from services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
 
@@ -192,7 +192,7 @@ class TransformersEngine(Engine):
         head = ids[:split]
         past = self.prefixes.get(adapter, head)
         if past is None:
-            past = self.decoder.prompt_kv(head)
+            past = prompt_kv(self.model, head)
             self.prefixes.put(adapter, head, past)
         return self.decoder.prefill(ids, past=past)
 
