@@ -461,16 +461,24 @@ class SharedPrefixDecoder:
         except Exception:  # noqa: BLE001 - any failure: use the plain math
             return False
 
+    def _probe_qkv(self, B: int, cap: int, slots_first: bool):
+        """Seeded random inputs for a kernel check: one scaled query per row, (B, Hkv, G, D), and K/V laid out
+        (B, cap, Hkv, D) when `slots_first` (the flash buffers) else (B, Hkv, cap, D)."""
+        dev, dt = self.lm.device, self.lm.dtype
+        g = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(B, self.n_kv, self.group, self.head_dim, device=dev, dtype=dt, generator=g)
+        q = q * self.head_dim ** -0.5
+        shape = (B, cap, self.n_kv, self.head_dim) if slots_first else (B, self.n_kv, cap, self.head_dim)
+        k = torch.randn(shape, device=dev, dtype=dt, generator=g)
+        v = torch.randn(shape, device=dev, dtype=dt, generator=g)
+        return q, k, v
+
     def _check_flash(self) -> bool:
         """Use the flash suffix kernel only if it runs here (dtype, head size) and agrees with the plain math."""
         try:
-            dev, dt = self.lm.device, self.lm.dtype
+            dev = self.lm.device
             B, cap, used = 3, 16, 11
-            g = torch.Generator(device=dev).manual_seed(0)
-            q = torch.randn(B, self.n_kv, self.group, self.head_dim, device=dev, dtype=dt, generator=g)
-            q = q * self.head_dim ** -0.5
-            k = torch.randn(B, cap, self.n_kv, self.head_dim, device=dev, dtype=dt, generator=g)
-            v = torch.randn(B, cap, self.n_kv, self.head_dim, device=dev, dtype=dt, generator=g)
+            q, k, v = self._probe_qkv(B, cap, slots_first=True)
             flash = self._flash_args(B, cap, torch.full((1,), used, device=dev))
             H = self.n_kv * self.group
             raw = torch.ops.aten._flash_attention_forward(
@@ -488,13 +496,9 @@ class SharedPrefixDecoder:
 
     def _check_triton(self) -> bool:
         try:
-            dev, dt = self.lm.device, self.lm.dtype
+            dev = self.lm.device
             B, cap, used = 3, 40, 37
-            g = torch.Generator(device=dev).manual_seed(0)
-            q = torch.randn(B, self.n_kv, self.group, self.head_dim, device=dev, dtype=dt, generator=g)
-            q = q * self.head_dim ** -0.5
-            k = torch.randn(B, self.n_kv, cap, self.head_dim, device=dev, dtype=dt, generator=g)
-            v = torch.randn(B, self.n_kv, cap, self.head_dim, device=dev, dtype=dt, generator=g)
+            q, k, v = self._probe_qkv(B, cap, slots_first=False)
             o1, l1 = _triton_suffix_op()(q.reshape(B, -1, self.head_dim), k, v,
                                          torch.full((1,), used, device=dev), self.group)
             o2, l2 = _attn_lse_manual(q, k[:, :, :used], v[:, :, :used], None)
