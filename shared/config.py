@@ -19,6 +19,13 @@ Family = Literal["in_sample", "oos_context", "oos_game", "pgg"]
 ALL_FAMILIES: tuple[Family, ...] = ("in_sample", "oos_context", "oos_game", "pgg")
 Role = Literal["teacher", "student_base", "student_finetuned"]
 ALL_ROLES: tuple[Role, ...] = ("teacher", "student_base", "student_finetuned")
+Instruction = Literal["answer_only", "answer_motivation"]
+# The paper (section 3, Fig. 1): "For LLaMa2-70b, we ask for an answer and a motivation; we ask the other models
+# only for their answers." `answer_only` is every role on the answer-only prompt (this project before 2026-11-30).
+PROTOCOLS: dict[str, dict[str, str]] = {
+    "paper": {"teacher": "answer_motivation", "student_base": "answer_only", "student_finetuned": "answer_only"},
+    "answer_only": {"teacher": "answer_only", "student_base": "answer_only", "student_finetuned": "answer_only"},
+}
 
 
 class _Strict(BaseModel):
@@ -135,10 +142,33 @@ class TrainingConfig(_Strict):
 class EvaluateConfig(_Strict):
     roles: list[Role] = Field(default_factory=lambda: list(ALL_ROLES))
     families: list[Family] = Field(default_factory=lambda: list(ALL_FAMILIES))
-    samples: int = Field(default=300, ge=1)
-    estimator: Literal["sample", "exact"] = "sample"
-    instruction: Literal["answer_only", "answer_motivation"] = "answer_only"
-    max_tokens: int = Field(default=16, ge=1)
+    samples: int = Field(default=300, ge=1, description="N per (role, scenario) for sampled roles")
+    exact_n: int | None = Field(
+        default=None, ge=2, description="effective n of exact roles for Table 1, unstable flags and PGG standard "
+        "errors (default: samples)")
+    estimator: Literal["sample", "exact"] = Field(
+        default="sample", description="exact: noise-free probabilities of the leading answer, used only for roles "
+        "whose instruction puts the answer first (answer_only); a role asked for a motivation is always sampled and "
+        "parsed with the full rule, since its answer may come after prose")
+    protocol: Literal["paper", "answer_only"] = Field(
+        default="paper", description="paper: the teacher answers with a motivation, the students answer only (the "
+        "paper's section 3); answer_only: every role on the answer-only prompt")
+    instructions: dict[Role, Instruction] = Field(
+        default_factory=dict, description="per-role prompt overrides on top of the protocol")
+    teacher_reference: Literal["dataset", "evaluate"] | None = Field(
+        default=None, description="dataset: on scenarios the teacher dataset covers, the teacher's rates are its "
+        "generated samples (the paper's teacher counts, no second pass; needs generate.instruction = the teacher's "
+        "evaluation instruction), other scenarios are evaluated; evaluate: a fresh evaluation everywhere; "
+        "default: dataset where the instructions match, else evaluate")
+    rate: Literal["count", "conditional"] = Field(
+        default="count", description="the rate improvement is computed from: count = C out of all N (the paper's "
+        "counts, invalid counts as not C); conditional = C out of valid answers")
+    min_valid_share: float = Field(
+        default=0.1, ge=0, le=1, description="a scenario where a role's valid share is below this is flagged; under "
+        "the conditional rate (whose denominator it is) it is left out of the aggregates")
+    max_tokens: int = Field(default=16, ge=1, description="answer-only roles")
+    motivation_max_tokens: int | None = Field(
+        default=None, ge=1, description="roles asked for a motivation (default: sampling.max_tokens)")
     concurrency: int = Field(default=16, ge=1)
     request_n: int = Field(default=50, ge=1)
     bootstrap: int = Field(default=2000, ge=100)
@@ -147,6 +177,25 @@ class EvaluateConfig(_Strict):
         "work at the same time (separate GPUs/nodes); grouped: one role's requests after the other's (replicas that "
         "share CPU cores then do not slow each other down); auto: grouped when both models are local CPU "
         "transformers replicas, else interleaved")
+
+    def instruction_for(self, role: str) -> Instruction:
+        return self.instructions.get(role) or PROTOCOLS[self.protocol][role]  # type: ignore[return-value]
+
+    def estimator_for(self, role: str) -> Literal["sample", "exact"]:
+        """Exact mode reads only the leading answer: sound only where the prompt puts the answer first."""
+        return "exact" if self.estimator == "exact" and self.instruction_for(role) == "answer_only" else "sample"
+
+    def protocol_line(self, teacher_from_dataset: bool = False) -> str:
+        """One line that says how each role is measured (printed, in the report, an MLflow param)."""
+        parts = []
+        for role in self.roles:
+            how = self.estimator_for(role)
+            if role == "teacher" and teacher_from_dataset:
+                how = "its generated dataset where that covers the scenario, else sampled"
+            parts.append(f"{role} {self.instruction_for(role)} ({how})")
+        return (f"protocol {self.protocol}: " + "; ".join(parts) + f"; rate = {self.rate} "
+                f"({'C out of N' if self.rate == 'count' else 'C out of valid answers'}); "
+                f"min valid share {self.min_valid_share:g}")
 
 
 class MlflowConfig(_Strict):
@@ -172,6 +221,26 @@ class ExperimentConfig(_Strict):
         if not v or not all(c.isalnum() or c in "-_." for c in v):
             raise ValueError("name may only hold letters, digits, '-', '_' and '.'")
         return v
+
+    @model_validator(mode="after")
+    def _dataset_reference_matches(self) -> "ExperimentConfig":
+        e = self.evaluate
+        if e.teacher_reference == "dataset" and e.instruction_for("teacher") != self.generate.instruction:
+            raise ValueError(f"evaluate.teacher_reference 'dataset' needs the teacher evaluated with the dataset's "
+                             f"instruction ({self.generate.instruction}), not {e.instruction_for('teacher')}; set "
+                             f"teacher_reference: evaluate")
+        return self
+
+    @property
+    def teacher_from_dataset(self) -> bool:
+        """Whether the teacher's reference is its generated dataset (where that covers a scenario)."""
+        e = self.evaluate
+        if "teacher" not in e.roles or e.teacher_reference == "evaluate":
+            return False
+        return e.instruction_for("teacher") == self.generate.instruction
+
+    def protocol_line(self) -> str:
+        return self.evaluate.protocol_line(self.teacher_from_dataset)
 
     @property
     def run_dir(self) -> Path:

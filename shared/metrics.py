@@ -205,6 +205,8 @@ class ScenarioResult:
     bridging: float | None
     js_base_teacher: float
     js_ft_teacher: float
+    low_valid: bool = False  # a role's valid share is under the evaluation's threshold
+    excluded: bool = False  # left out of the aggregates (low valid share under the conditional rate)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -65,9 +65,10 @@ def test_every_sample_is_accounted(sampled, groups):
     inv = {(g["role"], g["scenario_id"]): g.get("invalid", 0) for g in groups}
     for r in sampled.rates:
         assert r.invalid == inv[(r.role, r.scenario_id)]
-    # rates use valid answers as the denominator
+    # both rates: the paper's count (C out of N, the default basis) and the conditional one (C out of valid)
     r = next(r for r in sampled.rates if r.role == "student_base" and r.scenario_id == "sports_prison")
-    assert r.invalid == 3 and r.rate == pytest.approx(r.cooperate / 297)
+    assert r.invalid == 3 and r.rate_conditional == pytest.approx(r.cooperate / 297)
+    assert r.rate == r.rate_count == pytest.approx(r.cooperate / 300) and r.valid_share == pytest.approx(0.99)
 
 
 def test_counts_are_checked(groups):

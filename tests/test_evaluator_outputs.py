@@ -130,5 +130,5 @@ def test_console_summary(outputs):
 
     header, rows = summary_rows(outputs.result)
     assert header[0] == "family" and [r[0] for r in rows] == ["in_sample", "oos_context", "oos_game", "all"]
-    assert rows[0][2] == "46.26" and rows[0][6] == "2/16/2/0"
+    assert rows[0][2] == "46.26" and rows[0][5] == "2/16/2/0"
     assert pgg_lines(outputs.result)[0].startswith("pgg: mean contribution teacher 7.17")

@@ -86,6 +86,7 @@ class Job:
     scenario: Scenario
     messages: list[dict[str, str]]
     n: int
+    max_tokens: int | None = None  # this job's cap when it differs from the run's (e.g. a motivated role)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -464,7 +465,7 @@ async def sample_async(
                 raise _Aborted
             kwargs: dict[str, Any] = dict(
                 model=job.model, messages=job.messages, n=req.n, temperature=params.temperature,
-                top_p=params.top_p, max_tokens=params.max_tokens, seed=req.seed,
+                top_p=params.top_p, max_tokens=job.max_tokens or params.max_tokens, seed=req.seed,
             )
             if params.stop:
                 kwargs["stop"] = list(params.stop)

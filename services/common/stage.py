@@ -53,13 +53,16 @@ def api_key(cfg: ExperimentConfig) -> str | None:
     return value
 
 
-def jobs_for(cfg: ExperimentConfig, roles: list[str], scenarios: list[Scenario], n: int, instruction: str,
-             interleave: bool = True) -> list[Job]:
-    """One job per (role, scenario). Interleaved: scenario-major, so replicas of different roles are busy inside
-    the same concurrency window; otherwise role-major (all of one role's jobs first)."""
-    messages = {s.id: build_messages(s, instruction) for s in scenarios}  # type: ignore[arg-type]
+def jobs_for(cfg: ExperimentConfig, roles: list[str], scenarios: list[Scenario], n: int,
+             instruction: str | dict[str, str], interleave: bool = True,
+             max_tokens: dict[str, int] | None = None) -> list[Job]:
+    """One job per (role, scenario); `instruction` one for all roles or one per role. Interleaved: scenario-major,
+    so replicas of different roles are busy inside the same concurrency window; otherwise role-major."""
+    per_role = instruction if isinstance(instruction, dict) else {r: instruction for r in roles}
     pairs = [(s, r) for s in scenarios for r in roles] if interleave else [(s, r) for r in roles for s in scenarios]
-    return [Job(role=r, model=served_model(r, cfg.training.adapter_name), scenario=s, messages=messages[s.id], n=n)
+    return [Job(role=r, model=served_model(r, cfg.training.adapter_name), scenario=s,
+                messages=build_messages(s, per_role[r]), n=n,  # type: ignore[arg-type]
+                max_tokens=(max_tokens or {}).get(r))
             for s, r in pairs]
 
 

@@ -2,7 +2,8 @@
 
 Figures (`write_figures`, file names are stable; MLflow logs them under `figures/`):
 
-  fig2_cooperation_{family}.png   Fig. 2: cooperation rate (C / valid answers) per role, (a) by context and
+  fig2_cooperation_{family}.png   Fig. 2: cooperation rate (the evaluation's rate basis) per role with the valid
+                                  share below it, (a) by context and
                                   (b) by game - grouped bars, one bar per role, the mean over the group's scenarios
   fig3_improvement_{family}.png   Figs. 3-4: improvement by (a) game and (b) context: bars = mean over scenarios
                                   with +-1 se, dots = scenarios (hollow = unstable), the red dashed line = the
@@ -71,18 +72,24 @@ def fig_cooperation(result: EvaluationResult, family: str, path: str | Path) -> 
     by_role = result.rate_means.get(family)
     if not by_role:
         return None
-    fig = _figure(11, 4.6)
-    axes = fig.subplots(1, 2, sharey=True)
-    for ax, kind, letter in ((axes[0], "context", "a"), (axes[1], "game", "b")):
+    fig = _figure(11, 7.8)
+    axes = fig.subplots(2, 2, sharey="row", height_ratios=[3, 2])
+    for col, kind, letter in ((0, "context", "a"), (1, "game", "b")):
         groups = list(dict.fromkeys(k for d in by_role.values() for k in d[kind]))
-        series = {role: [by_role[role][kind].get(g) for g in groups] for role in ROLES if role in by_role}
-        _grouped_bars(ax, groups, series)
-        ax.set_title(f"({letter}) by {kind}")
-        ax.set_ylim(0, 1.05)
-        ax.axhline(0.5, color="0.6", lw=0.6, ls=":")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("cooperation rate  P(C | valid answer)")
-    handles, labels = axes[0].get_legend_handles_labels()
+        for row, key in ((0, kind), (1, f"valid_{kind}")):
+            ax = axes[row][col]
+            series = {role: [by_role[role].get(key, {}).get(g) for g in groups] for role in ROLES if role in by_role}
+            _grouped_bars(ax, groups, series)
+            ax.set_ylim(0, 1.05)
+            ax.grid(axis="y", alpha=0.3)
+            if row == 0:
+                ax.set_title(f"({letter}) by {kind}")
+                ax.axhline(0.5, color="0.6", lw=0.6, ls=":")
+                ax.tick_params(labelbottom=False)
+    basis = "C out of N" if result.rate_basis == "count" else "P(C | valid answer)"
+    axes[0][0].set_ylabel(f"cooperation rate  {basis}")
+    axes[1][0].set_ylabel("valid share")
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.suptitle(f"Cooperation by context and game - {FAMILY_TITLES.get(family, family)}")
     return _save(fig, Path(path))
@@ -295,9 +302,9 @@ def _write_text(path: Path, text: str) -> Path:
 
 
 SCENARIO_COLUMNS = ["scenario", "family", "context", "game", "p_teacher", "p_base", "p_ft", "improvement", "class",
-                    "unstable", "ci95_low", "ci95_high", "bridging", "js_base_teacher", "js_ft_teacher"]
-RATE_COLUMNS = ["role", "model", "scenario", "family", "context", "game", "n", "valid", "invalid", "cooperate",
-                "rate", "invalid_rate", "valid_mass"]
+                    "unstable", "low_valid", "excluded", "ci95_low", "ci95_high", "bridging", "js_base_teacher", "js_ft_teacher"]
+RATE_COLUMNS = ["role", "source", "model", "scenario", "family", "context", "game", "n", "valid", "invalid",
+                "cooperate", "rate", "rate_count", "rate_conditional", "valid_share", "invalid_rate", "valid_mass"]
 SUMMARY_COLUMNS = ["family", "scenarios", "mean", "median", "sd", "se", "ci95_low", "ci95_high", "min", "max",
                    "exacerbation", "partial", "overcorrection", "undefined", "unstable", "bridging_mean",
                    "js_base_teacher_mean", "js_ft_teacher_mean"]
@@ -310,11 +317,12 @@ def write_tables(result: EvaluationResult, out_dir: str | Path) -> list[Path]:
     paths = list(write_table1(result, out).values())
     paths.append(_write_csv(out / "scenarios.csv", SCENARIO_COLUMNS, [
         [s.id, s.family, s.context, s.game, s.p_teacher, s.p_base, s.p_ft, s.improvement, s.cls, s.unstable,
-         s.ci95[0] if s.ci95 else None, s.ci95[1] if s.ci95 else None, s.bridging, s.js_base_teacher,
+         s.low_valid, s.excluded, s.ci95[0] if s.ci95 else None, s.ci95[1] if s.ci95 else None, s.bridging, s.js_base_teacher,
          s.js_ft_teacher] for s in result.scenarios]))
     paths.append(_write_csv(out / "rates.csv", RATE_COLUMNS, [
-        [r.role, r.model, r.scenario_id, r.family, r.context, r.game, r.n, r.valid, r.invalid, r.cooperate, r.rate,
-         r.invalid_rate, r.valid_mass] for r in result.rates]))
+        [r.role, r.source, r.model, r.scenario_id, r.family, r.context, r.game, r.n, r.valid, r.invalid, r.cooperate,
+         r.rate, r.rate_count, r.rate_conditional, r.valid_share, r.invalid_rate, r.valid_mass]
+        for r in result.rates]))
     rows = []
     for f in list(result.families.values()) + ([result.overall] if result.overall else []):
         a = f.improvement

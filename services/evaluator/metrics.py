@@ -64,7 +64,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -119,9 +119,16 @@ class RoleRate:
     valid: int | None
     invalid: int | None
     cooperate: int | None
-    rate: float | None  # P(C | valid answer); None for the PGG or with no valid answer
+    rate: float | None  # the rate improvement uses (`rate_basis`); None for the PGG or where undefined
     invalid_rate: float | None
     valid_mass: float | None = None  # exact mode only
+    rate_count: float | None = None  # C out of all N (exact: P(leading answer is C)); invalid counts as not C
+    rate_conditional: float | None = None  # C out of valid answers (exact: p_C / (p_C + p_D))
+    source: str = "sample"  # sample | exact | dataset (the teacher's generated samples)
+
+    @property
+    def valid_share(self) -> float | None:
+        return None if self.invalid_rate is None else 1.0 - self.invalid_rate
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,10 +146,13 @@ class FamilySummary:
     bridging: Aggregate
     js_base_teacher: Aggregate
     js_ft_teacher: Aggregate
+    low_valid: tuple[str, ...] = ()  # scenarios where a role's valid share is under the threshold
+    excluded: tuple[str, ...] = ()  # of those, left out of the aggregates (conditional rate)
 
     def to_dict(self) -> dict:
         return {
             "family": self.family, "scenarios": self.scenarios, "improvement": self.improvement.to_dict(),
+            "low_valid": list(self.low_valid), "excluded": list(self.excluded),
             "by_game": {k: v.to_dict() for k, v in self.by_game.items()},
             "by_context": {k: v.to_dict() for k, v in self.by_context.items()},
             "classes": dict(self.classes), "unstable": list(self.unstable), "bridging": self.bridging.to_dict(),
@@ -163,6 +173,7 @@ class PggResult:
     js_base_teacher: float | None
     js_ft_teacher: float | None
     bridging: float | None
+    notes: tuple[str, ...] = ()  # e.g. a zero-variance role, where Welch's test is undefined
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -170,7 +181,7 @@ class PggResult:
 
 @dataclass(frozen=True)
 class EvaluationResult:
-    estimator: str  # "sample" | "exact"
+    estimator: str  # "sample" | "exact" | "mixed" (roles measured differently, e.g. the paper's protocol)
     samples: int | None  # N per (role, scenario); exact: the effective n
     roles: tuple[str, ...]
     models: dict[str, str]
@@ -183,6 +194,9 @@ class EvaluationResult:
     table1_summary: dict[str, dict]
     pgg: dict[str, PggResult]
     notes: tuple[str, ...] = field(default_factory=tuple)
+    rate_basis: str = "conditional"  # "count" (C / N) or "conditional" (C / valid)
+    min_valid_share: float = 0.0
+    protocol: str | None = None  # how each role was measured, one line
 
     # ----------------------------------------------------------------------------- views
     def scenarios_of(self, family: str) -> list[ScenarioResult]:
@@ -198,6 +212,9 @@ class EvaluationResult:
     def to_dict(self) -> dict:
         return {
             "estimator": self.estimator,
+            "rate_basis": self.rate_basis,
+            "min_valid_share": self.min_valid_share,
+            "protocol": self.protocol,
             "samples": self.samples,
             "roles": list(self.roles),
             "models": dict(self.models),
@@ -237,6 +254,9 @@ class EvaluationResult:
             if r.family == "pgg":
                 continue
             put(f"rate.{r.role}.{r.family}.{r.scenario_id}", r.rate)
+            put(f"rate_count.{r.role}.{r.family}.{r.scenario_id}", r.rate_count)
+            put(f"rate_conditional.{r.role}.{r.family}.{r.scenario_id}", r.rate_conditional)
+            put(f"valid_share.{r.role}.{r.family}.{r.scenario_id}", r.valid_share)
             put(f"invalid_rate.{r.role}.{r.family}.{r.scenario_id}", r.invalid_rate)
         for role in self.roles:
             rr = [r for r in self.rates if r.role == role]
@@ -273,6 +293,8 @@ class EvaluationResult:
             for c, n in f.classes.items():
                 put(f"classes.{f.family}.{c}", n)
             put(f"unstable_count.{f.family}", len(f.unstable))
+            put(f"low_valid_count.{f.family}", len(f.low_valid))
+            put(f"excluded_count.{f.family}", len(f.excluded))
             put(f"bridging_mean.{f.family}", f.bridging.mean)
             put(f"js_mean.base_teacher.{f.family}", f.js_base_teacher.mean)
             put(f"js_mean.ft_teacher.{f.family}", f.js_ft_teacher.mean)
@@ -280,6 +302,7 @@ class EvaluationResult:
             for role, d in by_role.items():
                 put(f"rate_mean.{role}.{fam}", d["mean"])
                 put(f"invalid_rate_mean.{role}.{fam}", d["invalid_mean"])
+                put(f"valid_share_mean.{role}.{fam}", d.get("valid_mean"))
                 for kind in ("game", "context"):
                     for g, v in d[kind].items():
                         put(f"rate_mean.{role}.{fam}.{kind}.{g}", v)
@@ -353,7 +376,7 @@ def read_samples(paths) -> pd.DataFrame:
     Only the columns the metrics use are read (not the prompts and responses), to keep memory small."""
     import pyarrow.parquet as pq
 
-    wanted = set(SAMPLE_REQUIRED) | {"model", "run_id"}
+    wanted = set(SAMPLE_REQUIRED) | {"model", "run_id", "source"}
     frames = []
     for f in _parquet_files(paths):
         names = pq.read_schema(f).names
@@ -407,19 +430,24 @@ def _endowment(sid: str, observed: int | None = None) -> int:
     return max(int(e), observed or 0)
 
 
-# ------------------------------------------------------------------------------------------ sampled
-def evaluate_samples(
-    samples: pd.DataFrame | str | Path | Iterable,
-    *,
-    expected_samples: int | None = None,
-    n_resamples: int = 2000,
-    seed: int = 0,
-) -> EvaluationResult:
-    """Metrics from raw samples (see the module docstring). `expected_samples`: assert exactly N per group."""
-    df = samples if isinstance(samples, pd.DataFrame) else read_samples(samples)
+# ------------------------------------------------------------------------------------------ per-role rates
+@dataclass
+class _Part:
+    """What one source (raw samples or exact rows) says about the (role, scenario) pairs it holds."""
+
+    rates: list[RoleRate] = field(default_factory=list)
+    meta: dict[str, tuple[str, str, str]] = field(default_factory=dict)  # sid -> (family, context, game)
+    pgg_values: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # sampled contributions
+    pgg_dists: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # exact distributions
+    models: dict[str, str] = field(default_factory=dict)
+
+
+def _basis_rate(basis: str, count: float | None, conditional: float | None) -> float | None:
+    return count if basis == "count" else conditional
+
+
+def _rates_from_samples(df: pd.DataFrame, expected_samples: int | None, basis: str) -> _Part:
     _require(df, SAMPLE_REQUIRED, "samples")
-    if df.empty:
-        raise EvaluationDataError("samples: no rows")
     df = df.copy()
     for col in ("role", "scenario_id", "family", "context", "game"):
         df[col] = df[col].astype(str)
@@ -430,18 +458,12 @@ def evaluate_samples(
             f"{int(dup.sum())} duplicate samples, e.g. {first['role']} {first['scenario_id']} "
             f"index {first['sample_index']}"
         )
-    key = _order_key()
-    rates: list[RoleRate] = []
-    by_scenario: dict[str, dict[str, RoleRate]] = {}
-    meta: dict[str, tuple[str, str, str]] = {}
-    pgg_values: dict[str, dict[str, list[int]]] = {}
-    pgg_counts: dict[str, dict[str, tuple[int, int]]] = {}
-    models: dict[str, str] = {}
-    groups = df.groupby(["role", "scenario_id"], sort=False)
-    for (role, sid), g in groups:
+    part = _Part()
+    for (role, sid), g in df.groupby(["role", "scenario_id"], sort=False):
         fam, ctx, game = _one(g, "family", sid), _one(g, "context", sid), _one(g, "game", sid)
+        source = _first_str(g, "source") or "sample"
         n = len(g)
-        if expected_samples is not None and n != expected_samples:
+        if expected_samples is not None and source == "sample" and n != expected_samples:
             raise EvaluationDataError(f"{role} {sid}: {n} samples, expected exactly {expected_samples}")
         valid_mask = g["valid"].astype(bool).to_numpy()
         answers = g["answer"].tolist()
@@ -450,79 +472,254 @@ def evaluate_samples(
             raise EvaluationDataError(f"{role} {sid}: {len(bad)} sample(s) marked valid without an answer")
         valid = int(valid_mask.sum())
         invalid = n - valid
-        assert valid + invalid == n
         model = _first_str(g, "model")
         if model:
-            models.setdefault(role, model)
-        meta[sid] = (fam, ctx, game)
+            part.models.setdefault(role, model)
+        part.meta[sid] = (fam, ctx, game)
         if fam == "pgg":
             values = []
             for a, v in zip(answers, valid_mask):
                 if v:
                     try:
-                        values.append(int(float(str(a))))
+                        values.append(float(str(a)))
                     except ValueError:
                         raise EvaluationDataError(f"{role} {sid}: contribution {a!r} is not a number") from None
-            pgg_values.setdefault(sid, {})[role] = values
-            pgg_counts.setdefault(sid, {})[role] = (n, valid)
-            rates.append(RoleRate(role, sid, fam, ctx, game, model, n, valid, invalid, None, None, invalid / n))
+            part.pgg_values.setdefault(sid, {})[role] = values
+            part.rates.append(RoleRate(role, sid, fam, ctx, game, model, n, valid, invalid, None, None, invalid / n,
+                                       source=source))
             continue
         chosen = [str(a).strip().upper() for a, v in zip(answers, valid_mask) if v]
         odd = sorted(set(chosen) - {"C", "D"})
         if odd:
             raise EvaluationDataError(f"{role} {sid}: valid answers must be C or D, got {', '.join(odd)}")
         c = chosen.count("C")
-        rr = RoleRate(role, sid, fam, ctx, game, model, n, valid, invalid, c,
-                      c / valid if valid else None, invalid / n)
-        rates.append(rr)
-        by_scenario.setdefault(sid, {})[role] = rr
+        count, cond = c / n, (c / valid if valid else None)
+        part.rates.append(RoleRate(role, sid, fam, ctx, game, model, n, valid, invalid, c, _basis_rate(basis, count, cond),
+                                   invalid / n, rate_count=count, rate_conditional=cond, source=source))
+    return part
 
-    rates.sort(key=lambda r: (key(r.family, r.scenario_id), ROLES.index(r.role)))
+
+def _rates_from_exact(df: pd.DataFrame, n: int, basis: str) -> _Part:
+    _require(df, EXACT_REQUIRED, "exact results")
+    if n < 2:
+        raise EvaluationDataError("exact mode needs an effective sample size >= 2")
+    df = df.copy()
+    for col in ("role", "scenario_id", "family", "context", "game"):
+        df[col] = df[col].astype(str)
+    dup = df.duplicated(subset=["role", "scenario_id"], keep=False)
+    if dup.any():
+        first = df[dup].iloc[0]
+        raise EvaluationDataError(f"exact results: duplicate rows for {first['role']} {first['scenario_id']}")
+    part = _Part()
+    for row in df.to_dict(orient="records"):
+        role, sid, fam, ctx, game = (row[k] for k in ("role", "scenario_id", "family", "context", "game"))
+        part.meta[sid] = (fam, ctx, game)
+        model = None if _is_missing(row.get("model")) else (str(row["model"]) if row.get("model") else None)
+        if model:
+            part.models.setdefault(role, model)
+        mass = _prob(row["valid_mass"], f"{role} {sid}: valid_mass")
+        if fam == "pgg":
+            p = np.asarray(_pgg_distribution(row, f"{role} {sid}"), float)
+            if p.ndim != 1 or len(p) < 2 or (p < 0).any() or p.sum() <= 0:
+                raise EvaluationDataError(f"{role} {sid}: pgg_dist must be a list of >= 2 probabilities")
+            part.pgg_dists.setdefault(sid, {})[role] = (p / p.sum()).tolist()
+            part.rates.append(RoleRate(role, sid, fam, ctx, game, model, n, None, None, None, None, 1 - mass, mass,
+                                       source="exact"))
+            continue
+        pc, pd_ = _prob(row["p_C"], f"{role} {sid}: p_C"), _prob(row["p_D"], f"{role} {sid}: p_D")
+        # p_C and p_D are joint probabilities (with the invalid mass beside them), so p_C is the count rate.
+        cond = pc / (pc + pd_) if pc + pd_ > 0 else None
+        part.rates.append(RoleRate(role, sid, fam, ctx, game, model, n, None, None, None, _basis_rate(basis, pc, cond),
+                                   1 - mass, mass, rate_count=pc, rate_conditional=cond, source="exact"))
+    return part
+
+
+def _merge(parts: list[_Part]) -> _Part:
+    out = _Part()
+    seen: dict[tuple[str, str], str] = {}
+    for part in parts:
+        for r in part.rates:
+            if (r.role, r.scenario_id) in seen:
+                raise EvaluationDataError(f"{r.role} {r.scenario_id}: results from two sources "
+                                          f"({seen[(r.role, r.scenario_id)]} and {r.source})")
+            seen[(r.role, r.scenario_id)] = r.source
+        out.rates += part.rates
+        out.meta.update(part.meta)
+        for sid, d in part.pgg_values.items():
+            out.pgg_values.setdefault(sid, {}).update(d)
+        for sid, d in part.pgg_dists.items():
+            out.pgg_dists.setdefault(sid, {}).update(d)
+        for role, m in part.models.items():
+            out.models.setdefault(role, m)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ per-scenario results
+def _scenario(rr: Mapping[str, RoleRate], meta, basis: str, n_resamples: int, seed: int) -> ScenarioResult:
+    """Improvement and alignment of one scenario. All three roles counted: the paper's statistics from counts (with
+    a bootstrap CI); a role with probabilities (exact mode): the same formulas on the rates, no sampling CI."""
+    t, b, f = rr["teacher"], rr["student_base"], rr["student_finetuned"]
+    fam, ctx, game = meta
+    if all(r.cooperate is not None for r in (t, b, f)):
+        den = (lambda r: r.n) if basis == "count" else (lambda r: r.valid)
+        counts = Counts(
+            id=t.scenario_id, samples=max(t.n, b.n, f.n), c_base=b.cooperate, c_ft=f.cooperate, c_teacher=t.cooperate,
+            valid_base=den(b), valid_ft=den(f), valid_teacher=den(t), game=game, context=ctx, family=fam,
+        )
+        return scenario_result(counts, n_resamples=n_resamples, seed=seed)
+    pt, pb, pf = t.rate, b.rate, f.rate
+    imp = improvement(pb, pf, pt)
+    nt = t.n if basis == "count" or t.valid is None else t.valid
+    nb = b.n if basis == "count" or b.valid is None else b.valid
+    return ScenarioResult(
+        id=t.scenario_id, game=game, context=ctx, family=fam, samples=max(t.n, b.n, f.n), p_base=pb, p_ft=pf,
+        p_teacher=pt, improvement=imp, cls=classify(imp), unstable=unstable(pt * nt, nt, pb * nb, nb), ci95=None,
+        bridging=bridging(pb, pf, pt), js_base_teacher=binary_js(pb, pt), js_ft_teacher=binary_js(pf, pt),
+    )
+
+
+def evaluate(
+    samples: pd.DataFrame | str | Path | Iterable | None = None,
+    exact: pd.DataFrame | str | Path | None = None,
+    *,
+    expected_samples: int | None = None,
+    effective_n: int = 300,
+    rate: str = "count",
+    min_valid_share: float = 0.0,
+    protocol: str | None = None,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> EvaluationResult:
+    """Metrics from raw samples, exact rows, or both (each (role, scenario) from exactly one of them).
+
+    `rate`: "count" (C out of N, the paper's counts) or "conditional" (C out of valid answers).
+    `min_valid_share`: scenarios where a role's valid share is lower are flagged; under the conditional rate,
+    whose denominator that share is, they are left out of the aggregates. `expected_samples`: exactly N per
+    evaluated (role, scenario) (rows with `source` = dataset, the teacher's generated samples, keep their own N)."""
+    if rate not in ("count", "conditional"):
+        raise EvaluationDataError(f"unknown rate {rate!r}; expected count or conditional")
+    parts: list[_Part] = []
+    if samples is not None:
+        df = samples if isinstance(samples, pd.DataFrame) else read_samples(samples)
+        if df.empty:
+            raise EvaluationDataError("samples: no rows")
+        parts.append(_rates_from_samples(df, expected_samples, rate))
+    if exact is not None:
+        df = exact if isinstance(exact, pd.DataFrame) else read_exact(exact)
+        if df.empty:
+            raise EvaluationDataError("exact results: no rows")
+        parts.append(_rates_from_exact(df, int(effective_n), rate))
+    if not parts:
+        raise EvaluationDataError("give sampled results, exact results, or both")
+    part = _merge(parts)
+    key = _order_key()
+    rates = sorted(part.rates, key=lambda r: (key(r.family, r.scenario_id), ROLES.index(r.role)))
+    by_scenario: dict[str, dict[str, RoleRate]] = {}
+    for r in rates:
+        if r.family != "pgg":
+            by_scenario.setdefault(r.scenario_id, {})[r.role] = r
+    sources = {r.source for r in rates}
+    estimator = "exact" if sources == {"exact"} else ("sample" if "exact" not in sources else "mixed")
+
     notes: list[str] = []
+    if protocol:
+        notes.append(protocol)
+    if "exact" in sources:
+        notes.append(f"exact mode: probabilities, not samples; where a role is exact, improvement has no sampling CI, "
+                     f"and Table 1, unstable flags and PGG standard errors use an effective n = {effective_n}")
     results: list[ScenarioResult] = []
-    for sid, rr in sorted(by_scenario.items(), key=lambda kv: key(meta[kv[0]][0], kv[0])):
+    for sid, rr in by_scenario.items():
         if not all(r in rr for r in ROLES):
             continue
-        fam, ctx, game = meta[sid]
-        t, b, f = rr["teacher"], rr["student_base"], rr["student_finetuned"]
-        if min(t.valid, b.valid, f.valid) == 0:
-            notes.append(f"{sid}: a role has no valid answer; no improvement")
+        if any(rr[r].rate is None for r in ROLES):
+            notes.append(f"{sid}: a role gives no valid answer; no improvement")
             continue
-        counts = Counts(
-            id=sid, samples=max(t.n, b.n, f.n), c_base=b.cooperate, c_ft=f.cooperate, c_teacher=t.cooperate,
-            valid_base=b.valid, valid_ft=f.valid, valid_teacher=t.valid, game=game, context=ctx, family=fam,
-        )
-        results.append(scenario_result(counts, n_resamples=n_resamples, seed=seed))
+        results.append(_scenario(rr, part.meta[sid], rate, n_resamples, seed))
+    low_valid = {s.id for s in results
+                 if any((by_scenario[s.id][r].valid_share or 0.0) < min_valid_share for r in ROLES)}
 
     table1 = []
-    for normal_id, doubled_id in _table1_pairs(by_scenario, meta):
+    for normal_id, doubled_id in _table1_pairs(by_scenario, part.meta):
         a, d = by_scenario[normal_id]["student_finetuned"], by_scenario[doubled_id]["student_finetuned"]
-        if a.valid and d.valid:
-            table1.append(table1_ztest(normal_id, a.cooperate, a.valid, d.cooperate, d.valid))
+        if a.rate is None or d.rate is None:
+            continue
+        if a.cooperate is not None and d.cooperate is not None:
+            na, nd = (a.n, d.n) if rate == "count" else (a.valid, d.valid)
+            table1.append(table1_ztest(normal_id, a.cooperate, na, d.cooperate, nd))
+        else:
+            table1.append(table1_ztest(normal_id, a.rate * a.n, a.n, d.rate * d.n, d.n))
 
-    pgg: dict[str, PggResult] = {}
-    for sid, per_role in pgg_values.items():
-        observed = max((max(v) for v in per_role.values() if v), default=0)
-        e = _endowment(sid, observed)
-        dists = {r: _histogram(v, e) for r, v in per_role.items() if v}
-        roles_d: dict[str, dict] = {}
-        for r in ROLES:
-            if r not in per_role:
-                continue
-            n, valid = pgg_counts[sid][r]
-            d = moments(per_role[r]).to_dict() if per_role[r] else {"mean": None, "sd": None, "se": None, "n": 0}
-            roles_d[r] = d | {"valid": valid, "invalid": n - valid, "invalid_rate": (n - valid) / n}
-        imp, tests = None, {}
-        if all(per_role.get(r) for r in PGG_ROLES):
-            res = pgg_analysis({r: per_role[r] for r in PGG_ROLES})
-            imp, tests = res["improvement"], res["tests"]
-        pgg[sid] = _pgg_result(sid, e, roles_d, dists, imp, tests)
-
-    n_all = sorted({r.n for r in rates})
+    pgg = _pgg_results(part, rates, effective_n)
     return _assemble(
-        "sample", expected_samples or (n_all[0] if len(n_all) == 1 else None), rates, results, table1, pgg,
-        models, notes, n_resamples,
+        estimator, _common_n(rates, expected_samples, effective_n, estimator), rates, results, table1, pgg,
+        part.models, notes, n_resamples, rate_basis=rate, min_valid_share=min_valid_share, low_valid=low_valid,
+        protocol=protocol,
     )
+
+
+def _common_n(rates, expected_samples, effective_n, estimator) -> int | None:
+    if estimator == "exact":
+        return int(effective_n)
+    if expected_samples:
+        return expected_samples
+    n_all = sorted({r.n for r in rates if r.source == "sample"})
+    return n_all[0] if len(n_all) == 1 else None
+
+
+def _pgg_results(part: _Part, rates: list[RoleRate], effective_n: int) -> dict[str, PggResult]:
+    """Per public-goods scenario: sampled roles from their contributions, exact roles from their distributions."""
+    out: dict[str, PggResult] = {}
+    rate_of = {(r.role, r.scenario_id): r for r in rates if r.family == "pgg"}
+    for sid in dict.fromkeys([*part.pgg_values, *part.pgg_dists]):
+        values, dists_exact = part.pgg_values.get(sid, {}), part.pgg_dists.get(sid, {})
+        observed = max([int(math.ceil(max(v))) for v in values.values() if v]
+                       + [len(d) - 1 for d in dists_exact.values()], default=0)
+        e = _endowment(sid, observed)
+        dists = {r: _histogram(v, e) for r, v in values.items() if v}
+        dists.update({r: list(d) + [0.0] * (e + 1 - len(d)) for r, d in dists_exact.items()})
+        roles_d: dict[str, dict] = {}
+        notes: list[str] = []
+        for r in ROLES:
+            rr = rate_of.get((r, sid))
+            if rr is None:
+                continue
+            if r in values:
+                v = values[r]
+                d = moments(v).to_dict() if v else {"mean": None, "sd": None, "se": None, "n": 0}
+                roles_d[r] = d | {"valid": rr.valid, "invalid": rr.invalid, "invalid_rate": rr.invalid_rate}
+            else:
+                k, p = np.arange(e + 1), np.asarray(dists[r])
+                mean = float((k * p).sum())
+                sd = float(math.sqrt(max(((k - mean) ** 2 * p).sum(), 0.0)))
+                roles_d[r] = {"mean": mean, "sd": sd, "se": sd / math.sqrt(effective_n), "n": effective_n,
+                              "invalid_rate": rr.invalid_rate, "valid": None, "invalid": None}
+        tests: dict[str, dict] = {}
+        imp = None
+        if all(r in values and values[r] for r in PGG_ROLES):
+            res = pgg_analysis({r: values[r] for r in PGG_ROLES})
+            imp, tests = res["improvement"], res["tests"]
+            notes += res.get("notes", [])
+        elif all(r in roles_d for r in PGG_ROLES):
+            for a, b in (("student_finetuned", "student_base"), ("student_finetuned", "teacher"),
+                         ("teacher", "student_base")):
+                if a in roles_d and b in roles_d and roles_d[a]["mean"] is not None and roles_d[b]["mean"] is not None:
+                    tests[f"{a}_vs_{b}"] = _welch_from_stats(roles_d[a], roles_d[b])
+        out[sid] = replace(_pgg_result(sid, e, roles_d, dists, imp, tests), notes=tuple(notes))
+    return out
+
+
+def evaluate_samples(samples, *, expected_samples: int | None = None, rate: str = "count",
+                     min_valid_share: float = 0.0, n_resamples: int = 2000, seed: int = 0) -> EvaluationResult:
+    """Metrics from raw samples (see `evaluate`)."""
+    return evaluate(samples, expected_samples=expected_samples, rate=rate, min_valid_share=min_valid_share,
+                    n_resamples=n_resamples, seed=seed)
+
+
+def evaluate_exact(exact, *, samples: int = 300, rate: str = "count", min_valid_share: float = 0.0,
+                   n_resamples: int = 2000, seed: int = 0) -> EvaluationResult:
+    """Metrics from exact-mode probabilities; `samples` is the effective n for Table 1, unstable and PGG se."""
+    return evaluate(exact=exact, effective_n=samples, rate=rate, min_valid_share=min_valid_share,
+                    n_resamples=n_resamples, seed=seed)
 
 
 def _one(g: pd.DataFrame, col: str, sid: str) -> str:
@@ -539,8 +736,11 @@ def _first_str(g: pd.DataFrame, col: str) -> str | None:
     return str(vals[0]) if vals else None
 
 
-def _histogram(values: Sequence[int], endowment: int) -> list[float]:
-    h = np.bincount(np.clip(np.asarray(values, int), 0, endowment), minlength=endowment + 1).astype(float)
+def _histogram(values: Sequence[float], endowment: int) -> list[float]:
+    """P(contribution rounds to k), k = 0..endowment: continuous answers ($7.50) binned to whole dollars
+    (half up), so sampled and exact distributions share one support for the JS divergence."""
+    k = np.clip(np.floor(np.asarray(values, float) + 0.5).astype(int), 0, endowment)
+    h = np.bincount(k, minlength=endowment + 1).astype(float)
     return (h / h.sum()).tolist()
 
 
@@ -571,106 +771,6 @@ def _pgg_result(sid, endowment, roles_d, dists, imp, tests) -> PggResult:
         if imp is None:
             imp = improvement(means["student_base"], means["student_finetuned"], means["teacher"])
     return PggResult(sid, endowment, roles_d, dists, imp, tests, js_b, js_f, br)
-
-
-# ------------------------------------------------------------------------------------------ exact
-def evaluate_exact(
-    exact: pd.DataFrame | str | Path,
-    *,
-    samples: int = 300,
-    n_resamples: int = 2000,
-    seed: int = 0,
-) -> EvaluationResult:
-    """Metrics from exact-mode probabilities; `samples` is the effective n for Table 1, unstable and PGG se."""
-    df = exact if isinstance(exact, pd.DataFrame) else read_exact(exact)
-    _require(df, EXACT_REQUIRED, "exact results")
-    if df.empty:
-        raise EvaluationDataError("exact results: no rows")
-    if samples < 2:
-        raise EvaluationDataError("exact mode needs an effective sample size >= 2")
-    df = df.copy()
-    for col in ("role", "scenario_id", "family", "context", "game"):
-        df[col] = df[col].astype(str)
-    dup = df.duplicated(subset=["role", "scenario_id"], keep=False)
-    if dup.any():
-        first = df[dup].iloc[0]
-        raise EvaluationDataError(f"exact results: duplicate rows for {first['role']} {first['scenario_id']}")
-    key = _order_key()
-    n = int(samples)
-    rates: list[RoleRate] = []
-    by_scenario: dict[str, dict[str, RoleRate]] = {}
-    meta: dict[str, tuple[str, str, str]] = {}
-    dists: dict[str, dict[str, list[float]]] = {}
-    masses: dict[str, dict[str, float]] = {}
-    models: dict[str, str] = {}
-    for row in df.to_dict(orient="records"):
-        role, sid, fam, ctx, game = (row[k] for k in ("role", "scenario_id", "family", "context", "game"))
-        meta[sid] = (fam, ctx, game)
-        model = None if _is_missing(row.get("model")) else (str(row["model"]) if row.get("model") else None)
-        if model:
-            models.setdefault(role, model)
-        mass = _prob(row["valid_mass"], f"{role} {sid}: valid_mass")
-        if fam == "pgg":
-            p = np.asarray(_pgg_distribution(row, f"{role} {sid}"), float)
-            if p.ndim != 1 or len(p) < 2 or (p < 0).any() or p.sum() <= 0:
-                raise EvaluationDataError(f"{role} {sid}: pgg_dist must be a list of >= 2 probabilities")
-            dists.setdefault(sid, {})[role] = (p / p.sum()).tolist()
-            masses.setdefault(sid, {})[role] = mass
-            rates.append(RoleRate(role, sid, fam, ctx, game, model, n, None, None, None, None, 1 - mass, mass))
-            continue
-        pc, pd_ = _prob(row["p_C"], f"{role} {sid}: p_C"), _prob(row["p_D"], f"{role} {sid}: p_D")
-        rate = pc / (pc + pd_) if pc + pd_ > 0 else None
-        rr = RoleRate(role, sid, fam, ctx, game, model, n, None, None, None, rate, 1 - mass, mass)
-        rates.append(rr)
-        by_scenario.setdefault(sid, {})[role] = rr
-    rates.sort(key=lambda r: (key(r.family, r.scenario_id), ROLES.index(r.role)))
-
-    notes = [f"exact mode: probabilities, not samples; improvement has no sampling CI; Table 1, unstable "
-             f"flags and PGG standard errors use an effective n = {n} (the configured samples)"]
-    results: list[ScenarioResult] = []
-    for sid, rr in sorted(by_scenario.items(), key=lambda kv: key(meta[kv[0]][0], kv[0])):
-        if not all(r in rr for r in ROLES):
-            continue
-        fam, ctx, game = meta[sid]
-        pt, pb, pf = rr["teacher"].rate, rr["student_base"].rate, rr["student_finetuned"].rate
-        if None in (pt, pb, pf):
-            notes.append(f"{sid}: a role puts no probability on C or D; no improvement")
-            continue
-        imp = improvement(pb, pf, pt)
-        results.append(ScenarioResult(
-            id=sid, game=game, context=ctx, family=fam, samples=n, p_base=pb, p_ft=pf, p_teacher=pt,
-            improvement=imp, cls=classify(imp), unstable=unstable(pt * n, n, pb * n, n), ci95=None,
-            bridging=bridging(pb, pf, pt), js_base_teacher=binary_js(pb, pt), js_ft_teacher=binary_js(pf, pt),
-        ))
-
-    table1 = []
-    for normal_id, doubled_id in _table1_pairs(by_scenario, meta):
-        a, d = by_scenario[normal_id]["student_finetuned"], by_scenario[doubled_id]["student_finetuned"]
-        if a.rate is not None and d.rate is not None:
-            table1.append(table1_ztest(normal_id, a.rate * n, n, d.rate * n, n))
-
-    pgg: dict[str, PggResult] = {}
-    for sid, per_role in dists.items():
-        e = _endowment(sid, max(len(d) for d in per_role.values()) - 1)
-        per_role = {r: list(d) + [0.0] * (e + 1 - len(d)) for r, d in per_role.items()}
-        roles_d = {}
-        for r in ROLES:
-            if r not in per_role:
-                continue
-            k = np.arange(e + 1)
-            p = np.asarray(per_role[r])
-            mean = float((k * p).sum())
-            sd = float(math.sqrt(max(((k - mean) ** 2 * p).sum(), 0.0)))
-            roles_d[r] = {"mean": mean, "sd": sd, "se": sd / math.sqrt(n), "n": n,
-                          "invalid_rate": 1 - masses[sid][r], "valid": None, "invalid": None}
-        tests = {}
-        for a, b in (("student_finetuned", "student_base"), ("student_finetuned", "teacher"),
-                     ("teacher", "student_base")):
-            if a in roles_d and b in roles_d:
-                tests[f"{a}_vs_{b}"] = _welch_from_stats(roles_d[a], roles_d[b])
-        pgg[sid] = _pgg_result(sid, e, roles_d, per_role, None, tests)
-
-    return _assemble("exact", n, rates, results, table1, pgg, models, notes, n_resamples)
 
 
 def _pgg_distribution(row: Mapping, what: str) -> list[float]:
@@ -718,8 +818,11 @@ def _welch_from_stats(a: dict, b: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ assembly
-def _family_summary(name: str, results: list[ScenarioResult], n_resamples: int) -> FamilySummary:
+def _family_summary(name: str, all_results: list[ScenarioResult], n_resamples: int) -> FamilySummary:
+    results = [r for r in all_results if not r.excluded]
     return FamilySummary(
+        low_valid=tuple(r.id for r in all_results if r.low_valid),
+        excluded=tuple(r.id for r in all_results if r.excluded),
         family=name,
         scenarios=len(results),
         improvement=aggregate([r.improvement for r in results], n_resamples),
@@ -742,10 +845,15 @@ def _rate_means(rates: list[RoleRate]) -> dict[str, dict[str, dict]]:
             rr = [r for r in rates if r.family == fam and r.role == role]
             if not rr:
                 continue
-            d: dict = {"mean": _mean(r.rate for r in rr), "invalid_mean": _mean(r.invalid_rate for r in rr)}
+            d: dict = {"mean": _mean(r.rate for r in rr), "invalid_mean": _mean(r.invalid_rate for r in rr),
+                       "valid_mean": _mean(r.valid_share for r in rr),
+                       "count_mean": _mean(r.rate_count for r in rr),
+                       "conditional_mean": _mean(r.rate_conditional for r in rr)}
             for kind in ("game", "context"):
                 d[kind] = {k: _mean(r.rate for r in rr if getattr(r, kind) == k)
                            for k in dict.fromkeys(getattr(r, kind) for r in rr)}
+                d[f"valid_{kind}"] = {k: _mean(r.valid_share for r in rr if getattr(r, kind) == k)
+                                      for k in dict.fromkeys(getattr(r, kind) for r in rr)}
             out[fam][role] = d
     return out
 
@@ -755,7 +863,15 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return float(np.mean(v)) if v else None
 
 
-def _assemble(estimator, samples, rates, results, table1, pgg, models, notes, n_resamples) -> EvaluationResult:
+def _assemble(estimator, samples, rates, results, table1, pgg, models, notes, n_resamples, *, rate_basis: str,
+              min_valid_share: float, low_valid: set[str], protocol: str | None) -> EvaluationResult:
+    drop = rate_basis == "conditional"  # a low valid share is the conditional rate's (unstable) denominator
+    results = [replace(r, low_valid=True, excluded=drop) if r.id in low_valid else r for r in results]
+    if low_valid:
+        ids = [r.id for r in results if r.low_valid]
+        notes = list(notes) + [f"{len(ids)} scenario(s) with a role's valid share under {min_valid_share:g}"
+                               + (", left out of the aggregates" if drop else " (kept: the count rate's denominator "
+                                  "is N)") + f": {', '.join(ids)}"]
     roles = tuple(r for r in ROLES if any(x.role == r for x in rates))
     missing = [r for r in ROLES if r not in roles]
     if missing:
@@ -781,7 +897,7 @@ def _assemble(estimator, samples, rates, results, table1, pgg, models, notes, n_
         estimator=estimator, samples=samples, roles=roles, models=dict(models), rates=tuple(rates),
         scenarios=tuple(results), families=families, overall=overall, rate_means=_rate_means(rates),
         table1=tuple(table1), table1_summary=table1_summary(table1) if table1 else {}, pgg=pgg,
-        notes=tuple(notes),
+        notes=tuple(notes), rate_basis=rate_basis, min_valid_share=min_valid_share, protocol=protocol,
     )
 
 
@@ -791,18 +907,18 @@ def compute(
     exact=None,
     expected_samples: int | None = None,
     effective_n: int = 300,
+    rate: str = "count",
+    min_valid_share: float = 0.0,
+    protocol: str | None = None,
     n_resamples: int = 2000,
     seed: int = 0,
 ) -> EvaluationResult:
-    """One entry point: exactly one of `samples` (DataFrame / Parquet path(s)) or `exact` (DataFrame / path)."""
-    if (samples is None) == (exact is None):
-        raise EvaluationDataError("give exactly one of sampled results or exact results")
-    if samples is not None:
-        return evaluate_samples(samples, expected_samples=expected_samples, n_resamples=n_resamples, seed=seed)
-    return evaluate_exact(exact, samples=effective_n, n_resamples=n_resamples, seed=seed)
+    """One entry point: `samples` (DataFrame / Parquet path(s)), `exact` (DataFrame / path), or both."""
+    return evaluate(samples, exact, expected_samples=expected_samples, effective_n=effective_n, rate=rate,
+                    min_valid_share=min_valid_share, protocol=protocol, n_resamples=n_resamples, seed=seed)
 
 
 __all__ = [
     "CLASSES", "EXACT_PARQUET", "EvaluationDataError", "EvaluationResult", "FamilySummary", "PggResult", "ROLES",
-    "RoleRate", "compute", "evaluate_exact", "evaluate_samples", "metric_name", "read_exact", "read_samples",
+    "RoleRate", "compute", "evaluate", "evaluate_exact", "evaluate_samples", "metric_name", "read_exact", "read_samples",
 ]

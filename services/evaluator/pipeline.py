@@ -189,10 +189,12 @@ def stage_evaluate(cfg: ExperimentConfig, url: str, config_path: Path | None, ru
     from services.evaluator.collect import collect, evaluate_dir
     from services.evaluator.tracking import evaluate_and_log
 
+    _say(f"[evaluate] {cfg.protocol_line()}")
     got = collect(cfg, base_url=url)
-    kwargs = {"samples": got.table.to_pandas()} if got.estimator == "sample" else {"exact": got.table.to_pandas()}
+    if got.dataset_scenarios:
+        _say(f"[evaluate] teacher reference: its generated dataset on {len(got.dataset_scenarios)} scenario(s)")
     return evaluate_and_log(out_dir=evaluate_dir(cfg), config=cfg, config_path=config_path,
-                            run_info=run_info, **kwargs)
+                            run_info=run_info, samples=got.samples, exact=got.exact)
 
 
 # ------------------------------------------------------------------------------------- run
@@ -218,7 +220,8 @@ def run(config_path: str | Path, *, tags: dict | None = None) -> PipelineResult:
             mlflow.log_artifact(str(config_path), "config")
             mlflow.log_params({"teacher": cfg.models.teacher.model, "student": cfg.models.student.model,
                                "teacher_engine": cfg.models.teacher.engine, "student_engine": cfg.models.student.engine,
-                               "estimator": cfg.evaluate.estimator})
+                               "estimator": cfg.evaluate.estimator, "protocol": cfg.evaluate.protocol,
+                               "rate": cfg.evaluate.rate})
             t0 = time.perf_counter()
             gen = stage_generate(cfg, url, stages)
             timings["generate_s"] = time.perf_counter() - t0

@@ -198,9 +198,13 @@ def build_document(
 
     # ---- header
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    est = ("exact (probabilities from one forward pass per scenario and role)" if result.estimator == "exact"
-           else f"sampled ({result.samples if result.samples else 'varying'} samples per role and scenario)")
-    info = [f"generated {stamp}", f"estimator: {est}"]
+    est = {"exact": "exact (probabilities from one forward pass per scenario and role)",
+           "mixed": "per role (see the protocol): exact probabilities for answer-only roles, samples for the rest"
+           }.get(result.estimator, f"sampled ({result.samples if result.samples else 'varying'} samples per role "
+                                   f"and scenario)")
+    info = [f"generated {stamp}", f"estimator: {est}", f"rate: {rate_label(result)}"]
+    if result.protocol:
+        info.append(result.protocol)
     for k, v in (run_info or {}).items():
         if v:
             info.append(f"{k}: `{v}`")
@@ -211,9 +215,12 @@ def build_document(
     lines = []
     for fam, f in _families(result):
         a = f.improvement
+        shares = valid_shares(result, fam)
         lines.append(f"**{FAMILY_TITLES.get(fam, fam)}** ({fam}): mean improvement **{fmt(a.mean)} %** "
                      f"(median {fmt(a.median)}, se {fmt(a.se)}, 95 % CI {_ci(a.ci95)}, n = {a.n}); "
-                     f"classes: {_classes(f.classes)}; {len(f.unstable)} unstable")
+                     f"classes: {_classes(f.classes)}; {len(f.unstable)} unstable; "
+                     f"{len(f.low_valid)} with a valid share under {result.min_valid_share:g}"
+                     + (f" ({len(f.excluded)} left out)" if f.excluded else "") + f"; valid share {shares}")
     for sid, p in result.pgg.items():
         means = ", ".join(f"{ROLE_LABELS[r]} {fmt(d.get('mean'))}" for r, d in p.roles.items())
         lines.append(f"**public-goods game** ({sid}): mean contribution {means}; improvement {fmt(p.improvement)} %")
@@ -223,7 +230,8 @@ def build_document(
         lines.append(f"**Table 1** (fine-tuned student, normal vs doubled payoffs): {sig} of {len(result.table1)} "
                      f"scenarios differ at p < 0.05; average difference {fmt(avg.get('difference'), 3)}")
     doc.ul(lines or ["no scenario has results for all three roles; see the rates below"])
-    doc.p("Improvement = (C_ft - C_base) / (C_teacher - C_base) x 100: the percent of the teacher-base gap the "
+    doc.p(f"Rates: {rate_label(result)}. "
+          "Improvement = (C_ft - C_base) / (C_teacher - C_base) x 100: the percent of the teacher-base gap the "
           "fine-tuned student closed (< 0 exacerbation, 0..100 partial, > 100 overcorrection, undefined where "
           "teacher = base).")
 
@@ -237,8 +245,9 @@ def build_document(
             ["adapter", str(_get(cfg, "training.adapter_name"))],
             ["sampling", f"T = {_get(cfg, 'sampling.temperature')}, top_p = {_get(cfg, 'sampling.top_p')}, "
                          f"seed = {_get(cfg, 'sampling.seed')}"],
-            ["evaluate", f"estimator {_get(cfg, 'evaluate.estimator')}, {_get(cfg, 'evaluate.samples')} samples, "
-                         f"instruction {_get(cfg, 'evaluate.instruction')}, max_tokens "
+            ["evaluate", f"protocol {_get(cfg, 'evaluate.protocol')}, estimator {_get(cfg, 'evaluate.estimator')}, "
+                         f"{_get(cfg, 'evaluate.samples')} samples, rate {_get(cfg, 'evaluate.rate')}, min valid "
+                         f"share {_get(cfg, 'evaluate.min_valid_share')}, max_tokens "
                          f"{_get(cfg, 'evaluate.max_tokens')}, bootstrap {_get(cfg, 'evaluate.bootstrap')}"],
             ["families", ", ".join(_get(cfg, "evaluate.families") or [])],
             ["roles", ", ".join(_get(cfg, "evaluate.roles") or [])],
@@ -293,9 +302,8 @@ def build_document(
 
     # ---- rates
     doc.h(1, "Cooperation rates")
-    doc.p("Rate = C / valid answers per scenario, averaged over the family's scenarios; invalid = answers that "
-          "did not parse, in percent of all samples" + (" (exact mode: 1 - valid probability mass)."
-                                                         if result.estimator == "exact" else "."))
+    doc.p(f"Rate = {rate_label(result)} per scenario, averaged over the family's scenarios; invalid = answers that "
+          "did not parse, in percent of all samples (exact mode: 1 - valid probability mass).")
     rows = []
     for fam, by_role in result.rate_means.items():
         for role, d in by_role.items():
@@ -337,13 +345,15 @@ def build_document(
         doc.h(2, f"{fam} ({FAMILY_TITLES.get(fam, fam)})")
         rows = []
         for s in result.scenarios_of(fam):
-            inv = "/".join(_pct(getattr(rate_of.get((s.id, r)), "invalid_rate", None))
+            val = "/".join(_pct(getattr(rate_of.get((s.id, r)), "valid_share", None))
                            for r in ("teacher", "student_base", "student_finetuned"))
-            rows.append([s.id, s.game, s.context, fmt(s.p_teacher, 3), fmt(s.p_base, 3), fmt(s.p_ft, 3), inv,
+            flag = "left out" if s.excluded else ("low" if s.low_valid else "")
+            rows.append([s.id, s.game, s.context, fmt(s.p_teacher, 3), fmt(s.p_base, 3), fmt(s.p_ft, 3), val, flag,
                          fmt(s.improvement), _ci(s.ci95), s.cls, "yes" if s.unstable else "", fmt(s.bridging),
                          fmt(s.js_ft_teacher, 4)])
-        doc.table(["scenario", "game", "context", "teacher", "base", "ft", "invalid % t/b/ft", "improvement",
-                   "95 % CI", "class", "unstable", "bridging", "JS ft-teacher"], rows, "lllrrrrrrllrr")
+        doc.table(["scenario", "game", "context", "teacher", "base", "ft", "valid % t/b/ft", "low valid",
+                   "improvement", "95 % CI", "class", "unstable", "bridging", "JS ft-teacher"], rows,
+                  "lllrrrrlrrllrr")
     partial = sorted({r.scenario_id for r in result.rates if r.family != "pgg"} - {s.id for s in result.scenarios})
     if partial:
         doc.p(f"Scenarios with rates but no improvement (a role missing or without valid answers): "
@@ -390,9 +400,11 @@ def build_document(
                      f"improvement divides by mostly noise; read them with care (hollow dots in the figures).")
     else:
         notes.append("No unstable scenarios: every teacher-base gap is outside sampling noise.")
-    if result.estimator == "sample":
+    if result.estimator != "exact":
         notes.append("Every sample is accounted for: valid + invalid = N for every role and scenario; invalid "
-                     "answers are counted, never dropped, and rates use valid answers as the denominator.")
+                     "answers are counted, never dropped; " + ("rates use all N as the denominator (invalid counts "
+                     "as not C), as the paper's counts." if result.rate_basis == "count" else
+                     "rates use valid answers as the denominator."))
     notes += [n for n in result.notes if not n.startswith(f"{len(uns)} unstable scenario")]
     doc.ul(notes)
     return doc
@@ -416,15 +428,35 @@ def _families(result: EvaluationResult, with_all: bool = False):
     return fams
 
 
+def rate_label(result: EvaluationResult) -> str:
+    return ("count-based, C out of all N (invalid counts as not C; the paper's counts)" if result.rate_basis == "count"
+            else "conditional, C out of valid answers")
+
+
+def valid_shares(result: EvaluationResult, family: str) -> str:
+    """Mean valid share per role over a family's scenarios, e.g. 'teacher 91 %, base 0.4 %, ft 4.9 %'."""
+    short = {"teacher": "teacher", "student_base": "base", "student_finetuned": "ft"}
+    fams = [family] if family != "all" else list(result.rate_means)
+    out = []
+    for role in result.roles:
+        v = [r.valid_share for r in result.rates if r.family in fams and r.role == role and r.valid_share is not None]
+        out.append(f"{short[role]} {_pct(sum(v) / len(v)) if v else '-'} %")
+    return ", ".join(out)
+
+
 def summary_rows(result: EvaluationResult) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the per-family summary, for a console table (`run` / `evaluate` print it)."""
-    header = ["family", "scenarios", "mean %", "median %", "se", "95 % CI", "exac/part/over/undef", "unstable"]
+    header = ["family", "n", "mean %", "median %", "95 % CI", "classes -/p/+/?", "unstable", "low valid",
+              "valid % t/b/ft", "JS base>ft"]
     rows = []
     for fam, f in _families(result, with_all=True):
         a, c = f.improvement, f.classes
-        rows.append([fam, str(f.scenarios), fmt(a.mean), fmt(a.median), fmt(a.se), _ci(a.ci95),
+        shares = valid_shares(result, fam)
+        vals = "/".join(part.split(" ")[1] for part in shares.split(", "))
+        rows.append([fam, str(f.scenarios), fmt(a.mean), fmt(a.median), _ci(a.ci95),
                      "/".join(str(c[k]) for k in ("exacerbation", "partial", "overcorrection", "undefined")),
-                     str(len(f.unstable))])
+                     str(len(f.unstable)), f"{len(f.low_valid)}" + (f" ({len(f.excluded)} out)" if f.excluded else ""),
+                     vals, f"{fmt(f.js_base_teacher.mean, 3)}>{fmt(f.js_ft_teacher.mean, 3)}"])
     return header, rows
 
 

@@ -163,10 +163,17 @@ def log_evaluation(
     run = _active_run()
     summary: dict = {"run_id": run.info.run_id}
     if config is not None and log_params_too:
-        summary["param_conflicts"] = log_params(flatten_params(config))
+        params = flatten_params(config)
+        if result.protocol:
+            params["evaluate.protocol_line"] = result.protocol
+        for role in result.roles:
+            if hasattr(config, "evaluate"):
+                params[f"evaluate.instruction.{role}"] = config.evaluate.instruction_for(role)
+                params[f"evaluate.estimator.{role}"] = config.evaluate.estimator_for(role)
+        summary["param_conflicts"] = log_params(params)
     summary["metrics"] = log_metrics(result.flat_metrics())
     mlflow.set_tags({"tomtransfer.stage": "evaluate", "tomtransfer.estimator": result.estimator,
-                     "tomtransfer.samples": str(result.samples)})
+                     "tomtransfer.samples": str(result.samples), "tomtransfer.rate": result.rate_basis})
     for sub in ("figures", "tables", "report"):
         d = outputs.root / sub
         if d.is_dir() and any(d.iterdir()):
@@ -199,10 +206,12 @@ def evaluate_and_log(
     cfg = config_dict(config) if config is not None else {}
     ev = cfg.get("evaluate", {}) if cfg else {}
     n = ev.get("samples")
+    protocol = config.protocol_line() if hasattr(config, "protocol_line") else None
     result = compute(
         samples=samples, exact=exact,
         expected_samples=expected_samples if expected_samples is not None else (n if samples is not None else None),
-        effective_n=effective_n or n or 300,
+        effective_n=effective_n or ev.get("exact_n") or n or 300,
+        rate=ev.get("rate", "count"), min_valid_share=ev.get("min_valid_share", 0.0), protocol=protocol,
         n_resamples=n_resamples or ev.get("bootstrap") or 2000,
     )
     info = dict(run_info or {})
