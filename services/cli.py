@@ -144,21 +144,36 @@ def config_show_defaults() -> None:
 
 
 # ----------------------------------------------------------------------------------------- analyze
+RATES = ("count", "conditional")
+
+
 @app.command()
 def analyze(
     counts: Optional[Path] = typer.Option(None, "--counts", help="context,game,samples,C_student_base,C_student_finetuned,C_teacher"),
     ztest: Optional[Path] = typer.Option(None, "--ztest", help="context,game,samples,C_normal,C_doubled"),
     pgg: Optional[Path] = typer.Option(None, "--pgg", help="role,contribution"),
+    samples: Optional[Path] = typer.Option(
+        None, "--samples", help="raw responses (Parquet, JSONL or CSV): role, scenario, response "
+        "[, context, game, family for ids not in the catalog; sample_index; model]"),
+    rate: str = typer.Option("count", "--rate", help="--samples: count | conditional (the evaluator's rate)"),
+    min_valid_share: float = typer.Option(0.1, "--min-valid-share", help="--samples: passed to the evaluator"),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="--samples: also write samples.parquet (parsed) "
+                                           "and result.json to this folder"),
     as_json: bool = typer.Option(False, "--json"),
     bootstrap: int = typer.Option(2000, min=100, help="bootstrap resamples for CIs"),
 ) -> None:
-    """The paper's analyses from count tables: improvement (--counts), Table 1 (--ztest), PGG (--pgg)."""
+    """The paper's analyses from count tables: improvement (--counts), Table 1 (--ztest), PGG (--pgg); or
+    everything from raw responses (--samples)."""
     from shared import analysis
     from shared.scenarios import default_catalog
 
-    chosen = [x for x in (counts, ztest, pgg) if x is not None]
+    chosen = [x for x in (counts, ztest, pgg, samples) if x is not None]
     if len(chosen) != 1:
-        fail("give exactly one of --counts, --ztest, --pgg")
+        fail("give exactly one of --counts, --ztest, --pgg, --samples")
+    if samples is None and (out_dir is not None or rate != "count" or min_valid_share != 0.1):
+        fail("--rate, --min-valid-share and --out apply to --samples only")
+    if samples is not None:
+        return _analyze_samples(samples, rate, min_valid_share, out_dir, as_json, bootstrap)
     games = default_catalog().games.keys()
     if counts is not None:
         result = analysis.analyze_counts(analysis.read_counts(counts, games), bootstrap)
@@ -182,11 +197,7 @@ def analyze(
         result = analysis.analyze_ztest(analysis.read_ztest(ztest, games))
         if as_json:
             return _json(result)
-        t = Table("scenario", "normal", "doubled", "diff", "SE", "z", "p", "", title="Table 1: normal vs doubled payoffs")
-        for r in result["rows"]:
-            t.add_row(r["id"], _fmt(r["p_normal"]), _fmt(r["p_doubled"]), _fmt(r["difference"]), _fmt(r["se"]),
-                      _fmt(r["z"]), _fmt(r["p_value"]), r["stars"])
-        out.print(t)
+        _print_table1(result["rows"])
     else:
         result = analysis.analyze_pgg(analysis.read_pgg(pgg))
         if as_json:
@@ -196,8 +207,157 @@ def analyze(
             t.add_row(role, _fmt(m["mean"]), _fmt(m["sd"]), _fmt(m["se"]), str(m["n"]))
         out.print(t)
         out.print(f"improvement: {_fmt(result['improvement'])} %")
-        for name, test in result["tests"].items():
-            out.print(f"Welch {name}: diff {_fmt(test['difference'])}, t {_fmt(test['t'])}, p {_fmt(test['p_value'], 4)}")
+        _print_pgg_tests(result["tests"])
+
+
+def _print_table1(rows: list[dict]) -> None:
+    t = Table("scenario", "normal", "doubled", "diff", "SE", "z", "p", "", title="Table 1: normal vs doubled payoffs")
+    for r in rows:
+        t.add_row(r["id"], _fmt(r["p_normal"]), _fmt(r["p_doubled"]), _fmt(r["difference"]), _fmt(r["se"]),
+                  _fmt(r["z"]), _fmt(r["p_value"]), r["stars"])
+    out.print(t)
+
+
+def _print_pgg_tests(tests: dict[str, dict]) -> None:
+    for name, test in tests.items():
+        kind = "one-sample t" if test.get("method") == "one_sample" else "Welch"
+        out.print(f"{kind} {name}: diff {_fmt(test['difference'])}, t {_fmt(test['t'])}, "
+                  f"p {_fmt(test['p_value'], 4)}", highlight=False, soft_wrap=True)
+        if test.get("note"):
+            out.print(f"  note: {test['note']}", highlight=False, soft_wrap=True)
+
+
+def _analyze_samples(path: Path, rate: str, min_valid_share: float, out_dir: Optional[Path], as_json: bool,
+                     bootstrap: int) -> None:
+    """`analyze --samples`: parse raw responses, then the evaluator's `evaluate_samples` does every metric."""
+    import inspect
+
+    from services.evaluator import metrics
+    from shared.sample_files import load_samples
+
+    if rate not in RATES:
+        fail(f"--rate must be one of {', '.join(RATES)}, not {rate!r}")
+    if not 0 <= min_valid_share <= 1:
+        fail(f"--min-valid-share must be in [0, 1], not {min_valid_share:g}")
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out {out_dir}: exists and is not a folder")
+    df = load_samples(path)
+    accepted = inspect.signature(metrics.evaluate_samples).parameters
+    kwargs: dict = {}
+    for name, value, default in (("rate", rate, "count"), ("min_valid_share", min_valid_share, 0.1)):
+        if name in accepted:
+            kwargs[name] = value
+        elif value != default:
+            err.print(f"note: this evaluator has no {name!r} option; --{name.replace('_', '-')} ignored",
+                      highlight=False, soft_wrap=True)
+    try:
+        result = metrics.evaluate_samples(df, expected_samples=None, n_resamples=bootstrap, **kwargs)
+    except UserError as e:
+        fail(f"{path}: {e}")
+    data = result.to_dict()
+    written = _write_samples_out(out_dir, df, data) if out_dir is not None else []
+    if as_json:
+        return _json(data)
+    _print_samples_result(path, result, df)
+    if written:
+        out.print("wrote " + ", ".join(map(str, written)), highlight=False, soft_wrap=True)
+
+
+def _json_value(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)
+
+
+def _write_samples_out(out_dir: Path, df, data: dict) -> list[Path]:
+    """samples.parquet + result.json into out_dir, atomically: staged in a hidden sibling folder, then renamed
+    into place (a new folder in one rename; into an existing folder file by file, each replace atomic)."""
+    import shutil
+    import tempfile
+
+    text = json.dumps(data, indent=2, default=_json_value) + "\n"
+    stage = None
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+        df.to_parquet(stage / "samples.parquet", index=False)
+        (stage / "result.json").write_text(text, encoding="utf-8")
+        if not out_dir.exists():
+            stage.rename(out_dir)
+            stage = None
+        else:
+            for name in ("samples.parquet", "result.json"):
+                (stage / name).replace(out_dir / name)
+    except OSError as e:
+        fail(f"--out {out_dir}: {e.strerror or e}")
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+    return [out_dir / "samples.parquet", out_dir / "result.json"]
+
+
+def _print_samples_result(path: Path, result, df) -> None:
+    from collections import Counter
+
+    roles = Counter(df["role"])
+    valid = Counter(df.loc[df["valid"], "role"])
+    t = Table("role", "responses", "scenarios", "valid", "invalid",
+              title=f"{len(df)} responses parsed from {path.name}")
+    for role in result.roles:
+        t.add_row(role, str(roles[role]), str(df.loc[df["role"] == role, "scenario_id"].nunique()),
+                  str(valid[role]), str(roles[role] - valid[role]))
+    out.print(t)
+    basis = getattr(result, "rate_basis", "conditional")
+    out.print(f"cooperation rate: {basis} (" + ("C / N, an invalid answer counts as not C" if basis == "count"
+              else "C / valid answers") + ")", highlight=False)
+    if result.scenarios:
+        counts = {(r.role, r.scenario_id): r for r in result.rates}
+        t = Table("scenario", "family", "base C/valid/N", "ft C/valid/N", "teacher C/valid/N",
+                  title="cooperation per scenario")
+        for s in result.scenarios:
+            cells = []
+            for role in ("student_base", "student_finetuned", "teacher"):
+                r = counts.get((role, s.id))
+                cells.append(f"{r.cooperate}/{r.valid}/{r.n}" if r is not None else "-")
+            t.add_row(s.id, s.family, *cells)
+        out.print(t)
+        t = Table("scenario", "improvement %", "class", "95% CI", "unstable", title="improvement per scenario")
+        for s in result.scenarios:
+            ci = f"[{_fmt(s.ci95[0])}, {_fmt(s.ci95[1])}]" if s.ci95 else "-"
+            t.add_row(s.id, _fmt(s.improvement), s.cls, ci, "yes" if s.unstable else "")
+        out.print(t)
+        t = Table("family", "n", "mean %", "median %", "se", "95% CI", "e/p/o/u",
+                  title="improvement by family (classes: exacerbation/partial/overcorrection/undefined)")
+        for f in [*result.families.values(), *([result.overall] if result.overall else [])]:
+            a, c = f.improvement, f.classes
+            t.add_row(f.family, str(f.scenarios), _fmt(a.mean), _fmt(a.median), _fmt(a.se),
+                      f"[{_fmt(a.ci95[0])}, {_fmt(a.ci95[1])}]" if a.ci95 else "-",
+                      "/".join(str(c[k]) for k in ("exacerbation", "partial", "overcorrection", "undefined")))
+        out.print(t)
+        if result.overall:
+            for kind, groups in (("game", result.overall.by_game), ("context", result.overall.by_context)):
+                g = Table(kind, "mean %", "se", "n", title=f"improvement by {kind} (all families)")
+                for k, v in groups.items():
+                    g.add_row(k, _fmt(v.mean), _fmt(v.se), str(v.n))
+                out.print(g)
+    if result.table1:
+        _print_table1([r.to_dict() | {"stars": r.stars} for r in result.table1])
+    for sid, p in result.pgg.items():
+        t = Table("role", "mean", "sd", "se", "n valid", "invalid", title=f"public-goods game {sid}: contributions")
+        for role, m in p.roles.items():
+            t.add_row(role, _fmt(m.get("mean")), _fmt(m.get("sd")), _fmt(m.get("se")), str(m.get("n")),
+                      str(m.get("invalid")))
+        out.print(t)
+        out.print(f"improvement: {_fmt(p.improvement)} %", highlight=False)
+        _print_pgg_tests(p.tests)
+        shown = {t.get("note") for t in p.tests.values()}
+        for note in getattr(p, "notes", ()):
+            if note not in shown:
+                out.print(f"note: {note}", highlight=False, soft_wrap=True)
+    for note in result.notes:
+        out.print(f"note: {note}", highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------- workflows
@@ -233,8 +393,11 @@ def train(
 
 
 def _print_summary(result) -> None:
-    from services.evaluator.report import pgg_lines, summary_rows
+    from services.evaluator.report import pgg_lines, rate_label, summary_rows
 
+    if result.protocol:
+        out.print(result.protocol, highlight=False, soft_wrap=True)
+    out.print(f"rates: {rate_label(result)}", highlight=False, soft_wrap=True)
     header, rows = summary_rows(result)
     t = Table(*header, title="transfer: improvement of the fine-tuned student, % of the teacher-base gap")
     for r in rows:

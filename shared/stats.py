@@ -7,11 +7,15 @@ Table 1 follows the paper's convention exactly, so its numbers reproduce:
 rates are estimates, the `*_two_sample` fields add the textbook unpooled two-proportion Wald test:
 se = sqrt(p1 q1 / n1 + p2 q2 / n2), z with the same sign convention, a two-sided p and a 95 % CI
 of the difference (statsmodels).
+
+Public-goods game: Welch's t-tests between roles; a role whose contributions are all equal (the paper's
+teacher gave 7 every time) has zero variance - see `welch` for how that is reported (no scipy warning).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -100,23 +104,67 @@ def moments(x: Sequence[float]) -> Moments:
     return Moments(mean=float(a.mean()), sd=sd, se=float(stats.sem(a)) if n > 1 else None, n=n)
 
 
-def welch(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Welch's unequal-variance t-test (two-sided) with the mean difference a - b."""
-    res = stats.ttest_ind(np.asarray(a, float), np.asarray(b, float), equal_var=False)
-    t = float(res.statistic)
-    return {
-        "difference": float(np.mean(a) - np.mean(b)),
-        "t": None if math.isnan(t) else t,
-        "df": None if math.isnan(float(res.df)) else float(res.df),
-        "p_value": None if math.isnan(float(res.pvalue)) else float(res.pvalue),
-    }
+def welch(a: Sequence[float], b: Sequence[float], names: tuple[str, str] = ("a", "b")) -> dict:
+    """Welch's unequal-variance t-test (two-sided) with the mean difference a - b.
+
+    Returns {difference, t, df, p_value, method, note}. A group whose values are all equal has zero sample
+    variance, where scipy's moment calculation warns about catastrophic cancellation; such groups are handled
+    here without scipy's warning:
+    * one group constant (say a = c every time), the other varying: Welch's t with s_a = 0 is exactly the
+      one-sample t-test of b against c (t = (c - mean b) / (s_b / sqrt(n_b)), df = n_b - 1), so that is what
+      is computed (`method` "one_sample"); it treats c as known, the note says so;
+    * both constant: t, df and p are undefined (None), `method` None, and the note says why;
+    * fewer than 2 values in a group: undefined as well.
+    Any other numerical warning from scipy (nearly identical values) is turned into the note, not printed.
+    """
+    xa, xb = np.asarray(a, float), np.asarray(b, float)
+    out: dict = {"difference": float(np.mean(xa) - np.mean(xb)), "t": None, "df": None, "p_value": None,
+                 "method": None, "note": None}
+    short = [n for n, x in zip(names, (xa, xb)) if len(x) < 2]
+    if short:
+        out["note"] = f"{', '.join(short)}: fewer than 2 contributions, Welch's t-test undefined"
+        return out
+    const = {n: float(x[0]) for n, x in zip(names, (xa, xb)) if np.ptp(x) == 0}
+    caught: list[warnings.WarningMessage] = []
+    if len(const) == 2:
+        out["note"] = (" and ".join(f"{n}: all contributions equal ({_g(c)})" for n, c in const.items())
+                       + ", Welch's t-test undefined")
+        return out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if const:
+            (cname, c), = const.items()
+            other, x, sign = (names[1], xb, -1.0) if cname == names[0] else (names[0], xa, 1.0)
+            res = stats.ttest_1samp(x, popmean=c)
+            t, df, p = sign * float(res.statistic), float(len(x) - 1), float(res.pvalue)
+            out["method"] = "one_sample"
+            out["note"] = (f"{cname}: all contributions equal ({_g(c)}); Welch's t with zero variance is the "
+                           f"one-sample t-test of {other} against {_g(c)} (df = {len(x) - 1}), treating {_g(c)} "
+                           f"as exact")
+        else:
+            res = stats.ttest_ind(xa, xb, equal_var=False)
+            t, df, p = float(res.statistic), float(res.df), float(res.pvalue)
+            out["method"] = "welch"
+    messages = sorted({str(w.message).split(".")[0] for w in caught})
+    if messages:
+        extra = "scipy: " + "; ".join(messages) + " (result may be unreliable)"
+        out["note"] = f"{out['note']}; {extra}" if out["note"] else extra
+    out["t"] = None if math.isnan(t) else t
+    out["df"] = None if math.isnan(df) else df
+    out["p_value"] = None if math.isnan(p) else p
+    return out
+
+
+def _g(x: float) -> str:
+    return f"{x:g}" if x != int(x) else f"{x:.1f}"
 
 
 PGG_ROLES = ("student_base", "student_finetuned", "teacher")
 
 
 def pgg_analysis(contributions: dict[str, Sequence[float]]) -> dict:
-    """Per-role moments, the improvement of the mean contribution and pairwise Welch tests."""
+    """Per-role moments, the improvement of the mean contribution, pairwise Welch tests and the tests' notes
+    (zero-variance groups, see `welch`)."""
     missing = [r for r in PGG_ROLES if r not in contributions or len(contributions[r]) == 0]
     if missing:
         raise ValueError(f"no contributions for role(s): {', '.join(missing)}")
@@ -125,5 +173,6 @@ def pgg_analysis(contributions: dict[str, Sequence[float]]) -> dict:
     tests = {}
     for a, b in (("student_finetuned", "student_base"), ("student_finetuned", "teacher"), ("teacher", "student_base")):
         if len(contributions[a]) > 1 and len(contributions[b]) > 1:
-            tests[f"{a}_vs_{b}"] = welch(contributions[a], contributions[b])
-    return {"roles": {r: m.to_dict() for r, m in roles.items()}, "improvement": imp, "tests": tests}
+            tests[f"{a}_vs_{b}"] = welch(contributions[a], contributions[b], names=(a, b))
+    notes = list(dict.fromkeys(t["note"] for t in tests.values() if t["note"]))
+    return {"roles": {r: m.to_dict() for r, m in roles.items()}, "improvement": imp, "tests": tests, "notes": notes}

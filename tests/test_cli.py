@@ -1,10 +1,13 @@
 """The CLI contract: exact JSON shapes, and bad input -> one line on stderr, exit 2, nothing written."""
 
 import json
+import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +67,40 @@ def test_analyze_pgg_json_contract(tmp_path):
     assert d["roles"]["teacher"] == pytest.approx({"mean": 8.5, "sd": 1.2909944, "se": 0.6454972, "n": 4})
     assert d["improvement"] == pytest.approx((5 - 1.5) / (8.5 - 1.5) * 100)
     assert "student_finetuned_vs_student_base" in d["tests"]
+
+
+def test_analyze_pgg_zero_variance_gives_a_note_not_a_warning(tmp_path):
+    """The paper's teacher gave 7 every time: no scipy precision-loss warning, a note instead."""
+    f = tmp_path / "pgg.csv"
+    f.write_text("role,contribution\n" + "".join(f"{r},{v}\n" for r, vs in
+                 {"student_base": [2, 5, 3], "student_finetuned": [7] * 5, "teacher": [7] * 5}.items() for v in vs))
+    run = [sys.executable, "-W", "error::RuntimeWarning", "-m", "services.cli", "analyze", "--pgg", str(f)]
+    human = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert human.returncode == 0 and human.stderr == "", human.stderr
+    assert "teacher: all contributions equal (7.0)" in human.stdout
+    r = subprocess.run(run + ["--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    d = json.loads(r.stdout)
+    both = d["tests"]["student_finetuned_vs_teacher"]
+    assert both["t"] is None and both["p_value"] is None and "Welch's t-test undefined" in both["note"]
+    one = d["tests"]["teacher_vs_student_base"]  # Welch with s_teacher = 0 = the one-sample t-test of the base
+    assert one["method"] == "one_sample" and one["df"] == 2
+    assert one["t"] == pytest.approx((7 - 10 / 3) / (np.std([2, 5, 3], ddof=1) / math.sqrt(3)))
+    assert d["notes"] and all(t["note"] for t in d["tests"].values())
+
+
+def test_pgg_analysis_constant_groups_raise_no_warning():
+    from shared.stats import pgg_analysis
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = pgg_analysis({"teacher": [7.0] * 300, "student_base": [3, 4, 5] * 100, "student_finetuned": [6, 7] * 150})
+        varying = pgg_analysis({"teacher": [8, 9, 10, 7], "student_base": [0, 2, 3, 1],
+                                "student_finetuned": [4, 5, 6, 5]})
+    assert res["tests"]["teacher_vs_student_base"]["method"] == "one_sample"
+    welch = res["tests"]["student_finetuned_vs_student_base"]
+    assert welch["method"] == "welch" and welch["note"] is None
+    assert varying["notes"] == [] and all(t["method"] == "welch" for t in varying["tests"].values())
 
 
 HEADER = "context,game,samples,C_student_base,C_student_finetuned,C_teacher\n"

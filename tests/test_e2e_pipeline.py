@@ -43,7 +43,9 @@ def experiment(tmp_path_factory, mlflow_tracking_uri):
         "generate": {"samples": 4, "families": ["in_sample"], "request_n": 4},
         "training": {"epochs": 1, "learning_rate": 1e-3, "effective_batch_size": 8, "per_device_batch_size": 2,
                      "num_workers": 2, "cpus_per_worker": 0.5, "max_seq_len": 1024, "adapter_name": "e2e"},
-        "evaluate": {"estimator": "exact", "samples": 300},
+        # the paper's protocol: the teacher's reference is its dataset in-sample and 4 motivated samples elsewhere;
+        # the students are exact (effective n 300)
+        "evaluate": {"estimator": "exact", "samples": 4, "exact_n": 300, "request_n": 4},
         "mlflow": {"tracking_uri": mlflow_tracking_uri, "experiment": "e2e"},
     }
     path = out / "experiment.yaml"

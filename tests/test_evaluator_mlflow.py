@@ -44,7 +44,7 @@ def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> se
 
 def test_sampled_evaluation_is_logged_and_the_report_regenerates(tracking, tmp_path):
     cfg = load_config(CONFIG)
-    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"estimator": "sample", "bootstrap": N_BOOT})})
+    cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"estimator": "sample", "samples": 300, "bootstrap": N_BOOT})})
     samples = tmp_path / "evaluate" / "samples"
     samples.mkdir(parents=True)
     synthetic.paper_samples().to_parquet(samples / "samples.parquet", index=False)

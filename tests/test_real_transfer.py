@@ -47,10 +47,12 @@ def result(tmp_path_factory, mlflow_tracking_uri):
 
 
 def distributions(res) -> pd.DataFrame:
-    exact = pd.read_parquet(res.config.run_dir / "evaluate" / "exact" / "exact.parquet")
-    exact = exact[exact.scenario_id.isin(SCENARIOS)]
-    exact = exact.assign(invalid=(1 - exact.p_C - exact.p_D).clip(lower=0))
-    return exact.set_index(["role", "scenario_id"])[["p_C", "p_D", "invalid"]]
+    """(C, D, invalid) shares per role and scenario as the paper's protocol measures them: the teacher's from its
+    motivated dataset samples, the students' answer-only probabilities from exact mode."""
+    rows = [{"role": r.role, "scenario_id": r.scenario_id, "p_C": r.rate_count,
+             "p_D": r.valid_share - r.rate_count, "invalid": 1 - r.valid_share, "source": r.source}
+            for r in res.summary["result"].rates if r.scenario_id in SCENARIOS]
+    return pd.DataFrame(rows).set_index(["role", "scenario_id"])
 
 
 def test_teacher_dataset_is_real_and_mostly_valid(result):
@@ -62,6 +64,8 @@ def test_teacher_dataset_is_real_and_mostly_valid(result):
 
 def test_student_moves_toward_the_teacher(result):
     d = distributions(result)
+    assert set(d.loc["teacher", "source"]) == {"dataset"} and set(d.loc["student_base", "source"]) == {"exact"}
+    d = d[["p_C", "p_D", "invalid"]]
     before, after = [], []
     for sid in SCENARIOS:
         t = d.loc[("teacher", sid)].to_numpy()

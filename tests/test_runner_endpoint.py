@@ -14,10 +14,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from types import SimpleNamespace
 
 from services.common.runner import EndpointError, RetryPolicy
 from services.common.samples import SampleStore, atomic_write_parquet, sample_seed
-from services.evaluator.collect import collect_exact, collect_samples
+from services.common.stage import select_scenarios
+from services.evaluator.collect import exact_roles, sample_roles
 from shared.config import parse_config
 from tests.fault_proxy import FaultProxy
 
@@ -39,8 +41,22 @@ def config(tmp_path, url, adapter="tt", **evaluate):
         "scenarios": {"ids": SCENARIOS},
         "serving": {"base_url": url},
         "training": {"adapter_name": adapter},
-        "evaluate": {"roles": ROLES, "samples": N, "request_n": BLOCK, "max_tokens": 4, "concurrency": 4, **evaluate},
+        # every role on the answer-only prompt: these tests are about the runner, not the protocol
+        "evaluate": {"roles": ROLES, "samples": N, "request_n": BLOCK, "max_tokens": 4, "concurrency": 4,
+                     "protocol": "answer_only", **evaluate},
     })
+
+
+def collect_samples(cfg, roles=None, **kw):
+    """Sample every selected (role, scenario) through the evaluate stage's sampler."""
+    scenarios = select_scenarios(cfg, list(cfg.evaluate.families))
+    table, path, report = sample_roles(cfg, {r: scenarios for r in roles or cfg.evaluate.roles}, **kw)
+    return SimpleNamespace(table=table, path=path, report=report)
+
+
+def collect_exact(cfg, roles, **kw):
+    table, path, report = exact_roles(cfg, roles, select_scenarios(cfg, list(cfg.evaluate.families)), **kw)
+    return SimpleNamespace(table=table, path=path, report=report)
 
 
 def comparable(table: pa.Table) -> list[dict]:

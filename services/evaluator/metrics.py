@@ -901,21 +901,8 @@ def _assemble(estimator, samples, rates, results, table1, pgg, models, notes, n_
     )
 
 
-def compute(
-    *,
-    samples=None,
-    exact=None,
-    expected_samples: int | None = None,
-    effective_n: int = 300,
-    rate: str = "count",
-    min_valid_share: float = 0.0,
-    protocol: str | None = None,
-    n_resamples: int = 2000,
-    seed: int = 0,
-) -> EvaluationResult:
-    """One entry point: `samples` (DataFrame / Parquet path(s)), `exact` (DataFrame / path), or both."""
-    return evaluate(samples, exact, expected_samples=expected_samples, effective_n=effective_n, rate=rate,
-                    min_valid_share=min_valid_share, protocol=protocol, n_resamples=n_resamples, seed=seed)
+# The name the stages and `report` use: one entry point for samples, exact rows, or both.
+compute = evaluate
 
 
 __all__ = [

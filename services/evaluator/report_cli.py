@@ -2,7 +2,7 @@
 
 Reads back what `services.evaluator.tracking.log_evaluation` logged: `samples/` (the raw samples Parquet
 file(s) or `samples/exact.parquet`) and `config/config.yaml`; recomputes every metric with the same settings
-(`evaluate.samples` as the exact-mode effective n, `evaluate.bootstrap`, bootstrap seed 0 - so the numbers
+(`evaluate.exact_n` or `evaluate.samples` as the exact-mode effective n, `evaluate.rate`, the protocol, `evaluate.bootstrap`, bootstrap seed 0 - so the numbers
 equal the logged ones), and writes figures/, tables/ and report/ into `out_dir` (default
 `runs/reports/<run_id>`). With `log=True` the regenerated figures, tables and report are logged back to the run.
 
@@ -71,13 +71,13 @@ def report(run_id: str, tracking_uri: str | None = None, out_dir: str | Path | N
         ev = cfg.get("evaluate", {}) or {}
         exact = local / EXACT_PARQUET
         sampled = sorted(p for p in local.rglob("*.parquet") if p != exact)
-        if exact.is_file() and (not sampled or ev.get("estimator") == "exact"):
-            kwargs = {"exact": exact}
-        elif sampled:
-            kwargs = {"samples": sampled}
-        else:
+        if not exact.is_file() and not sampled:
             raise ReportError(f"MLflow run {run_id}: samples/ holds no Parquet files")
-        result = compute(**kwargs, effective_n=int(ev.get("samples") or 300),
+        # Both kinds may be there: under the paper's protocol the teacher is sampled and the students exact.
+        result = compute(samples=sampled or None, exact=exact if exact.is_file() else None,
+                         effective_n=int(ev.get("exact_n") or ev.get("samples") or 300),
+                         rate=ev.get("rate", "count"), min_valid_share=float(ev.get("min_valid_share", 0.0)),
+                         protocol=config.protocol_line() if hasattr(config, "protocol_line") else None,
                          n_resamples=int(ev.get("bootstrap") or 2000), seed=0)
         out = Path(out_dir) if out_dir is not None else Path("runs") / "reports" / run_id
         info = {"MLflow run": run_id, "run name": run.info.run_name, "experiment": experiment, "tracking URI": uri}
