@@ -291,14 +291,22 @@ async def _with_retries(shared: _Shared, what: str, call: Callable[[], Any]) -> 
 
 # ----------------------------------------------------------------------------------------- progress
 class _Progress:
-    """A rich progress display: one overall bar, plus one bar per (role, scenario) while it is in flight (shown
-    when its first request starts, removed when it is complete, so the display stays as small as the
-    concurrency). A no-op when disabled."""
+    """On a terminal, a rich progress display: one overall bar, plus one bar per (role, scenario) while it is in
+    flight (shown when its first request starts, removed when complete, so the display stays as small as the
+    concurrency). Elsewhere (a log file, CI, a RayJob's log) with `lines`, one plain line every `every_s`
+    seconds and at the end: done/total, rate, ETA. Otherwise silent."""
 
-    def __init__(self, enabled: bool, total: int, done: int, description: str):
+    def __init__(self, enabled: bool, total: int, done: int, description: str, lines: bool = False,
+                 every_s: float = 15.0):
         self.enabled = enabled
         self.bars: dict[tuple[str, str], Any] = {}
         self.done: dict[tuple[str, str], int] = {}
+        self._initial: dict[tuple[str, str], int] = {}
+        self.lines = lines and not enabled
+        self.total, self.start_done, self.description, self.every_s = total, done, description, every_s
+        self.t0 = self.last = time.monotonic()
+        if self.lines:
+            self._line(done)
         if not enabled:
             return
         from rich.console import Console
@@ -321,13 +329,30 @@ class _Progress:
 
     def add(self, job: Job, done: int) -> None:
         self.done[job.key] = done
+        self._initial[job.key] = done
 
     def start(self, job: Job) -> None:
         if self.enabled and job.key not in self.bars and self.done.get(job.key, 0) < job.n:
             self.bars[job.key] = self.progress.add_task(f"  {job.label}", total=job.n, completed=self.done[job.key])
 
+    def _line(self, done: int) -> None:
+        import sys
+
+        elapsed = time.monotonic() - self.t0
+        new = done - self.start_done
+        rate = new / elapsed if elapsed > 0 and new else 0.0
+        eta = f"{(self.total - done) / rate:.0f} s" if rate else "-"
+        pct = 100 * done / self.total if self.total else 100.0
+        print(f"[progress] {self.description}: {done}/{self.total} ({pct:.0f} %), {rate:.2f}/s, "
+              f"elapsed {elapsed:.0f} s, ETA {eta}", file=sys.stderr, flush=True)
+        self.last = time.monotonic()
+
     def advance(self, job: Job, k: int) -> None:
         self.done[job.key] = self.done.get(job.key, 0) + k
+        if self.lines:
+            done = self.start_done + sum(self.done.values()) - sum(self._initial.values())
+            if done >= self.total or time.monotonic() - self.last >= self.every_s:
+                self._line(done)
         if not self.enabled:
             return
         self.progress.advance(self.overall, k)
@@ -480,7 +505,8 @@ async def sample_async(
             bar.advance(job, len(rows))
 
     try:
-        with _Progress(_progress_enabled(progress), total, report.already, description) as bar:
+        with _Progress(_progress_enabled(progress), total, report.already, description,
+                       lines=progress is None) as bar:
             for j in jobs:
                 bar.add(j, len(have.get(j.key, ())))
             tasks = [asyncio.create_task(one(j, r, bar)) for j, r in plans]
@@ -614,7 +640,8 @@ async def exact_async(
             bar.advance(job, 1)
 
     try:
-        with _Progress(_progress_enabled(progress), len(jobs), report.already, description) as bar:
+        with _Progress(_progress_enabled(progress), len(jobs), report.already, description,
+                       lines=progress is None) as bar:
             for j in jobs:
                 bar.add(j, 1 if j.key in done else 0)
             tasks = [asyncio.create_task(one(j, bar)) for j in todo]
