@@ -379,7 +379,7 @@ def serve(config: Path = ConfigOpt) -> None:
 @app.command()
 def train(
     config: Path = ConfigOpt,
-    dataset: Optional[Path] = typer.Option(None, help="training-set Parquet (default: <run_dir>/generate/dataset)"),
+    dataset: Optional[Path] = typer.Option(None, help="training-set Parquet (default: <run_dir>/generate/<key>/dataset)"),
 ) -> None:
     """LoRA on the student with Ray Train (resumes an interrupted run); adapter logged to MLflow."""
     from services.evaluator.pipeline import Stages

@@ -73,9 +73,13 @@ def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")[:24] or "x"
 
 
+CELL_ID_MAX = 100  # the readable part is cut, never the hash: two cells can never share a run folder
+
+
 def cell_id(overrides: dict[str, Any]) -> str:
-    digest = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
-    return "-".join(_slug(overrides[k]) for k in sorted(overrides)) + f"-{digest}"
+    digest = hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:12]
+    readable = "-".join(_slug(overrides[k]) for k in sorted(overrides))[:CELL_ID_MAX - len(digest) - 1]
+    return f"{readable.rstrip('-')}-{digest}"
 
 
 def load_sweep(path: str | Path) -> tuple[SweepSpec, list[Cell]]:
@@ -105,7 +109,7 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, list[Cell]]:
         for key, value in overrides.items():
             _set(data, key, value)
         cid = cell_id(overrides)
-        data["name"] = f"{spec.name}-{cid}"[:120]
+        data["name"] = f"{spec.name[:120 - len(cid) - 1]}-{cid}"  # the hash always survives
         data["output_dir"] = str(Path(base.output_dir) / spec.name)
         cfg = parse_config(data, f"{path} cell {cid}")
         cells.append(Cell(id=cid, overrides=overrides, config=cfg))

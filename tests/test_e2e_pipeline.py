@@ -106,7 +106,10 @@ def test_generated_dataset_is_exact(experiment):
     import pyarrow.parquet as pq
 
     _, run_dir, _ = experiment
-    t = pq.read_table(run_dir / "generate" / "samples" / "samples.parquet").to_pandas()
+    from services.teacher.generate import generate_dir
+    from shared.config import load_config
+
+    t = pq.read_table(generate_dir(load_config(experiment[0])) / "samples" / "samples.parquet").to_pandas()
     assert len(t) == 20 * 4
     assert t.groupby("scenario_id").sample_index.apply(lambda s: sorted(s) == [0, 1, 2, 3]).all()
 
@@ -117,7 +120,9 @@ def test_rerun_resumes_without_redoing_work(experiment, run):
     before = (run_dir / "stages.json").read_text()
     again = tomtransfer("run", "--config", path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "[generate] done earlier" in again.stderr and "[train] done earlier" in again.stderr
+    assert "[generate] reused" in again.stderr and "[train] reused" in again.stderr
+    for role in ("teacher", "student_base", "student_finetuned"):  # every role's rows found in its keyed store
+        assert f"[evaluate] {role}: 0 new row(s)" in again.stderr, again.stderr[-3000:]
     assert json.loads(before)["train"]["adapter_uri"] == json.loads((run_dir / "stages.json").read_text())["train"]["adapter_uri"]
     assert (run_dir / "mlflow_run_id").read_text().strip() == r.info.run_id
 
@@ -155,3 +160,26 @@ def test_bad_configs_exit_2(tmp_path, text, message):
         assert res.returncode == 2, (cmd, res.stderr)
         assert message in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert list(tmp_path.iterdir()) == [f]  # nothing written
+
+
+def test_changed_inputs_rerun_exactly_the_stages_they_feed(experiment, run):
+    """Fingerprinted stages: a new learning rate reuses the teacher dataset, retrains, and re-measures only the
+    fine-tuned student (its store is keyed by the adapter's content); never the old adapter's numbers."""
+    path, run_dir, _ = experiment
+    cfg = yaml.safe_load(path.read_text())
+    cfg["training"]["learning_rate"] = 3e-3
+    changed = path.with_name("experiment-lr.yaml")
+    changed.write_text(yaml.safe_dump(cfg))
+    before = json.loads((run_dir / "stages.json").read_text())
+    res = tomtransfer("run", "--config", changed)
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = json.loads((run_dir / "stages.json").read_text())
+    assert "[generate] reused" in res.stderr and after["generate"]["key"] == before["generate"]["key"]
+    assert "[train] inputs key" in res.stderr and after["train"]["key"] != before["train"]["key"]
+    assert after["train"]["adapter_dir"] != before["train"]["adapter_dir"]
+    for role in ("teacher", "student_base"):
+        assert f"[evaluate] {role}: 0 new row(s)" in res.stderr, res.stderr[-3000:]
+    assert "[evaluate] student_finetuned: 0 new" not in res.stderr
+    stores = {p.name.split("-")[0] for p in (run_dir / "evaluate").iterdir() if p.is_dir() and "-" in p.name}
+    assert "student_finetuned" in stores
+    assert len([p for p in (run_dir / "evaluate").glob("student_finetuned-*")]) == 2  # old and new adapter

@@ -100,10 +100,14 @@ def test_mlflow_run_logged(uninterrupted, mlflow_tracking_uri):
 
 def test_kill9_mid_generation_then_rerun(uninterrupted, llm_endpoint, tmp_path):
     cfg_slow = None
-    store = SampleStore(tmp_path / "runs" / "gen-test" / "generate" / "samples")
+    from services.teacher.generate import generate_dir
+    from shared.config import load_config
+
     total_blocks = len(SCENARIOS) * 3
     with FaultProxy(llm_endpoint.url, delay_s=0.3) as slow:
         cfg_slow = write_config(tmp_path / "slow.yaml", tmp_path / "runs", slow.url)
+        # the endpoint is not among the inputs: the rerun through another URL finds this keyed folder
+        store = SampleStore(generate_dir(load_config(cfg_slow)) / "samples")
         p = cli(cfg_slow)
         deadline = time.monotonic() + 120
         while len(store.shard_paths()) < 5 and time.monotonic() < deadline and p.poll() is None:
@@ -124,14 +128,14 @@ def test_kill9_mid_generation_then_rerun(uninterrupted, llm_endpoint, tmp_path):
     out, err = r.communicate(timeout=120)
     assert r.returncode == 0, err.decode()
     assert f"{len(SCENARIOS) * N - kept_total} new, {kept_total} resumed" in out.decode()
-    samples = tmp_path / "runs" / "gen-test" / "generate" / "samples" / "samples.parquet"
+    samples = store.compact_path
     t = pq.read_table(samples)
     keys = list(zip(t.column("scenario_id").to_pylist(), t.column("sample_index").to_pylist()))
     assert len(keys) == len(set(keys)) == len(SCENARIOS) * N
     assert store.shard_paths() == []
     # Same seeds -> the same samples and the same metrics as the uninterrupted run.
     assert comparable(samples) == comparable(uninterrupted.samples_path)
-    meta = json.loads((tmp_path / "runs" / "gen-test" / "generate" / "dataset" / "dataset_meta.json").read_text())
+    meta = json.loads((store.root.parent / "dataset" / "dataset_meta.json").read_text())
     assert meta["content_hash"] == uninterrupted.dataset.content_hash
     assert meta["scenarios"] == uninterrupted.dataset.scenarios  # per-scenario counts, C-rate, invalid rate
 

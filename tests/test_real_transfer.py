@@ -56,7 +56,9 @@ def distributions(res) -> pd.DataFrame:
 
 
 def test_teacher_dataset_is_real_and_mostly_valid(result):
-    samples = pd.read_parquet(result.config.run_dir / "generate" / "samples" / "samples.parquet")
+    from services.teacher.generate import generate_dir
+
+    samples = pd.read_parquet(generate_dir(result.config) / "samples" / "samples.parquet")
     assert len(samples) == len(SCENARIOS) * 8
     assert samples.valid.mean() >= 0.75  # Qwen follows the answer-first format
     assert samples.response.str.len().min() > 0

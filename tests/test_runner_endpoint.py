@@ -6,6 +6,7 @@ Starts servers: run inside a private network namespace (`scripts/in-netns`, as `
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -16,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from types import SimpleNamespace
 
-from services.common.runner import EndpointError, RetryPolicy
-from services.common.samples import SampleStore, atomic_write_parquet, sample_seed
-from services.common.stage import select_scenarios
-from services.evaluator.collect import exact_roles, sample_roles
+from services.common.runner import EndpointError, RetryPolicy, SamplingParams, sample_async
+from services.common.samples import SampleStore, atomic_write_parquet, check_manifest, sample_seed
+from services.common.stage import jobs_for, role_identity, run_id_for, select_scenarios
+from services.evaluator.collect import exact_roles
 from shared.config import parse_config
 from tests.fault_proxy import FaultProxy
 
@@ -47,15 +48,29 @@ def config(tmp_path, url, adapter="tt", **evaluate):
     })
 
 
-def collect_samples(cfg, roles=None, **kw):
-    """Sample every selected (role, scenario) through the evaluate stage's sampler."""
-    scenarios = select_scenarios(cfg, list(cfg.evaluate.families))
-    table, path, report = sample_roles(cfg, {r: scenarios for r in roles or cfg.evaluate.roles}, **kw)
-    return SimpleNamespace(table=table, path=path, report=report)
+def collect_samples(cfg, roles=None, progress=False, retry=None):
+    """Every selected (role, scenario) into ONE store through the runner (these tests are about the runner and
+    the store: resume, faults, exact counts; the evaluate stage's per-role stores are tested end to end)."""
+    e = cfg.evaluate
+    roles = list(roles or e.roles)
+    scenarios = select_scenarios(cfg, list(e.families))
+    store = SampleStore(cfg.run_dir / "evaluate" / "samples")
+    params = SamplingParams(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, max_tokens=e.max_tokens,
+                            seed=cfg.sampling.seed, block_size=e.request_n)
+    run_id = run_id_for("evaluate", cfg, {"test": 1})
+    with store.writer():
+        check_manifest(store, {"version": 1, "run_id": run_id, "roles": {r: role_identity(cfg, r) for r in roles}})
+        report = asyncio.run(sample_async(
+            store, jobs_for(cfg, roles, scenarios, e.samples, "answer_only"), base_url=cfg.serving.base_url,
+            params=params, run_id=run_id, concurrency=e.concurrency, retry=retry or RetryPolicy(), progress=progress))
+        path = store.compact()
+    t = store.read()
+    t = t.filter(pc.is_in(t["role"], value_set=pa.array(roles)))
+    return SimpleNamespace(table=t, path=path, report=report)
 
 
 def collect_exact(cfg, roles, **kw):
-    table, path, report = exact_roles(cfg, roles, select_scenarios(cfg, list(cfg.evaluate.families)), **kw)
+    (table, path, report), = exact_roles(cfg, roles, select_scenarios(cfg, list(cfg.evaluate.families)), **kw).values()
     return SimpleNamespace(table=table, path=path, report=report)
 
 

@@ -33,3 +33,10 @@ def test_bad_sweeps(tmp_path, grid, message):
     with pytest.raises(ConfigError) as e:
         load_sweep(f)
     assert message in str(e.value)
+
+
+def test_long_cell_ids_keep_their_hash():
+    """Two cells whose readable parts agree for 120 characters still get different ids and run folders."""
+    long = "x" * 200
+    a, b = cell_id({"k": long + "a"}), cell_id({"k": long + "b"})
+    assert a != b and len(a) <= 100 and len(b) <= 100

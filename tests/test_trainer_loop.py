@@ -113,11 +113,13 @@ def test_cli_builds_the_training_set_from_samples(tmp_path):
                         "models": {"teacher": {"model": "t"}, "student": {"model": "s"}}})
     with pytest.raises(UserError, match="tomtransfer generate"):
         training_set_path(cfg)
-    samples_dir = cfg.run_dir / "generate" / "samples"
+    from services.teacher.generate import generate_dir
+
+    samples_dir = generate_dir(cfg) / "samples"
     samples_dir.mkdir(parents=True)
     fake_samples(SCENARIOS[:2], n=4, invalid_rate=0.0).to_parquet(samples_dir / "samples.parquet")
     path = training_set_path(cfg)
-    assert path == cfg.run_dir / "generate" / "dataset" / "train.parquet" and path.is_file()
+    assert path == generate_dir(cfg) / "dataset" / "train.parquet" and path.is_file()
     assert set(pd.read_parquet(path).target) <= {"C", "D"}  # generate.targets = answer
 
 

@@ -12,6 +12,7 @@ Runs only in a private network namespace (scripts/in-netns), like everything tha
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 import time
 
 import pytest
@@ -126,7 +127,7 @@ def test_adapter_in_mlflow_reproduces_trained_logits(trained, student, mlflow_tr
     names = {f.path for f in client.list_logged_model_artifacts(model_id)}
     assert {"adapter_config.json", "adapter_model.safetensors", "tomtransfer_training.json"} <= names
     # the local copy next to the run folder is the same adapter
-    assert (cfg.run_dir / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (Path(r["adapter_dir"]) / "adapter_model.safetensors").is_file()
 
 
 def test_worker_failure_is_survived(ray_cluster, student, dataset, tmp_path, mlflow_tracking_uri, trained):
@@ -150,7 +151,13 @@ def test_interrupted_run_resumes(ray_cluster, student, dataset, tmp_path, mlflow
     with pytest.raises(Exception, match="injected fault"):
         run_training(cfg, dataset.parquet, student, mlflow_tracking_uri, checkpoint_every_steps=2,
                      extra_loop_config={"fault": {"at_step": 3, "rank": 0, "marker": str(tmp_path / "m")}})
-    first_run_id = (cfg.run_dir / "train" / "mlflow_run_id").read_text().strip()
+    from services.trainer.train import train_dir
+
+    first_run_id = (train_dir(cfg, dataset.parquet) / "mlflow_run_id").read_text().strip()
+    # Other inputs (a learning rate) never resume this run: their storage is another keyed folder.
+    other = cfg.model_copy(update={"training": cfg.training.model_copy(update={"learning_rate": 1e-3})})
+    assert train_dir(other, dataset.parquet) != train_dir(cfg, dataset.parquet)
+    assert not (train_dir(other, dataset.parquet) / "ray").exists()
     r = run_training(cfg, dataset.parquet, student, mlflow_tracking_uri, checkpoint_every_steps=2)
     assert r["resumed_run"] and r["start_step"] == 2 and r["step"] == 6
     assert r["run_id"] == first_run_id  # the same MLflow run continues

@@ -364,9 +364,13 @@ class _Progress:
                 del self.bars[job.key]
 
 
-def _progress_enabled(progress: bool | None) -> bool:
+def _progress_enabled(progress: bool | str | None) -> bool:
+    """A rich display? `progress`: True/False, None = on a terminal, "lines" = plain lines only (several runs at
+    once: rich allows one live display per process)."""
+    if progress == "lines":
+        return False
     if progress is not None:
-        return progress
+        return bool(progress)
     import sys
 
     return sys.stderr.isatty()
@@ -456,7 +460,7 @@ async def sample_async(
     concurrency: int = 16,
     api_key: str | None = None,
     retry: RetryPolicy = RetryPolicy(),
-    progress: bool | None = None,
+    progress: bool | str | None = None,
     description: str = "sampling",
 ) -> RunReport:
     """Fill `store` (already opened for writing) up to exactly `job.n` rows per job. See the module docstring."""
@@ -506,7 +510,7 @@ async def sample_async(
 
     try:
         with _Progress(_progress_enabled(progress), total, report.already, description,
-                       lines=progress is None) as bar:
+                       lines=progress in (None, "lines")) as bar:
             for j in jobs:
                 bar.add(j, len(have.get(j.key, ())))
             tasks = [asyncio.create_task(one(j, r, bar)) for j, r in plans]
@@ -610,7 +614,7 @@ async def exact_async(
     concurrency: int = 4,
     api_key: str | None = None,
     retry: RetryPolicy = RetryPolicy(),
-    progress: bool | None = None,
+    progress: bool | str | None = None,
     description: str = "exact",
     path: str = "/exact",
 ) -> RunReport:
@@ -641,7 +645,7 @@ async def exact_async(
 
     try:
         with _Progress(_progress_enabled(progress), len(jobs), report.already, description,
-                       lines=progress is None) as bar:
+                       lines=progress in (None, "lines")) as bar:
             for j in jobs:
                 bar.add(j, 1 if j.key in done else 0)
             tasks = [asyncio.create_task(one(j, bar)) for j in todo]

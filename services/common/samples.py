@@ -3,7 +3,7 @@
 Used by `generate` (teacher samples) and by the sampled / exact estimators of `evaluate`, through
 `services.common.runner`.
 
-Layout of a store folder (e.g. `<run_dir>/generate/samples/`):
+Layout of a store folder (e.g. `<run_dir>/generate/<key>/samples/`):
 
   samples.parquet        the compacted store (written by `compact()`); the one file other stages read
   shards/*.shard         one Parquet file per completed request block (not named *.parquet on purpose,

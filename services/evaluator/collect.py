@@ -8,10 +8,14 @@ estimator and token cap:
 
 - sampled (`sample_roles`): N = `evaluate.samples` per (role, scenario) through the same runner and store as
   `generate` (`services.common.runner`): resumable, exactly N, no duplicates, same seeds -> same rows; parsed
-  with the full rule (the answer may come after prose). `<run_dir>/evaluate/samples/samples.parquet`.
+  with the full rule (the answer may come after prose).
 - exact (`exact_roles`): only for roles whose instruction puts the answer first (`answer_only`) and
   `evaluate.estimator: exact`: one call per (role, scenario) to `POST /v1/exact`, one row each (p_C, p_D,
-  valid_mass, PGG distribution). `<run_dir>/evaluate/exact/exact.parquet`.
+  valid_mass, PGG distribution).
+Each role has its own store, `<run_dir>/evaluate/<role>-<key>/{samples,exact}/`, keyed by everything its rows
+depend on (`role_spec`: weights, adapter content, prompt, estimator, sampling settings): a rerun reuses a role's
+rows only when those are unchanged (a retrained adapter re-measures the fine-tuned student alone), and never
+reports rows made from other inputs.
 - the teacher's generated dataset (`dataset_reference`): where the teacher is evaluated with the dataset's
   instruction (`ExperimentConfig.teacher_from_dataset`), its rates on the scenarios the dataset covers are the
   generated samples themselves, re-parsed with today's rule (the paper's teacher counts; no second pass).
@@ -53,6 +57,7 @@ class Evidence:
     paths: list[Path] = field(default_factory=list)
     reports: list[RunReport] = field(default_factory=list)
     dataset_scenarios: list[str] = field(default_factory=list)  # where the teacher's reference is its dataset
+    store_lines: list[str] = field(default_factory=list)  # per role: its store, new or reused rows
 
     @property
     def estimator(self) -> str:
@@ -66,7 +71,9 @@ def evaluate_dir(cfg: ExperimentConfig) -> Path:
 
 
 def dataset_samples_dir(cfg: ExperimentConfig) -> Path:
-    return cfg.run_dir / "generate" / "samples"
+    from services.teacher.generate import generate_dir
+
+    return generate_dir(cfg) / "samples"
 
 
 def _only(table: pa.Table, roles: list[str], scenario_ids: list[str]) -> pa.Table:
@@ -81,9 +88,33 @@ def _max_tokens(cfg: ExperimentConfig, role: str) -> int:
     return e.motivation_max_tokens or cfg.sampling.max_tokens
 
 
+def role_spec(cfg: ExperimentConfig, role: str, adapter: dict | None = None) -> dict:
+    """Everything a role's evaluation rows depend on; its hash names the role's store."""
+    from services.pipeline.fingerprint import model_identity
+
+    e = cfg.evaluate
+    spec = cfg.models.teacher if role == "teacher" else cfg.models.student
+    est = e.estimator_for(role)
+    out = {**role_identity(cfg, role), "weights": model_identity(spec), "instruction": e.instruction_for(role),
+           "estimator": est, "temperature": cfg.sampling.temperature}
+    if est == "sample":
+        out |= {"top_p": cfg.sampling.top_p, "seed": cfg.sampling.seed, "block_size": e.request_n,
+                "max_tokens": _max_tokens(cfg, role)}
+    if role == "student_finetuned" and adapter is not None:
+        out["adapter"] = adapter  # the adapter's content, not only its name or path
+    return out
+
+
+def role_dir(cfg: ExperimentConfig, role: str, adapter: dict | None = None) -> Path:
+    from services.pipeline.fingerprint import role_key
+
+    return evaluate_dir(cfg) / f"{role}-{role_key(role_spec(cfg, role, adapter))}"
+
+
 def collect(config: str | Path | ExperimentConfig, *, base_url: str | None = None, progress: bool | None = None,
-            retry: RetryPolicy | None = None) -> Evidence:
-    """Measure every selected (role, scenario) once, by the protocol (see the module docstring)."""
+            retry: RetryPolicy | None = None, adapter: dict | None = None) -> Evidence:
+    """Measure every selected (role, scenario) once, by the protocol (see the module docstring). `adapter`: the
+    fine-tuned student's adapter identity (content hash) when known."""
     cfg = as_config(config)
     e = cfg.evaluate
     scenarios = select_scenarios(cfg, list(e.families))
@@ -101,18 +132,29 @@ def collect(config: str | Path | ExperimentConfig, *, base_url: str | None = Non
     if sampled:
         jobs_scenarios = {r: [s for s in scenarios if not (r == "teacher" and s.id in teacher_done)] for r in sampled}
         if any(jobs_scenarios.values()):
-            got = sample_roles(cfg, jobs_scenarios, base_url=base_url, progress=progress, retry=retry)
-            frames.append(got[0].to_pandas())
-            ev.paths.append(got[1])
-            ev.reports.append(got[2])
+            for role, (table, path, report) in sample_roles(cfg, jobs_scenarios, base_url=base_url, progress=progress,
+                                                             retry=retry, adapter=adapter).items():
+                frames.append(table.to_pandas())
+                ev.paths.append(path)
+                ev.reports.append(report)
+                ev.store_lines.append(_store_line(role, path, report))
     if frames:
         ev.samples = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     if exact:
-        table, path, report = exact_roles(cfg, exact, scenarios, base_url=base_url, progress=progress, retry=retry)
-        ev.exact = table.to_pandas()
-        ev.paths.append(path)
-        ev.reports.append(report)
+        tables = []
+        for role, (table, path, report) in exact_roles(cfg, exact, scenarios, base_url=base_url, progress=progress,
+                                                        retry=retry, adapter=adapter).items():
+            tables.append(table.to_pandas())
+            ev.paths.append(path)
+            ev.reports.append(report)
+            ev.store_lines.append(_store_line(role, path, report))
+        ev.exact = pd.concat(tables, ignore_index=True)
     return ev
+
+
+def _store_line(role: str, path: Path, report: RunReport) -> str:
+    return (f"{role}: {report.written} new row(s), {report.already} reused, store "
+            f"{path.parent.parent.name}/{path.parent.name}")
 
 
 def dataset_reference(cfg: ExperimentConfig, scenarios: list[Scenario]) -> pd.DataFrame | None:
@@ -132,59 +174,71 @@ def dataset_reference(cfg: ExperimentConfig, scenarios: list[Scenario]) -> pd.Da
 
 
 def sample_roles(cfg: ExperimentConfig, scenarios_of: dict[str, list[Scenario]], *, base_url: str | None = None,
-                 progress: bool | None = None, retry: RetryPolicy | None = None):
-    """N samples per (role, scenario), each role with its own instruction and token cap."""
+                 progress: bool | None = None, retry: RetryPolicy | None = None,
+                 adapter: dict | None = None) -> dict[str, tuple[pa.Table, Path, RunReport]]:
+    """N samples per (role, scenario), each role with its own instruction, token cap and store. Roles run one
+    after another when grouped (`evaluate.role_order`), else at the same time."""
     e = cfg.evaluate
     roles = [r for r, ss in scenarios_of.items() if ss]
-    settings = {"stage": "evaluate", "temperature": cfg.sampling.temperature, "top_p": cfg.sampling.top_p,
-                "seed": cfg.sampling.seed, "block_size": e.request_n}
-    # What a role's rows depend on besides the shared settings; the manifest may gain roles later.
-    idents = {r: {**role_identity(cfg, r), "instruction": e.instruction_for(r), "max_tokens": _max_tokens(cfg, r)}
-              for r in roles}
-    run_id = run_id_for("evaluate", cfg, settings)
-    store = SampleStore(evaluate_dir(cfg) / "samples")
-    interleave = interleave_roles(cfg)
-    instructions = {r: e.instruction_for(r) for r in roles}
-    caps = {r: _max_tokens(cfg, r) for r in roles}
-    jobs = []
-    for r in roles:  # role-major when grouped; scenario-major otherwise (below)
-        jobs += jobs_for(cfg, [r], scenarios_of[r], e.samples, instructions, max_tokens=caps)
-    if interleave:
-        order = {s.id: i for i, s in enumerate(dict.fromkeys(s for ss in scenarios_of.values() for s in ss))}
-        jobs.sort(key=lambda j: order[j.scenario.id])
     params = SamplingParams(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, max_tokens=e.max_tokens,
                             seed=cfg.sampling.seed, block_size=e.request_n)
-    n_sc = len({j.scenario.id for j in jobs})
-    with store.writer():
-        check_manifest(store, {"version": 2, "run_id": run_id, **settings, "roles": idents})
-        report = asyncio.run(sample_async(
-            store, jobs, base_url=endpoint_url(cfg, base_url), params=params, run_id=run_id,
-            concurrency=e.concurrency, api_key=api_key(cfg), retry=retry or RetryPolicy(), progress=progress,
-            description=f"evaluate (sampled): {len(roles)} role(s) x {n_sc} scenarios x {e.samples}",
-        ))
-        path = store.compact()
-    wanted = sorted({j.scenario.id for j in jobs})
-    table = _only(store.read(), roles, wanted)
-    keep = pc.is_in(pc.binary_join_element_wise(table["role"], table["scenario_id"], "/"),
-                    value_set=pa.array([j.label for j in jobs]))
-    return table.filter(keep), path, report
+
+    async def one(role: str) -> tuple[pa.Table, Path, RunReport]:
+        spec = role_spec(cfg, role, adapter)
+        store = SampleStore(role_dir(cfg, role, adapter) / "samples")
+        jobs = jobs_for(cfg, [role], scenarios_of[role], e.samples, {role: e.instruction_for(role)},
+                        max_tokens={role: _max_tokens(cfg, role)})
+        run_id = run_id_for("evaluate", cfg, spec)
+        with store.writer():
+            check_manifest(store, {"version": 3, "run_id": run_id, "roles": {role: spec}})
+            report = await sample_async(
+                store, jobs, base_url=endpoint_url(cfg, base_url), params=params, run_id=run_id,
+                concurrency=e.concurrency, api_key=api_key(cfg), retry=retry or RetryPolicy(),
+                progress=_shown(progress, interleave_roles(cfg), roles),
+                description=f"evaluate {role} ({spec['instruction']}, sampled): {len(jobs)} scenarios x {e.samples}",
+            )
+            path = store.compact()
+        return _only(store.read(), [role], [s.id for s in scenarios_of[role]]), path, report
+
+    return _per_role(roles, one, interleave_roles(cfg))
+
+
+def _shown(progress, together: bool, roles: list[str]):
+    """Several roles at once share one terminal: plain progress lines instead of several live displays."""
+    return "lines" if together and len(roles) > 1 and progress is not False else progress
 
 
 def exact_roles(cfg: ExperimentConfig, roles: list[str], scenarios: list[Scenario], *, base_url: str | None = None,
-                progress: bool | None = None, retry: RetryPolicy | None = None):
-    """One exact-mode call per (role, scenario) on the answer-only prompt."""
+                progress: bool | None = None, retry: RetryPolicy | None = None,
+                adapter: dict | None = None) -> dict[str, tuple[pa.Table, Path, RunReport]]:
+    """One exact-mode call per (role, scenario) on the role's (answer-first) prompt, one store per role."""
     e = cfg.evaluate
-    settings = {"stage": "evaluate-exact", "temperature": cfg.sampling.temperature}
-    idents = {r: {**role_identity(cfg, r), "instruction": e.instruction_for(r)} for r in roles}
-    run_id = run_id_for("exact", cfg, settings)
-    store = ExactStore(evaluate_dir(cfg) / "exact")
-    jobs = jobs_for(cfg, roles, scenarios, 1, {r: e.instruction_for(r) for r in roles}, interleave_roles(cfg))
-    with store.writer():
-        check_manifest(store, {"version": 2, "run_id": run_id, **settings, "roles": idents})
-        report = asyncio.run(exact_async(
-            store, jobs, base_url=endpoint_url(cfg, base_url), temperature=cfg.sampling.temperature, run_id=run_id,
-            concurrency=min(e.concurrency, 4), api_key=api_key(cfg), retry=retry or RetryPolicy(),
-            progress=progress, description=f"exact: {len(roles)} role(s) x {len(scenarios)} scenarios",
-        ))
-        path = store.compact()
-    return _only(store.read(), roles, [s.id for s in scenarios]), path, report
+
+    async def one(role: str) -> tuple[pa.Table, Path, RunReport]:
+        spec = role_spec(cfg, role, adapter)
+        store = ExactStore(role_dir(cfg, role, adapter) / "exact")
+        jobs = jobs_for(cfg, [role], scenarios, 1, {role: e.instruction_for(role)})
+        run_id = run_id_for("exact", cfg, spec)
+        with store.writer():
+            check_manifest(store, {"version": 3, "run_id": run_id, "roles": {role: spec}})
+            report = await exact_async(
+                store, jobs, base_url=endpoint_url(cfg, base_url), temperature=cfg.sampling.temperature,
+                run_id=run_id, concurrency=min(e.concurrency, 4), api_key=api_key(cfg), retry=retry or RetryPolicy(),
+                progress=_shown(progress, interleave_roles(cfg), roles),
+                description=f"evaluate {role} (exact): {len(scenarios)} scenarios",
+            )
+            path = store.compact()
+        return _only(store.read(), [role], [s.id for s in scenarios]), path, report
+
+    return _per_role(roles, one, interleave_roles(cfg))
+
+
+def _per_role(roles: list[str], one, together: bool) -> dict:
+    """Run `one(role)` for every role: all at once (replicas on their own devices) or one after another (replicas
+    sharing CPU cores slow each other down)."""
+    async def main() -> dict:
+        if together:
+            return dict(zip(roles, await asyncio.gather(*(one(r) for r in roles))))
+        return {r: await one(r) for r in roles}
+
+    return asyncio.run(main())

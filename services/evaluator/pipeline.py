@@ -1,15 +1,22 @@
 """The whole experiment in one command: `tomtransfer run --config FILE` (and `make run` on the demo).
 
-Steps, in order (each resumable, so a rerun after a crash picks up where it stopped):
+Steps, in order. Each stage's outputs live in a folder keyed by the hash of exactly its inputs
+(`services.pipeline.fingerprint`): a rerun reuses a stage only when its inputs are unchanged, resumes one that
+was interrupted with the same inputs, and recomputes one whose inputs changed - never reporting results made
+from other inputs.
   1. tracking   use `mlflow.tracking_uri`, or start a local MLflow server (sqlite + artifacts under
                 `<output_dir>/mlflow`, 127.0.0.1) for the duration of the run.
   2. serving    use `serving.base_url`, or start Ray + the serving app (teacher and student).
   3. run        one MLflow parent run per experiment (its id is kept in `<run_dir>/mlflow_run_id`).
-  4. generate   the teacher dataset (child run `generate`): exactly N samples per scenario, training set.
-  5. train      LoRA on the student with Ray Train (child run `train`), adapter logged in PEFT format.
+  4. generate   the teacher dataset (child run `generate`): exactly N samples per scenario, training set
+                (`<run_dir>/generate/<key>/`).
+  5. train      LoRA on the student with Ray Train (child run `train`), adapter logged in PEFT format
+                (`<run_dir>/train/<key>/`, keyed by the training set's content, the student and the settings).
   6. adapter    registered on the running app as `student:<training.adapter_name>`.
   7. evaluate   teacher, base student and fine-tuned student on every selected family (sampled or exact);
-                metrics, figures, tables and the report go to the parent run (and `<run_dir>/evaluate`).
+                one store per role keyed by its inputs (`<run_dir>/evaluate/<role>-<key>/`; the fine-tuned
+                student's key holds the adapter's content); metrics, figures, tables and the report go to the
+                parent run (and `<run_dir>/evaluate`).
   8. summary    a table on the console and how to open the MLflow UI.
 Limits: one experiment at a time per output folder; the local MLflow server and Ray stop when the run
 ends (reopen the store with `make mlflow-ui`). Sweeps (`sweep()`) run cells one after another.
@@ -19,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -135,29 +141,36 @@ def _parent_run(cfg: ExperimentConfig, tracking_uri: str, run_dir: Path, tags: d
 
 # ------------------------------------------------------------------------------------- the stages
 def stage_generate(cfg: ExperimentConfig, url: str, stages: Stages) -> dict:
-    if (done := stages.done("generate")) and Path(done["dataset"]).is_file():
-        _say(f"[generate] done earlier: {done['examples']} examples")
-        return done
-    from services.teacher.generate import generate
+    """Reused only when an earlier run finished it with the same inputs (its folder is keyed by them)."""
+    from services.teacher.generate import generate, generate_dir
 
+    key = generate_dir(cfg).name
+    if (done := stages.done("generate")) and done.get("key") == key and Path(done["dataset"]).is_file():
+        _say(f"[generate] reused: {done['examples']} examples made earlier with the same inputs (key {key})")
+        return done
+    _say(f"[generate] inputs key {key}" + (" (the inputs changed since the last run)" if done else ""))
     g = generate(cfg, base_url=url)
     ex = g.dataset
-    out = {"dataset": str(ex.parquet), "examples": ex.examples, "samples": ex.samples, "invalid": ex.invalid,
-           "mlflow_run_id": g.mlflow_run_id}
+    out = {"key": key, "dataset": str(ex.parquet), "examples": ex.examples, "samples": ex.samples,
+           "invalid": ex.invalid, "mlflow_run_id": g.mlflow_run_id}
     stages.mark("generate", **out)
     return out
 
 
 def stage_train(cfg: ExperimentConfig, tracking_uri: str, dataset: str, stages: Stages, parent_id: str) -> dict:
-    if (done := stages.done("train")) and Path(done["adapter_dir"]).is_dir():
-        _say(f"[train] done earlier: adapter {done['adapter_uri']}")
-        return done
+    """Reused only when an earlier run finished it with the same training set, student and settings."""
     from mlflow.tracking import MlflowClient
 
-    from services.trainer.train import run_training
+    from services.trainer.train import run_training, train_dir
 
+    out_dir = train_dir(cfg, dataset)
+    key = out_dir.name
+    if (done := stages.done("train")) and done.get("key") == key and Path(done["adapter_dir"]).is_dir():
+        _say(f"[train] reused: adapter {done['adapter_uri']} trained earlier with the same inputs (key {key})")
+        return done
+    _say(f"[train] inputs key {key}" + (" (the inputs changed since the last run)" if done else ""))
     client = MlflowClient(tracking_uri)
-    id_file = cfg.run_dir / "train" / "mlflow_run_id"
+    id_file = out_dir / "mlflow_run_id"
     run_id = id_file.read_text().strip() if id_file.is_file() else None
     if run_id is None:
         exp = client.get_experiment_by_name(cfg.mlflow.experiment)
@@ -165,9 +178,7 @@ def stage_train(cfg: ExperimentConfig, tracking_uri: str, dataset: str, stages: 
                                    tags={"mlflow.parentRunId": parent_id, "tomtransfer.stage": "train"}).info.run_id
     _say(f"[train] LoRA on {cfg.models.student.model}: {cfg.training.num_workers} Ray Train worker(s)")
     res = run_training(cfg, dataset, cfg.models.student.model, tracking_uri, run_id=run_id)
-    # A new adapter under the same name: fine-tuned results collected earlier describe the old one.
-    shutil.rmtree(cfg.run_dir / "evaluate", ignore_errors=True)
-    out = {k: res.get(k) for k in ("run_id", "adapter_dir", "adapter_uri", "train_loss", "loss", "tokens_per_s",
+    out = {"key": key} | {k: res.get(k) for k in ("run_id", "adapter_dir", "adapter_uri", "train_loss", "loss", "tokens_per_s",
                                    "steps", "wall_s")}
     stages.mark("train", **out)
     return out
@@ -184,13 +195,18 @@ def register_adapter(url: str, name: str, source: str, api_key: str | None = Non
         raise UserError(f"the serving app refused adapter {name} ({source}): {r.status_code} {r.text[:200]}")
 
 
-def stage_evaluate(cfg: ExperimentConfig, url: str, config_path: Path | None, run_info: dict | None = None):
-    """Collect (sampled or exact) and compute + write + log (to the active run) the evaluation."""
+def stage_evaluate(cfg: ExperimentConfig, url: str, config_path: Path | None, run_info: dict | None = None,
+                   adapter: dict | None = None):
+    """Collect (per role: sampled, exact or the teacher's dataset) and compute + write + log (to the active run)
+    the evaluation. `adapter`: the fine-tuned student's adapter identity (its content hash), part of that role's
+    store key, so a retrained adapter is measured afresh while the other roles' results are reused."""
     from services.evaluator.collect import collect, evaluate_dir
     from services.evaluator.tracking import evaluate_and_log
 
     _say(f"[evaluate] {cfg.protocol_line()}")
-    got = collect(cfg, base_url=url)
+    got = collect(cfg, base_url=url, adapter=adapter)
+    for line in got.store_lines:
+        _say(f"[evaluate] {line}")
     if got.dataset_scenarios:
         _say(f"[evaluate] teacher reference: its generated dataset on {len(got.dataset_scenarios)} scenario(s)")
     return evaluate_and_log(out_dir=evaluate_dir(cfg), config=cfg, config_path=config_path,
@@ -234,7 +250,8 @@ def run(config_path: str | Path, *, tags: dict | None = None) -> PipelineResult:
                              "tomtransfer.adapter_name": adapter})
             register_adapter(url, adapter, tr["adapter_dir"], _api_key(cfg))
             t0 = time.perf_counter()
-            result, outputs = stage_evaluate(cfg, url, eff_path, {"experiment": cfg.name})
+            result, outputs = stage_evaluate(cfg, url, eff_path, {"experiment": cfg.name},
+                                             adapter=adapter_identity(tr["adapter_dir"]))
             timings["evaluate_s"] = time.perf_counter() - t0
             timings["total_s"] = time.perf_counter() - t_all
             mlflow.log_metrics({f"timing.{k}": v for k, v in timings.items()})
@@ -259,18 +276,39 @@ def evaluate_only(config_path: str | Path):
         cfg = effective_config(cfg, tracking_uri)
         eff_path = write_config(cfg, cfg.run_dir / "config.effective.yaml")
         url = stack.enter_context(serving(eff_path, cfg))
-        adapter_dir = cfg.run_dir / "train" / "adapter"
+        adapter_dir = trained_adapter_dir(cfg)
+        adapter = None
         if "student_finetuned" in cfg.evaluate.roles and not cfg.serving.base_url:
-            if not adapter_dir.is_dir() and cfg.training.adapter_name not in cfg.serving.adapters:
-                raise UserError(f"no adapter for student_finetuned: train first ({adapter_dir} missing) or name it "
-                                f"in serving.adapters")
-            if adapter_dir.is_dir():
+            if adapter_dir is None and cfg.training.adapter_name not in cfg.serving.adapters:
+                raise UserError("no adapter for student_finetuned: train first (no adapter trained with this config's "
+                                "inputs) or name it in serving.adapters")
+            if adapter_dir is not None:
                 register_adapter(url, cfg.training.adapter_name, str(adapter_dir), _api_key(cfg))
+                adapter = adapter_identity(adapter_dir)
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_experiment(cfg.mlflow.experiment)
         with mlflow.start_run(run_name=f"{cfg.name}-evaluate", tags={"tomtransfer.stage": "evaluate"}) as r:
-            result, outputs = stage_evaluate(cfg, url, eff_path)
+            result, outputs = stage_evaluate(cfg, url, eff_path, adapter=adapter)
             return r.info.run_id, result, outputs
+
+
+def adapter_identity(adapter_dir: str | Path) -> dict:
+    from services.pipeline.fingerprint import dir_sha256
+
+    return {"sha256": dir_sha256(Path(adapter_dir))}
+
+
+def trained_adapter_dir(cfg: ExperimentConfig) -> Path | None:
+    """The adapter `train` made from this config's training set and settings, if it exists."""
+    from services.teacher.generate import generate_dir
+    from services.trainer.dataset import TRAIN_PARQUET
+    from services.trainer.train import train_dir
+
+    dataset = generate_dir(cfg) / "dataset" / TRAIN_PARQUET
+    if not dataset.is_file():
+        return None
+    d = train_dir(cfg, dataset) / "adapter"
+    return d if d.is_dir() else None
 
 
 # ------------------------------------------------------------------------------------- sweep

@@ -5,7 +5,7 @@ samples from the served model `teacher` with the `generate.instruction` prompt (
 at `sampling.temperature` / `top_p` / `max_tokens`, `generate.request_n` samples per request and
 `generate.concurrency` requests in flight (`services.common.runner`).
 
-Output under `<output_dir>/<name>/generate/`:
+Output under `<output_dir>/<name>/generate/<key>/` (key: the hash of the inputs, `generate_dir`):
 
   samples/samples.parquet   raw samples (schema: services.common.samples.SAMPLE_SCHEMA), exactly N per
                             scenario; `samples/shards/` while a run is in progress or was interrupted
@@ -57,7 +57,12 @@ class GenerateResult:
 
 
 def generate_dir(cfg: ExperimentConfig) -> Path:
-    return cfg.run_dir / "generate"
+    """`<run_dir>/generate/<key>`: the key hashes exactly what the samples and the training set depend on
+    (`services.pipeline.fingerprint.generate_key`), so other inputs never find these outputs."""
+    from services.pipeline.fingerprint import generate_key
+
+    ids = [s.id for s in select_scenarios(cfg, list(cfg.generate.families))]
+    return cfg.run_dir / "generate" / generate_key(cfg, ids)
 
 
 def generate(

@@ -680,13 +680,22 @@ def preflight(dataset_path: str | Path, student_path: str | Path, max_seq_len: i
     return {"examples": len(rows)}
 
 
-def ensure_mlflow_run(cfg, tracking_uri: str, run_id: str | None = None) -> str:
-    """The training run's MLflow run id: `run_id` if given, else the one an earlier (interrupted) attempt
-    recorded in `<run_dir>/train/mlflow_run_id`, else a new run `<name>-train` in `cfg.mlflow.experiment`.
-    The id is recorded, so a resumed training continues the same MLflow run."""
+def train_dir(cfg, dataset_path: str | Path) -> Path:
+    """`<run_dir>/train/<key>`: the key hashes the training set's content, the student's weights and the
+    training settings (`services.pipeline.fingerprint.train_key`), so Ray Train resumes only a run with the same
+    inputs and a retrained adapter never hides behind an old one."""
+    from services.pipeline.fingerprint import train_key
+
+    return Path(cfg.run_dir).resolve() / "train" / train_key(cfg, Path(dataset_path))
+
+
+def ensure_mlflow_run(cfg, tracking_uri: str, run_id: str | None = None, *, dataset_path: str | Path) -> str:
+    """The training run's MLflow run id: `run_id` if given, else the one an earlier (interrupted) attempt with
+    the same inputs recorded in `train_dir/mlflow_run_id`, else a new run `<name>-train` in
+    `cfg.mlflow.experiment`. The id is recorded, so a resumed training continues the same MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    id_file = Path(cfg.run_dir).resolve() / "train" / "mlflow_run_id"
+    id_file = train_dir(cfg, dataset_path) / "mlflow_run_id"
     if run_id is None and id_file.is_file():
         run_id = id_file.read_text().strip() or None
     if run_id is None:
@@ -712,30 +721,29 @@ def run_training(
 ) -> dict:
     """Train `cfg.training` on Ray Train (`TorchTrainer`) and return the result dict.
 
-    Storage: `cfg.run_dir/train/ray` (checkpoints; Ray Train run name `<cfg.name>-train`). Calling again with
-    the same config resumes an interrupted run from its latest checkpoint (Ray Train V2 restores a run from
+    Storage: `train_dir(cfg, dataset)/ray` (checkpoints; Ray Train run name `<cfg.name>-train`), a folder keyed
+    by the inputs' fingerprint. Calling again with the same inputs resumes an interrupted run from its latest checkpoint (Ray Train V2 restores a run from
     its storage path and name; `TorchTrainer.restore/can_restore` are deprecated there). A worker failure
     restarts the worker group up to `training.max_failures` times, resuming from the latest checkpoint.
     MLflow: logs to `run_id`, else to the run recorded by an earlier attempt, else to a new run in
-    `cfg.mlflow.experiment`. The final adapter is copied to `cfg.run_dir/train/adapter`."""
+    `cfg.mlflow.experiment`. The final adapter is copied to `train_dir(cfg, dataset)/adapter`."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.training
-    run_dir = Path(cfg.run_dir).resolve()
-    train_dir = run_dir / "train"
-    storage = train_dir / "ray"
-    name = f"{cfg.name}-train"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    student = _resolve_student(student_path).resolve()
     dataset_path = Path(dataset_path).resolve()
+    out_dir = train_dir(cfg, dataset_path)
+    storage = out_dir / "ray"
+    name = f"{cfg.name}-train"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    student = _resolve_student(student_path).resolve()
     preflight(dataset_path, student, t.max_seq_len)
 
     if tracking_uri:
         from mlflow.tracking import MlflowClient
 
-        run_id = ensure_mlflow_run(cfg, tracking_uri, run_id)
+        run_id = ensure_mlflow_run(cfg, tracking_uri, run_id, dataset_path=dataset_path)
     resumed = (storage / name).is_dir() and (
         any((storage / name).glob("checkpoint_*")) or any((storage / name).glob("*snapshot*"))
     )
@@ -793,14 +801,14 @@ def run_training(
         if started_ray:
             ray.shutdown()
     metrics = dict(result.metrics or {})
-    adapter_dir = train_dir / "adapter"
+    adapter_dir = out_dir / "adapter"
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
             if adapter_dir.exists():
                 shutil.rmtree(adapter_dir)
             shutil.copytree(Path(d) / "adapter", adapter_dir)
             if (Path(d) / PROBE_FILE).is_file():
-                shutil.copy2(Path(d) / PROBE_FILE, train_dir / PROBE_FILE)
+                shutil.copy2(Path(d) / PROBE_FILE, out_dir / PROBE_FILE)
     if tracking_uri:
         MlflowClient(tracking_uri).set_terminated(run_id, "FINISHED")
     return {

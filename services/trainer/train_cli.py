@@ -1,7 +1,7 @@
 """`tomtransfer train --config FILE`: LoRA fine-tuning of the student on the teacher's training set.
 
-1. The training set: `--dataset` if given, else `<run_dir>/generate/dataset/train.parquet` (written by
-   `tomtransfer generate`); if only the raw samples exist (`<run_dir>/generate/samples/`), the training set is
+1. The training set: `--dataset` if given, else `<run_dir>/generate/<key>/dataset/train.parquet` (written by
+   `tomtransfer generate`); if only the raw samples exist (`<run_dir>/generate/<key>/samples/`), the training set is
    built from them first with the config's `generate.targets` / `generate.valid_policy`.
 2. The student: `models.student.model` (alias, HF id in the local cache, or folder; see `tomtransfer models`).
 3. Tracking: `mlflow.tracking_uri`, else a local MLflow server for the duration (store `<output_dir>/mlflow`,
@@ -30,7 +30,9 @@ def training_set_path(cfg, dataset: str | Path | None = None) -> Path:
         if not p.is_file():
             raise UserError(f"training set not found: {p}")
         return p
-    gen = Path(cfg.run_dir) / "generate"
+    from services.teacher.generate import generate_dir
+
+    gen = generate_dir(cfg)
     p = gen / "dataset" / TRAIN_PARQUET
     if p.is_file():
         return p
@@ -65,7 +67,7 @@ def train(config_path: str | Path, *, dataset: str | Path | None = None, checkpo
         raise UserError("--checkpoint-every must be >= 0")
     with _tracking(cfg) as uri:
         cfg = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
-        run_id = ensure_mlflow_run(cfg, uri)
+        run_id = ensure_mlflow_run(cfg, uri, dataset_path=path)
         try:
             ex = DatasetExport.from_dir(path.parent)
         except DatasetError:

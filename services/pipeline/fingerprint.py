@@ -1,0 +1,83 @@
+"""Stage fingerprints: a stage's outputs live under a folder named by the hash of exactly its inputs.
+
+A rerun with other inputs therefore never finds (and never reports) results made from the old ones, and a rerun
+with the same inputs finds them and resumes or reuses them. What each stage's key holds:
+
+  generate           the teacher's weights and serving (`model_identity`), the sampling settings, the generate
+                     section, the scenarios it covers (ids and texts of packs)
+  train              the training set's content (sha256), the student's weights, the training section minus
+                     the knobs that cannot change the adapter (`TRAIN_OPERATIONAL`)
+  evaluate (a role)  the role's model identity (for the fine-tuned student: the adapter's content), its prompt,
+                     estimator and sampling settings; each role has its own store, so a new adapter re-measures
+                     the fine-tuned student only
+
+Weights: an alias of the offline store is its GGUF's sha256; a local folder is the sha256 of its files; a hub id
+is the id (a hub revision is not configurable here); a remote (openai engine) model is its URL and name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from shared.config import ExperimentConfig, ModelSpec
+
+SHORT = 12  # hex digits in folder names: 48 bits, no collision in any realistic number of runs
+# Training knobs that change how the work is scheduled, not the adapter it produces.
+TRAIN_OPERATIONAL = ("max_failures", "checkpoint_every_steps", "cpus_per_worker", "threads_per_worker")
+
+
+def digest(obj: Any) -> str:
+    """sha256 of canonical JSON (sorted keys; paths and other objects as strings)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dir_sha256(path: Path) -> str:
+    """Content hash of a folder: every file's relative path and sha256, in order."""
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+    return digest([[p.relative_to(path).as_posix(), file_sha256(p)] for p in files])
+
+
+def weights_identity(model: str) -> dict:
+    from services.common.models import ALIASES
+
+    if model in ALIASES:
+        return {"alias": model, "gguf_sha256": ALIASES[model].sha256}
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return {"path": str(p.resolve()), "sha256": dir_sha256(p)}
+    return {"hub_id": model}
+
+
+def model_identity(spec: ModelSpec) -> dict:
+    """What a served model's answers depend on: its weights and how they are run."""
+    ident = {"engine": spec.engine, "dtype": spec.dtype}
+    if spec.engine == "openai":
+        return {**ident, "base_url": spec.base_url, "remote_model": spec.remote_model or spec.model}
+    return {**ident, "weights": weights_identity(spec.model)}
+
+
+def generate_key(cfg: ExperimentConfig, scenario_ids: list[str]) -> str:
+    packs = [file_sha256(Path(p)) for p in cfg.scenarios.packs if Path(p).is_file()]
+    return digest({"teacher": model_identity(cfg.models.teacher), "sampling": cfg.sampling.model_dump(mode="json"),
+                   "generate": cfg.generate.model_dump(mode="json", exclude={"concurrency"}),
+                   "scenarios": scenario_ids, "packs": packs})[:SHORT]
+
+
+def train_key(cfg: ExperimentConfig, dataset: Path) -> str:
+    return digest({"dataset": file_sha256(dataset), "student": model_identity(cfg.models.student),
+                   "training": cfg.training.model_dump(mode="json", exclude=set(TRAIN_OPERATIONAL))})[:SHORT]
+
+
+def role_key(identity: dict) -> str:
+    return digest(identity)[:SHORT]

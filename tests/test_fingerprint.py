@@ -1,0 +1,94 @@
+"""Stage fingerprints: which knob feeds which stage (a changed input reruns exactly the stages it feeds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.config import parse_config
+
+from services.evaluator.collect import role_dir, role_spec
+from services.pipeline.fingerprint import dir_sha256, generate_key, train_key, weights_identity
+
+BASE = {"name": "fp", "models": {"teacher": {"model": "hub/teacher"}, "student": {"model": "hub/student"}}}
+IDS = ["IR_prison", "IR_staghunt"]
+
+
+def cfg(**sections):
+    data = {**BASE}
+    for dotted, value in sections.items():
+        section, key = dotted.split("__")
+        data.setdefault(section, {})
+        data[section] = {**data[section], key: value}
+    return parse_config(data)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    p = tmp_path / "train.parquet"
+    p.write_bytes(b"one training set")
+    return p
+
+
+@pytest.mark.parametrize("knob, value", [
+    ("sampling__temperature", 0.5), ("sampling__max_tokens", 99), ("sampling__seed", 1),
+    ("generate__samples", 7), ("generate__instruction", "answer_only"), ("generate__targets", "answer"),
+])
+def test_generate_key_follows_its_inputs(knob, value):
+    assert generate_key(cfg(**{knob: value}), IDS) != generate_key(cfg(), IDS)
+
+
+@pytest.mark.parametrize("knob, value", [
+    ("generate__concurrency", 3), ("training__learning_rate", 1e-3), ("evaluate__samples", 9),
+    ("serving__port", 9000), ("mlflow__experiment", "other"),
+])
+def test_generate_key_ignores_what_it_does_not_read(knob, value):
+    assert generate_key(cfg(**{knob: value}), IDS) == generate_key(cfg(), IDS)
+
+
+def test_generate_key_follows_the_teacher_and_the_scenarios():
+    other = parse_config({**BASE, "models": {**BASE["models"], "teacher": {"model": "hub/other"}}})
+    assert generate_key(other, IDS) != generate_key(cfg(), IDS)
+    assert generate_key(cfg(), IDS[:1]) != generate_key(cfg(), IDS)
+
+
+def test_train_key_follows_data_student_and_settings(dataset, tmp_path):
+    base = train_key(cfg(), dataset)
+    assert train_key(cfg(training__learning_rate=1e-3), dataset) != base
+    assert train_key(cfg(training__epochs=2), dataset) != base
+    other = tmp_path / "other.parquet"
+    other.write_bytes(b"another training set")
+    assert train_key(cfg(), other) != base
+    student = parse_config({**BASE, "models": {**BASE["models"], "student": {"model": "hub/s2"}}})
+    assert train_key(student, dataset) != base
+    # scheduling knobs do not change the adapter
+    for knob, value in (("training__max_failures", 5), ("training__cpus_per_worker", 2.0),
+                        ("training__checkpoint_every_steps", 3), ("evaluate__samples", 9)):
+        assert train_key(cfg(**{knob: value}), dataset) == base, knob
+
+
+def test_each_role_store_follows_its_own_inputs(tmp_path):
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "adapter_model.safetensors").write_bytes(b"weights 1")
+    first = {"sha256": dir_sha256(a)}
+    (a / "adapter_model.safetensors").write_bytes(b"weights 2")
+    second = {"sha256": dir_sha256(a)}
+    c = cfg(evaluate__estimator="exact")
+    assert role_dir(c, "student_finetuned", first) != role_dir(c, "student_finetuned", second)
+    for role in ("teacher", "student_base"):
+        assert role_dir(c, role, first) == role_dir(c, role, second)
+    # the prompt and the estimator are part of a role's key
+    assert role_dir(cfg(evaluate__protocol="answer_only"), "teacher") != role_dir(cfg(), "teacher")
+    assert role_dir(cfg(evaluate__estimator="exact"), "student_base") != role_dir(cfg(), "student_base")
+    # the sample count is not: a store grows to a larger N
+    assert role_dir(cfg(evaluate__samples=9), "teacher") == role_dir(cfg(), "teacher")
+    assert role_spec(c, "teacher")["instruction"] == "answer_motivation"
+
+
+def test_local_weights_are_identified_by_content(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    one = weights_identity(str(d))
+    (d / "config.json").write_text('{"hidden": 8}')
+    assert weights_identity(str(d)) != one and weights_identity("hub/x") == {"hub_id": "hub/x"}
