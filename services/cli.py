@@ -27,8 +27,10 @@ app.add_typer(scenarios_app, name="scenarios")
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
 
-out = Console()
-err = Console(stderr=True)
+# In a log (CI, `make run > log`, a RayJob) there is no terminal width to fit: let tables take the width their
+# content needs instead of rich's default 80 columns, which cuts headers to "scenar…".
+out = Console() if sys.stdout.isatty() else Console(width=400)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=400)
 
 
 def fail(message: str) -> NoReturn:

@@ -165,3 +165,10 @@ def test_config_validate(tmp_path):
         bad.write_text(text)
         r = cli("config", "validate", bad)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, (text, r.stderr)
+
+
+def test_tables_in_a_log_are_not_cut(tmp_path):
+    """stdout is a pipe here (as in CI or `make run > log`): headers and cells print whole, not cut to '…'."""
+    r = cli("analyze", "--counts", PAPER)
+    assert r.returncode == 0, r.stderr
+    assert "…" not in r.stdout and "improvement %" in r.stdout and "overcorrection" in r.stdout
