@@ -183,3 +183,29 @@ def test_changed_inputs_rerun_exactly_the_stages_they_feed(experiment, run):
     stores = {p.name.split("-")[0] for p in (run_dir / "evaluate").iterdir() if p.is_dir() and "-" in p.name}
     assert "student_finetuned" in stores
     assert len([p for p in (run_dir / "evaluate").glob("student_finetuned-*")]) == 2  # old and new adapter
+
+
+@pytest.mark.parametrize("case", ["latin-1 config", "unknown alias", "unset token variable"])
+def test_bad_input_leaves_everything_as_it_was(tmp_path, monkeypatch, case):
+    """Caught before anything is written: one line, exit 2, the folder (and the output_dir inside it) untouched."""
+    out = tmp_path / "out"
+    base = f"output_dir: {out}\nmodels: {{teacher: {{model: smollm2-135m-instruct}}, student: {{model: smollm2-135m-instruct}}}}\n"
+    commands = ("run", "evaluate", "train", "generate", "serve")
+    if case == "latin-1 config":
+        data, message = ("name: d\u00e9mo\n" + base).encode("latin-1"), "not UTF-8"
+    elif case == "unknown alias":
+        data = base.replace("teacher: {model: smollm2-135m-instruct}", "teacher: {model: no-such-model}").encode()
+        data, message, commands = data, "models.teacher.model: unknown model 'no-such-model'", ("run", "evaluate", "serve")
+    else:
+        monkeypatch.delenv("TT_TEST_TOKEN_UNSET", raising=False)
+        data = (base + "serving: {auth_token_env: TT_TEST_TOKEN_UNSET}\n").encode()
+        message, commands = "TT_TEST_TOKEN_UNSET is not set", ("run", "evaluate", "generate", "serve")
+    f = tmp_path / "bad.yaml"
+    f.write_bytes(data)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for cmd in commands:
+        res = tomtransfer(cmd, "--config", f, timeout=300)
+        assert res.returncode == 2, (cmd, res.stderr[-2000:])
+        lines = [x for x in res.stderr.splitlines() if x.strip()]
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr, (cmd, res.stderr[-2000:])
+        assert sorted(p.name for p in tmp_path.iterdir()) == before and not out.exists(), cmd

@@ -217,8 +217,11 @@ def stage_evaluate(cfg: ExperimentConfig, url: str, config_path: Path | None, ru
 def run(config_path: str | Path, *, tags: dict | None = None) -> PipelineResult:
     import mlflow
 
+    from services.pipeline.preflight import check_inputs
+
     config_path = Path(config_path)
     cfg = load_config(config_path)
+    check_inputs(cfg, serve=True)  # before anything is written
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -269,8 +272,11 @@ def evaluate_only(config_path: str | Path):
     """`tomtransfer evaluate`: needs a running app (`serving.base_url`) or starts one; logs its own run."""
     import mlflow
 
+    from services.pipeline.preflight import check_inputs
+
     config_path = Path(config_path)
     cfg = load_config(config_path)
+    check_inputs(cfg, serve=True)  # before anything is written
     with ExitStack() as stack:
         tracking_uri = stack.enter_context(tracking(cfg))
         cfg = effective_config(cfg, tracking_uri)
@@ -319,7 +325,11 @@ def sweep(sweep_path: str | Path) -> list[dict]:
 
     from shared.sweep import load_sweep
 
+    from services.pipeline.preflight import check_inputs
+
     spec, cells = load_sweep(sweep_path)
+    for cell in cells:  # every cell's inputs, before the first one writes anything
+        check_inputs(cell.config, serve=True)
     root = Path(cells[0].config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     base = cells[0].config

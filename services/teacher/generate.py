@@ -77,7 +77,10 @@ def generate(
     log_to_mlflow: bool = True,
 ) -> GenerateResult:
     """Sample the teacher (resuming), compact the samples, build the training set and exports, log to MLflow."""
+    from services.pipeline.preflight import check_secrets
+
     cfg = as_config(config)
+    check_secrets(cfg)  # before the store folder is made
     g = cfg.generate
     scenarios = select_scenarios(cfg, list(g.families))
     settings = {

@@ -34,17 +34,10 @@ def _say(msg: str) -> None:
 
 def preflight(cfg) -> None:
     """Fail fast, before Ray starts: models resolvable (aliases fetched here), env vars present."""
-    from services.common.models import resolve_model
+    from services.pipeline.preflight import check_models, check_secrets
 
-    for role in ("teacher", "student"):
-        spec = getattr(cfg.models, role)
-        if spec.engine == "openai":
-            if spec.api_key_env and not os.environ.get(spec.api_key_env):
-                raise UserError(f"models.{role}.api_key_env: environment variable {spec.api_key_env} is not set")
-            continue
-        resolve_model(spec.model, progress=_say)
-    if cfg.serving.auth_token_env and not os.environ.get(cfg.serving.auth_token_env):
-        raise UserError(f"serving.auth_token_env: environment variable {cfg.serving.auth_token_env} is not set")
+    check_models(cfg)
+    check_secrets(cfg)
 
 
 def start(config_path: str | Path, *, ray_address: str | None = None, num_cpus: int | None = None,
@@ -106,7 +99,7 @@ def serve(config_path: str | Path) -> None:
     """Deploy, print the base URL, block until Ctrl-C or SIGTERM, then shut down Serve and Ray."""
     from shared.config import load_config
 
-    load_config(config_path)  # a bad config fails here, in one line, before anything starts
+    preflight(load_config(config_path))  # a bad config or input fails here, in one line, before anything starts
     stop_event = threading.Event()
     previous: dict = {}
     try:

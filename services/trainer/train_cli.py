@@ -61,10 +61,16 @@ def train(config_path: str | Path, *, dataset: str | Path | None = None, checkpo
     from services.trainer.train import ensure_mlflow_run, run_training
     from shared.config import load_config
 
+    from services.common.models import resolve_model
+
     cfg = load_config(config_path)
-    path = training_set_path(cfg, dataset)
     if checkpoint_every < 0:
         raise UserError("--checkpoint-every must be >= 0")
+    try:
+        resolve_model(cfg.models.student.model)  # an unknown student fails here, before MLflow or Ray start
+    except UserError as e:
+        raise UserError(f"models.student.model: {e}") from None
+    path = training_set_path(cfg, dataset)
     with _tracking(cfg) as uri:
         cfg = cfg.model_copy(update={"mlflow": cfg.mlflow.model_copy(update={"tracking_uri": uri})})
         run_id = ensure_mlflow_run(cfg, uri, dataset_path=path)

@@ -1,0 +1,58 @@
+"""Checks that run before a stage writes anything: a bad input gives one line and exit 2, and leaves the output
+folder, the MLflow store and the cluster exactly as they were.
+
+What is checked (each stage asks for what it needs):
+  models    every locally served model resolves: an alias of the offline store (fetched into the cache if it is
+            not there yet - the cache is not an output), a Hugging Face folder, or a hub id already in the local
+            cache; an `openai`-engine model's API-key variable is set
+  secrets   `serving.auth_token_env` names a variable that is set
+  packs     scenario packs exist, are UTF-8 and valid, and the selected scenarios exist
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from shared.config import ExperimentConfig
+from shared.errors import UserError
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def check_models(cfg: ExperimentConfig) -> None:
+    from services.common.models import resolve_model
+
+    for role in ("teacher", "student"):
+        spec = getattr(cfg.models, role)
+        if spec.engine == "openai":
+            if spec.api_key_env and not os.environ.get(spec.api_key_env):
+                raise UserError(f"models.{role}.api_key_env: environment variable {spec.api_key_env} is not set")
+            continue
+        try:
+            resolve_model(spec.model, progress=_say)
+        except UserError as e:
+            raise UserError(f"models.{role}.model: {e}") from None
+
+
+def check_secrets(cfg: ExperimentConfig) -> None:
+    env = cfg.serving.auth_token_env
+    if env and not os.environ.get(env):
+        raise UserError(f"serving.auth_token_env: environment variable {env} is not set")
+
+
+def check_scenarios(cfg: ExperimentConfig) -> None:
+    from services.common.stage import select_scenarios
+
+    for families in (cfg.generate.families, cfg.evaluate.families):
+        select_scenarios(cfg, list(families))
+
+
+def check_inputs(cfg: ExperimentConfig, *, serve: bool) -> None:
+    """All of the above; `serve`: this process starts the serving app (so the models must resolve here)."""
+    check_secrets(cfg)
+    check_scenarios(cfg)
+    if serve and not cfg.serving.base_url:
+        check_models(cfg)
