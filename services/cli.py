@@ -389,7 +389,9 @@ def train(
     from shared.config import load_config
 
     res = run_train(config, dataset=dataset)
-    Stages(load_config(config).run_dir).mark("train", **{k: res.get(k) for k in ("run_id", "adapter_dir", "adapter_uri")})
+    # recorded with its inputs key (the adapter's folder name), so `run` reuses it only for the same inputs
+    Stages(load_config(config).run_dir).mark("train", key=Path(res["adapter_dir"]).parent.name,
+                                             **{k: res.get(k) for k in ("run_id", "adapter_dir", "adapter_uri")})
     out.print(f"[green]train[/] adapter {res['adapter_dir']} ({res.get('adapter_uri')}), "
               f"mlflow run {res['run_id']}", highlight=False, soft_wrap=True)
 
