@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from types import SimpleNamespace
 
-from services.common.runner import EndpointError, RetryPolicy, SamplingParams, sample_async
+from services.common.runner import EndpointError, RetryPolicy, RequestSettings, sample_async
 from services.common.samples import SampleStore, atomic_write_parquet, check_manifest, sample_seed
 from services.common.stage import jobs_for, role_identity, run_id_for, select_scenarios
 from services.evaluator.collect import exact_roles
@@ -55,7 +55,7 @@ def collect_samples(cfg, roles=None, progress=False, retry=None):
     roles = list(roles or e.roles)
     scenarios = select_scenarios(cfg, list(e.families))
     store = SampleStore(cfg.run_dir / "evaluate" / "samples")
-    params = SamplingParams(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, max_tokens=e.max_tokens,
+    params = RequestSettings(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, max_tokens=e.max_tokens,
                             seed=cfg.sampling.seed, block_size=e.request_n)
     run_id = run_id_for("evaluate", cfg, {"test": 1})
     with store.writer():

@@ -50,20 +50,9 @@ from shared.games import PublicGoodsGame
 from shared.parsing import parse_choice, parse_contribution
 from shared.scenarios import Scenario
 
+from shared.samples import served_model  # noqa: F401  (the served-name rule lives with the sample)
+
 from services.common.samples import ExactStore, Request, SampleStore, plan_requests
-
-ROLE_MODELS = {"teacher": "teacher", "student_base": "student"}
-
-
-def served_model(role: str, adapter_name: str | None = None) -> str:
-    """The model name a role is served under: `teacher`, `student`, `student:<adapter>`."""
-    if role in ROLE_MODELS:
-        return ROLE_MODELS[role]
-    if role == "student_finetuned":
-        if not adapter_name:
-            raise UserError("role student_finetuned needs an adapter name (training.adapter_name)")
-        return f"student:{adapter_name}"
-    raise UserError(f"unknown role {role!r}; expected teacher, student_base or student_finetuned")
 
 
 def api_root(base_url: str) -> str:
@@ -98,7 +87,8 @@ class Job:
 
 
 @dataclass(frozen=True)
-class SamplingParams:
+class RequestSettings:
+    """What every request of a run asks for (the engines' own per-call `SamplingParams` live in the engines)."""
     temperature: float
     top_p: float
     max_tokens: int
@@ -142,7 +132,7 @@ class RunReport:
 def parse_answer(scenario: Scenario, text: str | None) -> str | None:
     if isinstance(scenario.game, PublicGoodsGame):
         v = parse_contribution(text, scenario.game.endowment)
-        return None if v is None else str(v)
+        return None if v is None else f"{v:g}"  # 7.0 -> "7", 7.5 -> "7.5": the amount as a person writes it
     return parse_choice(text)
 
 
@@ -455,7 +445,7 @@ async def sample_async(
     jobs: list[Job],
     *,
     base_url: str,
-    params: SamplingParams,
+    params: RequestSettings,
     run_id: str,
     concurrency: int = 16,
     api_key: str | None = None,

@@ -51,62 +51,10 @@ from shared.errors import UserError
 
 log = logging.getLogger(__name__)
 
-ROLES = ("teacher", "student_base", "student_finetuned")
+from shared.samples import (  # noqa: F401  (re-exported: the store's schema lives with the sample)
+    EXACT_FILE, EXACT_KEY, EXACT_SCHEMA, ROLES, SAMPLE_KEY, SAMPLE_SCHEMA, SAMPLES_FILE,
+)
 
-# One row a sample. `seed` is the seed sent with the request that produced the row; `request_n` is that
-# request's `n` and `choice_index` the row's position among its choices: (seed, request_n, choice_index)
-# re-draws the sample from a server that is deterministic in (seed, n).
-SAMPLE_SCHEMA = pa.schema([
-    pa.field("run_id", pa.string(), nullable=False),
-    pa.field("role", pa.string(), nullable=False),
-    pa.field("model", pa.string(), nullable=False),
-    pa.field("scenario_id", pa.string(), nullable=False),
-    pa.field("family", pa.string(), nullable=False),
-    pa.field("context", pa.string(), nullable=False),
-    pa.field("game", pa.string(), nullable=False),
-    pa.field("sample_index", pa.int64(), nullable=False),
-    pa.field("seed", pa.int64(), nullable=False),
-    pa.field("messages", pa.string(), nullable=False),  # JSON chat list (the prompt)
-    pa.field("response", pa.string(), nullable=False),
-    pa.field("answer", pa.string()),  # 'C' / 'D', the PGG contribution as an integer string, or null
-    pa.field("valid", pa.bool_(), nullable=False),
-    pa.field("latency_s", pa.float64()),  # wall time of the request that produced the row
-    pa.field("prompt_tokens", pa.int64()),
-    pa.field("completion_tokens", pa.int64()),
-    pa.field("finish_reason", pa.string()),
-    pa.field("request_n", pa.int64()),
-    pa.field("choice_index", pa.int64()),
-])
-SAMPLE_KEY = ("role", "scenario_id", "sample_index")
-
-# One row per (role, scenario) from exact mode: probabilities at temperature T, no sampling noise
-# (definitions: services/teacher/exact.py). p_C / p_D / pgg_dist are unconditional probabilities that
-# a response *starts with* that answer; valid_mass is their sum; the *_given_valid columns condition on it.
-EXACT_SCHEMA = pa.schema([
-    pa.field("run_id", pa.string(), nullable=False),
-    pa.field("role", pa.string(), nullable=False),
-    pa.field("model", pa.string(), nullable=False),
-    pa.field("scenario_id", pa.string(), nullable=False),
-    pa.field("family", pa.string(), nullable=False),
-    pa.field("context", pa.string(), nullable=False),
-    pa.field("game", pa.string(), nullable=False),
-    pa.field("temperature", pa.float64()),
-    pa.field("p_C", pa.float64()),  # null for the PGG
-    pa.field("p_D", pa.float64()),
-    pa.field("p_C_given_valid", pa.float64()),
-    pa.field("valid_mass", pa.float64()),
-    pa.field("invalid_mass", pa.float64()),
-    pa.field("unresolved_mass", pa.float64()),
-    pa.field("pgg_dist", pa.string()),  # PGG: JSON list [P(0), ..., P(endowment)] (unconditional), else null
-    pa.field("mean_given_valid", pa.float64()),  # PGG: mean contribution given a valid answer
-    pa.field("messages", pa.string(), nullable=False),
-    pa.field("latency_s", pa.float64()),
-    pa.field("raw", pa.string()),  # the endpoint's JSON answer, verbatim
-])
-EXACT_KEY = ("role", "scenario_id")
-
-SAMPLES_FILE = "samples.parquet"
-EXACT_FILE = "exact.parquet"
 SHARD_DIR = "shards"
 SHARD_SUFFIX = ".shard"
 MANIFEST = "manifest.json"

@@ -17,7 +17,9 @@ from shared.errors import UserError
 from shared.prompts import build_messages
 from shared.scenarios import Scenario, build_catalog
 
-from services.common.runner import Job, served_model
+from shared.samples import served_model
+
+from services.common.runner import Job
 
 
 def as_config(config: str | Path | ExperimentConfig) -> ExperimentConfig:

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from shared.config import ExperimentConfig
 from shared.scenarios import Scenario
 
-from services.common.runner import RetryPolicy, RunReport, SamplingParams, exact_async, parse_answer, sample_async
+from services.common.runner import RetryPolicy, RunReport, RequestSettings, exact_async, parse_answer, sample_async
 from services.common.samples import ExactStore, SampleStore, check_manifest
 from services.common.stage import (
     api_key,
@@ -180,7 +180,7 @@ def sample_roles(cfg: ExperimentConfig, scenarios_of: dict[str, list[Scenario]],
     after another when grouped (`evaluate.role_order`), else at the same time."""
     e = cfg.evaluate
     roles = [r for r, ss in scenarios_of.items() if ss]
-    params = SamplingParams(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, max_tokens=e.max_tokens,
+    params = RequestSettings(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, max_tokens=e.max_tokens,
                             seed=cfg.sampling.seed, block_size=e.request_n)
 
     async def one(role: str) -> tuple[pa.Table, Path, RunReport]:

@@ -72,7 +72,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from shared.config import ALL_FAMILIES, ALL_ROLES
+from shared.config import ALL_FAMILIES
+from shared.samples import EXACT_FILE, ROLES
+from shared.samples import read_samples as read_sample_files
 from shared.errors import UserError
 from shared.metrics import (
     CLASSES,
@@ -92,11 +94,11 @@ from shared.metrics import (
 )
 from shared.stats import PGG_ROLES, ZTestRow, moments, pgg_analysis, table1_summary, table1_ztest
 
-ROLES: tuple[str, ...] = tuple(ALL_ROLES)  # teacher, student_base, student_finetuned
+# ROLES (teacher, student_base, student_finetuned) comes from shared.samples, the sample's one home
 TWO_BY_TWO: tuple[str, ...] = tuple(f for f in ALL_FAMILIES if f != "pgg")
 SAMPLE_REQUIRED = ("role", "scenario_id", "family", "context", "game", "sample_index", "answer", "valid")
 EXACT_REQUIRED = ("role", "scenario_id", "family", "context", "game", "p_C", "p_D", "valid_mass")
-EXACT_PARQUET = "exact.parquet"
+EXACT_PARQUET = EXACT_FILE
 _DOUBLED = re.compile(r"_x\d+(?:\.\d+)?$")
 
 
@@ -354,34 +356,11 @@ def _json_default(o):
 
 
 # ------------------------------------------------------------------------------------------ loading
-def _parquet_files(paths) -> list[Path]:
-    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    files: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            files += sorted(q for q in p.rglob("*.parquet") if q.is_file() and q.name != EXACT_PARQUET)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise EvaluationDataError(f"evaluation results not found: {p}")
-    if not files:
-        raise EvaluationDataError(f"no Parquet files in {', '.join(map(str, items))}")
-    return files
-
-
 def read_samples(paths) -> pd.DataFrame:
-    """Raw samples from Parquet files or folders of them (recursively; `exact.parquet` is skipped).
-
-    Only the columns the metrics use are read (not the prompts and responses), to keep memory small."""
-    import pyarrow.parquet as pq
-
-    wanted = set(SAMPLE_REQUIRED) | {"model", "run_id", "source"}
-    frames = []
-    for f in _parquet_files(paths):
-        names = pq.read_schema(f).names
-        frames.append(pd.read_parquet(f, columns=[c for c in names if c in wanted]))
-    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    """Raw samples from Parquet files or folders of them (`shared.samples.read_samples`; `exact.parquet` is
+    skipped). Only the columns the metrics use are read (not the prompts and responses), to keep memory small."""
+    df = read_sample_files(paths, columns=[*SAMPLE_REQUIRED, "model", "run_id", "source"], required=SAMPLE_REQUIRED,
+                           error=EvaluationDataError)
     _require(df, SAMPLE_REQUIRED, "samples")
     return df
 

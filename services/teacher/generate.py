@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from shared.config import ExperimentConfig
 
-from services.common.runner import RetryPolicy, RunReport, SamplingParams, sample_async
+from services.common.runner import RetryPolicy, RunReport, RequestSettings, sample_async
 from services.common.samples import SampleStore, check_manifest
 from services.common.stage import (
     api_key,
@@ -97,7 +97,7 @@ def generate(
     out = generate_dir(cfg)
     store = SampleStore(out / "samples")
     jobs = jobs_for(cfg, ["teacher"], scenarios, g.samples, g.instruction)
-    params = SamplingParams(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
+    params = RequestSettings(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                             max_tokens=cfg.sampling.max_tokens, seed=cfg.sampling.seed, block_size=g.request_n)
     url = endpoint_url(cfg, base_url)
     with store.writer():

@@ -62,33 +62,11 @@ class DatasetError(UserError):
 
 
 # ----------------------------------------------------------------------------------------- loading
-def _parquet_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
-    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    files: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*.parquet") if q.is_file())
-            if not found:
-                raise DatasetError(f"no Parquet files under {p}")
-            files.extend(found)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise DatasetError(f"samples not found: {p}")
-    if not files:
-        raise DatasetError("no samples given")
-    return files
-
-
 def load_samples(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
-    """Read raw samples from Parquet files or folders of them (recursively); checks the columns."""
-    frames = [pd.read_parquet(f) for f in _parquet_files(paths)]
-    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    missing = [c for c in SAMPLE_COLUMNS if c not in df.columns]
-    if missing:
-        raise DatasetError(f"samples lack column(s): {', '.join(missing)}")
-    return df
+    """Read raw samples from Parquet files or folders of them (`shared.samples.read_samples`); checks the columns."""
+    from shared.samples import read_samples
+
+    return read_samples(paths, required=SAMPLE_COLUMNS, error=DatasetError)
 
 
 def _prompt_messages(raw: str, where: str) -> list[dict[str, str]]:

@@ -77,7 +77,7 @@ def fake_samples(
                 response = f"{letter}\n{why}"
             if s.is_pgg:
                 parsed = parse_contribution(response, s.game.endowment)
-                answer = None if parsed is None else str(parsed)
+                answer = None if parsed is None else f"{parsed:g}"
             else:
                 answer = parse_choice(response)
             rows.append({

@@ -1,0 +1,131 @@
+"""The sample: one home for what a sample is and how it is read.
+
+- the roles and the served-name rule (`served_model`: which served model answers for a role);
+- the Parquet schemas of raw samples (`SAMPLE_SCHEMA`, one row a sample) and of exact-mode rows (`EXACT_SCHEMA`,
+  one row per role and scenario), with their keys;
+- `read_samples`: the one reader of sample files, used by the training set, the metrics and `analyze`.
+The store that writes them (crash-safe shards, compaction, resume) is `services.common.samples`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pyarrow as pa
+
+from shared.config import ALL_ROLES
+from shared.errors import UserError
+
+ROLES: tuple[str, ...] = tuple(ALL_ROLES)  # teacher, student_base, student_finetuned
+ROLE_MODELS = {"teacher": "teacher", "student_base": "student"}  # the fine-tuned student: student:<adapter>
+
+
+def served_model(role: str, adapter_name: str | None = None) -> str:
+    """The model name a role is served under: `teacher`, `student`, `student:<adapter>`."""
+    if role in ROLE_MODELS:
+        return ROLE_MODELS[role]
+    if role == "student_finetuned":
+        if not adapter_name:
+            raise UserError("role student_finetuned needs an adapter name (training.adapter_name)")
+        return f"student:{adapter_name}"
+    raise UserError(f"unknown role {role!r}; expected teacher, student_base or student_finetuned")
+
+
+
+# One row a sample. `seed` is the seed sent with the request that produced the row; `request_n` is that
+# request's `n` and `choice_index` the row's position among its choices: (seed, request_n, choice_index)
+# re-draws the sample from a server that is deterministic in (seed, n).
+SAMPLE_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("role", pa.string(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("scenario_id", pa.string(), nullable=False),
+    pa.field("family", pa.string(), nullable=False),
+    pa.field("context", pa.string(), nullable=False),
+    pa.field("game", pa.string(), nullable=False),
+    pa.field("sample_index", pa.int64(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("messages", pa.string(), nullable=False),  # JSON chat list (the prompt)
+    pa.field("response", pa.string(), nullable=False),
+    pa.field("answer", pa.string()),  # 'C' / 'D', the PGG contribution as a number string ('7', '7.5'), or null
+    pa.field("valid", pa.bool_(), nullable=False),
+    pa.field("latency_s", pa.float64()),  # wall time of the request that produced the row
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("completion_tokens", pa.int64()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("request_n", pa.int64()),
+    pa.field("choice_index", pa.int64()),
+])
+SAMPLE_KEY = ("role", "scenario_id", "sample_index")
+
+# One row per (role, scenario) from exact mode: probabilities at temperature T, no sampling noise
+# (definitions: services/teacher/exact.py). p_C / p_D / pgg_dist are unconditional probabilities that
+# a response *starts with* that answer; valid_mass is their sum; the *_given_valid columns condition on it.
+EXACT_SCHEMA = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("role", pa.string(), nullable=False),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("scenario_id", pa.string(), nullable=False),
+    pa.field("family", pa.string(), nullable=False),
+    pa.field("context", pa.string(), nullable=False),
+    pa.field("game", pa.string(), nullable=False),
+    pa.field("temperature", pa.float64()),
+    pa.field("p_C", pa.float64()),  # null for the PGG
+    pa.field("p_D", pa.float64()),
+    pa.field("p_C_given_valid", pa.float64()),
+    pa.field("valid_mass", pa.float64()),
+    pa.field("invalid_mass", pa.float64()),
+    pa.field("unresolved_mass", pa.float64()),
+    pa.field("pgg_dist", pa.string()),  # PGG: JSON list [P(0), ..., P(endowment)] (unconditional), else null
+    pa.field("mean_given_valid", pa.float64()),  # PGG: mean contribution given a valid answer
+    pa.field("messages", pa.string(), nullable=False),
+    pa.field("latency_s", pa.float64()),
+    pa.field("raw", pa.string()),  # the endpoint's JSON answer, verbatim
+])
+EXACT_KEY = ("role", "scenario_id")
+
+SAMPLES_FILE = "samples.parquet"
+EXACT_FILE = "exact.parquet"
+
+
+class SampleFileError(UserError):
+    """Sample files that cannot be read as asked (missing, no Parquet, columns lacking)."""
+
+
+def sample_files(paths: str | Path | Iterable[str | Path], error: type[UserError] = SampleFileError) -> list[Path]:
+    """Parquet files from files and folders (recursively); a folder's `exact.parquet` is exact rows, not samples."""
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*.parquet") if q.is_file() and q.name != EXACT_FILE)
+            if not found:
+                raise error(f"no Parquet files under {p}")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise error(f"samples not found: {p}")
+    if not files:
+        raise error("no samples given")
+    return files
+
+
+def read_samples(paths: str | Path | Iterable[str | Path], *, columns: Sequence[str] | None = None,
+                 required: Sequence[str] = (), error: type[UserError] = SampleFileError):
+    """Samples from Parquet files or folders as one DataFrame. `columns`: read only these (those present), to
+    keep memory small; `required`: columns that must be there; `error`: the caller's error type."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    frames = []
+    for f in sample_files(paths, error):
+        names = pq.read_schema(f).names
+        frames.append(pd.read_parquet(f, columns=[c for c in names if c in columns] if columns else None))
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise error(f"samples lack column(s): {', '.join(missing)}")
+    return df
