@@ -43,10 +43,12 @@ GAME_CLOSING: dict[str, str] = {
 
 
 def pgg_instruction(game: PublicGoodsGame, motivation: bool) -> str:
+    """The PGG answer instruction. The paper's PGG is continuous, so any amount from 0 to the endowment is an
+    answer ("$7.50" included); the amount comes first so that the leading answer is the answer."""
     tail = " After that, provide reasoning for your choice." if motivation else " Do not explain your reasoning."
     return (
-        f"Respond with how many whole dollars of your ${game.endowment} you put into the fund: start your answer "
-        f"with a single whole number from 0 to {game.endowment}.{tail}"
+        f"Respond with how much of your ${game.endowment} you put into the fund: any amount in dollars from 0 to "
+        f"{game.endowment}. Start your answer with the amount.{tail}"
     )
 
 
@@ -55,7 +57,7 @@ def pgg_question(game: PublicGoodsGame) -> str:
     return (
         f"You, {others} each hold ${game.endowment}. Every dollar put into the fund is multiplied by "
         f"{game.multiplier:g} and the result is shared equally among all {game.players} of you. "
-        f"How many dollars (0 to {game.endowment}) do you contribute to the fund?"
+        f"How much (0 to {game.endowment} dollars) do you contribute to the fund?"
     )
 
 

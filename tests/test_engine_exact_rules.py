@@ -30,9 +30,14 @@ def test_choice_status_examples(text, expected):
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("", UNDECIDED), ("$", UNDECIDED), ("1", UNDECIDED), ("10", UNDECIDED), ("10 ", "10"), ("5.", UNDECIDED),
-    ("5.0", UNDECIDED), ("5.0 ", "5"), ("5.5", None), ("11", None), ("$7 because", "7"), ("I give 5", None),
-    ("**3**", "3"), ("0", UNDECIDED), ("0 dollars", "0"),
+    ("", UNDECIDED), ("$", UNDECIDED), ("1", UNDECIDED), ("10", UNDECIDED), ("10 d", "10"), ("5.", UNDECIDED),
+    ("5.0", UNDECIDED), ("5.0 d", "5"), ("5.5", None), ("11", None), ("$7 because", "7"), ("I give 5", None),
+    ("**3**", "3"), ("0", UNDECIDED), ("0 dollars", "0"), ("10\n", "10"),
+    # a leading number that may still start arithmetic or a percentage is not decided yet ("10 * 2.5 = 25")
+    ("10 ", UNDECIDED), ("5.0 ", UNDECIDED), ("4 *", UNDECIDED), ("4 * 10", None), ("4 **", "4"), ("10 x", UNDECIDED),
+    ("10 x 2", None), ("10 \\ti", UNDECIDED), ("10 \\times", None), ("5%", None), ("2 + 3", None),
+    # off the whole-number grid: decided, not a grid answer (the full parser reads 7.5; see exact.py's docstring)
+    ("7.5", None), ("7.5 ", None), ("$7.50 because", None),
 ])
 def test_contribution_status_examples(text, expected):
     assert PGG.status(text) == expected
@@ -48,13 +53,22 @@ def test_final_status_is_the_leading_rule():
 def test_leading_rule_agrees_with_the_parser_when_it_decides():
     for text in ["C.", "**D** because", "Answer: C", " c - yes", "D, since"]:
         assert lead_choice(text) == parse_choice(text)
-    for text in ["5 dollars", "$10.", "0"]:
-        assert lead_contribution(text, 10) == str(parse_contribution(text, 10))
+    for text in ["5 dollars", "$10.", "0", "**7**\nI keep 3.", "6 - I trust them"]:
+        assert float(lead_contribution(text, 10)) == parse_contribution(text, 10)
+
+
+def test_off_grid_and_arithmetic_leading_amounts():
+    """The parser reads a continuous contribution; exact mode's grid is whole numbers, so a leading 7.5 is no grid
+    answer there (counted invalid, not rounded); arithmetic at the start is no answer for either."""
+    for text in ["7.5", "$7.50 because", "2.5 dollars"]:
+        assert lead_contribution(text, 10) is None and parse_contribution(text, 10) == float(text.split()[0].strip("$"))
+    for text in ["4.5 * 10 ≈ 45", "10 x 2.5 = 25", "$10 \\times 2.5 = $25", "2 + 3 = 5", "50% of it"]:
+        assert lead_contribution(text, 10) is None and parse_contribution(text, 10) is None
 
 
 PIECES = ["C", "D", "c", "d", " ", "*", "**", ".", ",", ":", "-", "(", ")", "\n", "and", "or", " and ", " or ", "/",
           "&", "Answer", "ans", "wer", "Choice", "opt", "ion", "x", "Coop", "erate", "1", "0", "5", "$", ".5", "e",
-          "\ufffd", "D D", "letter", "strategy"]
+          "\ufffd", "D D", "letter", "strategy", "=", "×", "%", " x ", "\\times", "\\t", "+", "7.5"]
 texts = st.lists(st.sampled_from(PIECES), min_size=0, max_size=5).map("".join)
 
 

@@ -27,3 +27,17 @@ def test_pgg_prompt_asks_for_a_contribution():
     assert "0 to 10" in system["content"] and "Alex" in system["content"]
     assert "2.5" in user["content"] and "Taylor, Jordan and Casey" in user["content"]
     assert "reasoning" in build_messages(s, "answer_motivation")[0]["content"]
+
+
+def test_pgg_instruction_allows_any_amount():
+    """The paper's PGG is continuous: the instruction asks for an amount from 0 to the endowment (not a whole
+    number) and puts it first, so the leading answer is the answer (exact mode reads only that)."""
+    from shared.prompts import pgg_instruction, pgg_question
+
+    game = default_catalog().scenarios["pgg"].game
+    for motivation in (False, True):
+        text = pgg_instruction(game, motivation)
+        assert "whole" not in text.lower() and "from 0 to 10" in text
+        assert "Start your answer with the amount." in text
+    assert "reasoning" in pgg_instruction(game, True) and "Do not explain" in pgg_instruction(game, False)
+    assert "whole" not in pgg_question(game).lower() and "0 to 10 dollars" in pgg_question(game)

@@ -4,7 +4,7 @@ Two inputs, one output (`EvaluationResult`):
 
 * **sampled** (`evaluate_samples`): the raw samples Parquet of the evaluate stage, one row a sample, columns
   `role` (teacher | student_base | student_finetuned), `scenario_id`, `family`, `context`, `game`,
-  `sample_index`, `answer` ('C' / 'D' / an integer string for the PGG, or null), `valid` (bool), `model`, ...
+  `sample_index`, `answer` ('C' / 'D' / the PGG amount as a number string ('7', '7.5'), or null), `valid` (bool), `model`, ...
   Every (role, scenario) must hold exactly N rows with distinct `sample_index` (valid + invalid = N; checked,
   N = `expected_samples` when given). Cooperation rate = C / valid answers, the paper's convention
   (`shared.metrics.Counts`); the invalid count is reported next to it, never dropped.

@@ -9,8 +9,16 @@ first rule reads from the response text:
 - choice (2x2 games): strip leading decoration (whitespace, `*_\\`'"()[]{}<>#~`), then an optional
   word `answer|choice|decision|strategy|option|letter` and separator, then a standalone C or D (not
   followed by a letter/digit, and not "C and D"/"C or D"/"C/D"...). Case-insensitive, as the parser.
-- contribution (PGG): the number at the very start (after `\\s*_\\`'"([` and an optional `$`), which
-  must be a whole number in 0..endowment ("5.0" counts as 5, "5.5" and "11" are invalid).
+- contribution (PGG): the amount at the very start (after `\\s*_\\`'"([` and an optional `$`), unless it
+  starts arithmetic ("4.5 * 10", "10 x 2.5", "2 + 3", "10 \\times 2.5") or a percentage; exact mode's
+  answers are the whole numbers 0..endowment ("5.0" counts as 5; "11" is invalid).
+  Amounts between whole numbers: the paper's PGG is continuous and the full parser accepts any amount
+  in [0, endowment] ("7.5" -> 7.5), but exact mode keeps its whole-number grid (a distribution over
+  the 0..endowment answers, the same for every engine). A leading "7.5" is decided as *not a grid
+  answer* and counted in `invalid_mass`, so for the PGG `invalid_mass` = no leading amount, out of
+  range, or off the grid. Nothing is rounded, so `p[a]` stays exact for every grid answer and
+  `1 - valid_mass` still bounds the difference from sampling + full parsing; a model that often answers
+  "7.5" shows it as a large `invalid_mass` (then sample and parse instead of trusting exact numbers).
 
 `p[a]` is the probability that the response's leading answer is `a`; `valid_mass = sum(p)`;
 `invalid_mass` is the probability that the response provably has no leading answer (it starts with
@@ -56,7 +64,12 @@ _CHOICE_BASE_PROBES = (
     "\nC", "\nD", " x", "**", "\n",
 )
 _CHOICE_FIRST = set("acdslo:-=")
-_NUM_PROBES = ("", "x", " ", "0", "5", "9", ".", ".5", ".0", "$", " 5", ",", "\n")
+_NUM_PROBES = ("", "x", " ", "0", "5", "9", ".", ".5", ".0", "$", " 5", ",", "\n",
+               # continuations that make a leading number the start of arithmetic or a percentage (not an answer)
+               "*", " *", "* 2", " * 2", "**", "=", " =", "/", "+", " +", "×", "≈", "^", "%", " %",
+               "x5", " x 5", "x 5",
+               "\\times", " \\times", "\\cdot", " \\cdot")
+_NUM_WORDS = ("\\times", "\\cdot")  # partial LaTeX operators ("10 \\ti") are completed by the probes
 _NUM_LEAD_STRIP = " \t\r\n*_`'\"(["
 
 
@@ -67,7 +80,8 @@ def lead_choice(text: str) -> str | None:
 
 
 def lead_contribution(text: str, endowment: int) -> str | None:
-    """The leading whole number in 0..endowment (as a string), or None."""
+    """The leading whole number in 0..endowment (as a string), or None: also None for a leading amount off the
+    whole-number grid ("7.5"), which the full parser reads as 7.5 (see the module docstring)."""
     m = _LEADING_NUMBER.match(text)
     if not m:
         return None
@@ -145,11 +159,19 @@ class ContributionRule:
         if h[0] != "$" and not h[0].isdigit():
             # unicode digits are not [0-9] for the parser's purposes unless \d matches them: ask the rule. A minus
             # sign can still lead to a valid answer: "-0" (and "-0.0") parse as 0.
-            if all(lead_contribution(text + d, self.endowment) is None for d in ("5", "0")):
+            if all(lead_contribution(text + d, self.endowment) is None for d in ("5", "0", *self.probes(text))):
                 return INVALID
             return UNDECIDED
-        outcomes = {lead_contribution(text + u, self.endowment) for u in _NUM_PROBES}
+        outcomes = {lead_contribution(text + u, self.endowment) for u in self.probes(text)}
         return outcomes.pop() if len(outcomes) == 1 else UNDECIDED
+
+    def probes(self, text: str) -> list[str]:
+        probes = list(_NUM_PROBES)
+        for word in _NUM_WORDS:
+            for i in range(1, len(word)):
+                if text.endswith(word[:i]):
+                    probes += [word[i:], word[i:] + " 2"]
+        return probes
 
 
 def make_rule(kind: str, endowment: int = 10):

@@ -214,6 +214,14 @@ def dataset_info_entries(name: str) -> dict:
     }
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def scenario_stats(samples: pd.DataFrame, train: pd.DataFrame) -> list[dict]:
     """Per scenario: samples, valid, invalid rate, C-rate among valid C/D answers (2x2 games), mean PGG
     contribution among valid answers, and training examples kept."""
@@ -224,7 +232,7 @@ def scenario_stats(samples: pd.DataFrame, train: pd.DataFrame) -> list[dict]:
         valid = g[g["valid"].astype(bool)]
         answers = [str(a) for a in valid["answer"] if a is not None and not (isinstance(a, float) and pd.isna(a))]
         letters = [a for a in answers if a in ("C", "D")]
-        numbers = [int(a) for a in answers if a.lstrip("-").isdigit()]
+        numbers = [float(a) for a in answers if a not in ("C", "D") and _is_number(a)]  # PGG: 7, 7.5
         out.append({
             "scenario_id": str(sid),
             "family": str(g["family"].iloc[0]),
