@@ -144,3 +144,23 @@ def test_report_and_console_name_the_protocol_and_valid_shares():
     header, rows = summary_rows(r)
     assert rows[0][header.index("valid % t/b/ft")] == "100.0/0.6/6.0"
     assert json.loads(json.dumps(r.to_dict(), default=str))["protocol"] == line
+
+
+def test_pgg_with_one_valid_teacher_answer_and_exact_students():
+    """The demo's case: 4 motivated teacher samples with one valid amount, students as exact distributions."""
+    cat = default_catalog().scenarios
+    s = cat["pgg"]
+    teacher = synthetic.expand([{"role": "teacher", "scenario_id": "pgg", "family": "pgg", "context": s.context.id,
+                                 "game": s.game_id, "n": 4, "contributions": [7], "invalid": 3}])
+    dist = json.dumps([0.1] * 10 + [0.0])
+    students = pd.DataFrame([{"role": r, "scenario_id": "pgg", "family": "pgg", "context": s.context.id,
+                              "game": s.game_id, "p_C": None, "p_D": None, "valid_mass": 0.5, "pgg_dist": dist}
+                             for r in ("student_base", "student_finetuned")])
+    r = evaluate(teacher, students, effective_n=300, n_resamples=N_BOOT)
+    p = r.pgg["pgg"]
+    assert p.roles["teacher"]["mean"] == 7 and p.roles["teacher"]["n"] == 1
+    assert p.roles["student_base"]["mean"] == pytest.approx(4.5)
+    t = p.tests["student_finetuned_vs_teacher"]
+    assert t["t"] is None and "fewer than 2" in t["note"]
+    same = p.tests["student_finetuned_vs_student_base"]  # identical distributions with spread: t = 0, defined
+    assert same["difference"] == pytest.approx(0) and same["t"] == pytest.approx(0)

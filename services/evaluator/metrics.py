@@ -785,9 +785,13 @@ def _prob(x, what: str) -> float:
 
 
 def _welch_from_stats(a: dict, b: dict) -> dict:
-    """Welch's t-test from (mean, sd, n) per group: scipy for t and p, the Welch-Satterthwaite df."""
+    """Welch's t-test from (mean, sd, n) per group: scipy for t and p, the Welch-Satterthwaite df. Undefined
+    (t, df, p None, with a note) where a group has fewer than 2 values or both have zero spread."""
+    undefined = {"difference": a["mean"] - b["mean"], "t": None, "df": None, "p_value": None}
+    if a["sd"] is None or b["sd"] is None or min(a["n"], b["n"]) < 2:
+        return undefined | {"note": "a role has fewer than 2 valid contributions: Welch's t-test undefined"}
     if not (a["sd"] or b["sd"]):
-        return {"difference": a["mean"] - b["mean"], "t": None, "df": None, "p_value": None}
+        return undefined | {"note": "both roles' contributions are all equal: Welch's t-test undefined"}
     res = stats.ttest_ind_from_stats(a["mean"], a["sd"], a["n"], b["mean"], b["sd"], b["n"], equal_var=False)
     va, vb = a["sd"] ** 2 / a["n"], b["sd"] ** 2 / b["n"]
     df = (va + vb) ** 2 / (va ** 2 / (a["n"] - 1) + vb ** 2 / (b["n"] - 1))
