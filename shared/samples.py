@@ -33,10 +33,8 @@ def served_model(role: str, adapter_name: str | None = None) -> str:
 
 
 
-# One row a sample. `seed` is the seed sent with the request that produced the row; `request_n` is that
-# request's `n` and `choice_index` the row's position among its choices: (seed, request_n, choice_index)
-# re-draws the sample from a server that is deterministic in (seed, n).
-SAMPLE_SCHEMA = pa.schema([
+# Who answered what, in both kinds of rows: the run, the role and its served model, the scenario.
+_IDENTITY = [
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("role", pa.string(), nullable=False),
     pa.field("model", pa.string(), nullable=False),
@@ -44,6 +42,12 @@ SAMPLE_SCHEMA = pa.schema([
     pa.field("family", pa.string(), nullable=False),
     pa.field("context", pa.string(), nullable=False),
     pa.field("game", pa.string(), nullable=False),
+]
+
+# One row a sample. `seed` is the seed sent with the request that produced the row; `request_n` is that
+# request's `n` and `choice_index` the row's position among its choices: (seed, request_n, choice_index)
+# re-draws the sample from a server that is deterministic in (seed, n).
+SAMPLE_SCHEMA = pa.schema(_IDENTITY + [
     pa.field("sample_index", pa.int64(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),
     pa.field("messages", pa.string(), nullable=False),  # JSON chat list (the prompt)
@@ -62,14 +66,7 @@ SAMPLE_KEY = ("role", "scenario_id", "sample_index")
 # One row per (role, scenario) from exact mode: probabilities at temperature T, no sampling noise
 # (definitions: services/teacher/exact.py). p_C / p_D / pgg_dist are unconditional probabilities that
 # a response *starts with* that answer; valid_mass is their sum; the *_given_valid columns condition on it.
-EXACT_SCHEMA = pa.schema([
-    pa.field("run_id", pa.string(), nullable=False),
-    pa.field("role", pa.string(), nullable=False),
-    pa.field("model", pa.string(), nullable=False),
-    pa.field("scenario_id", pa.string(), nullable=False),
-    pa.field("family", pa.string(), nullable=False),
-    pa.field("context", pa.string(), nullable=False),
-    pa.field("game", pa.string(), nullable=False),
+EXACT_SCHEMA = pa.schema(_IDENTITY + [
     pa.field("temperature", pa.float64()),
     pa.field("p_C", pa.float64()),  # null for the PGG
     pa.field("p_D", pa.float64()),
