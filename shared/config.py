@@ -92,6 +92,19 @@ class ServingConfig(_Strict):
         default_factory=dict, description="adapter name -> local path or mlflow artifact URI (student)"
     )
     base_url: str | None = Field(default=None, description="use an already running app instead of starting one")
+    # Security (services/teacher/README.md, "Limits" and "Adapters").
+    adapter_root: Path | Literal[False] | None = Field(
+        default=None, description="the only folder `POST /v1/adapters` may load local adapters from (after "
+        "symlinks; a relative source is relative to it); null: the run's folder (<output_dir>/<name>), where "
+        "`tomtransfer run` trains its adapter; false: local paths refused (MLflow URIs only)")
+    allow_open: bool = Field(
+        default=False, description="let `tomtransfer serve` bind a non-loopback serving.host without "
+        "auth_token_env (anyone who reaches the port can use the models)")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="cap on a request body (413 above)")
+    max_messages: int = Field(default=256, ge=1, description="cap on the number of messages per request")
+    max_message_chars: int = Field(default=200_000, ge=1, description="cap on the characters of all messages")
+    max_stop_strings: int = Field(default=16, ge=1, description="cap on the number of stop strings")
+    max_guided_choices: int = Field(default=256, ge=1, description="cap on guided_choice / structured_outputs.choice")
 
 
 class GenerateConfig(_Strict):

@@ -2,12 +2,14 @@
 network namespace), queried over HTTP with the `openai` client and httpx.
 
 teacher = SmolLM2-135M-Instruct (real pretrained weights), student = a tiny random llama with a LoRA adapter from
-the config; a second adapter is added over HTTP from a local folder and a third from an MLflow run (a real
-`mlflow server`). Bearer auth is on. At the end the server gets SIGINT and must exit 0.
+the config; a second adapter is added over HTTP from a local folder (under serving.adapter_root) and a third from
+an MLflow run (a real `mlflow server`). Bearer auth is on. Streaming (`stream: true`) is read with the openai
+client. At the end the server gets SIGINT and must exit 0. The security limits: tests/test_serving_security.py.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -82,7 +84,7 @@ def app(tmp_path_factory, mlflow_tracking_uri):
         },
         "sampling": {"temperature": 0.8, "max_tokens": 16},
         "serving": {"port": free_port(), "max_n": 2000, "max_tokens_cap": 64, "auth_token_env": TOKEN_ENV,
-                    "adapters": {"cfg": make_lora(student, tmp / "lora-cfg", seed=1)}},
+                    "adapter_root": str(tmp), "adapters": {"cfg": make_lora(student, tmp / "lora-cfg", seed=1)}},
         "mlflow": {"tracking_uri": mlflow_tracking_uri},
     }
     path = tmp / "config.yaml"
@@ -210,11 +212,19 @@ def test_adapter_from_mlflow(app, mlflow_tracking_uri):
         assert r.status_code == 200, r.text
         got = app.http.post("/exact", json={"model": f"student:{name}", "messages": MSG, "temperature": 1.0}).json()
         assert got["top_tokens"] != base["top_tokens"]
+    # the artifact URI with the tracking server's host:port spelt out is the same server
+    artifacts = client.get_run(run.info.run_id).info.artifact_uri + "/adapter"
+    assert artifacts.startswith("mlflow-artifacts:/") and not artifacts.startswith("mlflow-artifacts://")
+    hosted = "mlflow-artifacts://" + mlflow_tracking_uri.split("://", 1)[1].rstrip("/") + artifacts[len("mlflow-artifacts:"):]
+    r = app.http.post("/adapters", json={"name": "ml3", "source": hosted})
+    assert r.status_code == 200, r.text
     one = app.http.post("/exact", json={"model": "student:ml", "messages": MSG}).json()
     two = app.http.post("/exact", json={"model": "student:ml2", "messages": MSG}).json()
-    assert one["p"] == pytest.approx(two["p"], abs=1e-9)  # the same weights through both URI kinds
+    three = app.http.post("/exact", json={"model": "student:ml3", "messages": MSG}).json()
+    assert one["p"] == pytest.approx(two["p"], abs=1e-9)  # the same weights through every URI kind
+    assert one["p"] == pytest.approx(three["p"], abs=1e-9)
     bad = app.http.post("/adapters", json={"name": "nope", "source": "runs:/0123456789abcdef/adapter"})
-    assert bad.status_code == 400 and "cannot download" in bad.json()["error"]["message"]
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "adapter_source_refused"
 
 
 # --------------------------------------------------------------------------------------- bad requests
@@ -230,7 +240,10 @@ def test_adapter_from_mlflow(app, mlflow_tracking_uri):
     ("post", "/chat/completions", {"model": "teacher"}, 400, "messages"),
     ("post", "/chat/completions", {"model": "teacher", "messages": []}, 400, "messages"),
     ("post", "/chat/completions", {"model": "teacher", "messages": [{"role": "robot", "content": "x"}]}, 400, None),
-    ("post", "/chat/completions", {"model": "teacher", "messages": MSG, "stream": True}, 400, "stream"),
+    ("post", "/chat/completions", {"model": "teacher", "messages": MSG, "stream_options": {"include_usage": True}},
+     400, "stream_options"),
+    ("post", "/chat/completions", {"model": "teacher", "messages": MSG, "stream": True,
+                                   "stream_options": {"include_usage": "yes"}}, 400, "stream_options"),
     ("post", "/chat/completions", {"model": "teacher", "messages": MSG, "tools": []}, 400, "tools"),
     ("post", "/chat/completions", {"model": "teacher", "messages": MSG, "n": "many"}, 400, "n"),
     ("post", "/chat/completions", {"model": "teacher", "messages": MSG, "guided_choice": ["C", "D"]}, 400, "guided_choice"),
@@ -242,8 +255,8 @@ def test_adapter_from_mlflow(app, mlflow_tracking_uri):
     ("post", "/exact", {"model": "teacher"}, 400, "messages"),
     ("post", "/exact", {"model": "teacher", "scenario": "pgg", "kind": "vote"}, 400, "kind"),
     ("post", "/adapters", {"name": "bad name!", "source": "/tmp"}, 400, "name"),
-    ("post", "/adapters", {"name": "x", "source": "/does/not/exist"}, 400, None),
-    ("post", "/adapters", {"name": "x", "source": "s3://bucket/a"}, 400, None),
+    ("post", "/adapters", {"name": "x", "source": "/does/not/exist"}, 400, "source"),
+    ("post", "/adapters", {"name": "x", "source": "s3://bucket/a"}, 400, "source"),
     ("delete", "/adapters/unknown", None, 404, "name"),
     ("get", "/nowhere", None, 404, None),
 ])
@@ -257,6 +270,63 @@ def test_bad_requests_get_openai_style_4xx(app, method, path, body, status, para
     assert err["message"] and err["type"]
     if param:
         assert err["param"] and err["param"].startswith(param)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+def _read_stream(stream, n: int):
+    texts, finish, roles = [""] * n, [None] * n, [None] * n
+    chunks = list(stream)
+    for ch in chunks:
+        assert ch.object == "chat.completion.chunk" and isinstance(ch.system_fingerprint, str)
+        for c in ch.choices:
+            assert finish[c.index] is None  # nothing after a choice's final chunk
+            roles[c.index] = c.delta.role or roles[c.index]
+            texts[c.index] += c.delta.content or ""
+            finish[c.index] = c.finish_reason
+    assert len({ch.id for ch in chunks}) == 1
+    return chunks, texts, finish, roles
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_streaming_with_the_openai_client(app, n):
+    kw = dict(model="teacher", messages=MSG, n=n, temperature=0.8, max_tokens=12, seed=11)
+    whole = app.client.chat.completions.create(**kw)
+    assert isinstance(whole.system_fingerprint, str) and whole.system_fingerprint
+    chunks, texts, finish, roles = _read_stream(app.client.chat.completions.create(**kw, stream=True), n)
+    assert roles == ["assistant"] * n
+    assert texts == [c.message.content for c in whole.choices]
+    assert finish == [c.finish_reason for c in whole.choices]
+    words = sum(len(t.split()) for t in texts)
+    assert len(chunks) >= 2 * n + min(words, 2)  # a role chunk and a final chunk per choice, content between
+    # include_usage: one more chunk, no choices, the usage of the whole request
+    chunks, texts2, _, _ = _read_stream(app.client.chat.completions.create(
+        **kw, stream=True, stream_options={"include_usage": True}), n)
+    assert texts2 == texts and chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == \
+        whole.usage.completion_tokens and all(c.usage is None for c in chunks[:-1])
+    # the student, through an adapter, with logprobs: one token per chunk, the same logprobs
+    kw = dict(model="student:cfg", messages=MSG, n=n, max_tokens=6, seed=5, logprobs=True, top_logprobs=2)
+    whole = app.client.chat.completions.create(**kw)
+    chunks, texts, _, _ = _read_stream(app.client.chat.completions.create(**kw, stream=True), n)
+    assert texts == [c.message.content for c in whole.choices]
+    for i, c in enumerate(whole.choices):
+        got = [t for ch in chunks for x in ch.choices if x.index == i and x.logprobs for t in x.logprobs.content]
+        assert [(t.token, t.logprob) for t in got] == [(t.token, t.logprob) for t in c.logprobs.content]
+
+
+def test_streaming_wire_format(app):
+    body = {"model": "teacher", "messages": MSG, "n": 2, "max_tokens": 4, "seed": 2, "stream": True}
+    with app.http.stream("POST", "/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and isinstance(c["system_fingerprint"], str) for c in chunks)
+    assert sorted(c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]) == \
+        sorted(c["choices"][0]["finish_reason"] for c in chunks[-2:])
+    # errors before the stream starts are plain JSON errors
+    bad = app.http.post("/chat/completions", json={**body, "model": "nope"})
+    assert bad.status_code == 404 and bad.json()["error"]["param"] == "model"
 
 
 def test_openai_client_sees_typed_errors(app):

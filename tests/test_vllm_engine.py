@@ -24,6 +24,7 @@ import os
 import socket
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -119,7 +120,7 @@ def app(tmp_path_factory, hf):
         "name": "vllm-test",
         "models": {"teacher": {"model": MODEL, "engine": "transformers", "threads": 2},
                    "student": {"model": MODEL, "engine": "vllm"}},
-        "serving": {"port": port, "max_n": 512},
+        "serving": {"port": port, "max_n": 512, "adapter_root": str(Path(hf["adapter"]).parent)},
     }
     path = tmp_path_factory.mktemp("serve") / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -9,7 +9,9 @@ Register in services/cli.py::
         from services.teacher.serve_cli import serve as run_serve
         run_serve(config)
 
-Local runs bind `serving.host` (127.0.0.1 by default). Ray itself listens on every interface of the
+Local runs bind `serving.host` (127.0.0.1 by default). A host other than loopback (127.0.0.0/8, ::1,
+localhost) needs `serving.auth_token_env` (or, deliberately, `serving.allow_open: true`): otherwise the
+command refuses in one line, exit 2, before anything starts. Ray itself listens on every interface of the
 machine (it ignores the node IP setting): run it inside a private network namespace where that matters
 (`scripts/in-netns tomtransfer serve --config FILE`).
 """
@@ -32,10 +34,33 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    host = host.strip().strip("[]")
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(cfg) -> None:
+    """An open app (no bearer token) binds loopback only, unless serving.allow_open says otherwise."""
+    s = cfg.serving
+    if not is_loopback(s.host) and not s.auth_token_env and not s.allow_open:
+        raise UserError(f"serving.host {s.host} is not a loopback address and serving.auth_token_env is not set: "
+                        f"anyone who reaches port {s.port} could use the models; set serving.auth_token_env (a "
+                        f"bearer token) or serving.allow_open: true")
+
+
 def preflight(cfg) -> None:
-    """Fail fast, before Ray starts: models resolvable (aliases fetched here), env vars present."""
+    """Fail fast, before Ray starts: no open non-loopback bind, models resolvable (aliases fetched here), env vars
+    present."""
     from services.pipeline.preflight import check_models, check_secrets
 
+    check_bind(cfg)
     check_models(cfg)
     check_secrets(cfg)
 

@@ -155,6 +155,10 @@ A pre-created secret (secrets.<x>.name) wins over a development inline value.
 {{- $_ := set $exp "output_dir" "/tmp/tomtransfer/runs" -}}
 {{- end -}}
 {{- end -}}
+{{- /* Adapters may be loaded only from the run outputs on the shared volume (where jobs train them). */ -}}
+{{- if not (hasKey $serving "adapter_root") -}}
+{{- $_ := set $serving "adapter_root" (get $exp "output_dir") -}}
+{{- end -}}
 {{- toYaml $exp -}}
 {{- end -}}
 
