@@ -382,18 +382,17 @@ def serve(config: Path = ConfigOpt) -> None:
 def train(
     config: Path = ConfigOpt,
     dataset: Optional[Path] = typer.Option(None, help="training-set Parquet (default: <run_dir>/generate/<key>/dataset)"),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", min=0, help="checkpoint every N optimizer steps "
+                                         "(default: training.checkpoint_every_steps)"),
 ) -> None:
     """LoRA on the student with Ray Train (resumes an interrupted run); adapter logged to MLflow."""
-    from services.evaluator.pipeline import Stages
-    from services.trainer.train_cli import train as run_train
+    from services.pipeline import run as pipeline
     from shared.config import load_config
 
-    res = run_train(config, dataset=dataset)
-    # recorded with its inputs key (the adapter's folder name), so `run` reuses it only for the same inputs
-    Stages(load_config(config).run_dir).mark("train", key=Path(res["adapter_dir"]).parent.name,
-                                             **{k: res.get(k) for k in ("run_id", "adapter_dir", "adapter_uri")})
-    out.print(f"[green]train[/] adapter {res['adapter_dir']} ({res.get('adapter_uri')}), "
-              f"mlflow run {res['run_id']}", highlight=False, soft_wrap=True)
+    res = pipeline.train(load_config(config), dataset=dataset, checkpoint_every=checkpoint_every)
+    out.print(f"[green]train[/] adapter {res.adapter_dir} ({res.adapter_uri}), mlflow run {res.run_id}"
+              + (" (reused: trained earlier with the same inputs)" if res.reused else ""),
+              highlight=False, soft_wrap=True)
 
 
 def _print_summary(result) -> None:
@@ -414,22 +413,23 @@ def _print_summary(result) -> None:
 @app.command()
 def evaluate(config: Path = ConfigOpt) -> None:
     """Evaluate teacher, base and fine-tuned student (sampled or exact); metrics, figures, report, MLflow."""
-    from services.evaluator.pipeline import evaluate_only
+    from services.pipeline import run as pipeline
+    from shared.config import load_config
 
-    run_id, result, outputs = evaluate_only(config)
-    _print_summary(result)
-    out.print(f"report: {outputs.report.get('html')}  mlflow run: {run_id}", highlight=False, soft_wrap=True)
+    run_id, ev = pipeline.evaluate(load_config(config))
+    _print_summary(ev.result)
+    out.print(f"report: {ev.outputs.report.get('html')}  mlflow run: {run_id}", highlight=False, soft_wrap=True)
 
 
 @app.command()
 def run(config: Path = ConfigOpt) -> None:
     """The whole experiment: serve, generate, train, serve the adapter, evaluate, report."""
-    from services.evaluator.pipeline import run as run_pipeline
+    from services.pipeline import run as pipeline
+    from shared.config import load_config
 
-    res = run_pipeline(config)
-    _print_summary(res.summary["result"])
-    outputs = res.summary["outputs"]
-    out.print(f"report: {outputs.report.get('html')}", highlight=False, soft_wrap=True)
+    res = pipeline.run(load_config(config))
+    _print_summary(res.evaluated.result)
+    out.print(f"report: {res.evaluated.outputs.report.get('html')}", highlight=False, soft_wrap=True)
     out.print(f"mlflow run {res.mlflow_run_id} (experiment {res.config.mlflow.experiment}); "
               f"{res.timings.get('total_s', 0):.0f} s in all", highlight=False, soft_wrap=True)
     if res.config.mlflow.tracking_uri and "127.0.0.1" in res.config.mlflow.tracking_uri:
@@ -437,15 +437,23 @@ def run(config: Path = ConfigOpt) -> None:
 
 
 @app.command()
-def sweep(config: Path = typer.Option(..., "--config", "-c", help="sweep file (YAML: name, base, grid)")) -> None:
-    """A grid of experiments: one parent MLflow run, a child run per cell; finished cells are skipped."""
-    from services.evaluator.pipeline import sweep as run_sweep
+def sweep(
+    config: Path = typer.Option(..., "--config", "-c", help="sweep file (YAML: name, base, grid, max_concurrent)"),
+    max_concurrent: Optional[int] = typer.Option(None, "--max-concurrent", min=1,
+                                                 help="cells at once on the Ray cluster (default: the file's)"),
+) -> None:
+    """A grid of experiments, cells in parallel on Ray: one parent MLflow run, a child run per cell; finished
+    cells are skipped, interrupted ones resumed."""
+    from services.pipeline.sweep import sweep as run_sweep
+    from shared.sweep import load_sweep
 
-    rows = run_sweep(config)
-    keys = list(rows[0])
+    spec, cells = load_sweep(config)
+    rows = run_sweep(spec, cells, max_concurrent=max_concurrent)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     t = Table(*keys, title=f"sweep: {len(rows)} cells")
     for r in rows:
-        t.add_row(*[(_fmt(v) if isinstance(v, float) else str(v)) for v in r.values()])
+        t.add_row(*[(_fmt(v) if isinstance(v, float) else str(v if v is not None else "-")) for v in
+                    (r.get(k) for k in keys)])
     out.print(t)
 
 

@@ -3,12 +3,15 @@
 ```yaml
 name: targets-vs-temperature
 base: demo.yaml                 # relative to this file
+max_concurrent: 4               # cells running at once on the Ray cluster
 grid:                           # dotted config keys -> values; the cells are the cartesian product
   models.student.model: [smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct]
   generate.targets: [answer_motivation, answer]
   sampling.temperature: [0.8]
   sampling.seed: [0, 1]
 ```
+Each cell's adapter is served as `student:<training.adapter_name>-<cell hash>`, so the cells that share a
+serving app (the same models and serving settings) never overwrite each other's adapter.
 A cell's id is a readable slug of its values plus a short hash of the overrides, so it is stable
 across reruns (completed cells are found again and skipped) and unique within the sweep.
 """
@@ -36,6 +39,8 @@ class SweepSpec(BaseModel):
     base: Path
     grid: dict[str, list[Any]]
     max_cells: int = Field(default=64, ge=1)
+    # Cells running at once on the Ray cluster (1: one after another).
+    max_concurrent: int = Field(default=4, ge=1)
 
     @field_validator("grid")
     @classmethod
@@ -111,6 +116,8 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, list[Cell]]:
         cid = cell_id(overrides)
         data["name"] = f"{spec.name[:120 - len(cid) - 1]}-{cid}"  # the hash always survives
         data["output_dir"] = str(Path(base.output_dir) / spec.name)
+        # cells sharing one serving app serve their adapters side by side (multi-LoRA): one name per cell
+        data.setdefault("training", {})["adapter_name"] = f"{base.training.adapter_name}-{cid[-12:]}"
         cfg = parse_config(data, f"{path} cell {cid}")
         cells.append(Cell(id=cid, overrides=overrides, config=cfg))
     return spec, cells

@@ -22,9 +22,8 @@ SCENARIOS = ["IR_prison", "biz_staghunt", "team_snowdrift", "friendsharing_delig
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory, mlflow_tracking_uri):
-    import yaml
-
-    from services.evaluator.pipeline import run
+    from services.pipeline.run import run
+    from shared.config import parse_config
 
     out = tmp_path_factory.mktemp("real")
     cfg = {
@@ -41,9 +40,7 @@ def result(tmp_path_factory, mlflow_tracking_uri):
         "evaluate": {"estimator": "exact", "families": ["in_sample"], "samples": 300},
         "mlflow": {"tracking_uri": mlflow_tracking_uri, "experiment": "real-transfer"},
     }
-    path = out / "experiment.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return run(path)
+    return run(parse_config(cfg))
 
 
 def distributions(res) -> pd.DataFrame:
@@ -51,7 +48,7 @@ def distributions(res) -> pd.DataFrame:
     motivated dataset samples, the students' answer-only probabilities from exact mode."""
     rows = [{"role": r.role, "scenario_id": r.scenario_id, "p_C": r.rate_count,
              "p_D": r.valid_share - r.rate_count, "invalid": 1 - r.valid_share, "source": r.source}
-            for r in res.summary["result"].rates if r.scenario_id in SCENARIOS]
+            for r in res.evaluated.result.rates if r.scenario_id in SCENARIOS]
     return pd.DataFrame(rows).set_index(["role", "scenario_id"])
 
 
@@ -83,7 +80,7 @@ def test_student_moves_toward_the_teacher(result):
 
 
 def test_run_reports_the_transfer(result):
-    m = result.summary["result"].flat_metrics()
+    m = result.evaluated.result.flat_metrics()
     for role in ("teacher", "student_base", "student_finetuned"):
         assert sum(k.startswith(f"rate.{role}.in_sample.") for k in m) == len(SCENARIOS)
     # the student learned the teacher's answer-first format: fewer responses without a valid answer

@@ -1,5 +1,6 @@
 """`tomtransfer sweep`: a grid on tiny models -> one parent MLflow run with a child run per cell (each a whole
-pipeline: Ray Serve, Ray Train, evaluation); a rerun skips the finished cells; a summary table compares them.
+pipeline: Ray Serve, Ray Train, evaluation), the cells running at once as Ray tasks against one shared serving app;
+a rerun skips the finished cells; a summary table compares them.
 
 Starts Ray and servers: runs inside a private network namespace (`make test` does).
 """
@@ -57,6 +58,13 @@ def test_sweep_runs_cells_as_child_runs_and_skips_finished_ones(tmp_path, mlflow
     cells = client.search_runs([exp.experiment_id], f"tags.`tomtransfer.sweep_parent` = '{parent_id}'")
     assert len(cells) == 2 and all(c.info.status == "FINISHED" for c in cells)
     assert all(c.data.tags["mlflow.parentRunId"] == parent_id for c in cells)
+    # concurrent: both cells ran as Ray tasks at once (their runs overlap in time), against one shared serving app
+    # where each cell's adapter has its own name
+    (a, b) = sorted(cells, key=lambda c: c.info.start_time)
+    assert b.info.start_time < a.info.end_time, "the cells ran one after another"
+    assert "2 cell(s) to run in 1 serving group(s)" in first.stderr
+    adapters = {c.data.tags["tomtransfer.adapter_name"] for c in cells}
+    assert len(adapters) == 2 and all(n.startswith("cell-") for n in adapters), adapters
     assert {c.data.params["estimator"] for c in cells} == {"exact"}
     # the two cells really differ (their configs, hence their samples)
     seeds = {c.data.params.get("sampling.seed") for c in cells}

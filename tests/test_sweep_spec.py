@@ -40,3 +40,31 @@ def test_long_cell_ids_keep_their_hash():
     long = "x" * 200
     a, b = cell_id({"k": long + "a"}), cell_id({"k": long + "b"})
     assert a != b and len(a) <= 100 and len(b) <= 100
+
+
+def test_cells_get_their_own_adapter_name_and_share_serving_when_they_can(tmp_path):
+    """Cells that differ only in what the app is not built from share one serving app (serving_group), and each
+    serves its adapter under its own name there; a grid over the student splits the cells into groups."""
+    from services.pipeline.sweep import serving_group
+
+    (tmp_path / "base.yaml").write_text("models: {teacher: {model: a}, student: {model: b}}\n")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(
+        {"name": "s", "base": "base.yaml", "max_concurrent": 2,
+         "grid": {"sampling.seed": [0, 1], "training.learning_rate": [1e-4, 2e-4]}}))
+    spec, cells = load_sweep(tmp_path / "s.yaml")
+    assert spec.max_concurrent == 2
+    names = [c.config.training.adapter_name for c in cells]
+    assert len(set(names)) == 4 and all(n.startswith("tom-") and n[4:] in c.id for n, c in zip(names, cells))
+    assert len({serving_group(c.config) for c in cells}) == 1
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(
+        {"name": "m", "base": "base.yaml", "grid": {"models.student.model": ["b", "c"], "sampling.seed": [0, 1]}}))
+    _, cells = load_sweep(tmp_path / "m.yaml")
+    assert len({serving_group(c.config) for c in cells}) == 2
+
+
+def test_bad_max_concurrent(tmp_path):
+    (tmp_path / "base.yaml").write_text("models: {teacher: {model: a}, student: {model: b}}\n")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(
+        {"name": "s", "base": "base.yaml", "max_concurrent": 0, "grid": {"sampling.seed": [0]}}))
+    with pytest.raises(ConfigError, match="max_concurrent"):
+        load_sweep(tmp_path / "s.yaml")

@@ -105,7 +105,7 @@ def test_adapter_reload_reproduces_logits(arch, data, llama, tmp_path_factory, t
 
 def test_cli_builds_the_training_set_from_samples(tmp_path):
     from services.trainer.synthetic import fake_samples
-    from services.trainer.train_cli import training_set_path
+    from services.pipeline.stages import training_set as training_set_path
     from shared.config import parse_config
     from shared.errors import UserError
 

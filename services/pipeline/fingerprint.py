@@ -25,8 +25,9 @@ from typing import Any
 from shared.config import ExperimentConfig, ModelSpec
 
 SHORT = 12  # hex digits in folder names: 48 bits, no collision in any realistic number of runs
-# Training knobs that change how the work is scheduled, not the adapter it produces.
-TRAIN_OPERATIONAL = ("max_failures", "checkpoint_every_steps", "cpus_per_worker", "threads_per_worker")
+# Training knobs that change how the work is scheduled or what the adapter is called, not the weights it holds.
+TRAIN_OPERATIONAL = ("max_failures", "checkpoint_every_steps", "cpus_per_worker", "threads_per_worker",
+                     "adapter_name")
 
 
 def digest(obj: Any) -> str:

@@ -22,10 +22,10 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def check_models(cfg: ExperimentConfig) -> None:
+def check_models(cfg: ExperimentConfig, roles: tuple[str, ...] = ("teacher", "student")) -> None:
     from services.common.models import resolve_model
 
-    for role in ("teacher", "student"):
+    for role in roles:
         spec = getattr(cfg.models, role)
         if spec.engine == "openai":
             if spec.api_key_env and not os.environ.get(spec.api_key_env):

@@ -29,29 +29,35 @@ def generate_command(
     """Generate the teacher dataset: N samples per scenario (resumable), then the training set and exports."""
     from rich.console import Console
 
+    from shared.config import load_config
     from shared.errors import UserError
-    from services.teacher.generate import generate
+    from services.pipeline import run as pipeline
 
     out = Console()
     err = Console(stderr=True)
-    if targets is not None and targets not in ("answer_motivation", "answer"):
-        raise UserError(f"--targets must be answer_motivation or answer, not {targets!r}")
-    if valid_policy is not None and valid_policy not in ("valid_only", "all"):
-        raise UserError(f"--valid-policy must be valid_only or all, not {valid_policy!r}")
+    cfg = load_config(config)
+    # The options override the config itself, so the stage's inputs key (and its folder) says what was made.
+    overrides = {k: v for k, v in (("targets", targets), ("valid_policy", valid_policy)) if v is not None}
+    if overrides:
+        try:
+            cfg = cfg.model_copy(update={"generate": type(cfg.generate).model_validate(
+                cfg.generate.model_dump() | overrides)})
+        except ValueError as e:
+            raise UserError(f"--{next(iter(overrides)).replace('_', '-')}: {str(e).splitlines()[-1].strip()}") from None
     try:
-        res = generate(config, base_url=base_url, targets=targets, valid_policy=valid_policy, progress=progress)
+        res = pipeline.generate(cfg, base_url=base_url, progress=progress)
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: samples written so far are kept; rerun the same command to resume",
                   highlight=False)
         raise typer.Exit(130) from None
-    r = res.report
-    out.print(f"[green]generate[/] {res.run_id}: {sum(r.counts.values())} samples over {len(r.counts)} scenarios "
-              f"({r.written} new, {r.already} resumed, {r.retries} retries, {r.elapsed_s:.1f} s) -> {res.samples_path}",
-              highlight=False, soft_wrap=True)
-    ex = res.dataset
-    if ex is not None:
-        out.print(f"training set: {ex.examples} examples ({ex.invalid} invalid samples, targets {ex.targets}) "
-                  f"-> {ex.out_dir}  sha256 {ex.content_hash[:16]}", highlight=False, soft_wrap=True)
+    if res.reused:
+        out.print(f"[green]generate[/] reused: made earlier with the same inputs (key {res.key})", highlight=False)
+    else:
+        out.print(f"[green]generate[/] {res.samples} samples ({res.written} new, {res.already} resumed, "
+                  f"{res.retries} retries, {res.elapsed_s:.1f} s) -> {res.samples_path}",
+                  highlight=False, soft_wrap=True)
+    out.print(f"training set: {res.examples} examples ({res.invalid} invalid samples) -> {res.dataset}"
+              + (f"  sha256 {res.content_hash[:16]}" if res.content_hash else ""), highlight=False, soft_wrap=True)
     if res.mlflow_run_id:
         out.print(f"mlflow run: {res.mlflow_run_id}", highlight=False)
 

@@ -65,32 +65,41 @@ def preflight(cfg) -> None:
     check_secrets(cfg)
 
 
-def start(config_path: str | Path, *, ray_address: str | None = None, num_cpus: int | None = None,
-          wait_ready: bool = True) -> str:
-    """Start Ray + Serve and deploy; returns the base URL (`http://host:port/v1`). Does not block."""
-    import ray
+def start(config, *, ray_address: str | None = None, num_cpus: int | None = None, wait_ready: bool = True,
+          app_name: str = APP_NAME, route_prefix: str = "/", log_to_driver: bool = False) -> str:
+    """Start Ray (unless this process already joined one) + Serve and deploy the app for `config` (an
+    ExperimentConfig, or a config file); returns the base URL (`http://host:port<prefix>/v1`). Does not block."""
     from ray import serve
 
     from services.teacher.app import build_app
-    from shared.config import load_config
+    from shared.config import ExperimentConfig, load_config
 
-    cfg = load_config(config_path)
+    cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     preflight(cfg)
-    address = ray_address if ray_address is not None else os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    init_ray(ray_address, num_cpus=num_cpus, log_to_driver=log_to_driver)
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
-    serve.run(build_app({"config": str(Path(config_path).resolve())}), name=APP_NAME, route_prefix="/",
+    serve.run(build_app({"config_data": cfg.model_dump(mode="json")}), name=app_name, route_prefix=route_prefix,
               blocking=False)
     host = cfg.serving.host if cfg.serving.host not in ("0.0.0.0", "::") else "127.0.0.1"
-    url = f"http://{host}:{cfg.serving.port}/v1"
+    url = f"http://{host}:{cfg.serving.port}{route_prefix.rstrip('/')}/v1"
     if wait_ready:
         _wait_ready(url)
     return url
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False) -> bool:
+    """Join the cluster in `address` / RAY_ADDRESS, or start a local one; False when Ray was already up."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address if address is not None else os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    return True
 
 
 def _wait_ready(url: str, timeout: float = 600.0) -> None:

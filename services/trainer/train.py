@@ -33,7 +33,8 @@ Features
   (`adapter_checksums`), so replica drift is visible. Rank 0 also saves logits of a few training examples
   (`probe.pt`) so a reload can be checked against the trained model.
 - Fault injection for tests: `fault = {"at_step": k, "rank": r, "marker": path}` makes rank r raise once
-  after step k (the marker file records that it already did).
+  after step k (the marker file records that it already did); with `"kill": true` the worker process SIGKILLs
+  itself instead (a lost node: no exception reaches Ray, the worker just dies).
 
 Limits
 - Data parallel only: every worker holds the whole base model (no FSDP/ZeRO): fine up to ~8B in bf16 on
@@ -44,6 +45,7 @@ Limits
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -312,7 +314,7 @@ def train_loop_per_worker(config: dict) -> dict:
       pad_to_multiple      pad batches to a multiple of this (default 8 on GPU, 1 on CPU)
       num_threads          torch CPU threads (default: leave as is)
       probe_examples       how many examples' logits rank 0 saves at the end (default 2; 0: none)
-      fault                {"at_step", "rank", "marker"}: raise once (tests)
+      fault                {"at_step", "rank", "marker"[, "kill"]}: raise once, or SIGKILL the worker (tests)
     Returns a dict of final results (also reported to Ray Train).
     """
     import transformers
@@ -464,7 +466,7 @@ def train_loop_per_worker(config: dict) -> dict:
             for k, g in enumerate(group):
                 g = {key: v.to(device, non_blocking=True) for key, v in g.items()}
                 sync = (k == len(group) - 1) or not ddp
-                ctx = model.no_sync() if not sync else _nullcontext()
+                ctx = model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx:
                     # Logits only from the first position that predicts a target token on: the prompt is
                     # most of each sequence, and the LM head over a 50-150k vocabulary is costly there.
@@ -520,6 +522,10 @@ def train_loop_per_worker(config: dict) -> dict:
                 if not marker.exists():
                     marker.parent.mkdir(parents=True, exist_ok=True)
                     marker.write_text(f"fault injected at step {step} on rank {dist.rank}\n")
+                    if fault.get("kill"):  # a dead process, not an exception: what a lost GPU node looks like
+                        import signal
+
+                        os.kill(os.getpid(), signal.SIGKILL)
                     raise RuntimeError(f"injected fault at step {step} on rank {dist.rank}")
             if epoch_done:
                 break  # next epoch: a fresh shuffle
@@ -577,14 +583,6 @@ def train_loop_per_worker(config: dict) -> dict:
         else:
             ray.train.report(report)
     return result
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _latest_checkpoint_dir(config: dict, use_ray: bool) -> str | None:
@@ -647,19 +645,13 @@ def _save_probe(peft_model, examples, pad_id, device, autocast, path: Path) -> N
 
 # ------------------------------------------------------------------------------------ the launcher
 def _resolve_student(name_or_path: str | Path) -> Path:
-    """A local model folder: `services.common.models.resolve_model` when it exists, else the path itself."""
+    """A local model folder as is; an alias or a cached hub id through the offline model store."""
     p = Path(name_or_path)
     if p.is_dir():
         return p
-    try:
-        from services.common.models import resolve_model  # written by another engineer; optional until it lands
-    except ImportError:
-        resolve_model = None
-    if resolve_model is not None:
-        return Path(resolve_model(str(name_or_path)))
-    from shared.errors import UserError
+    from services.common.models import resolve_model
 
-    raise UserError(f"student model not found: {name_or_path} (give a local folder)")
+    return Path(resolve_model(str(name_or_path)))
 
 
 def preflight(dataset_path: str | Path, student_path: str | Path, max_seq_len: int) -> dict:

@@ -1,0 +1,152 @@
+"""The workflows, composed from the stages: `run` (the whole experiment), and `generate`, `train`, `evaluate` alone.
+
+`tomtransfer run --config FILE` (and `make run` on the demo), in order:
+  1. checks    bad input (models, secrets, scenarios) fails in one line before anything is written
+  2. tracking  `mlflow.tracking_uri`, or a local MLflow server for the duration of the run
+  3. serving   `serving.base_url`, or Ray + the serving app (teacher and student)
+  4. run       one MLflow parent run per experiment (its id kept in `<run_dir>/mlflow_run_id`)
+  5. stages    generate -> train -> serve the adapter -> evaluate (`stages`), each reused only when its inputs are
+               unchanged (`fingerprint`), their MLflow runs filed under the parent
+Limits: one experiment at a time per run folder; a local MLflow server and Ray stop when the run ends (reopen the
+store with `make mlflow-ui`).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import ExperimentConfig
+from shared.errors import UserError
+
+from services.pipeline import stages
+from services.pipeline.preflight import check_inputs, check_models
+from services.pipeline.resources import serving, serving_api_key, tracking, with_tracking
+from services.pipeline.stages import Context
+
+
+@dataclass
+class RunResult:
+    config: ExperimentConfig
+    tracking_uri: str
+    mlflow_run_id: str
+    generated: stages.Generated
+    trained: stages.Trained
+    evaluated: stages.Evaluated
+    timings: dict = field(default_factory=dict)
+
+
+def run(cfg: ExperimentConfig, *, tags: dict | None = None) -> RunResult:
+    """The whole experiment: start what is not configured, then `run_stages`."""
+    check_inputs(cfg, serve=True)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with ExitStack() as stack:
+        uri = stack.enter_context(tracking(cfg))
+        cfg = with_tracking(cfg, uri)
+        url = stack.enter_context(serving(cfg))
+        serve_s = time.perf_counter() - t0
+        res = run_stages(cfg, Context(tracking_uri=uri, url=url, api_key=serving_api_key(cfg)), tags=tags)
+    res.timings = {"serve_start_s": serve_s, **res.timings, "total_s": time.perf_counter() - t0}
+    return res
+
+
+def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None) -> RunResult:
+    """generate -> train -> serve the adapter -> evaluate under the experiment's parent MLflow run, against a
+    running app and tracking server (what `run` and every sweep cell do)."""
+    import mlflow
+
+    timings: dict[str, float] = {}
+    parent = _parent_run(cfg, ctx.tracking_uri, tags)
+    with parent:
+        ctx = Context(**{**ctx.__dict__, "parent_run_id": parent.info.run_id})
+        mlflow.log_params({"teacher": cfg.models.teacher.model, "student": cfg.models.student.model,
+                           "teacher_engine": cfg.models.teacher.engine, "student_engine": cfg.models.student.engine,
+                           "estimator": cfg.evaluate.estimator, "protocol": cfg.evaluate.protocol,
+                           "rate": cfg.evaluate.rate})
+        t = time.perf_counter()
+        gen = stages.generate(cfg, ctx)
+        timings["generate_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        tr = stages.train(cfg, ctx, gen.dataset)
+        timings["train_s"] = time.perf_counter() - t
+        mlflow.log_artifacts(tr.adapter_dir, "adapter")
+        mlflow.set_tags({"tomtransfer.adapter_uri": tr.adapter_uri or "",
+                         "tomtransfer.adapter_name": cfg.training.adapter_name})
+        adapter = stages.serve_adapter(cfg, ctx, tr.adapter_dir)
+        t = time.perf_counter()
+        ev = stages.evaluate(cfg, ctx, adapter, run_info={"experiment": cfg.name})
+        timings["evaluate_s"] = time.perf_counter() - t
+        mlflow.log_metrics({f"timing.{k}": v for k, v in timings.items()})
+    return RunResult(config=cfg, tracking_uri=ctx.tracking_uri, mlflow_run_id=parent.info.run_id, generated=gen,
+                     trained=tr, evaluated=ev, timings=timings)
+
+
+def _parent_run(cfg: ExperimentConfig, tracking_uri: str, tags: dict | None):
+    """Start (or resume) the experiment's MLflow run; returns the active run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    id_file = cfg.run_dir / "mlflow_run_id"
+    if id_file.is_file():
+        try:
+            return mlflow.start_run(run_id=id_file.read_text().strip())
+        except MlflowException:
+            pass  # the store was reset: start afresh
+    run = mlflow.start_run(run_name=cfg.name, tags={"tomtransfer.stage": "run", **(tags or {})})
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run.info.run_id + "\n")
+    return run
+
+
+# ------------------------------------------------------------------------------------------- one stage alone
+def generate(cfg: ExperimentConfig, *, base_url: str | None = None, progress: bool | None = None) -> stages.Generated:
+    """`tomtransfer generate`: the teacher dataset against a running app (`--base-url`, `serving.base_url`, or the
+    address `serve` binds by default); logged to `mlflow.tracking_uri` when one is set."""
+    from services.common.stage import base_url as endpoint
+
+    check_inputs(cfg, serve=False)
+    ctx = Context(tracking_uri=cfg.mlflow.tracking_uri, url=endpoint(cfg, base_url), api_key=serving_api_key(cfg),
+                  progress=progress)
+    return stages.generate(cfg, ctx)
+
+
+def train(cfg: ExperimentConfig, *, dataset: str | Path | None = None, checkpoint_every: int = 0) -> stages.Trained:
+    """`tomtransfer train`: LoRA on the training set `generate` made for this config (or `dataset`)."""
+    if checkpoint_every < 0:
+        raise UserError("--checkpoint-every must be >= 0")
+    check_models(cfg, roles=("student",))  # an unknown student fails here, before MLflow or Ray start
+    path = stages.training_set(cfg, dataset)
+    with tracking(cfg) as uri:
+        cfg = with_tracking(cfg, uri)
+        return stages.train(cfg, Context(tracking_uri=uri), path, checkpoint_every=checkpoint_every)
+
+
+def evaluate(cfg: ExperimentConfig) -> tuple[str, stages.Evaluated]:
+    """`tomtransfer evaluate`: the roles against a running app (`serving.base_url`) or one started here, in an
+    MLflow run of its own. The fine-tuned student is the adapter `train` made with this config's inputs (or the one
+    named in `serving.adapters`)."""
+    import mlflow
+
+    check_inputs(cfg, serve=True)
+    with ExitStack() as stack:
+        uri = stack.enter_context(tracking(cfg))
+        cfg = with_tracking(cfg, uri)
+        url = stack.enter_context(serving(cfg))
+        ctx = Context(tracking_uri=uri, url=url, api_key=serving_api_key(cfg))
+        adapter = None
+        if "student_finetuned" in cfg.evaluate.roles and not cfg.serving.base_url:
+            adapter_dir = stages.trained_adapter(cfg)
+            if adapter_dir is None and cfg.training.adapter_name not in cfg.serving.adapters:
+                raise UserError("no adapter for student_finetuned: train first (no adapter trained with this config's "
+                                "inputs) or name it in serving.adapters")
+            if adapter_dir is not None:
+                adapter = stages.serve_adapter(cfg, ctx, adapter_dir)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(cfg.mlflow.experiment)
+        with mlflow.start_run(run_name=f"{cfg.name}-evaluate", tags={"tomtransfer.stage": "evaluate"}) as r:
+            return r.info.run_id, stages.evaluate(cfg, ctx, adapter)

@@ -1,0 +1,243 @@
+"""The stages of an experiment: each one typed function of (validated config, context) returning its outcome.
+
+  generate(cfg, ctx)                 -> Generated   the teacher dataset (services.teacher.generate)
+  train(cfg, ctx, dataset)           -> Trained     LoRA on the student with Ray Train (services.trainer.train)
+  serve_adapter(cfg, ctx, trained)   -> dict        the adapter registered on the running app (multi-LoRA)
+  evaluate(cfg, ctx, adapter)        -> Evaluated   the roles measured, metrics, figures, report (services.evaluator)
+
+Each stage's outputs live in a folder keyed by the hash of exactly its inputs (`fingerprint`); `stages.json` in the
+run folder records each stage's last outcome with its key, so a stage is reused only when its key is unchanged and
+its outputs still exist, and recomputed (or resumed, when it was interrupted with the same inputs) otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from shared.config import ExperimentConfig
+from shared.errors import UserError
+
+from services.pipeline.resources import say
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the stages run against. `url`: the serving app's base URL (…/v1); `parent_run_id`: the MLflow run the
+    stages' runs are filed under."""
+
+    tracking_uri: str | None
+    url: str | None = None
+    api_key: str | None = None
+    parent_run_id: str | None = None
+    progress: bool | None = None
+
+
+@dataclass
+class Generated:
+    key: str
+    dataset: str
+    examples: int
+    samples: int
+    invalid: int
+    samples_path: str | None = None
+    written: int = 0  # samples requested by this run (the rest were already in the store: a resumed run)
+    already: int = 0
+    retries: int = 0
+    elapsed_s: float = 0.0
+    content_hash: str | None = None  # the training set's digest
+    mlflow_run_id: str | None = None
+    reused: bool = False
+
+
+@dataclass
+class Trained:
+    key: str
+    adapter_dir: str
+    adapter_uri: str | None
+    run_id: str | None
+    train_loss: float | None = None
+    steps: int | None = None
+    tokens_per_s: float | None = None
+    wall_s: float | None = None
+    reused: bool = False
+
+
+@dataclass
+class Evaluated:
+    result: Any  # services.evaluator.metrics.EvaluationResult
+    outputs: Any  # services.evaluator.report.Outputs
+    store_lines: list[str] = field(default_factory=list)
+
+
+class StageLog:
+    """`<run_dir>/stages.json`: each stage's last outcome with its inputs key (written atomically)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "stages.json"
+        self.data: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def lookup(self, stage: str, key: str, cls, exists, what) -> Any | None:
+        """The recorded outcome of `stage` (as `cls`, marked reused) when it was made with `key` and
+        `exists(outcome)` holds; None, saying why, when the stage must run."""
+        done = self.data.get(stage)
+        if done and done.get("key") == key:
+            outcome = cls(**{k: v for k, v in done.items() if k in {f.name for f in fields(cls)}})
+            if exists(outcome):
+                say(f"[{stage}] reused: {what(outcome)} earlier with the same inputs (key {key})")
+                outcome.reused = True
+                return outcome
+        say(f"[{stage}] inputs key {key}" + (" (the inputs changed since the last run)" if done else ""))
+        return None
+
+    def mark(self, stage: str, outcome) -> None:
+        self.data[stage] = {**asdict(outcome), "reused": False, "finished_at": time.time()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        tmp.replace(self.path)
+
+
+# ------------------------------------------------------------------------------------------------ generate
+def generate(cfg: ExperimentConfig, ctx: Context) -> Generated:
+    """The teacher dataset: exactly N samples per scenario (resumable), the training set and its exports."""
+    from services.teacher.generate import generate as sample_teacher, generate_dir
+
+    key = generate_dir(cfg).name
+    log = StageLog(cfg.run_dir)
+    if done := log.lookup("generate", key, Generated, lambda o: Path(o.dataset).is_file(),
+                          lambda o: f"{o.examples} examples made"):
+        return done
+    g = sample_teacher(cfg, base_url=ctx.url, progress=ctx.progress)
+    ex = g.dataset
+    r = g.report
+    out = Generated(key=key, dataset=str(ex.parquet), examples=ex.examples, samples=ex.samples, invalid=ex.invalid,
+                    samples_path=str(g.samples_path), written=r.written, already=r.already, retries=r.retries,
+                    elapsed_s=r.elapsed_s, content_hash=ex.content_hash, mlflow_run_id=g.mlflow_run_id)
+    log.mark("generate", out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ train
+def training_set(cfg: ExperimentConfig, dataset: str | Path | None = None) -> Path:
+    """The training set's Parquet: `dataset` (a file or an export folder), else the one `generate` made for this
+    config's inputs (built from its raw samples first when only those exist)."""
+    from services.teacher.generate import generate_dir
+    from services.trainer.dataset import TRAIN_PARQUET, export_training_set
+
+    if dataset is not None:
+        p = Path(dataset)
+        p = p / TRAIN_PARQUET if p.is_dir() else p
+        if not p.is_file():
+            raise UserError(f"training set not found: {p}")
+        return p
+    gen = generate_dir(cfg)
+    p = gen / "dataset" / TRAIN_PARQUET
+    if p.is_file():
+        return p
+    samples = gen / "samples" / "samples.parquet"
+    if samples.is_file():
+        return export_training_set(samples, gen / "dataset", name=cfg.name, targets=cfg.generate.targets,
+                                   valid_policy=cfg.generate.valid_policy).parquet
+    raise UserError(f"training set not found: {p} (run `tomtransfer generate` first, or pass --dataset)")
+
+
+def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoint_every: int = 0) -> Trained:
+    """LoRA on the student with Ray Train; resumes an interrupted run with the same inputs (the same key)."""
+    from mlflow.tracking import MlflowClient
+
+    from services.trainer.dataset import DatasetError, DatasetExport, log_dataset_to_mlflow
+    from services.trainer.train import run_training, train_dir
+
+    dataset = Path(dataset)
+    out_dir = train_dir(cfg, dataset)
+    key = out_dir.name
+    log = StageLog(cfg.run_dir)
+    if done := log.lookup("train", key, Trained, lambda o: Path(o.adapter_dir).is_dir(),
+                          lambda o: f"adapter {o.adapter_dir} trained"):
+        return done
+    run_id = None
+    if ctx.tracking_uri:
+        id_file = out_dir / "mlflow_run_id"  # an interrupted attempt with the same inputs continues its run
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
+        if run_id is None:
+            client = MlflowClient(ctx.tracking_uri)
+            exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
+            tags = {"tomtransfer.stage": "train", **({"mlflow.parentRunId": ctx.parent_run_id} if ctx.parent_run_id
+                                                     else {})}
+            run_id = client.create_run(exp_id, run_name=f"{cfg.name}-train", tags=tags).info.run_id
+            out_dir.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id + "\n")
+            try:
+                log_dataset_to_mlflow(DatasetExport.from_dir(dataset.parent), run_id=run_id,
+                                      tracking_uri=ctx.tracking_uri)
+            except DatasetError:
+                pass  # a bare Parquet file: no card to log
+    t = cfg.training
+    say(f"[train] LoRA on {cfg.models.student.model}: {t.num_workers} Ray Train worker(s)"
+        f"{' on GPUs' if t.use_gpu else ''}")
+    res = run_training(cfg, dataset, cfg.models.student.model, ctx.tracking_uri, run_id=run_id,
+                       checkpoint_every_steps=checkpoint_every)
+    out = Trained(key=key, adapter_dir=res["adapter_dir"], adapter_uri=res.get("adapter_uri"), run_id=res.get("run_id"),
+                  train_loss=res.get("train_loss"), steps=res.get("steps"), tokens_per_s=res.get("tokens_per_s"),
+                  wall_s=res.get("wall_s"))
+    log.mark("train", out)
+    return out
+
+
+def trained_adapter(cfg: ExperimentConfig) -> Path | None:
+    """The adapter `train` made from this config's training set and settings, if it exists."""
+    from services.teacher.generate import generate_dir
+    from services.trainer.dataset import TRAIN_PARQUET
+    from services.trainer.train import train_dir
+
+    dataset = generate_dir(cfg) / "dataset" / TRAIN_PARQUET
+    if not dataset.is_file():
+        return None
+    d = train_dir(cfg, dataset) / "adapter"
+    return d if d.is_dir() else None
+
+
+# ------------------------------------------------------------------------------------------------ adapter
+def adapter_identity(adapter_dir: str | Path) -> dict:
+    """What the fine-tuned student's answers depend on besides the base weights: the adapter's content."""
+    from services.pipeline.fingerprint import dir_sha256
+
+    return {"sha256": dir_sha256(Path(adapter_dir))}
+
+
+def serve_adapter(cfg: ExperimentConfig, ctx: Context, adapter_dir: str | Path) -> dict:
+    """Register the adapter on the running app as `student:<training.adapter_name>`; returns its identity."""
+    import httpx
+
+    name = cfg.training.adapter_name
+    headers = {"Authorization": f"Bearer {ctx.api_key}"} if ctx.api_key else {}
+    r = httpx.post(f"{ctx.url.rstrip('/')}/adapters", json={"name": name, "source": str(adapter_dir), "replace": True},
+                   headers=headers, timeout=600)
+    if r.status_code >= 400:
+        raise UserError(f"the serving app refused adapter {name} ({adapter_dir}): {r.status_code} {r.text[:200]}")
+    return adapter_identity(adapter_dir)
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def evaluate(cfg: ExperimentConfig, ctx: Context, adapter: dict | None = None, *,
+             run_info: dict | None = None) -> Evaluated:
+    """Collect every role by the protocol (sampled, exact, or the teacher's dataset), then metrics, figures, tables
+    and the report under `<run_dir>/evaluate`, logged to the active MLflow run. `adapter`: the fine-tuned student's
+    identity, part of that role's store key (a retrained adapter is measured afresh, the other roles reused)."""
+    from services.evaluator.collect import collect, evaluate_dir
+    from services.evaluator.tracking import evaluate_and_log
+
+    say(f"[evaluate] {cfg.protocol_line()}")
+    got = collect(cfg, base_url=ctx.url, adapter=adapter, progress=ctx.progress)
+    for line in got.store_lines:
+        say(f"[evaluate] {line}")
+    if got.dataset_scenarios:
+        say(f"[evaluate] teacher reference: its generated dataset on {len(got.dataset_scenarios)} scenario(s)")
+    result, outputs = evaluate_and_log(out_dir=evaluate_dir(cfg), config=cfg, run_info=run_info,
+                                       samples=got.samples, exact=got.exact)
+    return Evaluated(result=result, outputs=outputs, store_lines=list(got.store_lines))
