@@ -68,6 +68,11 @@ def one(objs: list[dict], kind: str) -> dict:
     return found[0]
 
 
+def experiment_cm(objs: list[dict]) -> dict:
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-experiment")]
+    return cm
+
+
 def render_fails(sets: dict, files=()) -> str:
     with pytest.raises(cc.CheckError) as err:
         cc.render(files, sets)
@@ -140,14 +145,16 @@ def test_rayservice_serves_the_project_app(rendered):
         cfg = cc.serve_config(rs)
         (app,) = cfg["applications"]
         assert app["import_path"] == "services.teacher.app:build_app"
-        assert app["args"] == {"config": "/etc/tomtransfer/experiment.yaml"}
         assert cfg["http_options"] == {"host": "0.0.0.0", "port": 8000}
-        # the config file the app reads is the experiment ConfigMap, mounted in every Ray pod
-        cm_name = one(rendered[name], "ConfigMap")["metadata"]["name"]
-        for where, spec in cc.pod_specs(rs):
-            vols = {v["name"]: v for v in spec["volumes"]}
-            mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
-            assert vols[mounts["/etc/tomtransfer"]]["configMap"]["name"] == cm_name, where
+        # the serving part of the experiment is inline (Serve applies a change in place) and is the
+        # ConfigMap's experiment, less the job-only sections
+        (key,) = app["args"]
+        assert key == "config_data"
+        inline = parse_config(app["args"]["config_data"])
+        full = parse_config(yaml.safe_load(experiment_cm(rendered[name])["data"]["experiment.yaml"]))
+        for section in ("name", "output_dir", "models", "sampling", "scenarios", "serving", "mlflow"):
+            assert getattr(inline, section) == getattr(full, section), section
+        assert not {"generate", "training", "evaluate"} & set(app["args"]["config_data"])
 
 
 def test_gpu_values_request_gpus_with_placement_and_autoscaling(rendered):
@@ -182,7 +189,7 @@ def test_cpu_values_have_no_gpu_anywhere(rendered):
 
 def test_rayjobs_run_the_cli_with_the_configmap(rendered):
     objs = rendered["ci/all-jobs-values.yaml"]
-    cm = one(objs, "ConfigMap")
+    cm = experiment_cm(objs)
     assert set(cm["data"]) == {"experiment.yaml", "sweep.yaml"}
     for job in by_kind(objs, "RayJob"):
         stage = job["metadata"]["labels"]["tomtransfer.io/stage"]
@@ -213,18 +220,18 @@ def test_rayjobs_run_the_cli_with_the_configmap(rendered):
 
 
 def test_sweep_needs_its_config(helm):
-    msg = render_fails({"jobs.sweep.enabled": True})
+    msg = render_fails({"jobs.sweep.enabled": True, "jobs.render": True})
     assert "jobs.sweep.config is required" in msg
 
 
 def test_gpu_train_job_gets_gpu_workers(helm):
-    objs = cc.render([CHART / "values-gpu.yaml"], {"jobs.train.enabled": True})
+    objs = cc.render([CHART / "values-gpu.yaml"], {"jobs.train.enabled": True, "jobs.render": True})
     (job,) = by_kind(objs, "RayJob")
     (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     res = group["template"]["spec"]["containers"][0]["resources"]
     assert res["limits"]["nvidia.com/gpu"] == 4
     assert group["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
-    cfg = parse_config(yaml.safe_load(one(objs, "ConfigMap")["data"]["experiment.yaml"]))
+    cfg = parse_config(yaml.safe_load(experiment_cm(objs)["data"]["experiment.yaml"]))
     assert cfg.training.use_gpu and cfg.training.num_workers == 4
 
 
@@ -234,7 +241,7 @@ def test_gpu_train_job_gets_gpu_workers(helm):
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
 def test_experiment_configmap_parses_and_points_in_cluster(rendered, name):
     objs = rendered[name]
-    cm = one(objs, "ConfigMap")
+    cm = experiment_cm(objs)
     cfg = parse_config(yaml.safe_load(cm["data"]["experiment.yaml"]), f"ConfigMap/{cm['metadata']['name']}")
     assert isinstance(cfg, ExperimentConfig)
     ns = "tomtransfer"
@@ -254,7 +261,7 @@ def test_user_experiment_settings_win_over_chart_defaults(helm):
     objs = cc.render([], {"experiment.mlflow.tracking_uri": "http://mlflow.example.com",
                           "experiment.serving.base_url": "http://serve.example.com:9000",
                           "experiment.output_dir": "/srv/runs"})
-    cfg = parse_config(yaml.safe_load(one(objs, "ConfigMap")["data"]["experiment.yaml"]))
+    cfg = parse_config(yaml.safe_load(experiment_cm(objs)["data"]["experiment.yaml"]))
     assert cfg.mlflow.tracking_uri == "http://mlflow.example.com"
     assert cfg.serving.base_url == "http://serve.example.com:9000"
     assert str(cfg.output_dir) == "/srv/runs"
@@ -280,7 +287,7 @@ def test_secret_references_and_no_value_in_any_configmap(helm):
     for value in SECRET_SENTINELS.values():
         assert value not in text
     assert by_kind(objs, "Secret") == []
-    cfg = parse_config(yaml.safe_load(one(objs, "ConfigMap")["data"]["experiment.yaml"]))
+    cfg = parse_config(yaml.safe_load(experiment_cm(objs)["data"]["experiment.yaml"]))
     assert cfg.serving.auth_token_env == "TOMTRANSFER_API_TOKEN"
     rs = one(objs, "RayService")
     for _, pod in cc.pod_specs(rs):
@@ -326,7 +333,7 @@ def test_inline_dev_secrets_live_only_in_the_secret(helm):
         for text in cm["data"].values():
             for value in SECRET_SENTINELS.values():
                 assert value not in text
-    cfg = parse_config(yaml.safe_load(one(objs, "ConfigMap")["data"]["experiment.yaml"]))
+    cfg = parse_config(yaml.safe_load(experiment_cm(objs)["data"]["experiment.yaml"]))
     assert cfg.models.teacher.api_key_env == "TEACHER_API_KEY"  # a name, not the key
     env = _env(one(objs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"])
     assert env["TEACHER_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"],
@@ -340,7 +347,7 @@ def test_leak_check_catches_a_value_in_a_configmap(rendered):
     objs = copy.deepcopy(rendered["default"])
     objs.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"},
                  "data": {"k": base64.b64encode(b"hunter2-secret").decode()}})
-    one(objs, "ConfigMap")["data"]["experiment.yaml"] += "# hunter2-secret\n"
+    experiment_cm(objs)["data"]["experiment.yaml"] += "# hunter2-secret\n"
     assert cc.check_no_secret_leak(objs)
 
 
@@ -448,7 +455,8 @@ def test_template_checks_reject_inconsistent_groups(helm):
 
 
 def test_names_too_long_for_kuberay_are_rejected(helm):
-    msg = render_fails({"fullnameOverride": "a-very-long-release-name-for-kuberay-x", "jobs.generate.enabled": True})
+    msg = render_fails({"fullnameOverride": "a-very-long-release-name-for-kuberay-x", "jobs.generate.enabled": True,
+                        "jobs.render": True})
     assert "longer than KubeRay's 47 characters" in msg
     with pytest.raises(cc.CheckError, match="DNS-1035"):
         cc.render([], None, release="9lives")
@@ -474,7 +482,7 @@ def test_make_deploy_dry_run_renders_and_validates(helm, tmp_path):
     assert head["image"] == "registry.example.com:5000/ml/tomtransfer:1.2.3"
     assert sorted(j["metadata"]["name"] for j in by_kind(objs, "RayJob")) == [
         "tt-tomtransfer-evaluate-r7", "tt-tomtransfer-generate-r7"]
-    cfg = parse_config(yaml.safe_load(one(objs, "ConfigMap")["data"]["experiment.yaml"]))
+    cfg = parse_config(yaml.safe_load(experiment_cm(objs)["data"]["experiment.yaml"]))
     assert cfg.serving.base_url == "http://tt-tomtransfer-serve-svc.exp.svc:8000"
 
 
@@ -490,17 +498,38 @@ def test_make_deploy_dry_run_fails_on_bad_values(helm, tmp_path):
 # ---- NOTES.txt and the `helm test` pod ------------------------------------------------------------
 
 
-def test_notes_explain_how_to_reach_the_release(helm, tmp_path):
+def _notes(helm, tmp_path, *sets: str) -> str:
+    args = [a for kv in (f"ray.version={cc.ray_pin()}", *sets) for a in ("--set", kv)]
     proc = subprocess.run(
-        [helm, "install", "tt", str(CHART), "--dry-run=client", "--namespace", "demo",
-         "--set", "jobs.train.enabled=true"],
+        [helm, "install", "tt", str(CHART), "--dry-run=client", "--namespace", "demo", *args],
         capture_output=True, text=True, env={**os.environ, "KUBECONFIG": str(tmp_path / "none")}, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    notes = proc.stdout.split("NOTES:", 1)[1]
+    return proc.stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_explain_how_to_reach_the_release(helm, tmp_path):
+    notes = _notes(helm, tmp_path)
     assert "port-forward svc/tt-tomtransfer-serve-svc 8000:8000" in notes
     assert "port-forward svc/tt-tomtransfer-mlflow 5000:5000" in notes
-    assert "get rayjob tt-tomtransfer-train-r1" in notes
+    assert "get rayjob -l app.kubernetes.io/instance=tt" in notes
+    assert "make deploy IMAGE=... JOBS=generate" in notes
     assert "helm test tt -n demo" in notes
+    assert "Bearer <token>`, the token in Secret tomtransfer-api-token" in notes
+    assert "OPEN" not in notes
+
+
+def test_open_endpoints_need_an_explicit_opt_in_and_are_announced(helm, tmp_path):
+    msg = render_fails({"secrets.serveAuthToken.name": ""})
+    assert "secrets.serveAuthToken.name is empty" in msg and "allow_open" in msg
+    notes = _notes(helm, tmp_path, "secrets.serveAuthToken.name=", "experiment.serving.allow_open=true")
+    assert "WARNING: THE OPENAI ENDPOINTS ARE OPEN" in notes
+
+
+def test_jobs_are_not_part_of_the_release(helm, tmp_path):
+    msg = render_fails({"jobs.train.enabled": True})
+    assert "not part of the Helm release" in msg and "make deploy JOBS=train" in msg
+    for name in ("default", "cpu", "gpu"):
+        assert by_kind(cc.render(VALUE_SETS[name]), "RayJob") == []
 
 
 class _Endpoints:
@@ -581,63 +610,3 @@ def test_helm_test_pod_sends_the_bearer_token(rendered):
         assert _run_test_pod(pod, ep.url, token="t0ken").returncode == 0
         assert "Bearer t0ken" in ep.seen_auth
         assert _run_test_pod(pod, ep.url, timeout_s="1", token="wrong").returncode != 0
-
-
-# ---- make deploy / undeploy against stand-ins for helm and kubectl --------------------------------
-
-
-@pytest.fixture()
-def fake_tools(tmp_path):
-    log = tmp_path / "calls.log"
-    for tool, body in {
-        "helm": 'case "$1" in version) echo v4.1.4 ;; esac',
-        "kubectl": 'case "$*" in "config current-context") echo test-context ;; "get crd"*) [ -z "$NO_CRDS" ] ;; esac',
-    }.items():
-        path = tmp_path / tool
-        path.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\n{body}\n')
-        path.chmod(0o755)
-    env = {**os.environ, "HELM": str(tmp_path / "helm"), "KUBECTL": str(tmp_path / "kubectl"), "WAIT": "0"}
-    env.pop("NO_CRDS", None)
-    return env, log
-
-
-def _make(target: str, env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", "-f", str(REPO / "deploy" / "deploy.mk"), target,
-                           f"DEPLOY_PYTHON={sys.executable}", *args],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=60)
-
-
-def test_make_deploy_runs_helm_upgrade_install(fake_tools):
-    env, log = fake_tools
-    digest = "sha256:" + "ab" * 32
-    proc = _make("deploy", env, f"IMAGE=registry.example.com/tt@{digest}", "NAMESPACE=exp", "JOBS=train",
-                 "RUN_ID=r9", f"VALUES={CHART / 'values-gpu.yaml'}")
-    assert proc.returncode == 0, proc.stderr
-    calls = log.read_text().splitlines()
-    assert any(c.startswith("kubectl get crd rayservices.ray.io") for c in calls)
-    (upgrade,) = [c for c in calls if c.startswith("helm upgrade")]
-    expected = (f"helm upgrade --install tomtransfer {CHART} --namespace exp --create-namespace --timeout 10m "
-                f"-f {CHART / 'values-gpu.yaml'} --set-string image.repository=registry.example.com/tt "
-                f"--set-string image.digest={digest}")
-    assert upgrade.startswith(expected), upgrade
-    ray_pin = next(line.split("==")[1] for line in (REPO / "constraints.txt").read_text().splitlines()
-                   if line.startswith("ray=="))
-    assert f"--set-string ray.version={ray_pin}" in upgrade
-    assert upgrade.endswith("--set-string jobs.runId=r9 --set jobs.train.enabled=true")
-    assert "--atomic" not in upgrade and "--rollback-on-failure" not in upgrade  # jobs outlive timeouts
-
-
-def test_make_deploy_refuses_a_cluster_without_kuberay(fake_tools):
-    env, log = fake_tools
-    proc = _make("deploy", {**env, "NO_CRDS": "1"})
-    assert proc.returncode != 0
-    assert "CRD rayservices.ray.io is missing: install the KubeRay operator first" in proc.stderr
-    assert not any(c.startswith("helm upgrade") for c in log.read_text().splitlines())
-
-
-def test_make_undeploy_uninstalls_and_keeps_the_volumes(fake_tools):
-    env, log = fake_tools
-    proc = _make("undeploy", env, "NAMESPACE=exp", "RELEASE=tt")
-    assert proc.returncode == 0, proc.stderr
-    assert "helm uninstall tt --namespace exp --wait --timeout 10m" in log.read_text()
-    assert "delete pvc -l app.kubernetes.io/instance=tt" in proc.stderr

@@ -1,10 +1,9 @@
 """The RayService's serve config imports and builds in the project.
 
 The chart's RayService carries a Ray Serve config (serveConfigV2) whose application is the project's
-builder (`services.teacher.app:build_app`) called with `{"config": <experiment file>}`. KubeRay
-hands it to Ray Serve in the cluster; here it is imported and called the same way, with "config"
-pointing at a copy of the experiment config the chart rendered, and must return a
-`ray.serve.Application` -- without starting Ray.
+builder (`services.teacher.app:build_app`) called with `{"config_data": <the serving part of the
+experiment>}`. KubeRay hands it to Ray Serve in the cluster; here it is imported and called the same
+way and must return a `ray.serve.Application` -- without starting Ray.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "deploy" / "helm" / "tomtransfer"
-CONFIG_MOUNT = "/etc/tomtransfer/"
 
 
 def _load_chartcheck():
@@ -40,24 +38,20 @@ def helm() -> str:
 
 # The GPU values build the same app with the vLLM engine, which needs a GPU image to import.
 @pytest.mark.parametrize("values", [[], [CHART / "values-cpu.yaml"]], ids=["default", "cpu"])
-def test_rayservice_serve_config_imports_and_builds(helm, tmp_path, values):
+def test_rayservice_serve_config_imports_and_builds(helm, values):
     import ray
     from ray.serve import Application
 
     objs = cc.render(values)
     (rayservice,) = [o for o in objs if o["kind"] == "RayService"]
     serve_config = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
-    config_files = {key: text for o in objs if o["kind"] == "ConfigMap" for key, text in o["data"].items()}
 
     apps = serve_config["applications"]
     assert apps, "serveConfigV2 has no application"
     for app in apps:
+        # the serving part of the experiment travels inline (Serve applies a change in place)
         args = dict(app.get("args") or {})
-        assert args["config"].startswith(CONFIG_MOUNT)
-        # the experiment config the pods see, copied where this test can read it
-        copy = tmp_path / Path(args["config"]).name
-        copy.write_text(config_files[Path(args["config"]).name])
-        args["config"] = str(copy)
+        assert set(args) == {"config_data"}
 
         module_name, _, attr = app["import_path"].partition(":")
         if str(REPO) not in sys.path:

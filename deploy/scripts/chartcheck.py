@@ -9,8 +9,11 @@ both check exactly the same things:
   Kubernetes versions the chart supports;
 * RayService / RayJob against the openAPIV3Schema of the KubeRay CRDs
   (`$TOMTRANSFER_KUBERAY_SCHEMAS`, default `../shared/k8s-schemas/kuberay-v1.7.0` beside the repo),
-  made strict the way `kubectl apply --validate=strict` treats them, their metadata against
-  ObjectMeta, plus the checks the KubeRay operator's webhook makes (name length, group sizes, ...);
+  made strict the way `kubectl apply --validate=strict` treats them, and their
+  `x-kubernetes-validations` (CEL) rules evaluated by cel-python, as the API server does; their
+  metadata against ObjectMeta, plus the checks of the KubeRay operator's Go validation
+  (validation.go: name length, group sizes, ...), which no tool outside the operator runs;
+* every RayService's serveConfigV2 with Ray's own `ray.serve.schema.ServeDeploySchema`;
 * the pod specs inside all of them (volume mounts resolve, names are valid, security context);
 * the rendered experiment ConfigMap with `shared.config.parse_config`;
 * that no Secret value appears outside Secret objects.
@@ -19,6 +22,7 @@ CLI:
   chartcheck.py validate [-f VALUES ...] [--set K=V ...] [--release R] [--namespace NS] [--out FILE]
   chartcheck.py check-file FILE [--serve-import]   # validate rendered manifests (make DRY_RUN=1)
   chartcheck.py all                      # lint + validate default, cpu, gpu and ci/ values
+  chartcheck.py refs FILE|-              # Secrets/claims/RWX PVCs the manifests need (deploy preflight)
   chartcheck.py sync-schema [--check]    # embed ExperimentConfig's JSON schema in values.schema.json
 """
 
@@ -53,6 +57,7 @@ CRD_FILES = {
 }
 CUSTOM_KINDS = set(CRD_FILES)
 MAX_RAY_NAME = 47  # KubeRay: MaxRayClusterNameLength (53) - 6
+CONSTRAINTS = REPO / "constraints.txt"
 GENERATED_MARK = "x-generated-from"
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -73,6 +78,20 @@ def _yaml_load(text: str) -> Any:
 
 class CheckError(Exception):
     """A failure whose message is meant for the user."""
+
+
+def ray_pin() -> str:
+    """The ray version pinned in constraints.txt (what the images install)."""
+    for line in CONSTRAINTS.read_text().splitlines():
+        m = re.match(r"^ray(?:\[[^]]*\])?\s*==\s*([^\s;#]+)", line)
+        if m:
+            return m.group(1)
+    raise CheckError(f"no ray pin in {CONSTRAINTS}")
+
+
+def _with_ray_version(sets: dict[str, Any] | None) -> dict[str, Any]:
+    """ray.version is required by the chart; renders here use the pinned one unless given."""
+    return {"ray.version": ray_pin(), **(sets or {})}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,7 +135,7 @@ def helm_template(values: Iterable[str | Path] = (), sets: dict[str, Any] | None
                   extra: Iterable[str] = ()) -> str:
     """`helm template` of the chart; raises CheckError with helm's message on failure."""
     cmd = [helm_binary(), "template", release, str(CHART), "--namespace", namespace,
-           "--kube-version", RENDER_KUBE_VERSION, *_value_args(values, sets), *extra]
+           "--kube-version", RENDER_KUBE_VERSION, *_value_args(values, _with_ray_version(sets)), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise CheckError(proc.stderr.strip() or proc.stdout.strip())
@@ -125,7 +144,7 @@ def helm_template(values: Iterable[str | Path] = (), sets: dict[str, Any] | None
 
 def helm_lint(values: Iterable[str | Path] = (), sets: dict[str, Any] | None = None) -> str:
     cmd = [helm_binary(), "lint", "--strict", str(CHART), "--kube-version", RENDER_KUBE_VERSION,
-           *_value_args(values, sets)]
+           *_value_args(values, _with_ray_version(sets))]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     out = (proc.stdout + proc.stderr).strip()
     if proc.returncode != 0:
@@ -237,9 +256,8 @@ def _strict_structural(schema: Any) -> Any:
 
 
 @functools.cache
-def _crd_validator(kind: str, api_version: str):
-    import jsonschema
-
+def _crd_version_schema(kind: str, api_version: str) -> dict | None:
+    """The CRD's openAPIV3Schema for this apiVersion (None: the CRD has no such version)."""
     directory = kuberay_schemas_dir()
     path = directory / CRD_FILES[kind]
     if not path.is_file():
@@ -250,9 +268,71 @@ def _crd_validator(kind: str, api_version: str):
         if f"{group}/{version['name']}" == api_version:
             if not version.get("served", True):
                 raise CheckError(f"{api_version} {kind} is not served by the CRD")
-            schema = _strict_structural(version["schema"]["openAPIV3Schema"])
-            return jsonschema.validators.Draft7Validator(schema)
+            return version["schema"]["openAPIV3Schema"]
     return None
+
+
+@functools.cache
+def _crd_validator(kind: str, api_version: str):
+    import jsonschema
+
+    schema = _crd_version_schema(kind, api_version)
+    if schema is None:
+        return None
+    return jsonschema.validators.Draft7Validator(_strict_structural(schema))
+
+
+@functools.cache
+def _cel_program(rule: str):
+    import celpy
+
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
+def _cel_errors(schema: dict, value: Any, old: Any, path: str) -> Iterator[str]:
+    """Evaluate every x-kubernetes-validations rule that applies to `value`, as the API server does.
+
+    Transition rules (those using oldSelf) run only on an update, i.e. when `old` is given.
+    """
+    import celpy
+
+    for v in schema.get("x-kubernetes-validations") or []:
+        rule = v["rule"]
+        uses_old = "oldSelf" in rule
+        if uses_old and old is None:
+            continue
+        activation = {"self": celpy.json_to_cel(value)}
+        if uses_old:
+            activation["oldSelf"] = celpy.json_to_cel(old)
+        try:
+            ok = _cel_program(rule).evaluate(activation)
+        except celpy.CELEvalError as err:
+            yield f"{path or '<root>'}: CEL rule {rule!r} could not be evaluated: {err}"
+            continue
+        if ok is not True and not (isinstance(ok, celpy.celtypes.BoolType) and bool(ok)):
+            yield f"{path or '<root>'}: {v.get('message') or 'failed CEL rule ' + repr(rule)}"
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        extra = schema.get("additionalProperties")
+        for key, child in value.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                old_child = old.get(key) if isinstance(old, dict) else None
+                yield from _cel_errors(sub, child, old_child, f"{path}/{key}" if path else key)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        # Lists are compared element-wise only for transition rules of map/set lists; positional here.
+        for i, child in enumerate(value):
+            old_child = old[i] if isinstance(old, list) and i < len(old) else None
+            yield from _cel_errors(schema["items"], child, old_child, f"{path}/{i}")
+
+
+def validate_cel(obj: dict, old: dict | None = None) -> list[str]:
+    """The CRD's CEL rules (x-kubernetes-validations) on a KubeRay object; `old`: the object it updates."""
+    schema = _crd_version_schema(obj["kind"], obj["apiVersion"])
+    if schema is None:
+        return []
+    return [f"[CEL] {e}" for e in _cel_errors(schema, obj, old, "")]
 
 
 def validate_custom(obj: dict, kube_version: str) -> list[str]:
@@ -260,6 +340,7 @@ def validate_custom(obj: dict, kube_version: str) -> list[str]:
     if validator is None:
         return [f"the KubeRay CRD has no version {obj['apiVersion']} for {obj['kind']}"]
     errors = [f"[CRD] {_fmt_error(e)}" for e in validator.iter_errors(obj)]
+    errors += validate_cel(obj)
     meta_validator = _object_meta_validator(kube_version)
     errors += [f"[ObjectMeta] metadata/{_fmt_error(e)}"
                for e in meta_validator.iter_errors(obj.get("metadata", {}))]
@@ -396,8 +477,6 @@ def check_kuberay(obj: dict) -> list[str]:
             if not g["template"]["spec"].get("containers"):
                 errors.append(f"group {gname}: the pod template has no container")
             params = g.get("rayStartParams") or {}
-            if any(not isinstance(v, str) for v in params.values()):
-                errors.append(f"group {gname}: rayStartParams values must be strings")
             if "labels" in params:
                 errors.append(f"group {gname}: rayStartParams['labels'] is not supported")
             if any(params.get(k) for k in ("num-cpus", "num-gpus", "memory", "resources")) and g.get("resources"):
@@ -456,25 +535,21 @@ def serve_config(obj: dict) -> dict:
 
 
 def check_serve_config(text: str | None) -> list[str]:
+    """serveConfigV2 against Ray Serve's own deploy schema (what `PUT /api/serve/applications/` takes)."""
     if not text:
         return ["missing"]
     try:
         cfg = yaml.safe_load(text)
     except yaml.YAMLError as err:
         return [f"not YAML: {err}"]
-    errors = []
-    apps = cfg.get("applications") if isinstance(cfg, dict) else None
-    if not apps:
-        return ["no applications"]
-    names = [a.get("name") for a in apps]
-    if len(names) != len(set(names)):
-        errors.append("application names are not unique")
-    for app in apps:
-        if not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", str(app.get("import_path", ""))):
-            errors.append(f"application {app.get('name')}: bad import_path {app.get('import_path')!r}")
-        if not str(app.get("route_prefix", "/")).startswith("/"):
-            errors.append(f"application {app.get('name')}: route_prefix must start with '/'")
-    return errors
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        ServeDeploySchema.model_validate(cfg)
+    except ValidationError as err:
+        return [f"{'/'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in err.errors()]
+    return []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -623,6 +698,38 @@ def validate_objects(objs: list[dict], kube_versions: Iterable[str] = KUBE_VERSI
     if check_config:
         errors += check_experiment(objs)
     return errors, counts
+
+
+def cluster_refs(objs: list[dict]) -> list[tuple[str, str, str]]:
+    """What a release needs in the cluster before it is applied (deploy.sh's preflight):
+    ("secret", name, "-") for every Secret it references and does not render, ("claim", name, "-")
+    for every PVC it mounts and does not render, ("rwx", pvc, class or "-") for rendered
+    ReadWriteMany claims."""
+    rendered = {(o["kind"], o["metadata"]["name"]) for o in objs}
+    refs: list[tuple[str, str, str]] = []
+
+    def add(ref):
+        if ref not in refs:
+            refs.append(ref)
+
+    for o in objs:
+        if o["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in (o["spec"].get("accessModes") or []):
+            add(("rwx", o["metadata"]["name"], o["spec"].get("storageClassName") or "-"))
+        for _, spec in pod_specs(o):
+            secrets = [s.get("name") for s in spec.get("imagePullSecrets") or []]
+            for _, c in _containers(spec):
+                secrets += [((e.get("valueFrom") or {}).get("secretKeyRef") or {}).get("name")
+                            for e in c.get("env") or []]
+                secrets += [(e.get("secretRef") or {}).get("name") for e in c.get("envFrom") or []]
+            for v in spec.get("volumes") or []:
+                secrets.append((v.get("secret") or {}).get("secretName"))
+                claim = (v.get("persistentVolumeClaim") or {}).get("claimName")
+                if claim and ("PersistentVolumeClaim", claim) not in rendered:
+                    add(("claim", claim, "-"))
+            for name in secrets:
+                if name and ("Secret", name) not in rendered:
+                    add(("secret", name, "-"))
+    return refs
 
 
 def _selects(selector: dict, obj: dict) -> bool:
@@ -794,6 +901,13 @@ def cmd_check_file(args) -> int:
     return 1 if errors else 0
 
 
+def cmd_refs(args) -> int:
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+    for ref in cluster_refs(parse_manifests(text)):
+        print(" ".join(ref))
+    return 0
+
+
 def cmd_all(args) -> int:
     failed = False
     total = 0
@@ -828,6 +942,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("file")
     c.add_argument("--serve-import", action="store_true",
                    help="also import and build the RayService's serve application")
+    r = sub.add_parser("refs", help="list the Secrets, claims and RWX PVCs rendered manifests need")
+    r.add_argument("file", help="rendered manifests, '-' for stdin")
     sub.add_parser("all", help="lint and validate the default, cpu, gpu and ci values")
     s = sub.add_parser("sync-schema", help="embed ExperimentConfig's JSON schema in values.schema.json")
     s.add_argument("--check", action="store_true", help="only report whether it is in sync")
@@ -839,6 +955,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check_file(args)
         if args.cmd == "all":
             return cmd_all(args)
+        if args.cmd == "refs":
+            return cmd_refs(args)
         return sync_schema(args.check)
     except CheckError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -76,12 +76,29 @@ app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 {{- end -}}
 
+{{/* The light image (MLflow, submitters, helm test): lightImage, else the main image. */}}
+{{- define "tomtransfer.lightImage" -}}
+{{- $img := .Values.lightImage -}}
+{{- if not $img.repository -}}
+{{- include "tomtransfer.image" . -}}
+{{- else if $img.digest -}}
+{{- printf "%s@%s" $img.repository $img.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $img.repository (default .Chart.AppVersion $img.tag) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "tomtransfer.mlflowImage" -}}
 {{- if .Values.mlflow.image.repository -}}
 {{- printf "%s:%s" .Values.mlflow.image.repository (required "mlflow.image.tag is required with mlflow.image.repository" .Values.mlflow.image.tag) -}}
 {{- else -}}
-{{- include "tomtransfer.image" . -}}
+{{- include "tomtransfer.lightImage" . -}}
 {{- end -}}
+{{- end -}}
+
+{{/* rayVersion: required, the ray installed in the image (KubeRay chooses probes and features by it). */}}
+{{- define "tomtransfer.rayVersion" -}}
+{{- required "ray.version is required: the ray version installed in the image (make deploy reads the image's io.ray.version label; or --set ray.version=X.Y.Z)" .Values.ray.version -}}
 {{- end -}}
 
 {{/* In-cluster addresses (short `svc.ns.svc` names work with any cluster domain). */}}
@@ -162,6 +179,17 @@ A pre-created secret (secrets.<x>.name) wins over a development inline value.
 {{- toYaml $exp -}}
 {{- end -}}
 
+{{/*
+The part of the experiment the serving app reads (services.teacher.app:build_app), inline in
+serveConfigV2 as args.config_data: a change there is applied by Serve in place, and job-only sections
+(generate, training, evaluate) and the sweep file never touch the serving cluster.
+*/}}
+{{- define "tomtransfer.servingConfig" -}}
+{{- $exp := include "tomtransfer.experimentYaml" . | fromYaml -}}
+{{- pick $exp "name" "output_dir" "models" "sampling" "scenarios" "serving" "mlflow" | toJson -}}
+{{- end -}}
+
+{{/* Checksum of what the job pods read from the ConfigMap (the experiment and the sweep file). */}}
 {{- define "tomtransfer.configChecksum" -}}
 {{- printf "%s\n%s" (include "tomtransfer.experimentYaml" .) (toYaml .Values.jobs.sweep.config) | sha256sum -}}
 {{- end -}}
@@ -177,6 +205,15 @@ A pre-created secret (secrets.<x>.name) wins over a development inline value.
     secretKeyRef:
       name: {{ .ref.name }}
       key: {{ .ref.key }}
+{{- end -}}
+
+{{/* MLflow basic-auth credentials of the clients (MLFLOW_TRACKING_USERNAME/PASSWORD). */}}
+{{- define "tomtransfer.mlflowAuthEnv" -}}
+{{- $a := .Values.mlflow.auth -}}
+{{- if and .Values.mlflow.enabled $a.enabled }}
+{{ include "tomtransfer.secretEnv" (dict "name" "MLFLOW_TRACKING_USERNAME" "ref" (dict "name" $a.existingSecret.name "key" $a.existingSecret.usernameKey)) }}
+{{ include "tomtransfer.secretEnv" (dict "name" "MLFLOW_TRACKING_PASSWORD" "ref" (dict "name" $a.existingSecret.name "key" $a.existingSecret.passwordKey)) }}
+{{- end }}
 {{- end -}}
 
 {{/* Object-store environment (endpoint, region, credentials by reference). */}}
@@ -224,6 +261,7 @@ Secrets only through secretKeyRef; the teacher API key only reaches the serving 
 - name: MLFLOW_TRACKING_URI
   value: {{ $tracking | quote }}
 {{- end }}
+{{- include "tomtransfer.mlflowAuthEnv" $root }}
 {{- $hf := include "tomtransfer.secretRef" (list $root "hfToken") | fromJson }}
 {{- if $hf.name }}
 {{ include "tomtransfer.secretEnv" (dict "name" "HF_TOKEN" "ref" $hf) }}
@@ -325,11 +363,15 @@ metadata:
     {{- if .stage }}
     tomtransfer.io/stage: {{ .stage }}
     {{- end }}
+  {{- /* Serving pods carry no config checksum: their config is inline in serveConfigV2. */}}
+  {{- $annotations := deepCopy (default dict $root.Values.podAnnotations) }}
+  {{- if eq .component "job" }}
+  {{- $_ := set $annotations "checksum/experiment" (include "tomtransfer.configChecksum" $root) }}
+  {{- end }}
+  {{- with $annotations }}
   annotations:
-    checksum/experiment: {{ include "tomtransfer.configChecksum" $root }}
-    {{- with $root.Values.podAnnotations }}
     {{- toYaml . | nindent 4 }}
-    {{- end }}
+  {{- end }}
 spec:
   serviceAccountName: {{ include "tomtransfer.serviceAccountName" $root }}
   {{- /* Only an autoscaling head talks to the Kubernetes API (KubeRay binds the role to this account). */}}
@@ -357,6 +399,10 @@ spec:
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- if and .head .serve $root.Values.modelDownload.enabled }}
+  initContainers:
+    {{- include "tomtransfer.modelDownloadContainers" $root | nindent 4 }}
+  {{- end }}
   containers:
     - name: {{ ternary "ray-head" "ray-worker" .head }}
       image: {{ include "tomtransfer.image" $root | quote }}
@@ -380,6 +426,9 @@ spec:
         {{- include "tomtransfer.rayEnv" (dict "root" $root "role" .component) | nindent 8 }}
       resources:
         {{- include "tomtransfer.groupResources" $group | nindent 8 }}
+      {{- if $root.Values.ray.probes.enabled }}
+      {{- include "tomtransfer.rayProbes" (dict "root" $root "group" $group "head" .head "serve" .serve) | nindent 6 }}
+      {{- end }}
       securityContext:
         {{- toYaml $root.Values.containerSecurityContext | nindent 8 }}
       lifecycle:
@@ -394,11 +443,11 @@ spec:
 
 {{/* rayStartParams of a head: a non-schedulable head advertises no CPUs. */}}
 {{- define "tomtransfer.headStartParams" -}}
-{{- $params := dict -}}
-{{- if and (hasKey . "schedulable") (not .schedulable) -}}
+{{- $params := dict "dashboard-port" (toString .dashboardPort) -}}
+{{- if and (hasKey .group "schedulable") (not .group.schedulable) -}}
 {{- $_ := set $params "num-cpus" "0" -}}
 {{- end -}}
-{{- range $k, $v := (default dict .rayStartParams) -}}
+{{- range $k, $v := (default dict .group.rayStartParams) -}}
 {{- $_ := set $params $k (toString $v) -}}
 {{- end -}}
 {{- if $params -}}
@@ -418,4 +467,85 @@ spec:
 {{- else -}}
 {}
 {{- end -}}
+{{- end -}}
+
+
+{{/*
+Probes of a Ray container: (dict "root" $ "group" GROUP "head" bool "serve" bool). KubeRay injects
+its own probes only into a container that has none (pod.go initLivenessAndReadinessProbe): v1.4-1.5
+always exec `wget ... | grep success`, v1.6+ an HTTP GET of /api/healthz for Ray >= 2.53, but still
+wget for the readiness of RayService workers. These need neither wget nor a KubeRay version.
+*/}}
+{{- define "tomtransfer.rayProbes" -}}
+{{- $p := .root.Values.ray.probes -}}
+{{- $agent := int (default $p.agentPort (index (default dict .group.rayStartParams) "dashboard-agent-listen-port")) -}}
+livenessProbe:
+  httpGet:
+    path: /api/healthz
+    port: {{ $agent }}
+  initialDelaySeconds: 30
+  periodSeconds: 5
+  timeoutSeconds: {{ ternary 5 2 .head }}
+  failureThreshold: {{ $p.livenessFailureThreshold }}
+readinessProbe:
+  {{- if and .serve (not .head) }}
+  {{- /* A serving worker takes traffic once its Serve proxy is up (the head's serve label is set by
+         the RayService controller instead). */}}
+  httpGet:
+    path: /-/healthz
+    port: {{ .root.Values.rayService.serve.port }}
+  initialDelaySeconds: 10
+  periodSeconds: 5
+  timeoutSeconds: 2
+  failureThreshold: 1
+  {{- else }}
+  httpGet:
+    path: /api/healthz
+    port: {{ $agent }}
+  initialDelaySeconds: 10
+  periodSeconds: 5
+  timeoutSeconds: {{ ternary 5 2 .head }}
+  failureThreshold: {{ $p.readinessFailureThreshold }}
+  {{- end }}
+{{- end -}}
+
+{{/* Init containers that download the Hugging Face repos into the shared cache (modelDownload). */}}
+{{- define "tomtransfer.modelDownloadContainers" -}}
+{{- $root := . -}}
+{{- if not .Values.storage.data.enabled -}}
+{{- fail "modelDownload needs storage.data.enabled (the weights go to the shared volume)" -}}
+{{- end -}}
+{{- if not .Values.modelDownload.repos -}}
+{{- fail "modelDownload.enabled needs modelDownload.repos (e.g. [{id: org/model, allowPatterns: ['*.safetensors', '*.json']}])" -}}
+{{- end -}}
+{{- $hf := include "tomtransfer.secretRef" (list . "hfToken") | fromJson -}}
+{{- range $i, $repo := .Values.modelDownload.repos }}
+{{- $args := list "download" $repo.id }}
+{{- with $repo.revision }}{{ $args = concat $args (list "--revision" .) }}{{ end }}
+{{- range (default list $repo.allowPatterns) }}{{ $args = concat $args (list "--include" .) }}{{ end }}
+- name: {{ printf "fetch-model-%d" $i }}
+  image: {{ include "tomtransfer.image" $root | quote }}
+  imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+  command: ["hf"]
+  args:
+    {{- toYaml $args | nindent 4 }}
+  env:
+    - name: HOME
+      value: {{ include "tomtransfer.homeDir" $root | quote }}
+    - name: HF_HOME
+      value: {{ printf "%s/hf" $root.Values.storage.data.mountPath | quote }}
+    - name: HF_HUB_DISABLE_TELEMETRY
+      value: "1"
+    {{- if $hf.name }}
+    {{- include "tomtransfer.secretEnv" (dict "name" "HF_TOKEN" "ref" $hf) | nindent 4 }}
+    {{- end }}
+  resources:
+    {{- toYaml $root.Values.modelDownload.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml $root.Values.containerSecurityContext | nindent 4 }}
+  volumeMounts:
+    {{- include "tomtransfer.scratchMounts" $root | nindent 4 }}
+    - name: data
+      mountPath: {{ $root.Values.storage.data.mountPath }}
+{{- end }}
 {{- end -}}
