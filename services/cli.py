@@ -432,8 +432,14 @@ def run(config: Path = ConfigOpt) -> None:
     out.print(f"report: {res.evaluated.outputs.report.get('html')}", highlight=False, soft_wrap=True)
     out.print(f"mlflow run {res.mlflow_run_id} (experiment {res.config.mlflow.experiment}); "
               f"{res.timings.get('total_s', 0):.0f} s in all", highlight=False, soft_wrap=True)
-    if res.config.mlflow.tracking_uri and "127.0.0.1" in res.config.mlflow.tracking_uri:
-        out.print("open the MLflow UI: make mlflow-ui   (then http://127.0.0.1:5000)", highlight=False)
+    uri = res.config.mlflow.tracking_uri or ""
+    if "127.0.0.1" in uri:  # the local server stopped with the run: `make mlflow-ui` reopens its store on port 5000
+        from services.evaluator.tracking import HEADLINE_VIEW, experiment_url
+
+        # the evaluation saved the headline view; the server is down, so it is named without asking
+        link = experiment_url("http://127.0.0.1:5000", res.experiment_id, view=None) + f"&viewStateShareKey={HEADLINE_VIEW}"
+        out.print(f"open the MLflow UI: make mlflow-ui, then {link}",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()

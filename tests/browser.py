@@ -11,7 +11,7 @@ from pathlib import Path
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--window-size=1400,900", "--virtual-time-budget=20000",
+    "--virtual-time-budget=20000",
 ]
 
 
@@ -22,10 +22,12 @@ def chromium() -> str:
     return exe
 
 
-def render(url: str, screenshot: Path | None = None, timeout: float = 120) -> str:
-    """The page's DOM after its scripts ran; optionally a PNG screenshot too."""
+def render(url: str, screenshot: Path | None = None, timeout: float = 120,
+           size: tuple[int, int] = (1400, 900)) -> str:
+    """The page's DOM after its scripts ran, in a fresh profile (nothing remembered from an earlier visit);
+    optionally a PNG screenshot too. `size`: the window (wide tables render only the columns that fit)."""
     with tempfile.TemporaryDirectory() as profile:
-        base = [chromium(), *FLAGS, f"--user-data-dir={profile}"]
+        base = [chromium(), *FLAGS, f"--window-size={size[0]},{size[1]}", f"--user-data-dir={profile}"]
         dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=timeout).stdout
         if screenshot is not None:
             subprocess.run([*base, f"--screenshot={screenshot}", url], capture_output=True, timeout=timeout)

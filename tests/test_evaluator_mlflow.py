@@ -12,7 +12,9 @@ from mlflow.tracking import MlflowClient
 
 from services.evaluator import synthetic
 from services.evaluator.report_cli import ReportError, report
-from services.evaluator.tracking import evaluate_and_log, flatten_params
+from services.evaluator.tracking import (
+    EXPERIMENT_KIND_TAG, HEADLINE_VIEW, TRAINING_KIND, VIEW_TAG_PREFIX, evaluate_and_log, flatten_params, view_metrics,
+)
 from shared.config import load_config
 
 pytest_plugins = ["tests.fixtures.mlflow_server"]
@@ -64,6 +66,11 @@ def test_sampled_evaluation_is_logged_and_the_report_regenerates(tracking, tmp_p
     assert data.params["models.student.model"] == "smollm2-135m-instruct" and data.params["evaluate.samples"] == "999"
     assert data.params["evaluate.families"] == params["evaluate.families"]
     assert data.tags["tomtransfer.estimator"] == "sample"
+    # the experiment (made by a plain `mlflow.set_experiment`) is marked as model training, the headline view saved
+    exp = client.get_experiment(run.info.experiment_id).tags
+    assert exp[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+    assert view_metrics(exp[VIEW_TAG_PREFIX + HEADLINE_VIEW])[:2] == ["improvement_mean.in_sample",
+                                                                      "improvement_mean.oos_context"]
     arts = _artifacts(client, run.info.run_id)
     for name in ("figures/fig2_cooperation_in_sample.png", "figures/fig3_improvement_oos_context.png",
                  "figures/fig5_pgg.png", "tables/table1.csv", "tables/table1.md", "tables/table1.tex",

@@ -32,6 +32,7 @@ class RunResult:
     config: ExperimentConfig
     tracking_uri: str
     mlflow_run_id: str
+    experiment_id: str
     generated: stages.Generated
     trained: stages.Trained
     evaluated: stages.Evaluated
@@ -80,7 +81,8 @@ def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None)
         ev = stages.evaluate(cfg, ctx, adapter, run_info={"experiment": cfg.name})
         timings["evaluate_s"] = time.perf_counter() - t
         mlflow.log_metrics({f"timing.{k}": v for k, v in timings.items()})
-    return RunResult(config=cfg, tracking_uri=ctx.tracking_uri, mlflow_run_id=parent.info.run_id, generated=gen,
+    return RunResult(config=cfg, tracking_uri=ctx.tracking_uri, mlflow_run_id=parent.info.run_id,
+                     experiment_id=parent.info.experiment_id, generated=gen,
                      trained=tr, evaluated=ev, timings=timings)
 
 
@@ -89,8 +91,10 @@ def _parent_run(cfg: ExperimentConfig, tracking_uri: str, tags: dict | None):
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from services.evaluator.tracking import use_experiment
+
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(cfg.mlflow.experiment)
+    use_experiment(cfg.mlflow.experiment)  # marked as model training: the UI opens on the runs table
     id_file = cfg.run_dir / "mlflow_run_id"
     if id_file.is_file():
         try:
@@ -146,7 +150,9 @@ def evaluate(cfg: ExperimentConfig) -> tuple[str, stages.Evaluated]:
                                 "inputs) or name it in serving.adapters")
             if adapter_dir is not None:
                 adapter = stages.serve_adapter(cfg, ctx, adapter_dir)
+        from services.evaluator.tracking import use_experiment
+
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(cfg.mlflow.experiment)
+        use_experiment(cfg.mlflow.experiment)
         with mlflow.start_run(run_name=f"{cfg.name}-evaluate", tags={"tomtransfer.stage": "evaluate"}) as r:
             return r.info.run_id, stages.evaluate(cfg, ctx, adapter)

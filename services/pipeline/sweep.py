@@ -8,7 +8,9 @@
   4. cells     each cell's stages (`run.run_stages`) run as a Ray task, at most `max_concurrent` at a time; a task
                asks for no CPU itself (it coordinates), the work it starts asks for its own: Ray Train workers
                (`training.num_workers` x `cpus_per_worker` / GPUs) and the serving replicas it sends requests to
-  5. summary   a table of the cells' headline metrics, logged to the parent run (`sweep_summary.json`)
+  5. summary   a row per cell (status, the params that differ, the headline metrics) logged to the parent run
+               (`sweep_summary.json/.csv`, min/mean/max per metric) and a saved runs-table view of the cells side by
+               side (`services.evaluator.tracking.summarize_sweep`); its link is printed
 A rerun skips finished cells (a FINISHED child run) and resumes the others stage by stage (fingerprints).
 Limits: groups of cells with different models run one group after another (one serving app at a time); on a
 local Ray the cells share the machine's cores, so concurrency pays off where cells wait (start-up, HTTP, MLflow)
@@ -17,7 +19,6 @@ rather than compute.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -30,10 +31,6 @@ from services.pipeline.preflight import check_inputs
 from services.pipeline.resources import say, serving, serving_api_key, tracking, with_tracking
 from services.pipeline.stages import Context
 
-HEADLINE = ("improvement_mean.in_sample", "improvement_mean.oos_context", "improvement_mean.oos_game",
-            "pgg.improvement")
-
-
 def serving_group(cfg: ExperimentConfig) -> str:
     """Cells with the same key can share one serving app: what the app is built from, adapters aside."""
     return digest({"models": cfg.models.model_dump(mode="json"),
@@ -43,8 +40,7 @@ def serving_group(cfg: ExperimentConfig) -> str:
 
 def sweep(spec: SweepSpec, cells: list[Cell], *, max_concurrent: int | None = None) -> list[dict]:
     """Run every unfinished cell; returns one summary row per cell (finished earlier or now), in grid order."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    from services.evaluator.tracking import start_sweep, summarize_sweep
 
     limit = max_concurrent or spec.max_concurrent
     for cell in cells:  # every cell's inputs, before the first one writes anything
@@ -53,47 +49,51 @@ def sweep(spec: SweepSpec, cells: list[Cell], *, max_concurrent: int | None = No
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with tracking(cells[0].config) as uri:
-        client = MlflowClient(uri)
-        parent_id = _parent(spec, cells, uri, root)
-        rows: dict[str, dict] = {}
+        id_file = root / "sweep_run_id"
+        sw = start_sweep(uri, cells[0].config.mlflow.experiment, spec.name,
+                         params={**{f"grid.{k}": v for k, v in spec.grid.items()}, "cells": len(cells),
+                                 "max_concurrent": limit},
+                         resume_run_id=id_file.read_text().strip() if id_file.is_file() else None)
+        id_file.write_text(sw.run_id + "\n")
+        children = sw.children()
         todo = []
         for cell in cells:
-            if run := _finished(client, parent_id, cell):
+            run = children.get(cell.id)
+            if run is not None and run.info.status == "FINISHED":
                 say(f"[sweep] cell {cell.id}: finished earlier, skipped")
-                rows[cell.id] = _row(cell, run)
             else:
                 todo.append(cell)
         groups: dict[str, list[Cell]] = {}
         for cell in todo:
             groups.setdefault(serving_group(cell.config), []).append(cell)
-        if groups:
-            say(f"[sweep] {len(todo)} cell(s) to run in {len(groups)} serving group(s), at most {limit} at a time")
-            rows |= _run_groups(list(groups.values()), uri, parent_id, root, limit, client)
-        ordered = [rows[c.id] for c in cells]
-        wall = time.perf_counter() - t0
-        with mlflow.start_run(run_id=parent_id):
-            mlflow.log_table(data={k: [r.get(k) for r in ordered] for k in ordered[0]},
-                             artifact_file="sweep_summary.json")
-            mlflow.log_metrics({"sweep.wall_s": wall, "sweep.cells_run": float(len(todo))})
-    return ordered
+        seconds: dict[str, float] = {}
+        try:
+            if groups:
+                say(f"[sweep] {len(todo)} cell(s) to run in {len(groups)} serving group(s), at most {limit} at a time")
+                seconds = _run_groups(list(groups.values()), sw, root, limit)
+        finally:  # the summary (and the parent's status) also when a cell failed
+            rows = summarize_sweep(sw, [c.id for c in cells])
+        say(f"[sweep] {len(todo)} cell(s) run in {time.perf_counter() - t0:.0f} s; compare them: {sw.url()}")
+    return [r | {"wall_s": round(seconds[r["cell"]], 1)} if r["cell"] in seconds else r for r in rows]
 
 
-def _run_groups(groups: list[list[Cell]], uri: str, parent_id: str, root: Path, limit: int, client) -> dict:
+def _run_groups(groups: list[list[Cell]], sw, root: Path, limit: int) -> dict[str, float]:
+    """Each group's cells against one serving app; returns each cell's wall time."""
     import ray
 
     from services.teacher.serve_cli import init_ray
 
     started = init_ray(log_to_driver=True)  # the cells' progress lines reach this terminal / log
     try:
-        rows = {}
+        seconds: dict[str, float] = {}
         for i, group in enumerate(groups, start=1):
             # The app serves every cell's adapter: they all live under the sweep's folder.
-            app_cfg = with_tracking(group[0].config, uri)
+            app_cfg = with_tracking(group[0].config, sw.tracking_uri)
             app_cfg = app_cfg.model_copy(update={"serving": app_cfg.serving.model_copy(update={"adapter_root": root})})
             with serving(app_cfg, app_name=f"tomtransfer-sweep-{i}") as url:
-                ctx = Context(tracking_uri=uri, url=url, api_key=serving_api_key(app_cfg))
-                rows |= _run_cells(group, ctx, parent_id, limit, client)
-        return rows
+                ctx = Context(tracking_uri=sw.tracking_uri, url=url, api_key=serving_api_key(app_cfg))
+                seconds |= _run_cells(group, ctx, sw, limit)
+        return seconds
     finally:
         if started:
             from ray import serve
@@ -104,7 +104,7 @@ def _run_groups(groups: list[list[Cell]], uri: str, parent_id: str, root: Path, 
                 ray.shutdown()
 
 
-def _run_cells(cells: list[Cell], ctx: Context, parent_id: str, limit: int, client) -> dict:
+def _run_cells(cells: list[Cell], ctx: Context, sw, limit: int) -> dict[str, float]:
     """The cells as Ray tasks, at most `limit` in flight; a failed cell fails the sweep after the others finish."""
     import ray
 
@@ -115,29 +115,28 @@ def _run_cells(cells: list[Cell], ctx: Context, parent_id: str, limit: int, clie
         runtime_env={"env_vars": {"RAY_ADDRESS": address, "TOKENIZERS_PARALLELISM": "false"}})
     pending = list(cells)
     running: dict = {}
-    rows, errors = {}, []
+    seconds, errors = {}, []
     while pending or running:
         while pending and len(running) < limit:
             cell = pending.pop(0)
             say(f"[sweep] cell {cell.id}: started {cell.overrides}")
-            tags = {"mlflow.parentRunId": parent_id, "tomtransfer.sweep_parent": parent_id, "tomtransfer.cell": cell.id}
-            ref = task.remote(cell.config.model_dump(mode="json"), {**ctx.__dict__}, tags)
+            ref = task.remote(cell.config.model_dump(mode="json"), {**ctx.__dict__}, sw.child_tags(cell.id))
             running[ref] = cell
         done, _ = ray.wait(list(running), num_returns=1)
         cell = running.pop(done[0])
         try:
-            run_id, seconds = ray.get(done[0])
+            _, wall = ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - reported with the cell, the others go on
             errors.append(f"cell {cell.id}: {str(e).strip().splitlines()[-1]}")
             say(f"[sweep] cell {cell.id}: FAILED ({errors[-1]})")
             continue
-        rows[cell.id] = _row(cell, client.get_run(run_id)) | {"wall_s": round(seconds, 1)}
-        say(f"[sweep] cell {cell.id}: done in {seconds:.0f} s ({len(rows)} of {len(cells)} in this group)")
+        seconds[cell.id] = wall
+        say(f"[sweep] cell {cell.id}: done in {wall:.0f} s ({len(seconds)} of {len(cells)} in this group)")
     if errors:
         from shared.errors import UserError
 
         raise UserError(f"{len(errors)} sweep cell(s) failed (rerun to resume them): " + "; ".join(errors))
-    return rows
+    return seconds
 
 
 def _cell_task(cfg_data: dict, ctx_data: dict, tags: dict) -> tuple[str, float]:
@@ -148,39 +147,3 @@ def _cell_task(cfg_data: dict, ctx_data: dict, tags: dict) -> tuple[str, float]:
     t0 = time.perf_counter()
     res = run_stages(parse_config(cfg_data, "<sweep cell>"), Context(**ctx_data), tags=tags)
     return res.mlflow_run_id, time.perf_counter() - t0
-
-
-def _parent(spec: SweepSpec, cells: list[Cell], uri: str, root: Path) -> str:
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cells[0].config.mlflow.experiment)
-    id_file = root / "sweep_run_id"
-    if id_file.is_file():
-        try:
-            return MlflowClient(uri).get_run(id_file.read_text().strip()).info.run_id
-        except Exception:  # noqa: BLE001 - a reset store: start a new parent
-            pass
-    with mlflow.start_run(run_name=spec.name, tags={"tomtransfer.stage": "sweep"}) as p:
-        mlflow.log_params({f"grid.{k}": json.dumps(v) for k, v in spec.grid.items()})
-        mlflow.log_params({"cells": len(cells), "max_concurrent": spec.max_concurrent})
-    id_file.write_text(p.info.run_id + "\n")
-    return p.info.run_id
-
-
-def _finished(client, parent_id: str, cell: Cell):
-    exp = client.get_run(parent_id).info.experiment_id
-    done = client.search_runs(
-        [exp], filter_string=f"tags.`tomtransfer.sweep_parent` = '{parent_id}' and tags.`tomtransfer.cell` = "
-                             f"'{cell.id}' and attributes.status = 'FINISHED'")
-    return done[0] if done else None
-
-
-def _row(cell: Cell, run) -> dict:
-    m = run.data.metrics
-    row = {"cell": cell.id, **{k: v if isinstance(v, (int, float, str)) else json.dumps(v)
-                                for k, v in cell.overrides.items()}, "run_id": run.info.run_id}
-    row |= {k: m.get(k) for k in HEADLINE}
-    row |= {k: v for k, v in sorted(m.items()) if k.startswith("valid_share_mean.") and k.endswith(".in_sample")}
-    return row
