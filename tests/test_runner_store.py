@@ -1,4 +1,5 @@
-"""The sample store on its own: atomic shards, first-wins dedup, kill -9 while writing, compaction, seeds, plans."""
+"""The sample store on its own: atomic shards, first-wins dedup, kill -9 at random moments while writing,
+compaction, seeds, plans."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -26,9 +28,9 @@ from services.common.samples import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def rows(role: str, sid: str, idx, tag: str = "", size: int = 0) -> list[dict]:
+def rows(role: str, sid: str, idx, tag: str = "") -> list[dict]:
     return [dict(run_id="r", role=role, model="teacher", scenario_id=sid, family="in_sample", context="IR",
-                 game="prison", sample_index=i, seed=7, messages="[]", response=f"C {tag}{i}" + "x" * size,
+                 game="prison", sample_index=i, seed=7, messages="[]", response=f"C {tag}{i}",
                  answer="C", valid=True, latency_s=0.1, prompt_tokens=3, completion_tokens=2, finish_reason="stop",
                  request_n=5, choice_index=i % 5) for i in idx]
 
@@ -145,44 +147,71 @@ def test_manifest_refuses_other_settings(tmp_path):
 
 
 WRITER = textwrap.dedent("""
-    import sys
+    import base64, os, random, sys
     from services.common.samples import SampleStore
     sys.path.insert(0, {tests!r})
     from test_runner_store import rows
+    # The payload: random text (base85 of random bytes) that zstd cannot shrink, so a write takes real time; drawn
+    # once as 25 distinct 50 kB pieces (5 different ones per shard), so the process spends its time writing.
+    pool = base64.b85encode(os.urandom(1_000_000)).decode()
+    pieces = [pool[i:i + 50_000] for i in range(0, 25 * 50_000, 50_000)]
     store = SampleStore({root!r})
     with store.writer():
         first = sum(store.counts().values()) // 5  # resume: continue after the blocks already stored
-        for b in range(first, 100000):
-            store.write(rows("teacher", "s%d" % (b % 7), range(5 * (b // 7), 5 * (b // 7) + 5), size=20000))
+        for b in range(first, {blocks}):
+            block = rows("teacher", "s%d" % (b % 7), range(5 * (b // 7), 5 * (b // 7) + 5))
+            for r, text in zip(block, random.sample(pieces, 5)):
+                r["response"] = text
+            store.write(block)
 """)
 
 
-def test_kill9_while_writing_loses_nothing_written(tmp_path):
-    """SIGKILL a writer at random moments, many times: every shard on disk is whole, and nothing is half read."""
+def test_kill9_at_random_moments_while_writing(tmp_path):
+    """SIGKILL a writer of incompressible shards at seeded random moments, 12 times (some mid-write: a temporary
+    file is left behind): every shard on disk is whole, temporaries are never read, and a rerun ends with
+    exactly N per (role, scenario)."""
+    import random
+    import secrets
+
+    seed = int(os.environ.get("TOMTRANSFER_CRASH_SEED") or secrets.randbelow(2**31))
+    print(f"[crash] store writer: seed {seed} (replay: TOMTRANSFER_CRASH_SEED={seed})")
+    rng = random.Random(f"{seed}-store")
     root = tmp_path / "store"
     store = SampleStore(root)
-    before = 0
-    for attempt in range(4):
-        p = subprocess.Popen([sys.executable, "-c", WRITER.format(tests=str(ROOT / "tests"), root=str(root))], cwd=ROOT)
+    writer = [sys.executable, "-c", WRITER.format(tests=str(ROOT / "tests"), root=str(root), blocks=100_000)]
+    before, mid_write = 0, 0
+    for attempt in range(12):
+        p = subprocess.Popen(writer, cwd=ROOT)
         deadline = time.monotonic() + 60
-        while len(store.shard_paths()) < before + 3 + attempt and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.013 * attempt)
+        while len(store.shard_paths()) <= before and time.monotonic() < deadline:  # it is writing
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.1))
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
+        temps = list(store.shard_dir.glob(".tmp-*"))
+        mid_write += bool(temps)
         shards = store.shard_paths()
-        assert len(shards) > before
+        assert len(shards) > before, f"seed {seed}"
         for s in shards:  # every final-named file is a complete shard of one 5-row block
-            t = pq.read_table(s)
-            assert t.num_rows == 5
-        counts = store.counts()
-        assert sum(counts.values()) == 5 * len(shards)
-        assert all(c % 5 == 0 for c in counts.values())
+            assert pq.read_table(s).num_rows == 5, f"seed {seed}: {s.name}"
+        counts = store.counts()  # temporaries ignored
+        assert sum(counts.values()) == 5 * len(shards) and all(c % 5 == 0 for c in counts.values()), f"seed {seed}"
         before = len(shards)
+    assert mid_write >= 1, f"seed {seed}: no kill landed mid-write in 12"
+    payload = b"".join(r.encode() for r in pq.read_table(shards[0]).column("response").to_pylist())
+    assert len(pa.compress(payload, "zstd")) > 0.7 * len(payload), "the payload compresses: writes are too cheap"
+    blocks = -(-before // 7) * 7 + 7  # whole rounds of the 7 scenarios, more than are stored
+    subprocess.run([*writer[:2], WRITER.format(tests=str(ROOT / "tests"), root=str(root), blocks=blocks)],
+                   cwd=ROOT, check=True)
+    assert not list(store.shard_dir.glob(".tmp-*"))  # the next writer removed them
+    assert set(store.counts().values()) == {5 * blocks // 7} and len(store.counts()) == 7
     with store.writer():
-        assert not list(store.shard_dir.glob(".tmp-*"))
         store.compact()
-    assert pq.read_table(root / "samples.parquet").num_rows == 5 * before
+    t = pq.read_table(root / "samples.parquet")
+    keys = list(zip(t.column("scenario_id").to_pylist(), t.column("sample_index").to_pylist()))
+    assert len(keys) == len(set(keys)) == 5 * blocks
+    print(f"[crash] store writer: 12 kills, {mid_write} mid-write, {before} whole shards kept, "
+          f"{len(payload) // 1000} kB of random text per shard")
 
 
 def test_exact_store_one_row_per_key(tmp_path):

@@ -275,3 +275,44 @@ def test_adapter_changes_distribution_and_delete_restores(app, client, http, pd_
     _close(after, base, rel=1e-4)
     gone = http.post("/chat/completions", json={"model": "student:tom", "messages": list(pd_messages)})
     assert gone.status_code == 404
+
+
+def test_seeded_request_alone_and_under_concurrent_load(client, pd_messages, pgg_messages):
+    """Resume identity (services/common/runner.py) assumes the server reproduces (seed, n): a block re-requested
+    after a kill must give the samples the uninterrupted run got. Here: the same seeded request twice alone, then
+    again while other requests (other prompts, seeds, n) share vLLM's continuous batch with it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    kw = dict(model="student", messages=list(pd_messages), n=8, max_tokens=48, temperature=1.0, seed=20240811)
+
+    def texts(**extra) -> tuple[list[str], float, float]:
+        t0 = time.monotonic()
+        r = client.chat.completions.create(**{**kw, **extra})
+        return [c.message.content for c in r.choices], t0, time.monotonic()
+
+    alone, _, _ = texts()
+    again, _, _ = texts()
+    assert again == alone, "the same seeded request, alone, gave other samples"
+
+    start = threading.Barrier(7)
+
+    def noise(i: int):
+        start.wait()
+        return texts(messages=list(pgg_messages if i % 2 else pd_messages), n=4 + i, seed=i, max_tokens=64)
+
+    def target():
+        start.wait()
+        time.sleep(0.3)  # join a batch that is already decoding
+        return texts()
+
+    with timed("seeded n=8 under load of 6 requests"), ThreadPoolExecutor(7) as pool:
+        others = [pool.submit(noise, i) for i in range(6)]
+        loaded, t0, t1 = pool.submit(target).result()
+        spans = [f.result()[1:] for f in others]
+    overlapped = sum(1 for a, b in spans if a < t1 and b > t0)
+    assert overlapped >= 3, f"only {overlapped} requests were in flight with the seeded one"
+    same = sum(a == b for a, b in zip(alone, loaded))
+    print(f"[vllm-test] seeded request under load: {same}/{len(alone)} samples identical to the request alone "
+          f"({overlapped} requests in flight with it)")
+    assert loaded == alone, f"under concurrent load {len(alone) - same}/{len(alone)} samples differ"

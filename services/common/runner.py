@@ -1,7 +1,8 @@
 """The sampling runner: fans requests out to the OpenAI-compatible serving app and stores every sample once.
 
 One piece of code serves `tomtransfer generate` (teacher samples with motivations) and both estimators of
-`tomtransfer evaluate` (sampled: `run_sampling`; exact: `run_exact`).
+`tomtransfer evaluate` (sampled: `sample_async`; exact: `exact_async`), each called with its store already open
+for writing (`with store.writer():`).
 
 How a run goes:
 
@@ -49,8 +50,6 @@ from shared.errors import UserError
 from shared.games import PublicGoodsGame
 from shared.parsing import parse_choice, parse_contribution
 from shared.scenarios import Scenario
-
-from shared.samples import served_model  # noqa: F401  (the served-name rule lives with the sample)
 
 from services.common.samples import ExactStore, Request, SampleStore, plan_requests
 
@@ -519,12 +518,6 @@ async def sample_async(
     return report
 
 
-def run_sampling(store: SampleStore, jobs: list[Job], **kwargs) -> RunReport:
-    """`sample_async` in a fresh event loop, holding the store's writer lock."""
-    with store.writer():
-        return asyncio.run(sample_async(store, jobs, **kwargs))
-
-
 # -------------------------------------------------------------------------------------------- exact
 def exact_row(job: Job, run_id: str, temperature: float, data: dict, latency_s: float) -> dict:
     """One `EXACT_SCHEMA` row from the exact endpoint's answer for one (role, scenario).
@@ -648,8 +641,3 @@ async def exact_async(
     report.counts = {j.key: 1 for j in jobs}
     report.elapsed_s = time.monotonic() - t_start
     return report
-
-
-def run_exact(store: ExactStore, jobs: list[Job], **kwargs) -> RunReport:
-    with store.writer():
-        return asyncio.run(exact_async(store, jobs, **kwargs))
