@@ -6,11 +6,11 @@ EOS ignored; T = 0.8; 300 samples. Weights are random (real ones cannot reach th
 Measured (wall clock, CUDA synchronised, best of `--repeats` after one warm-up):
 - engine       the transformers engine's batched path: one prefill, 300 rows decoded together with the shared
                prompt cache (SharedPrefixDecoder) and a CUDA-graph decode step;
-- engine_compiled  the same with the decode layer compiled by torch.compile (TOMTRANSFER_COMPILE=1; compiles
-               once per (rows, prompt bucket, span bucket)) and, by default with it, the Triton suffix-attention kernel;
-- engine_compiled_plain_suffix  compiled, suffix attention as plain matrix products (TOMTRANSFER_TRITON_SUFFIX=0);
-- engine_triton_suffix / engine_flash_suffix  not compiled, with the Triton / PyTorch-flash suffix kernel;
-- engine_nograph  the engine without CUDA graphs (eager decode step);
+- engine_compiled  the same with the decode layer compiled by torch.compile (`decoding: {compile: true}`; compiles
+               once per (rows, prompt bucket, span bucket)) and with it the Triton suffix-attention kernel;
+- engine_nograph  the engine without CUDA graphs (`cuda_graphs: false`, eager decode step);
+(The suffix-kernel variants measured slower - flash 1.25 s, Triton without compile 0.93 s, compile without Triton
+0.73 s - and were removed from the engine; their numbers stay in benchmarks/results/serving_gpu.json.)
 - hf_batched   plain `model.generate(num_return_sequences=300, do_sample=True)` (reference);
 - one_at_a_time  `model.generate` for one sample, timed on `--single` samples and scaled to 300 (the paper's loop);
 - exact_prefill  one forward pass over the 300-token prompt + softmax at T + answer-mass sums (exact mode's
@@ -70,6 +70,7 @@ def main() -> None:
 
     from services.common.tiny import llama2_7b_config
     from services.teacher.engines.base import ExactRequest, SamplingParams
+    from services.teacher.engines.decoding import DecodingOptions
     from services.teacher.engines.transformers_engine import TransformersEngine
 
     assert torch.cuda.is_available(), "needs a GPU"
@@ -109,24 +110,15 @@ def main() -> None:
             best = min(best, time.perf_counter() - t0)
         return best, out
 
-    import os
-
-    # (name, CUDA graphs, compiled layer, suffix-attention kernel: "auto" the engine's default (Triton kernel with
-    # the compiled layer, plain matrix products without), "plain", "triton", "flash")
-    variants = [("engine", True, False, "auto"), ("engine_triton_suffix", True, False, "triton"),
-                ("engine_flash_suffix", True, False, "flash"), ("engine_nograph", False, False, "auto")]
+    # (name, the model's `decoding` knobs)
+    variants = [("engine", DecodingOptions()), ("engine_nograph", DecodingOptions(cuda_graphs=False))]
     if args.compile:
-        variants[1:1] = [("engine_compiled", True, True, "auto"), ("engine_compiled_plain_suffix", True, True, "plain")]
+        variants[1:1] = [("engine_compiled", DecodingOptions(compile=True))]
     if args.only:
         variants = [v for v in variants if v[0] in args.only.split(",")]
-    for name, graphs, compiled, kernel in variants:
-        os.environ["TOMTRANSFER_COMPILE"] = "1" if compiled else "0"
-        os.environ["TOMTRANSFER_FLASH_SUFFIX"] = "1" if kernel == "flash" else "0"
-        os.environ.pop("TOMTRANSFER_TRITON_SUFFIX", None)
-        if kernel != "auto":
-            os.environ["TOMTRANSFER_TRITON_SUFFIX"] = "1" if kernel == "triton" else "0"
+    for name, knobs in variants:
         t_build = time.perf_counter()
-        eng = TransformersEngine(spec, model=model, tokenizer=tok, graphs=graphs)
+        eng = TransformersEngine(SimpleNamespace(**vars(spec), decoding=knobs), model=model, tokenizer=tok)
         eng._pool.submit(lambda: None).result()  # vocabulary table built
         try:
             eng.sample_ids(ids, params)  # warm-up (allocator, graph capture, compile, kernels)
@@ -142,8 +134,6 @@ def main() -> None:
         results[name] = {"seconds": best, "prefill_s": res.timings["prefill_s"], "decode_s": res.timings["decode_s"],
                          "decoder": eng.decoder.name, "rows_per_chunk": res.timings["rows_per_chunk"],
                          "tokens_per_s": args.samples * args.new / best, "first_call_s": warm_s,
-                         "cuda_attention_kernel": getattr(eng.decoder, "cuda_attn", None),
-                         "flash_suffix": getattr(eng.decoder, "flash", None),
                          "triton_suffix": getattr(eng.decoder, "triton_suffix", None)}
         print(name, json.dumps(results[name]), flush=True)
         if name in ("engine", "engine_compiled"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
 import pstats
 import time
 
@@ -19,7 +18,6 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--compile", action="store_true")
     args = ap.parse_args()
-    os.environ["TOMTRANSFER_COMPILE"] = "1" if args.compile else "0"
     from types import SimpleNamespace
 
     import torch
@@ -34,8 +32,10 @@ def main() -> None:
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    from services.teacher.engines.decoding import DecodingOptions
+
     spec = SimpleNamespace(model="llama2-7b-random", engine="transformers", device="cuda", dtype="bfloat16",
-                           max_batch_size=300, num_cpus=1.0)
+                           max_batch_size=300, num_cpus=1.0, decoding=DecodingOptions(compile=args.compile))
     eng = TransformersEngine(spec, model=model, tokenizer=tok)
     eng._pool.submit(lambda: None).result()
     g = torch.Generator().manual_seed(1)

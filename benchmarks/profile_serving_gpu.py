@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from services.common.tiny import llama2_7b_config
 from services.teacher.engines.base import SamplingParams
+from services.teacher.engines.cuda_fastpath import CudaGraphDecoder
+from services.teacher.engines.decoding import DecodingOptions
 from services.teacher.engines.transformers_engine import TransformersEngine
 
 
@@ -32,22 +34,10 @@ def main():
     tok = AutoTokenizer.from_pretrained(sys.argv[1])
     spec = SimpleNamespace(model="x", engine="transformers", device="cuda", dtype="bfloat16", max_batch_size=300,
                            num_cpus=1.0)
-    eng = TransformersEngine(spec, model=model, tokenizer=tok, graphs=True)
+    eng = TransformersEngine(spec, model=model, tokenizer=tok)  # default knobs: CUDA graphs on
     ids = torch.randint(10, 32000, (300,)).tolist()
     dec = eng.decoder
-    print("fused", dec.fused is not None, "cuda_attn", dec.cuda_attn)
-    try:
-        from services.teacher.engines.decoding import _attn_lse_cuda
-
-        q = torch.randn(2, 32, 3, 128, device=dev, dtype=torch.bfloat16)
-        k = torch.randn(2, 32, 16, 128, device=dev, dtype=torch.bfloat16)
-        bias = torch.zeros(1, 1, 1, 16, device=dev, dtype=torch.bfloat16).expand(2, 32, 3, 16)
-        o, l = _attn_lse_cuda(q, k, k, bias)
-        print("efficient attention ok", o.shape, l.shape)
-        o, l = _attn_lse_cuda(q, k, k, None)
-        print("efficient attention (no bias) ok", o.shape, l.shape)
-    except Exception as e:  # noqa: BLE001
-        print("efficient attention failed:", type(e).__name__, str(e)[:300])
+    print("fused", dec.fused is not None, "graphs", dec.graphs)
     from services.teacher.engines.decoding import HFDecoder
 
     with torch.inference_mode():
@@ -99,13 +89,8 @@ def main():
             torch.cuda.synchronize()
             print("sample_ids", time.perf_counter() - t0)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
-    import os
-
-    os.environ["TOMTRANSFER_COMPILE"] = "1"
-    from services.teacher.engines.decoding import SharedPrefixDecoder
-
     t0 = time.perf_counter()
-    cdec = SharedPrefixDecoder(model, graphs=True)
+    cdec = CudaGraphDecoder(model, DecodingOptions(compile=True))
     with torch.inference_mode():
         pre = cdec.prefill(ids)
         st = cdec.start(pre, 300, 64)

@@ -33,6 +33,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DecodingConfig(_Strict):
+    """Knobs of the transformers engine's decoder (services/teacher/engines/decoding.py, `DecodingOptions`: same
+    names and defaults). The CUDA ones do nothing on CPU; benchmarks/RESULTS.md has what they measured."""
+
+    fast: bool = Field(
+        default=True, description="the shared-prefix decoder for Llama-family models (the prompt's K/V read once "
+        "per step for all rows); false: always the generic HF decoder")
+    kv_budget_mb: float | None = Field(
+        default=None, gt=0, description="memory for the per-row K/V of one decode chunk, which bounds the rows "
+        "decoded together; null: 1024 on CPU, 40 % of the free GPU memory on CUDA")
+    prefix_cache_mb: float = Field(
+        default=256.0, ge=0, description="the system-turn K/V cache per replica (0: off); hits give the same "
+        "numbers as misses")
+    device_loop: bool | None = Field(
+        default=None, description="sample on the device, no host sync per step (used for requests without "
+        "logprobs, stop strings, stop_at_answer or guided_choice, T > 0); null: on CUDA")
+    cuda_graphs: bool = Field(default=True, description="CUDA: capture the decode step and the prompt forward as "
+                              "CUDA graphs")
+    compile: bool = Field(
+        default=False, description="CUDA: torch.compile the decode layer and the sampling draw, with the Triton "
+        "suffix-attention kernel (0.90 -> 0.65 s on the GPU benchmark; ~10 s of compiling per new (rows, prompt "
+        "bucket) shape)")
+    span_bucket: int = Field(default=16, ge=1, description="CUDA graphs: suffix-length bucket of a captured step")
+    prompt_bucket: int = Field(
+        default=64, ge=1, description="CUDA graphs: prompt-length bucket (padding masked): one graph per bucket, "
+        "not per length")
+    graph_pool: int = Field(default=4, ge=1, description="CUDA graphs: decode shapes (rows, max_tokens, prompt "
+                            "bucket) kept captured")
+    graph_prefill_max: int = Field(
+        default=1024, ge=0, description="CUDA graphs: the longest prompt whose forward runs as a graph (0: never)")
+
+
 class ModelSpec(_Strict):
     """One served model: what weights, which engine, where it runs."""
 
@@ -44,6 +76,9 @@ class ModelSpec(_Strict):
     base_url: str | None = None
     api_key_env: str | None = Field(default=None, description="name of the env var holding the API key")
     remote_model: str | None = Field(default=None, description="model name at the remote endpoint")
+    remote_max_n: int = Field(default=128, ge=1, description="openai engine: `n` per upstream request (a larger n "
+                              "is split; 128 is OpenAI's cap)")
+    remote_timeout_s: float = Field(default=600.0, gt=0, description="openai engine: timeout of one upstream request")
     # resources for the Serve replica
     num_replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=1.0, gt=0)
@@ -52,9 +87,7 @@ class ModelSpec(_Strict):
         default=None, ge=1, description="CPU threads of the transformers engine (default: num_cpus); more threads "
         "than reserved CPUs lets one busy model use an idle core, e.g. the teacher while the student waits")
     max_batch_size: int = Field(default=512, ge=1, description="sequences decoded together")
-    compile: bool = Field(
-        default=False, description="transformers engine on CUDA: torch.compile the decode layer and sampling draw "
-        "(faster steps; ~10 s of compiling per new batch shape); env TOMTRANSFER_COMPILE=1 does the same")
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig, description="transformers engine knobs")
     vllm_engine_kwargs: dict = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -105,6 +138,8 @@ class ServingConfig(_Strict):
     max_message_chars: int = Field(default=200_000, ge=1, description="cap on the characters of all messages")
     max_stop_strings: int = Field(default=16, ge=1, description="cap on the number of stop strings")
     max_guided_choices: int = Field(default=256, ge=1, description="cap on guided_choice / structured_outputs.choice")
+    max_adapters: int = Field(default=16, ge=1, description="adapters kept loaded per student replica (least "
+                              "recently used out)")
 
 
 class GenerateConfig(_Strict):

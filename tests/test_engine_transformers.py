@@ -17,7 +17,8 @@ import torch
 
 from services.common.tiny import tiny_model_dir
 from services.teacher.engines.base import ChatRequest, EngineInputError, ExactRequest, SamplingParams, create_engine
-from services.teacher.engines.decoding import HFDecoder, SharedPrefixDecoder
+from services.teacher.engines.cuda_fastpath import CudaGraphDecoder, fused_layer
+from services.teacher.engines.decoding import DecodingOptions, HFDecoder, SharedPrefixDecoder
 from services.teacher.engines.transformers_engine import TransformersEngine
 from services.teacher.exact import lead_choice, lead_contribution
 from shared.config import ModelSpec
@@ -79,16 +80,15 @@ def test_engine_registry_and_info(engine):
     assert text.endswith("<|im_start|>assistant\n") and "Which one, C or D?" in text  # chat template applied
 
 
-def test_compile_is_configuration(monkeypatch):
-    """`compile: true` on a model reaches the engine and its decoder (no env var needed); off by default. On CPU it
-    changes nothing else: the compiled layer and draw are CUDA-graph paths."""
-    monkeypatch.delenv("TOMTRANSFER_COMPILE", raising=False)
+def test_compile_is_configuration():
+    """`decoding: {compile: true}` on a model reaches the engine; off by default. On CPU it changes nothing: the
+    compiled layer and draw belong to the CUDA fast path, which is not used there."""
     path = str(tiny_model_dir("llama", seed=3))
     off = TransformersEngine(ModelSpec(model=path, device="cpu"))
-    on = TransformersEngine(ModelSpec(model=path, device="cpu", compile=True))
+    on = TransformersEngine(ModelSpec(model=path, device="cpu", decoding={"compile": True}))
     try:
-        assert (off.compile, off.decoder.compile) == (False, False)
-        assert (on.compile, on.decoder.compile) == (True, True)
+        assert (off.compile, on.compile) == (False, True)
+        assert type(on.decoder) is SharedPrefixDecoder and not on.graphs  # CPU: not the CUDA subclass
         assert on._draw_rows is None and on.decoder._layer is None  # CPU: nothing compiled
         assert [c.text for c in chat(on, n=4, seed=2).choices] == [c.text for c in chat(off, n=4, seed=2).choices]
     finally:
@@ -156,14 +156,13 @@ def test_prefix_cache_hits_equal_misses(engine, tmp_path):
     assert engine.prefixes.stats()["entries"] == 0
 
 
-@pytest.mark.parametrize("fuse", ["0", "1"])
-def test_static_graph_step_matches_dynamic_step(engine, monkeypatch, fuse):
-    """The CUDA-graph form of a decode step (masked full buffer, step index as a tensor), run eagerly on CPU, with
-    separate and with fused (CUDA's default) q/k/v and gate/up weights."""
+@pytest.mark.parametrize("fuse", [False, True])
+def test_static_graph_step_matches_dynamic_step(engine, fuse):
+    """The CUDA-graph form of a decode step (masked full buffer, step index as a tensor), run eagerly on CPU by the
+    CUDA fast path's decoder, with separate and with fused (CUDA's default) q/k/v and gate/up weights."""
     ids = engine.prompt_ids(MSGS)
-    monkeypatch.setenv("TOMTRANSFER_FUSE", fuse)
-    dec = SharedPrefixDecoder(engine.model)
-    assert (dec.fused is not None) == (fuse == "1")
+    dec = CudaGraphDecoder(engine.model, DecodingOptions(), fuse=fuse)
+    assert (dec.fused is not None) == fuse and not dec.graphs and not dec.triton_suffix
     with torch.inference_mode():
         pre = dec.prefill(ids)
         a, b = dec.start(pre, 2, 5), dec.start(pre, 2, 5)
@@ -174,10 +173,8 @@ def test_static_graph_step_matches_dynamic_step(engine, monkeypatch, fuse):
             a.t += 1
             b.t += 1
             torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
-    if fuse == "1":  # the pure (compilable) layer function agrees too
-        from services.teacher.engines import decoding
-
-        dec._layer = decoding._fused_layer
+    if fuse:  # the pure (compilable) layer function agrees too
+        dec._layer = fused_layer
         with torch.inference_mode():
             c = dec.start(pre, 2, 5)
             a2 = dec.start(pre, 2, 5)

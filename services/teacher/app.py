@@ -46,7 +46,7 @@ Auth: when `serving.auth_token_env` names an environment variable, every `/v1` r
 
 Adapters are registered in the ingress (config `serving.adapters` + the POST/DELETE routes) and travel
 with each request (name + source), so every student replica loads an adapter on first use (MLflow URIs are
-downloaded to `<cache>/adapters/`) and keeps at most `TOMTRANSFER_MAX_ADAPTERS` (default 16) loaded,
+downloaded to `<cache>/adapters/`) and keeps at most `serving.max_adapters` (default 16) loaded,
 least recently used first out. Adapters registered over HTTP live as long as the ingress replica.
 """
 
@@ -452,7 +452,8 @@ def _download(source: str, tracking_uri: str | None, resolve) -> Path:
 class ModelServer:
     """One engine (teacher or student) + lazily loaded adapters. Methods return {"ok": ...} or {"error": ...}."""
 
-    def __init__(self, role: str, spec: dict, tracking_uri: str | None = None, adapter_root: str | None = None):
+    def __init__(self, role: str, spec: dict, tracking_uri: str | None = None, adapter_root: str | None = None,
+                 max_adapters: int = 16):
         from services.teacher.engines.base import engine_class
         from shared.config import ModelSpec
 
@@ -467,7 +468,7 @@ class ModelServer:
         self.policy = AdapterPolicy(adapter_root, self.tracking_uri)
         # adapter name -> (source, restricted), LRU order
         self.sources: OrderedDict[str, tuple[str, bool]] = OrderedDict()
-        self.max_adapters = int(os.environ.get("TOMTRANSFER_MAX_ADAPTERS", "16"))
+        self.max_adapters = max_adapters  # serving.max_adapters
 
     async def _ensure_adapter(self, name: str, source: str, restricted: bool = False) -> None:
         """Load adapter `name` from `source` unless loaded; `restricted`: a source from POST /v1/adapters,
@@ -897,7 +898,7 @@ def build_app(args: dict) -> serve.Application:
         apps[role] = ModelServer.options(
             name=f"tomtransfer-{role}", num_replicas=spec.num_replicas,
             ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
-        ).bind(role, spec.model_dump(mode="json"), tracking, root)
+        ).bind(role, spec.model_dump(mode="json"), tracking, root, cfg.serving.max_adapters)
     defaults = {"temperature": cfg.sampling.temperature, "max_tokens": min(cfg.sampling.max_tokens,
                                                                           cfg.serving.max_tokens_cap)}
     return Ingress.options(name="tomtransfer-ingress").bind(

@@ -5,7 +5,7 @@ Config (`ModelSpec`): `engine: openai`, `base_url` (e.g. `https://api.example.co
 at the remote end; default: `model`). The key is read when the engine starts; a named but unset variable
 is an error then, not at the first request.
 
-chat: forwarded as is. Requests with `n` above `OPENAI_ENGINE_MAX_N` (env, default 128, the OpenAI cap)
+chat: forwarded as is. Requests with `n` above `remote_max_n` (default 128, the OpenAI cap)
 are split into concurrent requests; each sub-request gets `seed + i` so seeded requests stay reproducible.
 `ignore_eos` is sent as an extra body field (vLLM understands it). `stop_at_answer` cannot stop a remote
 decoder early: the text is cut client-side at the prefix that decided the answer.
@@ -65,9 +65,9 @@ class OpenAIEngine(Engine):
                 raise UserError(f"engine 'openai': environment variable {spec.api_key_env} (api_key_env) is not set")
         self.spec = spec
         self.remote_model = spec.remote_model or spec.model
-        self.max_n = int(os.environ.get("OPENAI_ENGINE_MAX_N", "128"))
+        self.max_n = spec.remote_max_n
         self.client = client or openai.AsyncOpenAI(base_url=spec.base_url, api_key=key or "EMPTY", max_retries=2,
-                                                   timeout=float(os.environ.get("OPENAI_ENGINE_TIMEOUT_S", "600")))
+                                                   timeout=spec.remote_timeout_s)
 
     async def _create(self, **kwargs):
         import openai

@@ -2,18 +2,19 @@
 
 Sampling (`chat`): the chat-templated prompt is prefilled ONCE; all `n` continuations are decoded from
 that one prompt cache in chunks of at most `ModelSpec.max_batch_size` rows (fewer if the per-row KV
-buffers would exceed the KV budget: `TOMTRANSFER_KV_BUDGET_MB`, default 1024 on CPU, 40 % of free GPU
-memory on CUDA). Llama-family models use `SharedPrefixDecoder` (prompt K/V shared by all rows, CUDA graph
-on GPU), others the generic `HFDecoder` (see `decoding.py`). Per step: softmax(logits / T), optional
-nucleus (top_p) filter, then inverse-CDF sampling with uniforms drawn up front from
-`torch.Generator(seed)` as an (n, max_tokens) matrix: sample i at step t always uses u[i, t], so with the
-same (seed, max_tokens, model) sample i is the same whatever n, the batch size, or stop strings. Rows that end (EOS or a stop string) are dropped
+buffers would exceed the KV budget: `decoding.kv_budget_mb` of the model's config, default 1024 on CPU, 40 % of
+free GPU memory on CUDA). Llama-family models use `SharedPrefixDecoder` (prompt K/V shared by all rows; on CUDA
+its graph/compile subclass in `cuda_fastpath.py`), others the generic `HFDecoder` (see `decoding.py`). The
+knobs are the model's `decoding` section (`DecodingOptions`). Per step: softmax(logits / T), optional nucleus
+(top_p) filter, then inverse-CDF sampling with uniforms drawn up front from `torch.Generator(seed)` as an
+(n, max_tokens) matrix: sample i at step t always uses u[i, t], so with the same (seed, max_tokens, model) sample
+i is the same whatever n, the batch size, or stop strings. Rows that end (EOS or a stop string) are dropped
 from the batch on CPU once a quarter of them are done. On CUDA, requests without logprobs, stop strings or
 stop_at_answer (T > 0) take `_sample_chunk_device` instead: the same draws, made on the GPU with no host sync per
 step, one row per sample, EOS applied at the end (checked every 16 steps for an early stop).
 
 Prompt prefix cache: a prompt with a system turn is always computed in two pieces, the system turn (its K/V
-kept in a per-adapter LRU, `TOMTRANSFER_PREFIX_CACHE_MB`, default 256, 0 = off) and the rest, so the 4 games
+kept in a per-adapter LRU, `decoding.prefix_cache_mb`, default 256, 0 = off) and the rest, so the 4 games
 of a context, every sample block and every exact call of a scenario reuse one system-turn forward; hits and
 misses give identical numbers (`prefix_cache.py`). Not on CUDA's whole-prompt graph path (no adapters), where
 the prompt forward is one graph replay anyway.
@@ -55,7 +56,15 @@ from services.teacher.engines.base import (
     TopLogprob,
     end_token_ids,
 )
-from services.teacher.engines.decoding import HFDecoder, Prefix, SharedPrefixDecoder, State, make_decoder, prompt_kv
+from services.teacher.engines.decoding import (
+    DecodingOptions,
+    HFDecoder,
+    Prefix,
+    SharedPrefixDecoder,
+    State,
+    make_decoder,
+    prompt_kv,
+)
 from services.teacher.engines.prefix_cache import PrefixCache
 from services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
 
@@ -83,8 +92,9 @@ class TransformersEngine(Engine):
     name = "transformers"
     supports_adapters = True
 
-    def __init__(self, spec, *, model_path: str | None = None, threads: int | None = None,
-                 fast: bool | None = None, graphs: bool | None = None, model=None, tokenizer=None):
+    def __init__(self, spec, *, model_path: str | None = None, threads: int | None = None, model=None,
+                 tokenizer=None):
+        """`spec`: a `ModelSpec` (its `decoding` section holds the knobs, see `DecodingOptions`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from services.common.models import resolve_model
@@ -110,30 +120,32 @@ class TransformersEngine(Engine):
         self.adapters: dict[str, str] = {}
         self.vocab_size = int(self.base.get_output_embeddings().weight.shape[0])
         self.end_ids = self._end_ids()
-        env_fast = os.environ.get("TOMTRANSFER_FAST_DECODE")
-        self.fast = (env_fast != "0") if fast is None else fast
-        self.graphs = (self.device.type == "cuda" and os.environ.get("TOMTRANSFER_CUDA_GRAPHS", "1") != "0") \
-            if graphs is None else graphs
-        self.compile = bool(getattr(spec, "compile", False)) or os.environ.get("TOMTRANSFER_COMPILE") == "1"
-        self.decoder = make_decoder(self.model, prefer_fast=self.fast, graphs=self.graphs, compile=self.compile)
-        # the on-device sampling loop (`_sample_chunk_device`): default on CUDA; TOMTRANSFER_DEVICE_LOOP=0/1 forces it
-        env_loop = os.environ.get("TOMTRANSFER_DEVICE_LOOP")
-        self.device_loop = (env_loop == "1") if env_loop in ("0", "1") else self.device.type == "cuda"
+        self.options = opts = DecodingOptions.of(spec)
+        self.fast = opts.fast
+        self.graphs = opts.cuda_graphs and self.device.type == "cuda"
+        self.compile = opts.compile
+        self.decoder = self._make_decoder()
+        # the on-device sampling loop (`_sample_chunk_device`): default on CUDA; `decoding.device_loop` forces it
+        self.device_loop = self.device.type == "cuda" if opts.device_loop is None else opts.device_loop
         self.max_batch_size = spec.max_batch_size
-        # the per-step draw of the device loop (softmax, float64 CDF, search) as one compiled kernel chain: opt-in
-        # with the compiled decode layer (TOMTRANSFER_COMPILE=1); the same math as `_distribution` + the CDF search
+        # with `compile` on CUDA, the device loop's per-step draw as one compiled kernel chain (`cuda_fastpath`)
         self._draw_rows = None
         if self.device.type == "cuda" and self.compile:
-            self._draw_rows = torch.compile(_draw_rows, dynamic=False)
+            from services.teacher.engines.cuda_fastpath import compiled_draw
+
+            self._draw_rows = compiled_draw()
         self.max_context = int(getattr(self.base.config, "max_position_embeddings", 0) or 1 << 30)
         self._table: TokenTable | None = None
         self._root: RootClassifier | None = None
-        self.prefixes = PrefixCache(float(os.environ.get("TOMTRANSFER_PREFIX_CACHE_MB", "256")) * 2**20)
+        self.prefixes = PrefixCache(float(opts.prefix_cache_mb) * 2**20)
         self._system_ids: dict[str, list[int]] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.name}")
         self._pool.submit(self._root_classifier)  # warm the vocabulary table off the request path
 
     # ----------------------------------------------------------------------------------- plumbing
+    def _make_decoder(self):
+        return make_decoder(self.model, prefer_fast=self.fast, options=self.options)
+
     def _end_ids(self) -> set[int]:
         gen = getattr(self.base, "generation_config", None)
         return end_token_ids(self.tokenizer, getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id)
@@ -219,9 +231,8 @@ class TransformersEngine(Engine):
         per_row = 2 * layers * kv_heads * head_dim * capacity * torch.tensor([], dtype=self.dtype).element_size()
         if isinstance(self.decoder, HFDecoder):
             per_row *= 2  # the prompt is copied into every row, and torch.cat doubles it transiently
-        env = os.environ.get("TOMTRANSFER_KV_BUDGET_MB")
-        if env:
-            budget = float(env) * 2**20
+        if self.options.kv_budget_mb is not None:
+            budget = float(self.options.kv_budget_mb) * 2**20
         elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = 0.4 * free
@@ -546,7 +557,7 @@ class TransformersEngine(Engine):
         self.adapters[name] = str(p)
         self.prefixes.clear()  # the model changed (a new LoRA wrapper, or new weights under an old name)
         self.model = self.peft
-        self.decoder = make_decoder(self.model, prefer_fast=self.fast, graphs=self.graphs, compile=self.compile)
+        self.decoder = self._make_decoder()
 
     def _unload_adapter_sync(self, name: str) -> None:
         if name not in self.adapters:
@@ -558,7 +569,7 @@ class TransformersEngine(Engine):
             self.base = self.peft.unload()
             self.peft = None
             self.model = self.base
-            self.decoder = make_decoder(self.model, prefer_fast=self.fast, graphs=self.graphs, compile=self.compile)
+            self.decoder = self._make_decoder()
             return
         self.peft.delete_adapter(name)
         if name in (self.peft.active_adapters or []):
@@ -581,14 +592,6 @@ class TransformersEngine(Engine):
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _draw_rows(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
-    """One token per row (top_p = 1): where u[j] falls in row j's CDF of softmax(logits / T) (float64 sums)."""
-    probs = torch.log_softmax(logits / temperature, dim=-1).exp()
-    cdf = probs.double().cumsum(-1)
-    x = (u * cdf[:, -1]).unsqueeze(1)
-    return torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 class _TreeBackend:
