@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=None, help="a tokenizer folder saved by --prepare")
     args = ap.parse_args()
     if args.prepare:
-        from services.common.tiny import train_tokenizer
+        from tests.fixtures.tiny_models import train_tokenizer
 
         train_tokenizer().save_pretrained(args.prepare)
         print(f"tokenizer saved to {args.prepare}")
@@ -68,7 +68,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from services.common.tiny import llama2_7b_config
+    from tests.fixtures.tiny_models import llama2_7b_config
     from services.teacher.engines.base import ExactRequest, SamplingParams
     from services.teacher.engines.decoding import DecodingOptions
     from services.teacher.engines.transformers_engine import TransformersEngine
@@ -85,7 +85,7 @@ def main() -> None:
     if args.tokenizer:
         tok = AutoTokenizer.from_pretrained(args.tokenizer)
     else:
-        from services.common.tiny import train_tokenizer
+        from tests.fixtures.tiny_models import train_tokenizer
 
         tok = train_tokenizer()
     # a ModelSpec's fields, without pydantic

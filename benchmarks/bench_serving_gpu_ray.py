@@ -7,7 +7,7 @@ teacher (random bf16 weights, written once to `--model-dir` with the stand-in to
   direct    `TransformersEngine.chat` / `.exact` in this process (same spec, same GPU kind), no Ray, no HTTP
   http      the same requests through the app with the `openai` client (`chat.completions.create`, and
             `client.post("/exact")` for the exact-mode route)
-  generate  `services.teacher.generate.generate` through the app: 20 in-sample scenarios x 300 motivated
+  generate  `services.collector.generate.generate` through the app: 20 in-sample scenarios x 300 motivated
             samples (`--gen-max-tokens`, one request of n=300 per scenario, two teacher replicas, one per GPU)
 
 The request: one in-sample scenario's motivated prompt, n=300, max_tokens 64, ignore_eos (every sample is
@@ -99,7 +99,7 @@ def main() -> None:
     from shared.scenarios import default_catalog
 
     if SMOKE:
-        from services.common.tiny import tiny_model_dir
+        from tests.fixtures.tiny_models import tiny_model_dir
 
         args.model_dir = tiny_model_dir()
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -177,7 +177,7 @@ def main() -> None:
             print("http", res["http_sample"]["median_s"], res["http_exact"]["median_s"], flush=True)
 
         def gen() -> None:
-            from services.teacher.generate import generate
+            from services.collector.generate import generate
 
             t0 = time.perf_counter()
             g = generate(cfg, base_url=url, progress=False, log_to_mlflow=False)

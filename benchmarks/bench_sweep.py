@@ -28,7 +28,7 @@ OUT = ROOT / "benchmarks" / "results" / "sweep_tiny.json"
 
 
 def base_config(out: Path) -> dict:
-    from services.common.tiny import tiny_model_dir
+    from tests.fixtures.tiny_models import tiny_model_dir
 
     return {
         "name": "bench-sweep",

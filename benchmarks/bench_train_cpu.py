@@ -14,7 +14,7 @@ the measure that survives other people's load on the machine. The end-to-end wal
 start, model load, checkpoints) is reported beside it. Ratio = arm / reference.
 
 Model: a Llama-architecture random-weight student (hidden 256, 4 layers, 8 heads, MLP 688; tokenizer =
-services.common.tiny's, so prompts are ~600-700 tokens). The machine is shared: load averages before and
+tests.fixtures.tiny_models's, so prompts are ~600-700 tokens). The machine is shared: load averages before and
 after each arm are recorded. Ray starts inside a private network namespace (the script re-executes itself
 under scripts/in-netns when a non-loopback interface is up).
 
@@ -87,9 +87,9 @@ def main() -> None:
         os.execv(str(ROOT / "scripts" / "in-netns"),
                  [str(ROOT / "scripts" / "in-netns"), sys.executable, "-m", "benchmarks.bench_train_cpu", *sys.argv[1:]])
 
-    from services.common.tiny import build_tiny_model
+    from tests.fixtures.tiny_models import build_tiny_model
     from services.trainer.dataset import export_training_set
-    from services.trainer.synthetic import fake_samples
+    from tests.fixtures.synthetic_samples import fake_samples
     from services.trainer.train import train_loop_per_worker
     from shared.config import parse_config
 

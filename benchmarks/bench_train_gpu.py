@@ -48,7 +48,7 @@ VARIANTS: dict[str, tuple[int, int, dict]] = {
 
 def prepare(out: Path) -> None:
     from services.trainer.dataset import export_training_set
-    from services.trainer.synthetic import bench_student_dir, fake_samples
+    from tests.fixtures.synthetic_samples import bench_student_dir, fake_samples
 
     samples = fake_samples(families=["in_sample"], n=16, invalid_rate=0.0, motivation_words=400, seed=1)
     ex = export_training_set(samples, out / "data", targets="answer_motivation")

@@ -48,7 +48,7 @@ def prepare(out: Path) -> None:
     import pandas as pd
 
     from services.trainer.dataset import export_training_set
-    from services.trainer.synthetic import bench_student_dir, fake_samples
+    from tests.fixtures.synthetic_samples import bench_student_dir, fake_samples
 
     parts = [fake_samples(families=["in_sample"], n=300 // len(MOTIVATION_WORDS), invalid_rate=0.0,
                           motivation_words=w, seed=i + 1) for i, w in enumerate(MOTIVATION_WORDS)]
@@ -79,7 +79,7 @@ SMOKE = os.environ.get("TOMTRANSFER_BENCH_SMOKE") == "1"  # CPU dry run: a tiny 
 
 def _student(data: Path) -> Path:
     if SMOKE:
-        from services.common.tiny import tiny_model_dir
+        from tests.fixtures.tiny_models import tiny_model_dir
 
         return tiny_model_dir()
     return data / "student"

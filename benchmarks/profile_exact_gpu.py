@@ -23,7 +23,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.common.tiny import llama2_7b_config
+    from tests.fixtures.tiny_models import llama2_7b_config
     from services.teacher.engines.base import ExactRequest
     from services.teacher.engines.transformers_engine import TransformersEngine
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.common.tiny import llama2_7b_config
+from tests.fixtures.tiny_models import llama2_7b_config
 from services.teacher.engines.base import SamplingParams
 from services.teacher.engines.cuda_fastpath import CudaGraphDecoder
 from services.teacher.engines.decoding import DecodingOptions

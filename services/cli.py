@@ -363,7 +363,7 @@ def _print_samples_result(path: Path, result, df) -> None:
 
 
 # --------------------------------------------------------------------------------------- workflows
-from services.teacher.generate_cli import generate_command  # noqa: E402  (light: heavy imports are inside)
+from services.collector.generate_cli import generate_command  # noqa: E402  (light: heavy imports are inside)
 
 app.command("generate")(generate_command)
 

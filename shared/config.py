@@ -130,6 +130,10 @@ class ServingConfig(_Strict):
         default=None, description="the only folder `POST /v1/adapters` may load local adapters from (after "
         "symlinks; a relative source is relative to it); null: the run's folder (<output_dir>/<name>), where "
         "`tomtransfer run` trains its adapter; false: local paths refused (MLflow URIs only)")
+    release_for_training: bool = Field(
+        default=True, description="`tomtransfer run` with its own serving app: when the training workers cannot fit "
+        "beside the app's replicas (one set of GPUs for both), the app steps aside while training and is deployed "
+        "again for the evaluation")
     allow_open: bool = Field(
         default=False, description="let `tomtransfer serve` bind a non-loopback serving.host without "
         "auth_token_env (anyone who reaches the port can use the models)")

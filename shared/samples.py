@@ -4,7 +4,7 @@
 - the Parquet schemas of raw samples (`SAMPLE_SCHEMA`, one row a sample) and of exact-mode rows (`EXACT_SCHEMA`,
   one row per role and scenario), with their keys;
 - `read_samples`: the one reader of sample files, used by the training set, the metrics and `analyze`.
-The store that writes them (crash-safe shards, compaction, resume) is `services.common.samples`.
+The store that writes them (crash-safe shards, compaction, resume) is `services.collector.store`.
 """
 
 from __future__ import annotations

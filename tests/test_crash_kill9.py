@@ -1,7 +1,7 @@
 """kill -9 at random moments of `generate` and of `evaluate`, then a rerun: exactly N per (role, scenario), no
 duplicate, and the same rows and metrics as an uninterrupted run.
 
-- Real processes: the `generate` command (`python -m services.teacher.generate_cli`) and the `evaluate` command
+- Real processes: the `generate` command (`python -m services.collector.generate_cli`) and the `evaluate` command
   (`python -m services.cli evaluate`, MLflow logging included), against the tiny random-weight models served by
   the project's app (`llm_endpoint`), SIGKILLed `KILLS` times (22 in all) at moments drawn from a seeded RNG.
   The seed is printed and in every failure message; `TOMTRANSFER_CRASH_SEED=<seed>` replays the schedule.
@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from services.common.samples import EXACT_KEY, SAMPLE_KEY, SampleStore
+from services.collector.store import EXACT_KEY, SAMPLE_KEY, SampleStore
 
 pytest_plugins = ["tests.fixtures.llm_endpoint", "tests.fixtures.mlflow_server"]
 pytestmark = pytest.mark.netns
@@ -52,7 +52,7 @@ pytestmark = pytest.mark.netns
 ROOT = Path(__file__).resolve().parents[1]
 SEED = int(os.environ.get("TOMTRANSFER_CRASH_SEED") or secrets.randbelow(2**31))
 KILLS = {"generate": 14, "evaluate": 8}  # an evaluate run starts slower (MLflow): fewer of them
-TMP = ".tmp-"  # services.common.samples writes every store file under this prefix, then renames it
+TMP = ".tmp-"  # services.collector.store writes every store file under this prefix, then renames it
 VOLATILE = {"latency_s"}  # the only sample column allowed to differ between two runs of the same request
 
 
@@ -250,13 +250,13 @@ def generate_config(path: Path, out: Path, url: str) -> Path:
 
 
 def generate_cmd(cfg: Path) -> list[str]:
-    return [sys.executable, "-m", "services.teacher.generate_cli", "--config", str(cfg), "--no-progress"]
+    return [sys.executable, "-m", "services.collector.generate_cli", "--config", str(cfg), "--no-progress"]
 
 
 def test_generate_killed_at_random_moments(llm_endpoint, tmp_path):
     import json
 
-    from services.teacher.generate import generate_dir
+    from services.collector.generate import generate_dir
     from shared.config import load_config
 
     rng = seeded("generate")

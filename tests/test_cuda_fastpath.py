@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.common.tiny import tiny_model_dir
+from tests.fixtures.tiny_models import tiny_model_dir
 from services.teacher.engines import cuda_fastpath
 from services.teacher.engines.cuda_fastpath import CudaGraphDecoder, fused_layer
 from services.teacher.engines.decoding import DecodingOptions, State, _attention

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.common.tiny import tiny_model_dir
+from tests.fixtures.tiny_models import tiny_model_dir
 from services.teacher.engines.base import ChatRequest, SamplingParams
 from services.teacher.engines.cuda_fastpath import CudaGraphDecoder
 from services.teacher.engines.decoding import DecodingOptions, HFDecoder, SharedPrefixDecoder

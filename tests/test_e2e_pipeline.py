@@ -30,7 +30,7 @@ def tomtransfer(*args, timeout=900):
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, mlflow_tracking_uri):
-    from services.common.tiny import tiny_model_dir
+    from tests.fixtures.tiny_models import tiny_model_dir
 
     out = tmp_path_factory.mktemp("e2e")
     cfg = {
@@ -106,7 +106,7 @@ def test_generated_dataset_is_exact(experiment):
     import pyarrow.parquet as pq
 
     _, run_dir, _ = experiment
-    from services.teacher.generate import generate_dir
+    from services.collector.generate import generate_dir
     from shared.config import load_config
 
     t = pq.read_table(generate_dir(load_config(experiment[0])) / "samples" / "samples.parquet").to_pandas()

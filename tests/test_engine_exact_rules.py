@@ -97,7 +97,7 @@ def test_decode_many_equals_batch_decode(model):
     from transformers import AutoTokenizer
 
     from services.common.models import resolve_model
-    from services.common.tiny import tiny_model_dir
+    from tests.fixtures.tiny_models import tiny_model_dir
     from services.teacher.exact import decode_many
 
     path = tiny_model_dir("llama", seed=3) if model == "tiny" else resolve_model(model)

@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 import torch
 
-from services.common.tiny import tiny_model_dir
+from tests.fixtures.tiny_models import tiny_model_dir
 from services.teacher.engines.base import ChatRequest, EngineInputError, ExactRequest, SamplingParams, create_engine
 from services.teacher.engines.cuda_fastpath import CudaGraphDecoder, fused_layer
 from services.teacher.engines.decoding import DecodingOptions, HFDecoder, SharedPrefixDecoder

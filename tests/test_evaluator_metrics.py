@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from services.evaluator import synthetic
+from tests.fixtures import synthetic_results as synthetic
 from services.evaluator.metrics import (
     EvaluationDataError,
     evaluate_exact,

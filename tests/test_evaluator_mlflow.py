@@ -10,7 +10,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from services.evaluator import synthetic
+from tests.fixtures import synthetic_results as synthetic
 from services.evaluator.report_cli import ReportError, report
 from services.evaluator.tracking import (
     EXPERIMENT_KIND_TAG, HEADLINE_VIEW, TRAINING_KIND, VIEW_TAG_PREFIX, evaluate_and_log, flatten_params, view_metrics,

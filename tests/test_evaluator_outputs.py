@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.evaluator import synthetic
+from tests.fixtures import synthetic_results as synthetic
 from services.evaluator.metrics import evaluate_exact, evaluate_samples
 from services.evaluator.report import write_outputs
 from shared.config import load_config

@@ -31,7 +31,7 @@ SCENARIOS = ["IR_prison", "biz_staghunt"]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from services.trainer.dataset import export_training_set
-    from services.trainer.synthetic import fake_samples
+    from tests.fixtures.synthetic_samples import fake_samples
 
     samples = fake_samples(SCENARIOS, n=8, c_rate=0.9, invalid_rate=0.0, seed=5)
     return export_training_set(samples, tmp_path_factory.mktemp("ds"), targets="answer").parquet
@@ -39,7 +39,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from services.common.tiny import build_tiny_model
+    from tests.fixtures.tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("m") / "llama", arch="llama", seed=1)
 

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from services.evaluator import synthetic
+from tests.fixtures import synthetic_results as synthetic
 from services.evaluator.tracking import (
     CELL_TAG, EXPERIMENT_KIND_TAG, HEADLINE_VIEW, SUMMARY_CSV, SUMMARY_JSON, TRAINING_KIND, VIEW_TAG_PREFIX,
     evaluate_and_log, experiment_url, headline_metrics, metric_column, param_column, start_sweep, summarize_sweep,

@@ -195,7 +195,7 @@ def test_cli_commands(fake):
 def test_tiny_models_load_like_real_ones():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.common.tiny import tiny_model_dir
+    from tests.fixtures.tiny_models import tiny_model_dir
 
     for arch in ("llama", "qwen2"):
         d = tiny_model_dir(arch)

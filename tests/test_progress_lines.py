@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.common.runner import Job, _Progress
+from services.collector.runner import Job, _Progress
 from shared.scenarios import default_catalog
 
 

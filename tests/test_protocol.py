@@ -11,7 +11,7 @@ import pytest
 from shared.config import ConfigError, parse_config
 from shared.scenarios import default_catalog
 
-from services.evaluator import synthetic
+from tests.fixtures import synthetic_results as synthetic
 from services.evaluator.metrics import EvaluationDataError, evaluate
 from services.evaluator.report import build_document, summary_rows
 

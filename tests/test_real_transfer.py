@@ -53,7 +53,7 @@ def distributions(res) -> pd.DataFrame:
 
 
 def test_teacher_dataset_is_real_and_mostly_valid(result):
-    from services.teacher.generate import generate_dir
+    from services.collector.generate import generate_dir
 
     samples = pd.read_parquet(generate_dir(result.config) / "samples" / "samples.parquet")
     assert len(samples) == len(SCENARIOS) * 8

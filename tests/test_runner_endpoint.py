@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from types import SimpleNamespace
 
-from services.common.runner import EndpointError, RetryPolicy, RequestSettings, sample_async
-from services.common.samples import SampleStore, atomic_write_parquet, check_manifest, sample_seed
-from services.common.stage import jobs_for, role_identity, run_id_for, select_scenarios
+from services.collector.runner import EndpointError, RetryPolicy, RequestSettings, sample_async
+from services.collector.store import SampleStore, atomic_write_parquet, check_manifest, sample_seed
+from services.collector.jobs import jobs_for, role_identity, run_id_for, select_scenarios
 from services.evaluator.collect import exact_roles
 from shared.config import parse_config
 from tests.fault_proxy import FaultProxy

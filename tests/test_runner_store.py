@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from services.common.samples import (
+from services.collector.store import (
     SAMPLE_SCHEMA,
     ExactStore,
     SampleStore,
@@ -113,7 +113,7 @@ def test_temporaries_never_read_and_cleaned(tmp_path):
 def test_one_writer_at_a_time(tmp_path):
     code = textwrap.dedent(f"""
         import time
-        from services.common.samples import SampleStore
+        from services.collector.store import SampleStore
         with SampleStore({str(tmp_path)!r}).writer():
             print("locked", flush=True)
             time.sleep(30)
@@ -148,7 +148,7 @@ def test_manifest_refuses_other_settings(tmp_path):
 
 WRITER = textwrap.dedent("""
     import base64, os, random, sys
-    from services.common.samples import SampleStore
+    from services.collector.store import SampleStore
     sys.path.insert(0, {tests!r})
     from test_runner_store import rows
     # The payload: random text (base85 of random bytes) that zstd cannot shrink, so a write takes real time; drawn
@@ -232,7 +232,7 @@ def test_job_order_groups_roles_on_shared_cpu():
     an explicit `evaluate.role_order` wins. The jobs are the same set either way."""
     from shared.config import parse_config
     from shared.scenarios import default_catalog
-    from services.common.stage import interleave_roles, jobs_for
+    from services.collector.jobs import interleave_roles, jobs_for
 
     def cfg(teacher: dict, order: str = "auto"):
         return parse_config({"models": {"teacher": {"model": "t", **teacher}, "student": {"model": "s"}},

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from services.common.models import is_fetched
-from services.common.tiny import tiny_model_dir
+from tests.fixtures.tiny_models import tiny_model_dir
 from services.teacher.exact import lead_choice
 from tests.fixtures.netns_guard import require_private_netns
 

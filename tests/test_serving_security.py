@@ -95,7 +95,7 @@ class App:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, mlflow_tracking_uri):
-    from services.common.tiny import tiny_model_dir
+    from tests.fixtures.tiny_models import tiny_model_dir
 
     require_private_netns()
     tmp = tmp_path_factory.mktemp("security")

@@ -27,7 +27,7 @@ def tomtransfer(*args, timeout=1200):
 def test_sweep_runs_cells_as_child_runs_and_skips_finished_ones(tmp_path, mlflow_tracking_uri):
     from mlflow.tracking import MlflowClient
 
-    from services.common.tiny import tiny_model_dir
+    from tests.fixtures.tiny_models import tiny_model_dir
 
     base = {
         "name": "sweep-base",

@@ -17,7 +17,7 @@ from services.trainer.dataset import (
     log_dataset_to_mlflow,
     read_training_set,
 )
-from services.trainer.synthetic import fake_samples
+from tests.fixtures.synthetic_samples import fake_samples
 
 pytest_plugins = ["tests.fixtures.mlflow_server"]
 
@@ -146,7 +146,7 @@ def test_samples_from_a_folder_of_parts(samples, tmp_path):
 # ------------------------------------------------------------------------ tokenization and masking
 @pytest.fixture(scope="module")
 def tokenizer():
-    from services.common.tiny import train_tokenizer
+    from tests.fixtures.tiny_models import train_tokenizer
 
     return train_tokenizer()
 

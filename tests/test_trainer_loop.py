@@ -21,7 +21,7 @@ SCENARIOS = ["IR_prison", "biz_staghunt", "team_snowdrift", "environment_delight
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from services.trainer.dataset import export_training_set
-    from services.trainer.synthetic import fake_samples
+    from tests.fixtures.synthetic_samples import fake_samples
 
     samples = fake_samples(SCENARIOS, n=8, c_rate=0.9, invalid_rate=0.0, seed=5)
     return export_training_set(samples, tmp_path_factory.mktemp("ds"), targets="answer").parquet
@@ -29,7 +29,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from services.common.tiny import build_tiny_model
+    from tests.fixtures.tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("m") / "llama", arch="llama", seed=1)
 
@@ -88,7 +88,7 @@ def test_adapter_reload_reproduces_logits(arch, data, llama, tmp_path_factory, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from services.common.tiny import build_tiny_model
+    from tests.fixtures.tiny_models import build_tiny_model
     from services.trainer.train import train_loop_per_worker
 
     student = llama if arch == "llama" else build_tiny_model(tmp_path_factory.mktemp("q") / "qwen2", arch="qwen2")
@@ -104,7 +104,7 @@ def test_adapter_reload_reproduces_logits(arch, data, llama, tmp_path_factory, t
 
 
 def test_cli_builds_the_training_set_from_samples(tmp_path):
-    from services.trainer.synthetic import fake_samples
+    from tests.fixtures.synthetic_samples import fake_samples
     from services.pipeline.stages import training_set as training_set_path
     from shared.config import parse_config
     from shared.errors import UserError
@@ -113,7 +113,7 @@ def test_cli_builds_the_training_set_from_samples(tmp_path):
                         "models": {"teacher": {"model": "t"}, "student": {"model": "s"}}})
     with pytest.raises(UserError, match="tomtransfer generate"):
         training_set_path(cfg)
-    from services.teacher.generate import generate_dir
+    from services.collector.generate import generate_dir
 
     samples_dir = generate_dir(cfg) / "samples"
     samples_dir.mkdir(parents=True)

@@ -38,7 +38,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory):
-    from services.common.tiny import build_tiny_model
+    from tests.fixtures.tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("student") / "tiny-llama", arch="llama", seed=1)
 
@@ -46,7 +46,7 @@ def student(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     from services.trainer.dataset import export_training_set
-    from services.trainer.synthetic import fake_samples
+    from tests.fixtures.synthetic_samples import fake_samples
 
     samples = fake_samples(SCENARIOS, n=8, c_rate=0.9, invalid_rate=0.0, seed=5)
     return export_training_set(samples, tmp_path_factory.mktemp("dataset"), targets="answer")

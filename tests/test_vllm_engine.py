@@ -278,7 +278,7 @@ def test_adapter_changes_distribution_and_delete_restores(app, client, http, pd_
 
 
 def test_seeded_request_alone_and_under_concurrent_load(client, pd_messages, pgg_messages):
-    """Resume identity (services/common/runner.py) assumes the server reproduces (seed, n): a block re-requested
+    """Resume identity (services/collector/runner.py) assumes the server reproduces (seed, n): a block re-requested
     after a kill must give the samples the uninterrupted run got. Here: the same seeded request twice alone, then
     again while other requests (other prompts, seeds, n) share vLLM's continuous batch with it."""
     import threading

@@ -7,7 +7,7 @@ answers with a motivation, the students answer only; `evaluate.instructions` ove
 estimator and token cap:
 
 - sampled (`sample_roles`): N = `evaluate.samples` per (role, scenario) through the same runner and store as
-  `generate` (`services.common.runner`): resumable, exactly N, no duplicates, same seeds -> same rows; parsed
+  `generate` (`services.collector.runner`): resumable, exactly N, no duplicates, same seeds -> same rows; parsed
   with the full rule (the answer may come after prose).
 - exact (`exact_roles`): only for roles whose instruction puts the answer first (`answer_only`) and
   `evaluate.estimator: exact`: one call per (role, scenario) to `POST /v1/exact`, one row each (p_C, p_D,
@@ -34,9 +34,9 @@ import pyarrow.compute as pc
 from shared.config import ExperimentConfig
 from shared.scenarios import Scenario
 
-from services.common.runner import RetryPolicy, RunReport, RequestSettings, exact_async, parse_answer, sample_async
-from services.common.samples import ExactStore, SampleStore, check_manifest
-from services.common.stage import (
+from services.collector.runner import RetryPolicy, RunReport, RequestSettings, exact_async, parse_answer, sample_async
+from services.collector.store import ExactStore, SampleStore, check_manifest
+from services.collector.jobs import (
     api_key,
     as_config,
     base_url as endpoint_url,
@@ -71,7 +71,7 @@ def evaluate_dir(cfg: ExperimentConfig) -> Path:
 
 
 def dataset_samples_dir(cfg: ExperimentConfig) -> Path:
-    from services.teacher.generate import generate_dir
+    from services.collector.generate import generate_dir
 
     return generate_dir(cfg) / "samples"
 

@@ -10,7 +10,7 @@ Two inputs, one output (`EvaluationResult`):
   (`shared.metrics.Counts`); the invalid count is reported next to it, never dropped.
 * **exact** (`evaluate_exact`): `exact.parquet`, one row per (role, scenario_id, family, context, game) with
   `p_C`, `p_D`, `valid_mass` and, for the PGG, `pgg_dist` (a JSON list of probabilities over 0..endowment) or
-  `distribution` (the serving store's JSON object {"0": p, ..., "10": p}, `services.common.samples.EXACT_SCHEMA`).
+  `distribution` (the serving store's JSON object {"0": p, ..., "10": p}, `services.collector.store.EXACT_SCHEMA`).
   Rate = p_C / (p_C + p_D), the probability of C among valid answers - correct whether the server reports
   joint or already-conditional probabilities; `1 - valid_mass` is the invalid probability.
 

@@ -44,7 +44,7 @@ def check_secrets(cfg: ExperimentConfig) -> None:
 
 
 def check_scenarios(cfg: ExperimentConfig) -> None:
-    from services.common.stage import select_scenarios
+    from services.collector.jobs import select_scenarios
 
     for families in (cfg.generate.families, cfg.evaluate.families):
         select_scenarios(cfg, list(families))

@@ -23,7 +23,8 @@ from shared.errors import UserError
 
 from services.pipeline import stages
 from services.pipeline.preflight import check_inputs, check_models
-from services.pipeline.resources import serving, serving_api_key, tracking, with_tracking
+from services.pipeline.resources import LocalApp, local_app, serving, serving_api_key, tracking, with_tracking
+from services.pipeline.resources import say
 from services.pipeline.stages import Context
 
 
@@ -47,16 +48,20 @@ def run(cfg: ExperimentConfig, *, tags: dict | None = None) -> RunResult:
     with ExitStack() as stack:
         uri = stack.enter_context(tracking(cfg))
         cfg = with_tracking(cfg, uri)
-        url = stack.enter_context(serving(cfg))
+        app = stack.enter_context(local_app(cfg))
         serve_s = time.perf_counter() - t0
-        res = run_stages(cfg, Context(tracking_uri=uri, url=url, api_key=serving_api_key(cfg)), tags=tags)
+        url = app.url if app is not None else cfg.serving.base_url
+        res = run_stages(cfg, Context(tracking_uri=uri, url=url, api_key=serving_api_key(cfg)), tags=tags,
+                         app=app if cfg.serving.release_for_training else None)
     res.timings = {"serve_start_s": serve_s, **res.timings, "total_s": time.perf_counter() - t0}
     return res
 
 
-def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None) -> RunResult:
+def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None,
+               app: LocalApp | None = None) -> RunResult:
     """generate -> train -> serve the adapter -> evaluate under the experiment's parent MLflow run, against a
-    running app and tracking server (what `run` and every sweep cell do)."""
+    running app and tracking server (what `run` and every sweep cell do). `app`: the local app, which steps aside
+    while training when the training workers cannot fit beside its replicas (`serving.release_for_training`)."""
     import mlflow
 
     timings: dict[str, float] = {}
@@ -71,8 +76,20 @@ def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None)
         gen = stages.generate(cfg, ctx)
         timings["generate_s"] = time.perf_counter() - t
         t = time.perf_counter()
+        t_cfg = cfg.training
+        need = {"CPU": t_cfg.num_workers * t_cfg.cpus_per_worker, "GPU": float(t_cfg.num_workers if t_cfg.use_gpu else 0)}
+        stepped_aside = app is not None and not stages.train_done(cfg, gen.dataset) and app.in_the_way_of(need)
+        if stepped_aside:
+            say(f"[serve] the serving app steps aside while training (the workers need {need['CPU']:g} CPU, "
+                f"{need['GPU']:g} GPU; its replicas hold {app.held()['CPU']:g} CPU, {app.held()['GPU']:g} GPU)")
+            app.step_aside(need)
         tr = stages.train(cfg, ctx, gen.dataset)
         timings["train_s"] = time.perf_counter() - t
+        if stepped_aside:
+            t = time.perf_counter()
+            say("[serve] deploying the serving app again for the evaluation")
+            ctx = Context(**{**ctx.__dict__, "url": app.deploy()})
+            timings["serve_restart_s"] = time.perf_counter() - t
         mlflow.log_artifacts(tr.adapter_dir, "adapter")
         mlflow.set_tags({"tomtransfer.adapter_uri": tr.adapter_uri or "",
                          "tomtransfer.adapter_name": cfg.training.adapter_name})
@@ -111,7 +128,7 @@ def _parent_run(cfg: ExperimentConfig, tracking_uri: str, tags: dict | None):
 def generate(cfg: ExperimentConfig, *, base_url: str | None = None, progress: bool | None = None) -> stages.Generated:
     """`tomtransfer generate`: the teacher dataset against a running app (`--base-url`, `serving.base_url`, or the
     address `serve` binds by default); logged to `mlflow.tracking_uri` when one is set."""
-    from services.common.stage import base_url as endpoint
+    from services.collector.jobs import base_url as endpoint
 
     check_inputs(cfg, serve=False)
     ctx = Context(tracking_uri=cfg.mlflow.tracking_uri, url=endpoint(cfg, base_url), api_key=serving_api_key(cfg),

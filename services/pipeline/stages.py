@@ -1,6 +1,6 @@
 """The stages of an experiment: each one typed function of (validated config, context) returning its outcome.
 
-  generate(cfg, ctx)                 -> Generated   the teacher dataset (services.teacher.generate)
+  generate(cfg, ctx)                 -> Generated   the teacher dataset (services.collector.generate)
   train(cfg, ctx, dataset)           -> Trained     LoRA on the student with Ray Train (services.trainer.train)
   serve_adapter(cfg, ctx, trained)   -> dict        the adapter registered on the running app (multi-LoRA)
   evaluate(cfg, ctx, adapter)        -> Evaluated   the roles measured, metrics, figures, report (services.evaluator)
@@ -104,7 +104,7 @@ class StageLog:
 # ------------------------------------------------------------------------------------------------ generate
 def generate(cfg: ExperimentConfig, ctx: Context) -> Generated:
     """The teacher dataset: exactly N samples per scenario (resumable), the training set and its exports."""
-    from services.teacher.generate import generate as sample_teacher, generate_dir
+    from services.collector.generate import generate as sample_teacher, generate_dir
 
     key = generate_dir(cfg).name
     log = StageLog(cfg.run_dir)
@@ -125,7 +125,7 @@ def generate(cfg: ExperimentConfig, ctx: Context) -> Generated:
 def training_set(cfg: ExperimentConfig, dataset: str | Path | None = None) -> Path:
     """The training set's Parquet: `dataset` (a file or an export folder), else the one `generate` made for this
     config's inputs (built from its raw samples first when only those exist)."""
-    from services.teacher.generate import generate_dir
+    from services.collector.generate import generate_dir
     from services.trainer.dataset import TRAIN_PARQUET, export_training_set
 
     if dataset is not None:
@@ -189,9 +189,18 @@ def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoin
     return out
 
 
+def train_done(cfg: ExperimentConfig, dataset: str | Path) -> bool:
+    """Whether `train` would reuse an adapter made earlier with the same inputs (nothing to make room for)."""
+    from services.trainer.train import train_dir
+
+    key = train_dir(cfg, Path(dataset)).name
+    done = StageLog(cfg.run_dir).data.get("train") or {}
+    return done.get("key") == key and Path(done.get("adapter_dir", "")).is_dir()
+
+
 def trained_adapter(cfg: ExperimentConfig) -> Path | None:
     """The adapter `train` made from this config's training set and settings, if it exists."""
-    from services.teacher.generate import generate_dir
+    from services.collector.generate import generate_dir
     from services.trainer.dataset import TRAIN_PARQUET
     from services.trainer.train import train_dir
 

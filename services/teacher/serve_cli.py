@@ -77,6 +77,8 @@ def start(config, *, ray_address: str | None = None, num_cpus: int | None = None
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     preflight(cfg)
     init_ray(ray_address, num_cpus=num_cpus, log_to_driver=log_to_driver)
+    if not (ray_address or os.environ.get("RAY_ADDRESS")):
+        check_fits(cfg)
     serve.start(http_options={"host": cfg.serving.host, "port": cfg.serving.port})
     serve.run(build_app({"config_data": cfg.model_dump(mode="json")}), name=app_name, route_prefix=route_prefix,
               blocking=False)
@@ -85,6 +87,21 @@ def start(config, *, ray_address: str | None = None, num_cpus: int | None = None
     if wait_ready:
         _wait_ready(url)
     return url
+
+
+def check_fits(cfg) -> None:
+    """A local cluster does not autoscale: replicas that cannot fit would leave Serve waiting until its timeout with
+    no word (measured on 2 H200s with 2 x 1 + 0.1 GPUs asked for). Say so before deploying."""
+    import ray
+
+    total = ray.cluster_resources()
+    specs = {role: getattr(cfg.models, role) for role in ("teacher", "student")}
+    for res, attr in (("CPU", "num_cpus"), ("GPU", "num_gpus")):
+        need = sum(m.num_replicas * getattr(m, attr) for m in specs.values())
+        if need > total.get(res, 0.0) + 1e-9:
+            parts = ", ".join(f"{r} {m.num_replicas} x {getattr(m, attr):g}" for r, m in specs.items())
+            raise UserError(f"the serving replicas need {need:g} {res} ({parts}) and this Ray cluster has "
+                            f"{total.get(res, 0.0):g}: lower models.<role>.{attr} or num_replicas")
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = False) -> bool:

@@ -6,7 +6,7 @@ for writing (`with store.writer():`).
 
 How a run goes:
 
-1. The store (`services.common.samples.SampleStore`) says which sample indices of each (role, scenario)
+1. The store (`services.collector.store.SampleStore`) says which sample indices of each (role, scenario)
    already exist; `plan_requests` turns the missing ones into requests over fixed blocks (block b =
    indices [b*k, (b+1)*k), `n` = the block's length, `seed` = the seed of its first index). A fresh run and
    a resumed one send the same (seed, n) for every block, so a server that is deterministic in (seed, n)
@@ -51,7 +51,7 @@ from shared.games import PublicGoodsGame
 from shared.parsing import parse_choice, parse_contribution
 from shared.scenarios import Scenario
 
-from services.common.samples import ExactStore, Request, SampleStore, plan_requests
+from services.collector.store import ExactStore, Request, SampleStore, plan_requests
 
 
 def api_root(base_url: str) -> str:

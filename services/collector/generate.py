@@ -3,11 +3,11 @@
 For every selected scenario (`scenarios.ids` if given, else `generate.families`), N = `generate.samples`
 samples from the served model `teacher` with the `generate.instruction` prompt (answer, then motivation),
 at `sampling.temperature` / `top_p` / `max_tokens`, `generate.request_n` samples per request and
-`generate.concurrency` requests in flight (`services.common.runner`).
+`generate.concurrency` requests in flight (`services.collector.runner`).
 
 Output under `<output_dir>/<name>/generate/<key>/` (key: the hash of the inputs, `generate_dir`):
 
-  samples/samples.parquet   raw samples (schema: services.common.samples.SAMPLE_SCHEMA), exactly N per
+  samples/samples.parquet   raw samples (schema: services.collector.store.SAMPLE_SCHEMA), exactly N per
                             scenario; `samples/shards/` while a run is in progress or was interrupted
   dataset/                  the training set and its exports (services.trainer.dataset): train.parquet,
                             LLaMA-Factory alpaca/sharegpt JSON + dataset_info.json, DATASET_CARD.md
@@ -32,9 +32,9 @@ import pyarrow.compute as pc
 
 from shared.config import ExperimentConfig
 
-from services.common.runner import RetryPolicy, RunReport, RequestSettings, sample_async
-from services.common.samples import SampleStore, check_manifest
-from services.common.stage import (
+from services.collector.runner import RetryPolicy, RunReport, RequestSettings, sample_async
+from services.collector.store import SampleStore, check_manifest
+from services.collector.jobs import (
     api_key,
     as_config,
     base_url as endpoint_url,

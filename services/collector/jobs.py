@@ -19,7 +19,7 @@ from shared.scenarios import Scenario, build_catalog
 
 from shared.samples import served_model
 
-from services.common.runner import Job
+from services.collector.runner import Job
 
 
 def as_config(config: str | Path | ExperimentConfig) -> ExperimentConfig:

@@ -2,10 +2,10 @@
 
 Register in services/cli.py:
 
-    from services.teacher.generate_cli import generate_command
+    from services.collector.generate_cli import generate_command
     app.command("generate")(generate_command)
 
-Standalone (what the tests' kill -9 subprocess runs): `python -m services.teacher.generate_cli --config FILE`.
+Standalone (what the tests' kill -9 subprocess runs): `python -m services.collector.generate_cli --config FILE`.
 Exit codes: 0 done; 2 a user-fixable error (bad config, endpoint rejected a request, endpoint down: one line
 on stderr, samples written so far kept); 130 interrupted (Ctrl-C; samples kept, rerun to resume).
 """

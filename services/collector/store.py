@@ -1,7 +1,7 @@
 """Sample storage: the Parquet schema of raw samples and exact-mode rows, and a crash-safe, resumable store.
 
 Used by `generate` (teacher samples) and by the sampled / exact estimators of `evaluate`, through
-`services.common.runner`.
+`services.collector.runner`.
 
 Layout of a store folder (e.g. `<run_dir>/generate/<key>/samples/`):
 

@@ -1,0 +1,9 @@
+"""The fan-out collector: scenarios -> prompts -> many requests to the serving app -> crash-safe sample stores.
+
+  jobs.py          what `generate` and `evaluate` ask for: scenario selection, one job per (role, scenario), the
+                   endpoint and its token, stable run ids
+  runner.py        the requests, fanned out with bounded concurrency, retries and progress; exact-mode calls
+  store.py         the Parquet sample schema in files: shard stores that survive kill -9, resumable by (seed, n)
+  generate.py      the teacher dataset: N motivated samples per scenario, then the training set and its exports
+  generate_cli.py  `tomtransfer generate` (also runnable alone: `python -m services.collector.generate_cli`)
+"""
