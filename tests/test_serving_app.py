@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,12 +22,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import yaml
 
 from services.common.models import is_fetched
 from tests.fixtures.tiny_models import tiny_model_dir
 from services.teacher.exact import lead_choice
 from tests.fixtures.netns_guard import require_private_netns
+from tests.fixtures.serve_process import start_serve, wait_for_url
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 pytest_plugins = ["tests.fixtures.mlflow_server"]
@@ -87,25 +86,8 @@ def app(tmp_path_factory, mlflow_tracking_uri):
                     "adapter_root": str(tmp), "adapters": {"cfg": make_lora(student, tmp / "lora-cfg", seed=1)}},
         "mlflow": {"tracking_uri": mlflow_tracking_uri},
     }
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    log = tmp / "serve.log"
-    env = {**os.environ, TOKEN_ENV: TOKEN, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "services.teacher.serve_cli", str(path)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=open(log, "wb"), start_new_session=True, text=True)
-    url = None
-    deadline = time.monotonic() + 420
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("http://"):
-            url = line.strip()
-            break
-        if not line and proc.poll() is not None:
-            break
-    if url is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"serve did not start:\n{log.read_text()[-3000:]}")
-    a = App(url, proc, log, student, tmp)
+    proc, log = start_serve(cfg, tmp, {TOKEN_ENV: TOKEN})
+    a = App(wait_for_url(proc, log), proc, log, student, tmp)
     yield a
     try:  # normally test_zz_sigint_stops_cleanly has stopped it; take down anything left in its group
         os.killpg(proc.pid, signal.SIGKILL)

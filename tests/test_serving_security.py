@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from tests.fixtures.netns_guard import require_private_netns
+from tests.fixtures.serve_process import start_serve, wait_for_url
 
 pytest_plugins = ["tests.fixtures.mlflow_server"]
 
@@ -113,28 +114,11 @@ def app(tmp_path_factory, mlflow_tracking_uri):
                     "adapter_root": str(root), **CAPS},
         "mlflow": {"tracking_uri": mlflow_tracking_uri},
     }
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    log = tmp / "serve.log"
-    env = {**os.environ, TOKEN_ENV: TOKEN, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "services.teacher.serve_cli", str(path)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=open(log, "wb"), start_new_session=True, text=True)
+    proc, log = start_serve(cfg, tmp, {TOKEN_ENV: TOKEN})
     # the adapters are built while Ray starts
     good = make_lora(student, root / "good", seed=1)
     make_lora(student, outside / "lora", seed=2)
-    url = None
-    deadline = time.monotonic() + 420
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.startswith("http://"):
-            url = line.strip()
-            break
-        if not line and proc.poll() is not None:
-            break
-    if url is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"serve did not start:\n{log.read_text()[-3000:]}")
-    yield App(url, proc, log, student, tmp, root, outside, good, mlflow_tracking_uri)
+    yield App(wait_for_url(proc, log), proc, log, student, tmp, root, outside, good, mlflow_tracking_uri)
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(90)
