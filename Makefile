@@ -16,7 +16,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: install system-deps models test run bench mlflow-ui constraints clean help
 
 help:
-	@echo "make run | test | install | models | bench | mlflow-ui | deploy [DRY_RUN=1] | undeploy | clean"
+	@echo "make run | test | install | models | bench | mlflow-ui | image | test-deploy | deploy [DRY_RUN=1] | rollback | undeploy | clean"
 
 install: $(STAMP) system-deps helm
 
@@ -61,4 +61,5 @@ clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
 -include deploy/deploy.mk
+-include deploy/image.mk
 -include services/teacher/vllm.mk

@@ -9,7 +9,7 @@
 #   make rollback [REVISION=n]                  helm rollback (default: previous revision), then wait
 #   make undeploy                               helm uninstall (data and MLflow volumes are kept)
 #   make deploy-check                           lint + validate the default, cpu, gpu and ci values
-#   make deploy-image IMAGE=repo:tag [FLAVOR=gpu]  docker build services/Dockerfile
+#   make deploy-image IMAGE=repo:tag [FLAVOR=gpu]  the image built by make image (deploy/image.mk), tagged IMAGE
 #
 # Variables: NAMESPACE, RELEASE, IMAGE, LIGHT_IMAGE, RAY_VERSION, VALUES (space-separated files),
 # JOBS, RUN_ID, REVISION, DRY_RUN, TIMEOUT, HELM_ARGS, FLAVOR, SERVE_IMPORT, DRY_RUN_OUT.
@@ -70,4 +70,6 @@ deploy-check: helm
 
 deploy-image:
 	@test -n '$(IMAGE)' || { echo "deploy-image: set IMAGE=registry/tomtransfer:tag" >&2; exit 2; }
-	docker build -f services/Dockerfile --build-arg FLAVOR='$(FLAVOR)' -t '$(IMAGE)' .
+	$(MAKE) image-$(FLAVOR)
+	podman tag '$(if $(filter gpu,$(FLAVOR)),$(IMAGE_GPU),$(IMAGE_CPU))' '$(IMAGE)'
+

