@@ -117,13 +117,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_parquet(table: pa.Table, final: Path) -> Path:
-    """Write `table` to `final` so that `final` is either absent/old or the complete new file, even on kill -9."""
+def _atomic_write(final: Path, mode: str, write) -> Path:
+    """`write(fh)` into a hidden temporary beside `final`, flushed and fsync'ed, then renamed into place: `final` is
+    either absent/old or the complete new file, even on kill -9."""
     final = Path(final)
     tmp = final.with_name(f"{_TMP_PREFIX}{final.name}.{os.getpid()}.{secrets.token_hex(4)}")
     try:
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
@@ -135,21 +136,16 @@ def atomic_write_parquet(table: pa.Table, final: Path) -> Path:
     return final
 
 
+def atomic_write_parquet(table: pa.Table, final: Path) -> Path:
+    return _atomic_write(final, "wb", lambda fh: pq.write_table(table, fh, compression="zstd"))
+
+
 def atomic_write_json(data: object, final: Path) -> None:
-    final = Path(final)
-    tmp = final.with_name(f"{_TMP_PREFIX}{final.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(final.parent)
+    def write(fh) -> None:
+        json.dump(data, fh, indent=1, sort_keys=True)
+        fh.write("\n")
+
+    _atomic_write(final, "w", write)
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

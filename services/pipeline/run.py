@@ -76,12 +76,14 @@ def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None,
         gen = stages.generate(cfg, ctx)
         timings["generate_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        t_cfg = cfg.training
-        need = {"CPU": t_cfg.num_workers * t_cfg.cpus_per_worker, "GPU": float(t_cfg.num_workers if t_cfg.use_gpu else 0)}
+        from services.trainer.train import worker_resources
+
+        need = worker_resources(cfg.training)
         stepped_aside = app is not None and not stages.train_done(cfg, gen.dataset) and app.in_the_way_of(need)
         if stepped_aside:
+            held = app.held()
             say(f"[serve] the serving app steps aside while training (the workers need {need['CPU']:g} CPU, "
-                f"{need['GPU']:g} GPU; its replicas hold {app.held()['CPU']:g} CPU, {app.held()['GPU']:g} GPU)")
+                f"{need['GPU']:g} GPU; its replicas hold {held['CPU']:g} CPU, {held['GPU']:g} GPU)")
             app.step_aside(need)
         tr = stages.train(cfg, ctx, gen.dataset)
         timings["train_s"] = time.perf_counter() - t

@@ -94,11 +94,11 @@ class StageLog:
         return None
 
     def mark(self, stage: str, outcome) -> None:
+        from services.collector.store import atomic_write_json
+
         self.data[stage] = {**asdict(outcome), "reused": False, "finished_at": time.time()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        tmp.replace(self.path)
+        atomic_write_json(self.data, self.path)
 
 
 # ------------------------------------------------------------------------------------------------ generate

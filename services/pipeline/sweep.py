@@ -19,7 +19,6 @@ rather than compute.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -143,7 +142,6 @@ def _cell_task(cfg_data: dict, ctx_data: dict, tags: dict) -> tuple[str, float]:
     """One cell's stages, in a Ray worker (the config travels as data and is validated again there)."""
     from services.pipeline.run import run_stages
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.perf_counter()
     res = run_stages(parse_config(cfg_data, "<sweep cell>"), Context(**ctx_data), tags=tags)
     return res.mlflow_run_id, time.perf_counter() - t0

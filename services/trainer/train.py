@@ -721,6 +721,11 @@ def ensure_mlflow_run(cfg, tracking_uri: str, run_id: str | None = None, *, data
     return run_id
 
 
+def worker_resources(t) -> dict[str, float]:
+    """What the worker group of `training` (a TrainingConfig) asks of the Ray cluster."""
+    return {"CPU": t.num_workers * t.cpus_per_worker, "GPU": float(t.num_workers if t.use_gpu else 0)}
+
+
 def run_training(
     cfg,
     dataset_path: str | Path,
@@ -782,7 +787,7 @@ def run_training(
     if started_ray or not os.environ.get("RAY_ADDRESS"):
         # A local cluster does not autoscale: a worker group that cannot fit would wait out Ray's start-up
         # timeout and fail obscurely (e.g. serving replicas already hold the CPUs). Say so up front.
-        need = {"CPU": t.num_workers * t.cpus_per_worker, "GPU": float(t.num_workers if t.use_gpu else 0)}
+        need = worker_resources(t)
         free = ray.available_resources()
         short = [f"{need[k]:g} {k} (free: {free.get(k, 0.0):g})" for k in need if need[k] > free.get(k, 0.0) + 1e-9]
         if short:
