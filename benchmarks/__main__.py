@@ -1,7 +1,8 @@
 """`make bench`: the CPU benchmarks, each writing a JSON under benchmarks/results/ (RESULTS.md explains them).
 
-GPU benchmarks (bench_serving_gpu, bench_train_gpu) run on a GPU machine: `python -m benchmarks.bench_serving_gpu`
-and `python -m benchmarks.bench_train_gpu` (see RESULTS.md for the commands and the numbers measured).
+GPU benchmarks run on a GPU machine (RESULTS.md has the commands and the numbers measured): bench_serving_gpu and
+bench_train_gpu (no Ray), bench_train_gpu_ray and bench_serving_gpu_ray (Ray Train and Ray Serve), bench_protocol_gpu
+(the paper's protocol end to end; the device calls as run: gpu_device_steps.sh).
 """
 
 from __future__ import annotations

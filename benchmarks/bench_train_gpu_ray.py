@@ -7,6 +7,7 @@ tokenizer, the paper's LoRA r=8 alpha=16 on q_proj/v_proj) and 6000 training exa
 
 Phases (each appends records to $OUT/gpu_ray_train.json as soon as it ends, so a timeout keeps what finished):
   plain     train_loop_per_worker called directly, 1 GPU (no Ray)             -> tokens/s, MFU
+  plain_compile  the same with `training.compile: true` (shapes vary per micro-batch) -> tokens/s, step times
   ray1      run_training, 1 worker x 1 GPU                                    -> tokens/s, MFU, vs plain
   ray2      run_training, 2 workers x 1 GPU (DDP over NCCL)                   -> tokens/s, MFU, scaling 1 -> 2
   ref       2 workers, `--short` steps uninterrupted, checkpoint every 2 steps, twice -> the reference adapter
@@ -107,18 +108,21 @@ def _mfu(tps: float, params: int, gpus: int) -> float:
     return 6 * params * tps / (PEAK * gpus)
 
 
-def phase_plain(data: Path, steps: int) -> dict:
+def phase_plain(data: Path, steps: int, compile: bool = False) -> dict:
     import torch
 
     from services.trainer.train import train_loop_per_worker
 
     cfg = _config(data, Path(tempfile.mkdtemp()), 1)
+    if compile:  # torch.compile on sequences padded per micro-batch: the shapes vary from step to step
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"compile": True})})
     t0 = time.perf_counter()
     r = train_loop_per_worker({
         "dataset_path": str(data / "data" / "train.parquet"), "student_path": str(_student(data)),
         "training": cfg.training.model_dump(mode="json"), "use_gpu": not SMOKE, "seed": 0, "random_init": not SMOKE,
         "max_steps": steps, "log_every_steps": 1, "probe_examples": 0, "output_dir": tempfile.mkdtemp()})
-    rec = {"phase": "plain", "gpus": 1, "steps": r["step"], "wall_s": time.perf_counter() - t0,
+    rec = {"phase": "plain_compile" if compile else "plain", "gpus": 1, "steps": r["step"],
+           "wall_s": time.perf_counter() - t0,
            **_rates(r["history"]), "params": r["total_params"], "trainable": r["trainable_params"],
            "examples": r["examples"], "loss_first": r["loss_first"], "loss_last": r["loss_last"],
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if not SMOKE else None,
@@ -170,6 +174,8 @@ def main() -> None:
     ap.add_argument("--phases", default="plain")
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps of the throughput phases")
     ap.add_argument("--short", type=int, default=6, help="optimizer steps of the ref/resume/fault phases")
+    ap.add_argument("--compile-steps", type=int, default=20, help="optimizer steps of plain_compile (its first "
+                    "steps compile, then recompile once with dynamic shapes)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "gpu_ray_train.json")
     args = ap.parse_args()
     if args.prepare:
@@ -184,9 +190,11 @@ def main() -> None:
 
     phases = args.phases.split(",")
     work = Path(tempfile.mkdtemp(prefix="gpu-ray-"))
+    if "plain_compile" in phases:
+        keep(phase_plain(data, args.compile_steps, compile=True))
     if "plain" in phases:
         keep(phase_plain(data, args.steps))
-    if not any(p != "plain" for p in phases):
+    if not any(p not in ("plain", "plain_compile") for p in phases):
         return
     import ray
     import torch

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import random
 import threading
+import time
 from collections import Counter
 
 from aiohttp import ClientSession, ClientTimeout, web
@@ -44,6 +45,7 @@ class FaultProxy:
         self.port = port
         self.delay_s = delay_s  # added latency per sampling request (a slow network / busy server)
         self.stats: Counter = Counter()
+        self.timeline: list[tuple[str, float, float]] = []  # (path, start, end) of every forwarded request, monotonic
         self.reject_status: int | None = None  # answer every sampling request with this (e.g. 404), if set
         self.frozen = False  # hang every request (a wedged host: connections accepted, nothing answered)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -80,6 +82,7 @@ class FaultProxy:
             self.stats["fault_503"] += 1
             return web.json_response({"error": {"message": "injected fault: service unavailable"}}, status=503)
         body = await request.read()
+        started = time.monotonic()
         if self.delay_s and path in self.paths:
             await asyncio.sleep(self.delay_s)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS}
@@ -97,6 +100,7 @@ class FaultProxy:
                 request.transport.abort()
             raise ConnectionResetError("injected reset")
         self.stats["forwarded"] += 1
+        self.timeline.append((path, started, time.monotonic()))
         return web.Response(body=payload, status=status, headers=out_headers)
 
     # ------------------------------------------------------------------------------------ lifecycle

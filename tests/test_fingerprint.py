@@ -92,3 +92,29 @@ def test_local_weights_are_identified_by_content(tmp_path):
     one = weights_identity(str(d))
     (d / "config.json").write_text('{"hidden": 8}')
     assert weights_identity(str(d)) != one and weights_identity("hub/x") == {"hub_id": "hub/x"}
+
+
+def test_a_weights_file_is_read_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """The weights' identity is asked for once per stage and role; a 7B folder is 13.5 GB, so an unchanged file is
+    hashed once, and a changed one (size or mtime) is hashed again."""
+    import builtins
+    import os
+
+    d = tmp_path / "model"
+    d.mkdir()
+    f = d / "model.safetensors"
+    f.write_bytes(b"a" * 4096)
+    first = weights_identity(str(d))
+    real_open, opened = builtins.open, []
+
+    def counting_open(path, *a, **kw):
+        opened.append(str(path))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    assert weights_identity(str(d)) == first and weights_identity(str(d)) == first
+    assert str(f) not in opened  # unchanged: not read again
+    f.write_bytes(b"b" * 4096)  # same size, new content and mtime
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse-mtime filesystem still sees a change
+    assert weights_identity(str(d)) != first and opened.count(str(f)) == 1

@@ -248,3 +248,36 @@ def test_exact_estimator_rows(llm_endpoint, tmp_path):
     assert pq.read_table(res.path).num_rows == 2
     again = collect_exact(cfg, roles=["teacher"], progress=False)
     assert again.report.requests == 0 and again.report.already == 2
+
+
+
+def test_exact_roles_run_beside_the_sampled_teacher_only_when_roles_interleave(llm_endpoint, tmp_path):
+    """The paper's protocol (teacher sampled with motivations, students in exact mode): with replicas on their own
+    devices (`role_order: interleaved`) the students' exact calls do not wait for the teacher's samples; with
+    replicas sharing cores (`grouped`) they come after them. The rows are the same either way."""
+    from services.evaluator.collect import collect
+
+    got = {}
+    for order in ("interleaved", "grouped"):
+        proxy = FaultProxy(llm_endpoint.url, paths=("/v1/chat/completions",), delay_s=0.5).start()
+        try:
+            cfg = parse_config({**config(tmp_path / order, proxy.url).model_dump(mode="json"),
+                                "scenarios": {"ids": ["IR_prison", "team_staghunt"]},
+                                "evaluate": {"roles": ROLES, "samples": N, "request_n": BLOCK, "concurrency": 4,
+                                             "protocol": "paper", "estimator": "exact", "motivation_max_tokens": 6,
+                                             "role_order": order}})
+            ev = got[order] = collect(cfg, progress=False)
+        finally:
+            proxy.stop()
+        chat = [(t0, t1) for p, t0, t1 in proxy.timeline if p == "/v1/chat/completions"]
+        exact = [(t0, t1) for p, t0, t1 in proxy.timeline if p == "/v1/exact"]
+        assert len(chat) == 2 * N // BLOCK and len(exact) == 2 * 2
+        first_exact, last_chat = min(t0 for t0, _ in exact), max(t1 for _, t1 in chat)
+        assert (first_exact < last_chat) if order == "interleaved" else (first_exact >= last_chat), order
+        assert sorted(set(ev.samples["role"])) == ["teacher"] and len(ev.samples) == 2 * N
+    key = ["role", "scenario_id"]
+    a, b = (got[o].exact.sort_values(key).reset_index(drop=True) for o in ("interleaved", "grouped"))
+    assert a[key + ["p_C", "p_D", "valid_mass"]].equals(b[key + ["p_C", "p_D", "valid_mass"]])
+    sa, sb = (got[o].samples.sort_values(["scenario_id", "sample_index"]).reset_index(drop=True)
+              for o in ("interleaved", "grouped"))
+    assert sa[["scenario_id", "sample_index", "response"]].equals(sb[["scenario_id", "sample_index", "response"]])

@@ -19,11 +19,14 @@ reports rows made from other inputs.
 - the teacher's generated dataset (`dataset_reference`): where the teacher is evaluated with the dataset's
   instruction (`ExperimentConfig.teacher_from_dataset`), its rates on the scenarios the dataset covers are the
   generated samples themselves, re-parsed with today's rule (the paper's teacher counts; no second pass).
+The sampled and the exact roles run at the same time when `evaluate.role_order` interleaves roles (replicas on
+their own GPUs or nodes), one group after the other when they share CPU cores.
 """
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,21 +132,30 @@ def collect(config: str | Path | ExperimentConfig, *, base_url: str | None = Non
     frames = [ev.samples] if ev.samples is not None else []
     sampled = [r for r in e.roles if e.estimator_for(r) == "sample"]
     exact = [r for r in e.roles if e.estimator_for(r) == "exact"]
-    if sampled:
-        jobs_scenarios = {r: [s for s in scenarios if not (r == "teacher" and s.id in teacher_done)] for r in sampled}
+    jobs_scenarios = {r: [s for s in scenarios if not (r == "teacher" and s.id in teacher_done)] for r in sampled}
+    # Exact-mode roles beside the sampled ones when the replicas do not share cores (the paper's protocol on GPUs:
+    # the students' exact calls no longer wait for the teacher's motivated samples); one after another otherwise.
+    overlap = bool(exact) and any(jobs_scenarios.values()) and interleave_roles(cfg)
+    shown = "lines" if overlap and progress is not False else progress  # two groups share one terminal
+
+    def exact_now() -> dict:
+        return exact_roles(cfg, exact, scenarios, base_url=base_url, progress=shown, retry=retry, adapter=adapter)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(exact_now) if overlap else None
         if any(jobs_scenarios.values()):
-            for role, (table, path, report) in sample_roles(cfg, jobs_scenarios, base_url=base_url, progress=progress,
+            for role, (table, path, report) in sample_roles(cfg, jobs_scenarios, base_url=base_url, progress=shown,
                                                              retry=retry, adapter=adapter).items():
                 frames.append(table.to_pandas())
                 ev.paths.append(path)
                 ev.reports.append(report)
                 ev.store_lines.append(_store_line(role, path, report))
+        exact_out = pending.result() if pending else (exact_now() if exact else {})
     if frames:
         ev.samples = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    if exact:
+    if exact_out:
         tables = []
-        for role, (table, path, report) in exact_roles(cfg, exact, scenarios, base_url=base_url, progress=progress,
-                                                        retry=retry, adapter=adapter).items():
+        for role, (table, path, report) in exact_out.items():
             tables.append(table.to_pandas())
             ev.paths.append(path)
             ev.reports.append(report)

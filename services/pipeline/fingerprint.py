@@ -35,12 +35,23 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# sha256 per file, remembered for this process by the file's identity on disk (path, inode, size, mtime): a run
+# asks for the same weights' identity once per stage and role, and reading 13.5 GB each time cost a 7B run
+# ~90 s (measured on the H200s: benchmarks/RESULTS.md). A file rewritten in place keeping its size and mtime to
+# the nanosecond would keep its old hash (the same rule git's index and make use).
+_FILE_HASHES: dict[tuple, str] = {}
+
+
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
 
 
 def dir_sha256(path: Path) -> str:

@@ -242,11 +242,15 @@ def evaluate(cfg: ExperimentConfig, ctx: Context, adapter: dict | None = None, *
     from services.evaluator.tracking import evaluate_and_log
 
     say(f"[evaluate] {cfg.protocol_line()}")
+    t0 = time.perf_counter()
     got = collect(cfg, base_url=ctx.url, adapter=adapter, progress=ctx.progress)
     for line in got.store_lines:
         say(f"[evaluate] {line}")
     if got.dataset_scenarios:
         say(f"[evaluate] teacher reference: its generated dataset on {len(got.dataset_scenarios)} scenario(s)")
+    t1 = time.perf_counter()
+    say(f"[evaluate] collected in {t1 - t0:.0f} s; metrics, figures, report and MLflow logging next")
     result, outputs = evaluate_and_log(out_dir=evaluate_dir(cfg), config=cfg, run_info=run_info,
                                        samples=got.samples, exact=got.exact)
+    say(f"[evaluate] metrics, figures, report and MLflow logging took {time.perf_counter() - t1:.0f} s")
     return Evaluated(result=result, outputs=outputs, store_lines=list(got.store_lines))
