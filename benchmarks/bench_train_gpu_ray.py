@@ -10,6 +10,7 @@ Phases (each appends records to $OUT/gpu_ray_train.json as soon as it ends, so a
   plain_compile  the same with `training.compile: true` (shapes vary per micro-batch) -> tokens/s, step times
   ray1      run_training, 1 worker x 1 GPU                                    -> tokens/s, MFU, vs plain
   ray2      run_training, 2 workers x 1 GPU (DDP over NCCL)                   -> tokens/s, MFU, scaling 1 -> 2
+  rayN      the same with N workers (4, 8, ...; the effective batch held at 64) -> scaling 1 -> N, loss curve vs ray1
   ref       2 workers, `--short` steps uninterrupted, checkpoint every 2 steps, twice -> the reference adapter
             and the GPU's run-to-run noise (on the H200s two identical runs' step-2 losses differed by 4e-4)
   resume    2 workers: rank 0 fails after step 4 (max_failures 0), then the same run again -> resumes there
@@ -90,7 +91,11 @@ def _config(data: Path, out_dir: Path, workers: int, max_failures: int = 1):
     from shared.config import load_config
 
     cfg = load_config(ROOT / "configs" / "gpu.yaml")
-    t = cfg.training.model_copy(update={"num_workers": workers, "max_failures": max_failures})
+    t = cfg.training
+    # the effective batch stays the paper's 64 whatever the number of workers: fewer accumulation steps first,
+    # then (past 64 / 16 = 4 workers) smaller micro-batches
+    per_device = max(1, min(t.per_device_batch_size, t.effective_batch_size // workers))
+    t = t.model_copy(update={"num_workers": workers, "max_failures": max_failures, "per_device_batch_size": per_device})
     if SMOKE:
         t = t.model_copy(update={"use_gpu": False, "cpus_per_worker": 1, "per_device_batch_size": 4})
     student = cfg.models.student.model_copy(update={"model": str(_student(data))})
@@ -114,13 +119,13 @@ def phase_plain(data: Path, steps: int, compile: bool = False) -> dict:
     from services.trainer.train import train_loop_per_worker
 
     cfg = _config(data, Path(tempfile.mkdtemp()), 1)
-    if compile:  # torch.compile on sequences padded per micro-batch: the shapes vary from step to step
-        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"compile": True})})
     t0 = time.perf_counter()
     r = train_loop_per_worker({
         "dataset_path": str(data / "data" / "train.parquet"), "student_path": str(_student(data)),
         "training": cfg.training.model_dump(mode="json"), "use_gpu": not SMOKE, "seed": 0, "random_init": not SMOKE,
-        "max_steps": steps, "log_every_steps": 1, "probe_examples": 0, "output_dir": tempfile.mkdtemp()})
+        "max_steps": steps, "log_every_steps": 1, "probe_examples": 0, "output_dir": tempfile.mkdtemp(),
+        # the loop reads compile at the top level, as run_training passes it (training.compile)
+        "compile": compile})
     rec = {"phase": "plain_compile" if compile else "plain", "gpus": 1, "steps": r["step"],
            "wall_s": time.perf_counter() - t0,
            **_rates(r["history"]), "params": r["total_params"], "trainable": r["trainable_params"],
@@ -153,6 +158,22 @@ def _ray_run(data: Path, name: str, workers: int, steps: int, out_dir: Path, *, 
            "examples": r["examples"], "history": state["history"], **_rates(state["history"])}
     rec["mfu_989"] = _mfu(rec["tokens_per_s"], rec["params"], workers)
     return rec
+
+
+def _ray_workers(phase: str) -> int | None:
+    """`ray<N>`: run_training with N workers x 1 GPU (any N the machine has)."""
+    return int(phase[3:]) if phase.startswith("ray") and phase[3:].isdigit() and int(phase[3:]) > 0 else None
+
+
+def _loss_curves(a: list[dict], b: list[dict]) -> dict:
+    """Two runs' per-step losses side by side (the same effective batch and schedule; a different number of workers
+    shards and pads the examples differently, so the curves agree up to that sampling noise, not bit for bit)."""
+    la, lb = ({h["step"]: h["loss"] for h in x} for x in (a, b))
+    common = sorted(set(la) & set(lb))
+    diffs = [abs(la[s] - lb[s]) for s in common]
+    return {"steps": len(common), "max_abs_diff": max(diffs, default=None),
+            "mean_abs_diff": sum(diffs) / len(diffs) if diffs else None,
+            "last": [la[common[-1]], lb[common[-1]]] if common else None}
 
 
 def _adapter_diff(a: str, b: str) -> dict:
@@ -199,7 +220,8 @@ def main() -> None:
     import ray
     import torch
 
-    ray.init(num_gpus=torch.cuda.device_count(), num_cpus=2 if SMOKE else None, include_dashboard=False,
+    most = max([_ray_workers(p) or 0 for p in phases] + [2])
+    ray.init(num_gpus=torch.cuda.device_count(), num_cpus=most if SMOKE else None, include_dashboard=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                                                   "NVSHMEM_DISABLE_NVLS") if k in os.environ}})
     def attempt(name: str, fn) -> None:  # one failing phase must not cost the others' numbers
@@ -211,9 +233,8 @@ def main() -> None:
             traceback.print_exc()
             keep({"phase": name, "error": f"{type(err).__name__}: {err}"[:2000]})
 
-    for p in ("ray1", "ray2"):
-        if p in phases:
-            attempt(p, lambda p=p: _ray_run(data, p, int(p[-1]), args.steps, work / p))
+    for p in sorted((p for p in phases if _ray_workers(p)), key=_ray_workers):
+        attempt(p, lambda p=p: _ray_run(data, p, _ray_workers(p), args.steps, work / p))
     if "ref" in phases:
         attempt("ref", lambda: _ray_run(data, "ref", 2, args.short, work / "ref", ckpt=2))
     if "ref" in phases:  # a second uninterrupted run: GPU run-to-run noise, the yardstick for resume/fault
@@ -246,8 +267,10 @@ def main() -> None:
     summary = {"phase": "summary"}
     if "plain" in by and "ray1" in by:
         summary["ray1_vs_plain"] = by["ray1"]["tokens_per_s"] / by["plain"]["tokens_per_s"]
-    if "ray1" in by and "ray2" in by:
-        summary["scaling_1_to_2"] = by["ray2"]["tokens_per_s"] / (2 * by["ray1"]["tokens_per_s"])
+    for p in (p for p in by if _ray_workers(p) and _ray_workers(p) > 1 and "ray1" in by):
+        n = _ray_workers(p)
+        summary[f"scaling_1_to_{n}"] = by[p]["tokens_per_s"] / (n * by["ray1"]["tokens_per_s"])
+        summary[f"loss_curve_vs_ray1_{n}"] = _loss_curves(by["ray1"]["history"], by[p]["history"])
     for p in ("ref_repeat", "resume", "fault"):
         if p in by and "ref" in by:
             summary[f"{p}_same_checksum_as_ref"] = by[p]["adapter_checksums"][0] == by["ref"]["adapter_checksums"][0]

@@ -190,6 +190,18 @@ class TrainingConfig(_Strict):
             raise ValueError("adapter_name may only hold letters, digits, '-', '_' and '.'")
         return v
 
+    @model_validator(mode="after")
+    def _batch_fits(self) -> "TrainingConfig":
+        # one micro-batch on every worker is the smallest step: past the effective batch it would silently grow
+        step = self.per_device_batch_size * self.num_workers
+        if step > self.effective_batch_size:
+            fix = (f"set per_device_batch_size to {self.effective_batch_size // self.num_workers} or fewer"
+                   if self.effective_batch_size >= self.num_workers else
+                   f"use at most {self.effective_batch_size} workers")
+            raise ValueError(f"per_device_batch_size {self.per_device_batch_size} x num_workers {self.num_workers} = "
+                             f"{step} is more than effective_batch_size {self.effective_batch_size}: {fix}")
+        return self
+
 
 class EvaluateConfig(_Strict):
     roles: list[Role] = Field(default_factory=lambda: list(ALL_ROLES))

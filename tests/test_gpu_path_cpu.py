@@ -147,3 +147,24 @@ def test_gpu_profile_loads_and_asks_for_gpus():
     gpus = cfg.models.teacher.num_gpus * cfg.models.teacher.num_replicas + cfg.models.student.num_gpus
     assert cfg.models.teacher.num_gpus + cfg.models.student.num_gpus <= 1 and 1 < gpus <= 2
     assert cfg.generate.samples == 300 and cfg.evaluate.samples == 300
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4, 8])
+def test_the_effective_batch_is_held_at_64_for_any_number_of_gpus(workers, tmp_path):
+    """The scaling benchmark's rule (bench_train_gpu_ray._config: fewer accumulation steps, then smaller micro-batches)
+    keeps the paper's 64 on 1-8 workers; the config refuses a micro-batch that would make it grow."""
+    import math
+
+    from benchmarks.bench_train_gpu_ray import _config
+    from shared.config import ConfigError, parse_config
+
+    t = _config(ROOT / "build" / "no-data", tmp_path, workers).training
+    accum = max(1, math.ceil(t.effective_batch_size / (t.per_device_batch_size * workers)))
+    assert t.num_workers == workers and t.per_device_batch_size * accum * workers == 64
+    base = {"name": "b", "models": {"teacher": {"model": "t"}, "student": {"model": "s"}}}
+    with pytest.raises(ConfigError, match=f"set per_device_batch_size to {64 // workers} or fewer"):
+        parse_config({**base, "training": {"num_workers": workers, "per_device_batch_size": 64 // workers + 1}})
+    if workers > 1:  # more workers than examples in an effective batch
+        with pytest.raises(ConfigError, match=f"use at most {workers - 1} workers"):
+            parse_config({**base, "training": {"num_workers": workers, "per_device_batch_size": 1,
+                                               "effective_batch_size": workers - 1}})
