@@ -168,11 +168,22 @@ def reference_rows(path: Path, key) -> dict[tuple, dict]:
     return {key_of(r, key): stable(r) for r in pq.read_table(path).to_pylist()}
 
 
-def check_partial(store_root: Path, key, reference: dict[tuple, dict], block: int | None, why: str) -> int:
+def check_partial(store_root: Path, key, reference: dict[tuple, dict], block: int | None, why: str,
+                  compact_name: str = "samples.parquet") -> int:
     """After a kill: every final-named shard is whole, one request block (sampled stores), rows equal to the
-    uninterrupted run's, no key in two shards. Returns the rows kept."""
+    uninterrupted run's, no key in two shards; a store that finished and compacted holds the same rows in its
+    compacted file. Returns the rows kept (shards and compacted file: compaction moves rows, it keeps them)."""
     store = SampleStore(store_root)  # only its file listing is used: the schema does not matter here
     seen: set[tuple] = set()
+    compacted_keys: set[tuple] = set()
+    compacted = store_root / compact_name
+    if compacted.is_file():  # a kill between the compacted file's rename and the shards' removal leaves both
+        rows = pq.read_table(compacted).to_pylist()
+        keys = [key_of(r, key) for r in rows]
+        assert len(keys) == len(set(keys)), f"{why}: {compact_name} holds a row twice"
+        for k, r in zip(keys, rows):
+            assert stable(r) == reference[k], f"{why}: {compact_name} row {k} differs from the uninterrupted run"
+        compacted_keys = set(keys)
     for shard in store.shard_paths():
         rows = pq.read_table(shard).to_pylist()  # raises on a torn file
         keys = [key_of(r, key) for r in rows]
@@ -184,7 +195,7 @@ def check_partial(store_root: Path, key, reference: dict[tuple, dict], block: in
                 range(idx[0], idx[0] + block)), f"{why}: {shard.name} is not one whole block: {idx}"
         for k, r in zip(keys, rows):
             assert stable(r) == reference[k], f"{why}: {shard.name} row {k} differs from the uninterrupted run"
-    return len(seen)
+    return len(seen | compacted_keys)
 
 
 def check_final(store_root: Path, compact_name: str, key, reference: dict[tuple, dict], n_per_pair: int, why: str):
@@ -350,7 +361,8 @@ def test_evaluate_killed_at_random_moments(llm_endpoint, mlflow_tracking_uri, tm
         for role, root in role_stores(run_dir).items():
             assert kinds[role] == root.name, why
             block = EVAL_BLOCK if root.name == "samples" else None
-            kept += check_partial(root, store_file(root)[1], reference[role], block, f"{why} [{role}]")
+            name, key = store_file(root)
+            kept += check_partial(root, key, reference[role], block, f"{why} [{role}]", compact_name=name)
         return kept
 
     kill_loop(killer, KILLS["evaluate"], check)
