@@ -36,9 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_train_gpu_ray import WARMUP, _mfu  # noqa: E402 - the same step window and MFU as the training bench
+
 SMOKE = os.environ.get("TOMTRANSFER_BENCH_SMOKE") == "1"
-PEAK = 989e12
-WARMUP = 2
 
 
 def _config(model_dir: Path, out_dir: Path):
@@ -156,8 +156,8 @@ def main() -> int:
             if res["train"].get("tokens_per_s_median") and not SMOKE:
                 n_params = sum(p.numel() for p in _meta_model(args.model_dir).parameters())
                 res["train"]["params"] = n_params
-                res["train"]["mfu_at_989"] = (6 * n_params * res["train"]["tokens_per_s_median"]
-                                              / (PEAK * cfg.training.num_workers))
+                res["train"]["mfu_at_989"] = _mfu(res["train"]["tokens_per_s_median"], n_params,
+                                                  cfg.training.num_workers)
             r = out.evaluated.result
             res["evaluate"] = {"estimator": r.estimator, "protocol": r.protocol, "samples": r.samples,
                                "scenarios": len(r.scenarios), "store_lines": out.evaluated.store_lines,
