@@ -114,10 +114,11 @@ def app(tmp_path_factory, mlflow_tracking_uri):
                     "adapter_root": str(root), **CAPS},
         "mlflow": {"tracking_uri": mlflow_tracking_uri},
     }
-    proc, log = start_serve(cfg, tmp, {TOKEN_ENV: TOKEN})
-    # the adapters are built while Ray starts
+    # the adapters exist before the app starts: nothing under adapter_root changes while it loads, and the
+    # 2-core CI machine is not building them while Ray starts (a CI run saw the command exit during startup)
     good = make_lora(student, root / "good", seed=1)
     make_lora(student, outside / "lora", seed=2)
+    proc, log = start_serve(cfg, tmp, {TOKEN_ENV: TOKEN})
     yield App(wait_for_url(proc, log), proc, log, student, tmp, root, outside, good, mlflow_tracking_uri)
     proc.send_signal(signal.SIGINT)
     try:
