@@ -36,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_train_gpu_ray import WARMUP, _mfu  # noqa: E402 - the same step window and MFU as the training bench
+# the same warm-up window and MFU formula as the training bench
+from benchmarks.bench_train_gpu_ray import WARMUP, _mfu  # noqa: E402
 
 SMOKE = os.environ.get("TOMTRANSFER_BENCH_SMOKE") == "1"
 

@@ -37,8 +37,9 @@ def digest(obj: Any) -> str:
 
 # sha256 per file, remembered for this process by the file's identity on disk (path, inode, size, mtime): a run
 # asks for the same weights' identity once per stage and role (13 times in all), and reading 13.5 GB each time
-# left the H200s idle ~110 s of a 7B run (benchmarks/RESULTS.md, "The paper's protocol end to end"). A file rewritten in place keeping its size and mtime to
-# the nanosecond would keep its old hash (the same rule git's index and make use).
+# left the H200s idle ~110 s of a 7B run (benchmarks/RESULTS.md, "The paper's protocol end to end"). A file
+# rewritten in place keeping its size and mtime to the nanosecond would keep its old hash (the same rule git's
+# index and make use).
 _FILE_HASHES: dict[tuple, str] = {}
 
 
