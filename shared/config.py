@@ -17,14 +17,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 Family = Literal["in_sample", "oos_context", "oos_game", "pgg"]
 ALL_FAMILIES: tuple[Family, ...] = ("in_sample", "oos_context", "oos_game", "pgg")
-Role = Literal["teacher", "student_base", "student_finetuned"]
-ALL_ROLES: tuple[Role, ...] = ("teacher", "student_base", "student_finetuned")
+Role = Literal["teacher", "student_base", "student_finetuned", "student_placebo"]
+# student_placebo: the same recipe trained on the same dataset with the completions permuted across scenarios
+# (`training.placebo`), a control measured exactly like student_finetuned.
+ALL_ROLES: tuple[Role, ...] = ("teacher", "student_base", "student_finetuned", "student_placebo")
+CORE_ROLES: tuple[Role, ...] = ("teacher", "student_base", "student_finetuned")  # what every evaluation has
 Instruction = Literal["answer_only", "answer_motivation"]
 # The paper (section 3, Fig. 1): "For LLaMa2-70b, we ask for an answer and a motivation; we ask the other models
 # only for their answers." `answer_only` is every role on the answer-only prompt (this project before 2026-11-30).
 PROTOCOLS: dict[str, dict[str, str]] = {
-    "paper": {"teacher": "answer_motivation", "student_base": "answer_only", "student_finetuned": "answer_only"},
-    "answer_only": {"teacher": "answer_only", "student_base": "answer_only", "student_finetuned": "answer_only"},
+    "paper": {"teacher": "answer_motivation", "student_base": "answer_only", "student_finetuned": "answer_only",
+              "student_placebo": "answer_only"},
+    "answer_only": {"teacher": "answer_only", "student_base": "answer_only", "student_finetuned": "answer_only",
+                    "student_placebo": "answer_only"},
 }
 
 
@@ -182,6 +187,14 @@ class TrainingConfig(_Strict):
     gradient_checkpointing: bool = False
     compile: bool = Field(default=False, description="torch.compile the model (fixed-length batches recompile less)")
     adapter_name: str = "tom"
+    placebo: bool = Field(
+        default=False, description="also train a placebo control, `<adapter_name>-placebo`: the same recipe on the "
+        "same training set with the completions (answer and motivation together) permuted across scenarios by a "
+        "permutation seeded with sampling.seed (prompts kept; every completion moved to another scenario's prompt "
+        "where possible; 2x2 and public-goods completions permuted among their own kind), so the format and the "
+        "overall C share stay and the scenario -> choice mapping goes; served beside the real adapter and "
+        "evaluated as the role student_placebo, exactly like student_finetuned. The dataset and the real adapter "
+        "are reused (this switch is not part of their fingerprints)")
 
     @field_validator("adapter_name")
     @classmethod
@@ -204,7 +217,9 @@ class TrainingConfig(_Strict):
 
 
 class EvaluateConfig(_Strict):
-    roles: list[Role] = Field(default_factory=lambda: list(ALL_ROLES))
+    roles: list[Role] = Field(
+        default_factory=lambda: list(CORE_ROLES), description="default: teacher, student_base, student_finetuned, "
+        "and student_placebo when training.placebo is on")
     families: list[Family] = Field(default_factory=lambda: list(ALL_FAMILIES))
     samples: int = Field(default=300, ge=1, description="N per (role, scenario) for sampled roles")
     exact_n: int | None = Field(
@@ -236,6 +251,14 @@ class EvaluateConfig(_Strict):
     concurrency: int = Field(default=16, ge=1)
     request_n: int = Field(default=50, ge=1)
     bootstrap: int = Field(default=2000, ge=100)
+    teacher_lead: bool | None = Field(
+        default=None, description="a teacher reference that can carry a denominator: one exact-mode call per 2x2 "
+        "scenario for the teacher under its own evaluation instruction, beside its samples (the dataset's or fresh "
+        "ones). Exact mode reads only the leading answer, so p_C/p_D are the mass where the teacher's answer leads; "
+        "the samples whose response has no leading letter give the rest: P(C) = P(leading C) + P(no leading "
+        "letter) * P(C | no leading letter). Rows: role teacher, part 'lead' in the evaluation's exact results. "
+        "Not for the PGG (its samples stay the reference) nor where the teacher is itself exact. Default: on when "
+        "the estimator is exact")
     role_order: Literal["auto", "interleaved", "grouped"] = Field(
         default="auto", description="interleaved: scenario by scenario, so the teacher's and the student's replicas "
         "work at the same time (separate GPUs/nodes); grouped: one role's requests after the other's (replicas that "
@@ -243,7 +266,16 @@ class EvaluateConfig(_Strict):
         "transformers replicas, else interleaved")
 
     def instruction_for(self, role: str) -> Instruction:
+        if role == "student_placebo" and role not in self.instructions:  # the placebo is measured as the real one
+            role = "student_finetuned"
         return self.instructions.get(role) or PROTOCOLS[self.protocol][role]  # type: ignore[return-value]
+
+    @property
+    def teacher_lead_on(self) -> bool:
+        """Whether the teacher's leading-answer mass is measured in exact mode (`teacher_lead`, resolved): only where
+        the teacher is evaluated and sampled (an exact teacher's rows are already the whole of it)."""
+        on = self.estimator == "exact" if self.teacher_lead is None else self.teacher_lead
+        return on and "teacher" in self.roles and self.estimator_for("teacher") == "sample"
 
     def estimator_for(self, role: str) -> Literal["sample", "exact"]:
         """Exact mode reads only the leading answer: sound only where the prompt puts the answer first."""
@@ -256,6 +288,8 @@ class EvaluateConfig(_Strict):
             how = self.estimator_for(role)
             if role == "teacher" and teacher_from_dataset:
                 how = "its generated dataset where that covers the scenario, else sampled"
+            if role == "teacher" and self.teacher_lead_on:
+                how += "; exact leading-answer mass on the 2x2 games"
             parts.append(f"{role} {self.instruction_for(role)} ({how})")
         return (f"protocol {self.protocol}: " + "; ".join(parts) + f"; rate = {self.rate} "
                 f"({'C out of N' if self.rate == 'count' else 'C out of valid answers'}); "
@@ -293,6 +327,21 @@ class ExperimentConfig(_Strict):
             raise ValueError(f"evaluate.teacher_reference 'dataset' needs the teacher evaluated with the dataset's "
                              f"instruction ({self.generate.instruction}), not {e.instruction_for('teacher')}; set "
                              f"teacher_reference: evaluate")
+        return self
+
+    @model_validator(mode="after")
+    def _placebo_roles(self) -> "ExperimentConfig":
+        e = self.evaluate
+        if "roles" not in e.model_fields_set:
+            # the default follows training.placebo; resolved here, not marked as set, so a sweep cell that turns
+            # the placebo on gets the role too (shared.sweep re-derives what its base did not set)
+            if self.training.placebo and "student_placebo" not in e.roles:
+                ev = e.model_copy()
+                object.__setattr__(ev, "roles", [*e.roles, "student_placebo"])
+                object.__setattr__(self, "evaluate", ev)
+        elif "student_placebo" in e.roles and not self.training.placebo:
+            raise ValueError("evaluate.roles: student_placebo needs training.placebo: true (the placebo adapter is "
+                             "trained only then)")
         return self
 
     @property

@@ -14,22 +14,33 @@ from typing import Iterable, Sequence
 
 import pyarrow as pa
 
-from shared.config import ALL_ROLES
+from shared.config import ALL_ROLES as _ALL_ROLES, CORE_ROLES
 from shared.errors import UserError
 
-ROLES: tuple[str, ...] = tuple(ALL_ROLES)  # teacher, student_base, student_finetuned
-ROLE_MODELS = {"teacher": "teacher", "student_base": "student"}  # the fine-tuned student: student:<adapter>
+# ROLES: the three roles every evaluation has and the paper's statistics need (teacher, student_base,
+# student_finetuned). ALL_ROLES adds the controls a run may carry: student_placebo (`training.placebo`), the same
+# recipe trained on the same dataset with its completions permuted across scenarios.
+ROLES: tuple[str, ...] = tuple(CORE_ROLES)
+ALL_ROLES: tuple[str, ...] = tuple(_ALL_ROLES)
+ROLE_MODELS = {"teacher": "teacher", "student_base": "student"}  # the adapter roles: student:<adapter>
+ADAPTER_SUFFIX = {"student_finetuned": "", "student_placebo": "-placebo"}  # adapter role -> suffix of its name
 
 
-def served_model(role: str, adapter_name: str | None = None) -> str:
-    """The model name a role is served under: `teacher`, `student`, `student:<adapter>`."""
+def adapter_name(role: str, base_name: str) -> str:
+    """The adapter an adapter role is served with: `training.adapter_name` (+ `-placebo` for the placebo)."""
+    return f"{base_name}{ADAPTER_SUFFIX[role]}"
+
+
+def served_model(role: str, adapter_name_: str | None = None) -> str:
+    """The model name a role is served under: `teacher`, `student`, `student:<adapter>`,
+    `student:<adapter>-placebo`."""
     if role in ROLE_MODELS:
         return ROLE_MODELS[role]
-    if role == "student_finetuned":
-        if not adapter_name:
-            raise UserError("role student_finetuned needs an adapter name (training.adapter_name)")
-        return f"student:{adapter_name}"
-    raise UserError(f"unknown role {role!r}; expected teacher, student_base or student_finetuned")
+    if role in ADAPTER_SUFFIX:
+        if not adapter_name_:
+            raise UserError(f"role {role} needs an adapter name (training.adapter_name)")
+        return f"student:{adapter_name(role, adapter_name_)}"
+    raise UserError(f"unknown role {role!r}; expected one of {', '.join(ALL_ROLES)}")
 
 
 
@@ -66,6 +77,10 @@ SAMPLE_KEY = ("role", "scenario_id", "sample_index")
 # One row per (role, scenario) from exact mode: probabilities at temperature T, no sampling noise
 # (definitions: services/teacher/exact.py). p_C / p_D / pgg_dist are unconditional probabilities that
 # a response *starts with* that answer; valid_mass is their sum; the *_given_valid columns condition on it.
+# `part`: null where the row is the role's whole measurement (an exact-mode student); "lead" where it is only the
+# leading-answer mass of a sampled role (the teacher under `evaluate.teacher_lead`, on its motivated prompt: p_C /
+# p_D = P(the response starts with C / D), valid_mass = p_C + p_D; the rest comes from its samples). Files written
+# before the column existed read with part null.
 EXACT_SCHEMA = pa.schema(_IDENTITY + [
     pa.field("temperature", pa.float64()),
     pa.field("p_C", pa.float64()),  # null for the PGG
@@ -79,8 +94,10 @@ EXACT_SCHEMA = pa.schema(_IDENTITY + [
     pa.field("messages", pa.string(), nullable=False),
     pa.field("latency_s", pa.float64()),
     pa.field("raw", pa.string()),  # the endpoint's JSON answer, verbatim
+    pa.field("part", pa.string()),  # null: the whole measurement; "lead": the leading-answer mass only
 ])
-EXACT_KEY = ("role", "scenario_id")
+EXACT_KEY = ("role", "scenario_id")  # within one store; a lead row and a whole one live in different stores
+LEAD_PART = "lead"
 
 SAMPLES_FILE = "samples.parquet"
 EXACT_FILE = "exact.parquet"

@@ -10,8 +10,10 @@ grid:                           # dotted config keys -> values; the cells are th
   sampling.temperature: [0.8]
   sampling.seed: [0, 1]
 ```
-Each cell's adapter is served as `student:<training.adapter_name>-<cell hash>`, so the cells that share a
-serving app (the same models and serving settings) never overwrite each other's adapter.
+Each cell's adapter is served as `student:<training.adapter_name>-<cell hash>` (its placebo control, under
+`training.placebo`, as `...-<cell hash>-placebo`), so the cells that share a serving app (the same models and
+serving settings) never overwrite each other's adapters. `training.placebo: [false, true]` is a grid key like any
+other: the cells with it on train and evaluate the placebo beside the real adapter.
 A cell's id is a readable slug of its values plus a short hash of the overrides, so it is stable
 across reruns (completed cells are found again and skipped) and unique within the sweep.
 """
@@ -107,6 +109,8 @@ def load_sweep(path: str | Path) -> tuple[SweepSpec, list[Cell]]:
     if n > spec.max_cells:
         raise ConfigError(f"{path}: the grid has {n} cells, more than max_cells = {spec.max_cells}")
     base_data = base.model_dump(mode="json")
+    if "roles" not in base.evaluate.model_fields_set:
+        base_data["evaluate"].pop("roles")  # derived per cell (training.placebo adds student_placebo), not fixed here
     cells = []
     for combo in itertools.product(*spec.grid.values()):
         overrides = dict(zip(spec.grid, combo))

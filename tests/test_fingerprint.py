@@ -85,6 +85,42 @@ def test_each_role_store_follows_its_own_inputs(tmp_path):
     assert role_spec(c, "teacher")["instruction"] == "answer_motivation"
 
 
+def test_placebo_switch_keeps_the_real_adapter_and_the_placebo_has_its_own_key(dataset, tmp_path):
+    from services.pipeline.stages import placebo_config
+
+    base = train_key(cfg(), dataset)
+    on = cfg(training__placebo=True)
+    assert train_key(on, dataset) == base  # turning the placebo on reuses the real adapter
+    assert train_key(placebo_config(on), dataset) == base  # the adapter's name is not part of the key
+    assert train_key(on, dataset, placebo=True) != base  # the placebo's own key, even on the same bytes
+    # the placebo role's store follows its own adapter, the fine-tuned one its own
+    a, b = {"sha256": "1"}, {"sha256": "2"}
+    c = cfg(training__placebo=True, evaluate__estimator="exact")
+    assert role_dir(c, "student_placebo", a) != role_dir(c, "student_placebo", b)
+    assert role_dir(c, "student_placebo", a) != role_dir(c, "student_finetuned", a)
+    assert role_spec(c, "student_placebo", a)["served"] == "student:tom-placebo"
+
+
+def test_evaluate_key_follows_the_placebo_and_teacher_lead_switches():
+    from services.evaluator.collect import lead_dir, store_dirs
+    from services.pipeline.fingerprint import evaluate_key
+
+    exact = cfg(evaluate__estimator="exact")
+    assert exact.evaluate.teacher_lead_on and not cfg().evaluate.teacher_lead_on  # default: on with exact
+    keys = {evaluate_key(c) for c in (cfg(), exact, cfg(evaluate__estimator="exact", evaluate__teacher_lead=False),
+                                      cfg(evaluate__estimator="exact", training__placebo=True),
+                                      cfg(training__placebo=True), cfg(evaluate__teacher_lead=True))}
+    assert len(keys) == 6
+    assert evaluate_key(exact) == evaluate_key(cfg(evaluate__estimator="exact", evaluate__concurrency=3))
+    assert set(store_dirs(exact)) == {"teacher", "student_base", "student_finetuned", "teacher_lead"}
+    assert set(store_dirs(cfg(training__placebo=True))) == {"teacher", "student_base", "student_finetuned",
+                                                           "student_placebo"}
+    # the lead rows' store: the teacher's weights and evaluation prompt, not the sampling settings of its samples
+    assert lead_dir(exact) != lead_dir(cfg(evaluate__estimator="exact", evaluate__protocol="answer_only"))
+    assert lead_dir(exact) == lead_dir(cfg(evaluate__estimator="exact", sampling__max_tokens=99))
+    assert lead_dir(exact).name.startswith("teacher_lead-")
+
+
 def test_local_weights_are_identified_by_content(tmp_path):
     d = tmp_path / "model"
     d.mkdir()

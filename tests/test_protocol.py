@@ -56,6 +56,30 @@ def test_per_role_override_and_a_dataset_reference_that_cannot_hold():
         cfg(min_valid_share=1.5)
 
 
+def test_the_placebo_role_follows_training_placebo():
+    off, on = cfg(), parse_config({**BASE, "training": {"placebo": True}, "evaluate": {"estimator": "exact"}})
+    assert off.evaluate.roles == ["teacher", "student_base", "student_finetuned"]
+    assert on.evaluate.roles == ["teacher", "student_base", "student_finetuned", "student_placebo"]
+    # measured exactly like the fine-tuned student, also under a per-role override
+    assert on.evaluate.estimator_for("student_placebo") == "exact" and "student_placebo answer_only (exact)" in \
+        on.protocol_line()
+    assert cfg(instructions={"student_finetuned": "answer_motivation"}).evaluate.instruction_for(
+        "student_placebo") == "answer_motivation"
+    # a dump read back (a sweep cell, config.yaml in MLflow) is the same config
+    assert parse_config(on.model_dump(mode="json")).evaluate.roles == on.evaluate.roles
+    with pytest.raises(ConfigError, match="student_placebo needs training.placebo"):
+        cfg(roles=["teacher", "student_base", "student_finetuned", "student_placebo"])
+
+
+def test_teacher_lead_defaults_on_with_the_exact_estimator_and_only_for_a_sampled_teacher():
+    assert cfg(estimator="exact").evaluate.teacher_lead_on and not cfg().evaluate.teacher_lead_on
+    assert not cfg(estimator="exact", teacher_lead=False).evaluate.teacher_lead_on
+    assert cfg(teacher_lead=True).evaluate.teacher_lead_on  # asked for: also with sampled students
+    assert not cfg(estimator="exact", protocol="answer_only").evaluate.teacher_lead_on  # an exact teacher
+    assert not cfg(estimator="exact", roles=["student_base"]).evaluate.teacher_lead_on
+    assert "exact leading-answer mass on the 2x2 games" in cfg(estimator="exact").protocol_line()
+
+
 # ------------------------------------------------------------------------------------------ metrics
 def _dataset_teacher(c_by_sid: dict[str, int], n: int = 4) -> pd.DataFrame:
     cat = default_catalog().scenarios

@@ -271,10 +271,21 @@ def test_exact_roles_run_beside_the_sampled_teacher_only_when_roles_interleave(l
             proxy.stop()
         chat = [(t0, t1) for p, t0, t1 in proxy.timeline if p == "/v1/chat/completions"]
         exact = [(t0, t1) for p, t0, t1 in proxy.timeline if p == "/v1/exact"]
-        assert len(chat) == 2 * N // BLOCK and len(exact) == 2 * 2
+        # 2 students x 2 scenarios, and the teacher's leading-answer mass (evaluate.teacher_lead, on by default with
+        # the exact estimator) on each 2x2 scenario
+        assert len(chat) == 2 * N // BLOCK and len(exact) == 3 * 2
         first_exact, last_chat = min(t0 for t0, _ in exact), max(t1 for _, t1 in chat)
         assert (first_exact < last_chat) if order == "interleaved" else (first_exact >= last_chat), order
         assert sorted(set(ev.samples["role"])) == ["teacher"] and len(ev.samples) == 2 * N
+        # the lead rows: role teacher, part "lead", on the teacher's own (motivated) prompt; the students' part null
+        lead = ev.exact[ev.exact["role"] == "teacher"]
+        assert sorted(lead["scenario_id"]) == ["IR_prison", "team_staghunt"] and (lead["part"] == "lead").all()
+        assert (lead["valid_mass"] - lead["p_C"] - lead["p_D"]).abs().max() < 1e-9
+        assert ev.exact[ev.exact["role"] != "teacher"]["part"].isna().all()
+        for r in lead.itertuples():  # the same prompt as the teacher's samples of that scenario
+            same = ev.samples[ev.samples["scenario_id"] == r.scenario_id]["messages"]
+            assert json.loads(r.messages) == json.loads(same.iloc[0])
+        assert any("teacher_lead:" in line for line in ev.store_lines)
     key = ["role", "scenario_id"]
     a, b = (got[o].exact.sort_values(key).reset_index(drop=True) for o in ("interleaved", "grouped"))
     assert a[key + ["p_C", "p_D", "valid_mass"]].equals(b[key + ["p_C", "p_D", "valid_mass"]])

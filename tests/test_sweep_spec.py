@@ -68,3 +68,26 @@ def test_bad_max_concurrent(tmp_path):
         {"name": "s", "base": "base.yaml", "max_concurrent": 0, "grid": {"sampling.seed": [0]}}))
     with pytest.raises(ConfigError, match="max_concurrent"):
         load_sweep(tmp_path / "s.yaml")
+
+
+@pytest.mark.parametrize("base_placebo", [False, True])
+def test_placebo_is_a_grid_key(tmp_path, base_placebo):
+    """`training.placebo` per cell: a cell with it on evaluates student_placebo beside its real adapter (its adapter
+    `<cell adapter>-placebo`), one with it off does not, whatever the base says (the role list is derived per cell)."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"models": {"teacher": {"model": "a"}, "student": {"model": "b"}},
+                                                        "training": {"placebo": base_placebo}}))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "base": "base.yaml",
+                                                     "grid": {"training.placebo": [False, True]}}))
+    _, cells = load_sweep(tmp_path / "s.yaml")
+    by = {c.config.training.placebo: c.config for c in cells}
+    assert "student_placebo" in by[True].evaluate.roles and "student_placebo" not in by[False].evaluate.roles
+    from shared.samples import served_model
+
+    assert served_model("student_placebo", by[True].training.adapter_name) == \
+        f"student:{by[True].training.adapter_name}-placebo"
+    # a base that names its roles keeps them: asking for the placebo role where it is off is an error
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({
+        "models": {"teacher": {"model": "a"}, "student": {"model": "b"}}, "training": {"placebo": True},
+        "evaluate": {"roles": ["teacher", "student_base", "student_finetuned", "student_placebo"]}}))
+    with pytest.raises(ConfigError, match="student_placebo needs training.placebo"):
+        load_sweep(tmp_path / "s.yaml")

@@ -10,12 +10,15 @@ import pytest
 
 from services.trainer.dataset import (
     DatasetError,
+    DatasetExport,
     build_training_set,
     content_hash,
+    export_placebo_set,
     export_training_set,
     load_samples,
     log_dataset_to_mlflow,
     read_training_set,
+    scenario_derangement,
 )
 from tests.fixtures.synthetic_samples import fake_samples
 
@@ -141,6 +144,52 @@ def test_samples_from_a_folder_of_parts(samples, tmp_path):
     assert ex.samples == len(samples)
     rows = read_training_set(ex.out_dir)
     assert len(rows) == ex.examples and rows[0]["messages"][0]["role"] == "system"
+
+
+
+def test_placebo_set_is_a_permutation_across_scenarios(samples, tmp_path):
+    """The placebo control's training set: the same completions (answer and motivation together), prompts where they
+    were, the same C share, and (almost) every completion at another scenario's prompt; 2x2 and PGG completions
+    stay among their own kind; seeded (same seed: same set, other seed: another permutation)."""
+    real = export_training_set(samples, tmp_path / "real", name="t", targets="answer_motivation")
+    ex = export_placebo_set(real.parquet, tmp_path / "placebo", seed=5, name="t")
+    a, b = pd.read_parquet(real.parquet), pd.read_parquet(ex.parquet)
+    assert len(a) == len(b) and (a.example_id == b.example_id).all()
+    for col in ("scenario_id", "system", "user", "messages", "family", "sample_index"):  # prompts kept in place
+        assert (a[col] == b[col]).all(), col
+    assert sorted(a.target) == sorted(b.target)  # the same multiset of completions
+    assert sorted(zip(a.target, a.answer.astype(str))) == sorted(zip(b.target, b.answer.astype(str)))  # whole
+    letters = lambda df: df.answer[df.answer.isin(["C", "D"])]  # noqa: E731
+    assert (letters(a) == "C").mean() == pytest.approx((letters(b) == "C").mean())  # the same overall C share
+    by_id = a.set_index("example_id")
+    assert (by_id.loc[b.source_example_id, "target"].to_numpy() == b.target.to_numpy()).all()  # origin recorded
+    # 3 2x2 scenarios, none holding half of their examples: every 2x2 completion moves to another scenario; the
+    # PGG's completions stay among themselves (the one PGG scenario: they cannot move)
+    pgg = b.scenario_id == "pgg"
+    assert (b.source_scenario_id[~pgg] != b.scenario_id[~pgg]).all() and (b.source_scenario_id[pgg] == "pgg").all()
+    assert ex.placebo["moved"] == int((~pgg).sum()) > 0 and ex.placebo["stayed"] == int(pgg.sum()) > 0
+    # the scenario -> choice mapping is gone: the real set's C share per scenario ranges 0.25..0.9, the placebo's not
+    spread = lambda df: df[~(df.scenario_id == "pgg")].groupby("scenario_id").answer.apply(  # noqa: E731
+        lambda s: (s == "C").mean())
+    assert spread(b).max() - spread(b).min() < spread(a).max() - spread(a).min()
+    assert ex.placebo["seed"] == 5 and ex.placebo["source_content_sha256"] == real.content_hash
+    assert ex.name == "t-placebo" and ex.content_hash != real.content_hash
+    card = ex.card.read_text()
+    assert "Placebo control" in card and "seed 5" in card and real.content_hash in card
+    assert DatasetExport.from_dir(ex.out_dir).placebo["seed"] == 5
+    again = export_placebo_set(real.parquet, tmp_path / "again", seed=5, name="t")
+    assert again.parquet.read_bytes() == ex.parquet.read_bytes()
+    other = export_placebo_set(real.parquet, tmp_path / "other", seed=6, name="t")
+    assert other.content_hash != ex.content_hash
+
+
+def test_placebo_derangement_where_possible():
+    import numpy as np
+
+    labels = ["a"] * 6 + ["b"] * 2 + ["c"] * 1  # "a" holds more than half: 3 of its prompts must keep an "a"
+    src = scenario_derangement(labels, np.random.default_rng(0))
+    assert sorted(src) == list(range(9))
+    assert sum(labels[s] == labels[i] for i, s in enumerate(src)) == 3
 
 
 # ------------------------------------------------------------------------ tokenization and masking

@@ -17,7 +17,7 @@ from shared.errors import UserError
 from shared.prompts import build_messages
 from shared.scenarios import Scenario, build_catalog
 
-from shared.samples import served_model
+from shared.samples import ADAPTER_SUFFIX, adapter_name, served_model
 
 from services.collector.runner import Job
 
@@ -86,8 +86,8 @@ def role_identity(cfg: ExperimentConfig, role: str) -> dict:
     spec = cfg.models.teacher if role == "teacher" else cfg.models.student
     ident = {"served": served_model(role, cfg.training.adapter_name), "model": spec.model, "engine": spec.engine,
              "remote_model": spec.remote_model}
-    if role == "student_finetuned":
-        ident["adapter"] = cfg.serving.adapters.get(cfg.training.adapter_name)
+    if role in ADAPTER_SUFFIX:  # student_finetuned, student_placebo: the adapter named in serving.adapters, if any
+        ident["adapter"] = cfg.serving.adapters.get(adapter_name(role, cfg.training.adapter_name))
     return ident
 
 

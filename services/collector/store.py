@@ -52,7 +52,7 @@ from shared.errors import UserError
 log = logging.getLogger(__name__)
 
 from shared.samples import (  # noqa: F401  (re-exported: the store's schema lives with the sample)
-    EXACT_FILE, EXACT_KEY, EXACT_SCHEMA, ROLES, SAMPLE_KEY, SAMPLE_SCHEMA, SAMPLES_FILE,
+    ALL_ROLES, EXACT_FILE, EXACT_KEY, EXACT_SCHEMA, LEAD_PART, ROLES, SAMPLE_KEY, SAMPLE_SCHEMA, SAMPLES_FILE,
 )
 
 SHARD_DIR = "shards"
@@ -316,10 +316,19 @@ class SampleStore(ShardStore):
 
 
 class ExactStore(ShardStore):
-    """Exact-mode rows, one per (role, scenario_id)."""
+    """Exact-mode rows, one per (role, scenario_id). `part`: written into every row's `part` column (e.g. "lead"
+    for the teacher's leading-answer mass, `shared.samples.LEAD_PART`); None: the rows are whole measurements."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, part: str | None = None):
         super().__init__(root, EXACT_SCHEMA, EXACT_KEY, EXACT_FILE)
+        self.part = part
+
+    def write(self, rows: list[dict] | pa.Table) -> Path:
+        if self.part is not None:
+            if isinstance(rows, pa.Table):
+                rows = rows.to_pylist()
+            rows = [{**r, "part": self.part} for r in rows]
+        return super().write(rows)
 
     def done(self) -> set[tuple[str, str]]:
         t = self.read(list(EXACT_KEY), sort=False)

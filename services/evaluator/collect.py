@@ -1,10 +1,11 @@
 """Evaluation evidence: what each role answered, measured the way the protocol says.
 
 Roles (`evaluate.roles`) -> served models: teacher -> `teacher`, student_base -> `student`,
-student_finetuned -> `student:<training.adapter_name>`. Scenarios: `scenarios.ids` if given, else
-`evaluate.families`. Each role has its own instruction (`evaluate.protocol`, default the paper's: the teacher
-answers with a motivation, the students answer only; `evaluate.instructions` overrides per role) and so its own
-estimator and token cap:
+student_finetuned -> `student:<training.adapter_name>`, student_placebo (`training.placebo`) ->
+`student:<training.adapter_name>-placebo`, measured exactly like student_finetuned. Scenarios: `scenarios.ids` if
+given, else `evaluate.families`. Each role has its own instruction (`evaluate.protocol`, default the paper's: the
+teacher answers with a motivation, the students answer only; `evaluate.instructions` overrides per role) and so its
+own estimator and token cap:
 
 - sampled (`sample_roles`): N = `evaluate.samples` per (role, scenario) through the same runner and store as
   `generate` (`services.collector.runner`): resumable, exactly N, no duplicates, same seeds -> same rows; parsed
@@ -12,6 +13,11 @@ estimator and token cap:
 - exact (`exact_roles`): only for roles whose instruction puts the answer first (`answer_only`) and
   `evaluate.estimator: exact`: one call per (role, scenario) to `POST /v1/exact`, one row each (p_C, p_D,
   valid_mass, PGG distribution).
+- the teacher's leading-answer mass (`teacher_lead`, `evaluate.teacher_lead`): one exact call per 2x2 scenario on
+  the teacher's own evaluation prompt (with motivation under the paper's protocol), in its own store
+  (`<run_dir>/evaluate/teacher_lead-<key>/exact/`); rows with role `teacher` and `part` = "lead", beside the
+  students' exact rows. Exact mode reads only the leading answer, so p_C / p_D are P(the response starts with C /
+  D); the teacher's samples (dataset or fresh, as before) stay in the samples and give the rest.
 Each role has its own store, `<run_dir>/evaluate/<role>-<key>/{samples,exact}/`, keyed by everything its rows
 depend on (`role_spec`: weights, adapter content, prompt, estimator, sampling settings): a rerun reuses a role's
 rows only when those are unchanged (a retrained adapter re-measures the fine-tuned student alone), and never
@@ -35,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shared.config import ExperimentConfig
+from shared.samples import ADAPTER_SUFFIX, LEAD_PART
 from shared.scenarios import Scenario
 
 from services.collector.runner import RetryPolicy, RunReport, RequestSettings, exact_async, parse_answer, sample_async
@@ -103,23 +110,57 @@ def role_spec(cfg: ExperimentConfig, role: str, adapter: dict | None = None) -> 
     if est == "sample":
         out |= {"top_p": cfg.sampling.top_p, "seed": cfg.sampling.seed, "block_size": e.request_n,
                 "max_tokens": _max_tokens(cfg, role)}
-    if role == "student_finetuned" and adapter is not None:
+    if role in ADAPTER_SUFFIX and adapter is not None:
         out["adapter"] = adapter  # the adapter's content, not only its name or path
     return out
 
 
 def role_dir(cfg: ExperimentConfig, role: str, adapter: dict | None = None) -> Path:
+    """A role's store; `adapter`: the identity of that role's adapter (student_finetuned / student_placebo)."""
     from services.pipeline.fingerprint import role_key
 
     return evaluate_dir(cfg) / f"{role}-{role_key(role_spec(cfg, role, adapter))}"
 
 
+def lead_spec(cfg: ExperimentConfig) -> dict:
+    """What the teacher's leading-answer rows depend on: its weights, its evaluation prompt, exact mode at T."""
+    from services.pipeline.fingerprint import model_identity
+
+    return {**role_identity(cfg, "teacher"), "weights": model_identity(cfg.models.teacher),
+            "instruction": cfg.evaluate.instruction_for("teacher"), "estimator": "exact", "part": LEAD_PART,
+            "temperature": cfg.sampling.temperature}
+
+
+def lead_dir(cfg: ExperimentConfig) -> Path:
+    from services.pipeline.fingerprint import role_key
+
+    return evaluate_dir(cfg) / f"teacher_lead-{role_key(lead_spec(cfg))}"
+
+
+def lead_scenarios(scenarios: list[Scenario]) -> list[Scenario]:
+    """The scenarios the teacher's leading-answer mass is measured on: the 2x2 games (the PGG keeps its samples)."""
+    return [s for s in scenarios if not s.is_pgg]
+
+
+def store_dirs(cfg: ExperimentConfig, adapters: dict[str, dict | None] | None = None) -> dict[str, Path]:
+    """Every store the evaluate stage reads for this config: each role's (sampled or exact) and the teacher's
+    leading-answer store when `teacher_lead` is on. `adapters`: role -> its adapter's identity."""
+    e = cfg.evaluate
+    out = {r: role_dir(cfg, r, (adapters or {}).get(r)) / ("exact" if e.estimator_for(r) == "exact" else "samples")
+           for r in e.roles}
+    if e.teacher_lead_on:
+        out["teacher_lead"] = lead_dir(cfg) / "exact"
+    return out
+
+
 def collect(config: str | Path | ExperimentConfig, *, base_url: str | None = None, progress: bool | None = None,
-            retry: RetryPolicy | None = None, adapter: dict | None = None) -> Evidence:
-    """Measure every selected (role, scenario) once, by the protocol (see the module docstring). `adapter`: the
-    fine-tuned student's adapter identity (content hash) when known."""
+            retry: RetryPolicy | None = None, adapter: dict | None = None,
+            placebo_adapter: dict | None = None) -> Evidence:
+    """Measure every selected (role, scenario) once, by the protocol (see the module docstring). `adapter` /
+    `placebo_adapter`: the fine-tuned / placebo student's adapter identity (content hash) when known."""
     cfg = as_config(config)
     e = cfg.evaluate
+    adapters = {"student_finetuned": adapter, "student_placebo": placebo_adapter}
     scenarios = select_scenarios(cfg, list(e.families))
     ev = Evidence()
     teacher_done: set[str] = set()
@@ -132,25 +173,27 @@ def collect(config: str | Path | ExperimentConfig, *, base_url: str | None = Non
     frames = [ev.samples] if ev.samples is not None else []
     sampled = [r for r in e.roles if e.estimator_for(r) == "sample"]
     exact = [r for r in e.roles if e.estimator_for(r) == "exact"]
+    lead = e.teacher_lead_on and bool(lead_scenarios(scenarios))
     jobs_scenarios = {r: [s for s in scenarios if not (r == "teacher" and s.id in teacher_done)] for r in sampled}
     # Exact-mode roles beside the sampled ones when the replicas do not share cores (the paper's protocol on GPUs:
     # the students' exact calls no longer wait for the teacher's motivated samples); one after another otherwise.
-    overlap = bool(exact) and any(jobs_scenarios.values()) and interleave_roles(cfg)
+    overlap = (bool(exact) or lead) and any(jobs_scenarios.values()) and interleave_roles(cfg)
     shown = "lines" if overlap and progress is not False else progress  # two groups share one terminal
 
     def exact_now() -> dict:
-        return exact_roles(cfg, exact, scenarios, base_url=base_url, progress=shown, retry=retry, adapter=adapter)
+        return exact_roles(cfg, exact, scenarios, base_url=base_url, progress=shown, retry=retry, adapters=adapters,
+                           lead=lead)
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(exact_now) if overlap else None
         if any(jobs_scenarios.values()):
             for role, (table, path, report) in sample_roles(cfg, jobs_scenarios, base_url=base_url, progress=shown,
-                                                             retry=retry, adapter=adapter).items():
+                                                             retry=retry, adapters=adapters).items():
                 frames.append(table.to_pandas())
                 ev.paths.append(path)
                 ev.reports.append(report)
                 ev.store_lines.append(_store_line(role, path, report))
-        exact_out = pending.result() if pending else (exact_now() if exact else {})
+        exact_out = pending.result() if pending else (exact_now() if exact or lead else {})
     if frames:
         ev.samples = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     if exact_out:
@@ -187,17 +230,19 @@ def dataset_reference(cfg: ExperimentConfig, scenarios: list[Scenario]) -> pd.Da
 
 def sample_roles(cfg: ExperimentConfig, scenarios_of: dict[str, list[Scenario]], *, base_url: str | None = None,
                  progress: bool | None = None, retry: RetryPolicy | None = None,
-                 adapter: dict | None = None) -> dict[str, tuple[pa.Table, Path, RunReport]]:
+                 adapters: dict[str, dict | None] | None = None) -> dict[str, tuple[pa.Table, Path, RunReport]]:
     """N samples per (role, scenario), each role with its own instruction, token cap and store. Roles run one
-    after another when grouped (`evaluate.role_order`), else at the same time."""
+    after another when grouped (`evaluate.role_order`), else at the same time. `adapters`: role -> the identity of
+    its adapter (the adapter roles)."""
     e = cfg.evaluate
+    adapters = adapters or {}
     roles = [r for r, ss in scenarios_of.items() if ss]
     params = RequestSettings(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p, max_tokens=e.max_tokens,
                             seed=cfg.sampling.seed, block_size=e.request_n)
 
     async def one(role: str) -> tuple[pa.Table, Path, RunReport]:
-        spec = role_spec(cfg, role, adapter)
-        store = SampleStore(role_dir(cfg, role, adapter) / "samples")
+        spec = role_spec(cfg, role, adapters.get(role))
+        store = SampleStore(role_dir(cfg, role, adapters.get(role)) / "samples")
         jobs = jobs_for(cfg, [role], scenarios_of[role], e.samples, {role: e.instruction_for(role)},
                         max_tokens={role: _max_tokens(cfg, role)})
         run_id = run_id_for("evaluate", cfg, spec)
@@ -222,27 +267,37 @@ def _shown(progress, together: bool, roles: list[str]):
 
 def exact_roles(cfg: ExperimentConfig, roles: list[str], scenarios: list[Scenario], *, base_url: str | None = None,
                 progress: bool | None = None, retry: RetryPolicy | None = None,
-                adapter: dict | None = None) -> dict[str, tuple[pa.Table, Path, RunReport]]:
-    """One exact-mode call per (role, scenario) on the role's (answer-first) prompt, one store per role."""
+                adapters: dict[str, dict | None] | None = None,
+                lead: bool = False) -> dict[str, tuple[pa.Table, Path, RunReport]]:
+    """One exact-mode call per (role, scenario) on the role's (answer-first) prompt, one store per role. `lead`:
+    also the teacher's leading-answer mass on its own evaluation prompt, one call per 2x2 scenario, returned as
+    `teacher_lead` (rows: role teacher, part "lead")."""
     e = cfg.evaluate
+    adapters = adapters or {}
+    # unit -> (role, its spec, its store, the scenarios, what the progress line says)
+    units = {r: (r, role_spec(cfg, r, adapters.get(r)), ExactStore(role_dir(cfg, r, adapters.get(r)) / "exact"),
+                 scenarios, f"evaluate {r} (exact): {len(scenarios)} scenarios") for r in roles}
+    if lead and lead_scenarios(scenarios):
+        ss = lead_scenarios(scenarios)
+        units["teacher_lead"] = ("teacher", lead_spec(cfg), ExactStore(lead_dir(cfg) / "exact", part=LEAD_PART), ss,
+                                 f"evaluate teacher lead (exact, {e.instruction_for('teacher')}): {len(ss)} 2x2 "
+                                 f"scenarios")
 
-    async def one(role: str) -> tuple[pa.Table, Path, RunReport]:
-        spec = role_spec(cfg, role, adapter)
-        store = ExactStore(role_dir(cfg, role, adapter) / "exact")
-        jobs = jobs_for(cfg, [role], scenarios, 1, {role: e.instruction_for(role)})
+    async def one(unit: str) -> tuple[pa.Table, Path, RunReport]:
+        role, spec, store, ss, description = units[unit]
+        jobs = jobs_for(cfg, [role], ss, 1, {role: e.instruction_for(role)})
         run_id = run_id_for("exact", cfg, spec)
         with store.writer():
             check_manifest(store, {"version": 3, "run_id": run_id, "roles": {role: spec}})
             report = await exact_async(
                 store, jobs, base_url=endpoint_url(cfg, base_url), temperature=cfg.sampling.temperature,
                 run_id=run_id, concurrency=min(e.concurrency, 4), api_key=api_key(cfg), retry=retry or RetryPolicy(),
-                progress=_shown(progress, interleave_roles(cfg), roles),
-                description=f"evaluate {role} (exact): {len(scenarios)} scenarios",
+                progress=_shown(progress, interleave_roles(cfg), list(units)), description=description,
             )
             path = store.compact()
-        return _only(store.read(), [role], [s.id for s in scenarios]), path, report
+        return _only(store.read(), [role], [s.id for s in ss]), path, report
 
-    return _per_role(roles, one, interleave_roles(cfg))
+    return _per_role(list(units), one, interleave_roles(cfg))
 
 
 def _per_role(roles: list[str], one, together: bool) -> dict:

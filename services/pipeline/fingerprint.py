@@ -6,10 +6,16 @@ with the same inputs finds them and resumes or reuses them. What each stage's ke
   generate           the teacher's weights and serving (`model_identity`), the sampling settings, the generate
                      section, the scenarios it covers (ids and texts of packs)
   train              the training set's content (sha256), the student's weights, the training section minus
-                     the knobs that cannot change the adapter (`TRAIN_OPERATIONAL`)
-  evaluate (a role)  the role's model identity (for the fine-tuned student: the adapter's content), its prompt,
-                     estimator and sampling settings; each role has its own store, so a new adapter re-measures
-                     the fine-tuned student only
+                     the knobs that cannot change the adapter (`TRAIN_OPERATIONAL`, `training.placebo` among them:
+                     turning the placebo on reuses the real adapter)
+  train (placebo)    the same, of the placebo set (the real set's completions permuted with sampling.seed; its
+                     content hash holds the permutation), plus a placebo marker
+  evaluate (a role)  the role's model identity (for the fine-tuned and placebo students: the adapter's content),
+                     its prompt, estimator and sampling settings; each role has its own store, so a new adapter
+                     re-measures its own role only; the teacher's leading-answer rows (`evaluate.teacher_lead`)
+                     have their own store too
+  evaluate (stage)   `evaluate_key`: every store it reads (so the roles, including student_placebo, and the
+                     teacher_lead switch) and the evaluate section's metric settings
 
 Weights: an alias of the offline store is its GGUF's sha256; a local folder is the sha256 of its files; a hub id
 is the id (a hub revision is not configurable here); a remote (openai engine) model is its URL and name.
@@ -27,7 +33,7 @@ from shared.config import ExperimentConfig, ModelSpec
 SHORT = 12  # hex digits in folder names: 48 bits, no collision in any realistic number of runs
 # Training knobs that change how the work is scheduled or what the adapter is called, not the weights it holds.
 TRAIN_OPERATIONAL = ("max_failures", "checkpoint_every_steps", "cpus_per_worker", "threads_per_worker",
-                     "adapter_name")
+                     "adapter_name", "placebo")
 
 
 def digest(obj: Any) -> str:
@@ -87,10 +93,31 @@ def generate_key(cfg: ExperimentConfig, scenario_ids: list[str]) -> str:
                    "scenarios": scenario_ids, "packs": packs})[:SHORT]
 
 
-def train_key(cfg: ExperimentConfig, dataset: Path) -> str:
-    return digest({"dataset": file_sha256(dataset), "student": model_identity(cfg.models.student),
-                   "training": cfg.training.model_dump(mode="json", exclude=set(TRAIN_OPERATIONAL))})[:SHORT]
+def train_key(cfg: ExperimentConfig, dataset: Path, *, placebo: bool = False) -> str:
+    """`placebo`: the key of the placebo adapter (`dataset` is then the placebo set)."""
+    ident = {"dataset": file_sha256(dataset), "student": model_identity(cfg.models.student),
+             "training": cfg.training.model_dump(mode="json", exclude=set(TRAIN_OPERATIONAL))}
+    return digest({**ident, "placebo": True} if placebo else ident)[:SHORT]
 
 
 def role_key(identity: dict) -> str:
     return digest(identity)[:SHORT]
+
+
+# Evaluate settings that change how the work is scheduled or shown, not the numbers.
+EVALUATE_OPERATIONAL = ("concurrency", "role_order")
+
+
+def evaluate_key(cfg: ExperimentConfig, adapters: dict | None = None) -> str:
+    """The evaluate stage's inputs: every store it reads (`services.evaluator.collect.store_dirs`: one per role
+    and the teacher's leading-answer store; their names are their own keys) and the metric settings."""
+    from services.evaluator.collect import store_dirs
+
+    stores = {unit: d.parent.name for unit, d in store_dirs(cfg, adapters).items()}
+    dataset = None
+    if cfg.teacher_from_dataset:  # the teacher's reference in-sample: the generate stage's samples
+        from services.collector.generate import generate_dir
+
+        dataset = generate_dir(cfg).name
+    return digest({"stores": stores, "teacher_dataset": dataset,
+                   "evaluate": cfg.evaluate.model_dump(mode="json", exclude=set(EVALUATE_OPERATIONAL))})[:SHORT]

@@ -5,8 +5,9 @@
   2. tracking  `mlflow.tracking_uri`, or a local MLflow server for the duration of the run
   3. serving   `serving.base_url`, or Ray + the serving app (teacher and student)
   4. run       one MLflow parent run per experiment (its id kept in `<run_dir>/mlflow_run_id`)
-  5. stages    generate -> train -> serve the adapter -> evaluate (`stages`), each reused only when its inputs are
-               unchanged (`fingerprint`), their MLflow runs filed under the parent
+  5. stages    generate -> train (+ the placebo control under `training.placebo`) -> serve the adapter(s) ->
+               evaluate (`stages`), each reused only when its inputs are unchanged (`fingerprint`), their MLflow
+               runs filed under the parent
 Limits: one experiment at a time per run folder; a local MLflow server and Ray stop when the run ends (reopen the
 store with `make mlflow-ui`).
 """
@@ -38,6 +39,7 @@ class RunResult:
     trained: stages.Trained
     evaluated: stages.Evaluated
     timings: dict = field(default_factory=dict)
+    trained_placebo: stages.Trained | None = None  # `training.placebo`: the placebo control's adapter
 
 
 def run(cfg: ExperimentConfig, *, tags: dict | None = None) -> RunResult:
@@ -59,9 +61,10 @@ def run(cfg: ExperimentConfig, *, tags: dict | None = None) -> RunResult:
 
 def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None,
                app: LocalApp | None = None) -> RunResult:
-    """generate -> train -> serve the adapter -> evaluate under the experiment's parent MLflow run, against a
-    running app and tracking server (what `run` and every sweep cell do). `app`: the local app, which steps aside
-    while training when the training workers cannot fit beside its replicas (`serving.release_for_training`)."""
+    """generate -> train (and the placebo control under `training.placebo`) -> serve the adapter(s) -> evaluate
+    under the experiment's parent MLflow run, against a running app and tracking server (what `run` and every sweep
+    cell do). `app`: the local app, which steps aside while training when the training workers cannot fit beside
+    its replicas (`serving.release_for_training`)."""
     import mlflow
 
     timings: dict[str, float] = {}
@@ -87,6 +90,11 @@ def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None,
             app.step_aside(need)
         tr = stages.train(cfg, ctx, gen.dataset)
         timings["train_s"] = time.perf_counter() - t
+        trp = None
+        if cfg.training.placebo:  # the same recipe on the completions permuted across scenarios
+            t = time.perf_counter()
+            trp = stages.train_placebo(cfg, ctx, gen.dataset)
+            timings["train_placebo_s"] = time.perf_counter() - t
         if stepped_aside:
             t = time.perf_counter()
             say("[serve] deploying the serving app again for the evaluation")
@@ -96,13 +104,22 @@ def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None,
         mlflow.set_tags({"tomtransfer.adapter_uri": tr.adapter_uri or "",
                          "tomtransfer.adapter_name": cfg.training.adapter_name})
         adapter = stages.serve_adapter(cfg, ctx, tr.adapter_dir)
+        placebo = None
+        if trp is not None:
+            from shared.samples import adapter_name
+
+            mlflow.log_artifacts(trp.adapter_dir, "adapter_placebo")
+            mlflow.set_tags({"tomtransfer.placebo_adapter_uri": trp.adapter_uri or "",
+                             "tomtransfer.placebo_adapter_name": adapter_name("student_placebo",
+                                                                               cfg.training.adapter_name)})
+            placebo = stages.serve_adapter(cfg, ctx, trp.adapter_dir, role="student_placebo")
         t = time.perf_counter()
-        ev = stages.evaluate(cfg, ctx, adapter, run_info={"experiment": cfg.name})
+        ev = stages.evaluate(cfg, ctx, adapter, placebo_adapter=placebo, run_info={"experiment": cfg.name})
         timings["evaluate_s"] = time.perf_counter() - t
         mlflow.log_metrics({f"timing.{k}": v for k, v in timings.items()})
     return RunResult(config=cfg, tracking_uri=ctx.tracking_uri, mlflow_run_id=parent.info.run_id,
                      experiment_id=parent.info.experiment_id, generated=gen,
-                     trained=tr, evaluated=ev, timings=timings)
+                     trained=tr, evaluated=ev, timings=timings, trained_placebo=trp)
 
 
 def _parent_run(cfg: ExperimentConfig, tracking_uri: str, tags: dict | None):
@@ -139,20 +156,26 @@ def generate(cfg: ExperimentConfig, *, base_url: str | None = None, progress: bo
 
 
 def train(cfg: ExperimentConfig, *, dataset: str | Path | None = None, checkpoint_every: int = 0) -> stages.Trained:
-    """`tomtransfer train`: LoRA on the training set `generate` made for this config (or `dataset`)."""
+    """`tomtransfer train`: LoRA on the training set `generate` made for this config (or `dataset`), then the placebo
+    control under `training.placebo` (said on stderr); returns the real adapter's outcome."""
     if checkpoint_every < 0:
         raise UserError("--checkpoint-every must be >= 0")
     check_models(cfg, roles=("student",))  # an unknown student fails here, before MLflow or Ray start
     path = stages.training_set(cfg, dataset)
     with tracking(cfg) as uri:
         cfg = with_tracking(cfg, uri)
-        return stages.train(cfg, Context(tracking_uri=uri), path, checkpoint_every=checkpoint_every)
+        tr = stages.train(cfg, Context(tracking_uri=uri), path, checkpoint_every=checkpoint_every)
+        if cfg.training.placebo:
+            trp = stages.train_placebo(cfg, Context(tracking_uri=uri), path, checkpoint_every=checkpoint_every)
+            say(f"[train] placebo adapter {trp.adapter_dir} ({trp.adapter_uri}), mlflow run {trp.run_id}"
+                + (" (reused)" if trp.reused else ""))
+        return tr
 
 
 def evaluate(cfg: ExperimentConfig) -> tuple[str, stages.Evaluated]:
     """`tomtransfer evaluate`: the roles against a running app (`serving.base_url`) or one started here, in an
     MLflow run of its own. The fine-tuned student is the adapter `train` made with this config's inputs (or the one
-    named in `serving.adapters`)."""
+    named in `serving.adapters`); the placebo student (student_placebo) likewise, `<adapter_name>-placebo`."""
     import mlflow
 
     check_inputs(cfg, serve=True)
@@ -161,17 +184,22 @@ def evaluate(cfg: ExperimentConfig) -> tuple[str, stages.Evaluated]:
         cfg = with_tracking(cfg, uri)
         url = stack.enter_context(serving(cfg))
         ctx = Context(tracking_uri=uri, url=url, api_key=serving_api_key(cfg))
-        adapter = None
-        if "student_finetuned" in cfg.evaluate.roles and not cfg.serving.base_url:
-            adapter_dir = stages.trained_adapter(cfg)
-            if adapter_dir is None and cfg.training.adapter_name not in cfg.serving.adapters:
-                raise UserError("no adapter for student_finetuned: train first (no adapter trained with this config's "
+        from shared.samples import adapter_name
+
+        adapters: dict[str, dict | None] = {}
+        for role in ("student_finetuned", "student_placebo"):
+            if role not in cfg.evaluate.roles or cfg.serving.base_url:
+                continue
+            adapter_dir = stages.trained_adapter(cfg, placebo=role == "student_placebo")
+            if adapter_dir is None and adapter_name(role, cfg.training.adapter_name) not in cfg.serving.adapters:
+                raise UserError(f"no adapter for {role}: train first (no adapter trained with this config's "
                                 "inputs) or name it in serving.adapters")
             if adapter_dir is not None:
-                adapter = stages.serve_adapter(cfg, ctx, adapter_dir)
+                adapters[role] = stages.serve_adapter(cfg, ctx, adapter_dir, role=role)
         from services.evaluator.tracking import use_experiment
 
         mlflow.set_tracking_uri(uri)
         use_experiment(cfg.mlflow.experiment)
         with mlflow.start_run(run_name=f"{cfg.name}-evaluate", tags={"tomtransfer.stage": "evaluate"}) as r:
-            return r.info.run_id, stages.evaluate(cfg, ctx, adapter)
+            return r.info.run_id, stages.evaluate(cfg, ctx, adapters.get("student_finetuned"),
+                                                  placebo_adapter=adapters.get("student_placebo"))

@@ -2,8 +2,10 @@
 
   generate(cfg, ctx)                 -> Generated   the teacher dataset (services.collector.generate)
   train(cfg, ctx, dataset)           -> Trained     LoRA on the student with Ray Train (services.trainer.train)
-  serve_adapter(cfg, ctx, trained)   -> dict        the adapter registered on the running app (multi-LoRA)
-  evaluate(cfg, ctx, adapter)        -> Evaluated   the roles measured, metrics, figures, report (services.evaluator)
+  train_placebo(cfg, ctx, dataset)   -> Trained     `training.placebo`: the same recipe on the placebo set (the
+                                                    completions permuted across scenarios), `<adapter>-placebo`
+  serve_adapter(cfg, ctx, dir[, name]) -> dict      an adapter registered on the running app (multi-LoRA)
+  evaluate(cfg, ctx, adapter, placebo_adapter=...) -> Evaluated   the roles measured, metrics, figures, report
 
 Each stage's outputs live in a folder keyed by the hash of exactly its inputs (`fingerprint`); `stages.json` in the
 run folder records each stage's last outcome with its key, so a stage is reused only when its key is unchanged and
@@ -96,7 +98,8 @@ class StageLog:
     def mark(self, stage: str, outcome) -> None:
         from services.collector.store import atomic_write_json
 
-        self.data[stage] = {**asdict(outcome), "reused": False, "finished_at": time.time()}
+        record = outcome if isinstance(outcome, dict) else asdict(outcome)
+        self.data[stage] = {**record, "reused": False, "finished_at": time.time()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.data, self.path)
 
@@ -145,18 +148,55 @@ def training_set(cfg: ExperimentConfig, dataset: str | Path | None = None) -> Pa
     raise UserError(f"training set not found: {p} (run `tomtransfer generate` first, or pass --dataset)")
 
 
-def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoint_every: int = 0) -> Trained:
-    """LoRA on the student with Ray Train; resumes an interrupted run with the same inputs (the same key)."""
+def placebo_set(cfg: ExperimentConfig, dataset: str | Path) -> Path:
+    """The placebo training set of `dataset` (`services.trainer.dataset.export_placebo_set`: its completions
+    permuted across scenarios, seed = sampling.seed), written once under
+    `<run_dir>/train/placebo-sets/<source sha256>-seed<seed>/` (named by its inputs; reused when there)."""
+    from services.pipeline.fingerprint import SHORT, file_sha256
+    from services.trainer.dataset import META_JSON, TRAIN_PARQUET, export_placebo_set
+
+    dataset = Path(dataset)
+    seed = cfg.sampling.seed
+    out = cfg.run_dir.resolve() / "train" / "placebo-sets" / f"{file_sha256(dataset)[:SHORT]}-seed{seed}"
+    if (out / META_JSON).is_file() and (out / TRAIN_PARQUET).is_file():  # the meta is written last
+        return out / TRAIN_PARQUET
+    ex = export_placebo_set(dataset, out, seed=seed, name=cfg.name, targets=cfg.generate.targets,
+                            valid_policy=cfg.generate.valid_policy)
+    p = ex.placebo
+    say(f"[train] placebo set (seed {seed}): {p['moved']} of {p['examples']} completions moved to another "
+        f"scenario's prompt -> {out}")
+    return ex.parquet
+
+
+def placebo_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The config the placebo adapter is trained with: the same, its adapter named `<adapter_name>-placebo`."""
+    from shared.samples import adapter_name
+
+    name = adapter_name("student_placebo", cfg.training.adapter_name)
+    return cfg.model_copy(update={"training": cfg.training.model_copy(update={"adapter_name": name})})
+
+
+def train_placebo(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoint_every: int = 0) -> Trained:
+    """`training.placebo`: the same recipe on the placebo set of `dataset`, as `<adapter_name>-placebo` (its own
+    key, MLflow run `<name>-train-placebo`, stages.json entry `train_placebo`)."""
+    return train(placebo_config(cfg), ctx, placebo_set(cfg, dataset), checkpoint_every=checkpoint_every, placebo=True)
+
+
+def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoint_every: int = 0,
+          placebo: bool = False) -> Trained:
+    """LoRA on the student with Ray Train; resumes an interrupted run with the same inputs (the same key).
+    `placebo`: `dataset` is the placebo set (`train_placebo`)."""
     from mlflow.tracking import MlflowClient
 
     from services.trainer.dataset import DatasetError, DatasetExport, log_dataset_to_mlflow
     from services.trainer.train import run_training, train_dir
 
     dataset = Path(dataset)
-    out_dir = train_dir(cfg, dataset)
+    out_dir = train_dir(cfg, dataset, placebo=placebo)
     key = out_dir.name
+    stage = "train_placebo" if placebo else "train"
     log = StageLog(cfg.run_dir)
-    if done := log.lookup("train", key, Trained, lambda o: Path(o.adapter_dir).is_dir(),
+    if done := log.lookup(stage, key, Trained, lambda o: Path(o.adapter_dir).is_dir(),
                           lambda o: f"adapter {o.adapter_dir} trained"):
         return done
     run_id = None
@@ -169,37 +209,52 @@ def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoin
             exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
             tags = {"tomtransfer.stage": "train", **({"mlflow.parentRunId": ctx.parent_run_id} if ctx.parent_run_id
                                                      else {})}
-            run_id = client.create_run(exp_id, run_name=f"{cfg.name}-train", tags=tags).info.run_id
+            if placebo:
+                tags["tomtransfer.placebo"] = "true"
+            run_name = f"{cfg.name}-train-placebo" if placebo else f"{cfg.name}-train"
+            run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
             out_dir.mkdir(parents=True, exist_ok=True)
             id_file.write_text(run_id + "\n")
             try:
-                log_dataset_to_mlflow(DatasetExport.from_dir(dataset.parent), run_id=run_id,
-                                      tracking_uri=ctx.tracking_uri)
+                ex = DatasetExport.from_dir(dataset.parent)
+                log_dataset_to_mlflow(ex, run_id=run_id, tracking_uri=ctx.tracking_uri)
+                if ex.placebo:  # the permutation, as params beside the training settings
+                    for k in ("seed", "moved", "examples", "source_content_sha256"):
+                        client.log_param(run_id, f"placebo.{k}", str(ex.placebo[k]))
             except DatasetError:
                 pass  # a bare Parquet file: no card to log
     t = cfg.training
-    say(f"[train] LoRA on {cfg.models.student.model}: {t.num_workers} Ray Train worker(s)"
-        f"{' on GPUs' if t.use_gpu else ''}")
+    say(f"[train] LoRA on {cfg.models.student.model}{' (placebo control)' if placebo else ''}: {t.num_workers} Ray "
+        f"Train worker(s){' on GPUs' if t.use_gpu else ''}")
     res = run_training(cfg, dataset, cfg.models.student.model, ctx.tracking_uri, run_id=run_id,
-                       checkpoint_every_steps=checkpoint_every)
+                       checkpoint_every_steps=checkpoint_every, placebo=placebo)
     out = Trained(key=key, adapter_dir=res["adapter_dir"], adapter_uri=res.get("adapter_uri"), run_id=res.get("run_id"),
                   train_loss=res.get("train_loss"), steps=res.get("steps"), tokens_per_s=res.get("tokens_per_s"),
                   wall_s=res.get("wall_s"))
-    log.mark("train", out)
+    log.mark(stage, out)
     return out
 
 
 def train_done(cfg: ExperimentConfig, dataset: str | Path) -> bool:
-    """Whether `train` would reuse an adapter made earlier with the same inputs (nothing to make room for)."""
+    """Whether `train` (and `train_placebo` under `training.placebo`) would reuse adapters made earlier with the
+    same inputs (nothing to make room for)."""
     from services.trainer.train import train_dir
 
-    key = train_dir(cfg, Path(dataset)).name
-    done = StageLog(cfg.run_dir).data.get("train") or {}
-    return done.get("key") == key and Path(done.get("adapter_dir", "")).is_dir()
+    data = StageLog(cfg.run_dir).data
+
+    def done(stage: str, key: str) -> bool:
+        rec = data.get(stage) or {}
+        return rec.get("key") == key and Path(rec.get("adapter_dir", "")).is_dir()
+
+    if not done("train", train_dir(cfg, Path(dataset)).name):
+        return False
+    return not cfg.training.placebo or done("train_placebo",
+                                            train_dir(cfg, placebo_set(cfg, dataset), placebo=True).name)
 
 
-def trained_adapter(cfg: ExperimentConfig) -> Path | None:
-    """The adapter `train` made from this config's training set and settings, if it exists."""
+def trained_adapter(cfg: ExperimentConfig, *, placebo: bool = False) -> Path | None:
+    """The adapter `train` (`placebo`: `train_placebo`) made from this config's training set and settings, if it
+    exists."""
     from services.collector.generate import generate_dir
     from services.trainer.dataset import TRAIN_PARQUET
     from services.trainer.train import train_dir
@@ -207,7 +262,10 @@ def trained_adapter(cfg: ExperimentConfig) -> Path | None:
     dataset = generate_dir(cfg) / "dataset" / TRAIN_PARQUET
     if not dataset.is_file():
         return None
-    d = train_dir(cfg, dataset) / "adapter"
+    if placebo:
+        d = train_dir(cfg, placebo_set(cfg, dataset), placebo=True) / "adapter"
+    else:
+        d = train_dir(cfg, dataset) / "adapter"
     return d if d.is_dir() else None
 
 
@@ -219,11 +277,15 @@ def adapter_identity(adapter_dir: str | Path) -> dict:
     return {"sha256": dir_sha256(Path(adapter_dir))}
 
 
-def serve_adapter(cfg: ExperimentConfig, ctx: Context, adapter_dir: str | Path) -> dict:
-    """Register the adapter on the running app as `student:<training.adapter_name>`; returns its identity."""
+def serve_adapter(cfg: ExperimentConfig, ctx: Context, adapter_dir: str | Path, *,
+                  role: str = "student_finetuned") -> dict:
+    """Register the adapter on the running app as `student:<training.adapter_name>` (`role` student_placebo:
+    `student:<training.adapter_name>-placebo`); returns its identity."""
     import httpx
 
-    name = cfg.training.adapter_name
+    from shared.samples import adapter_name
+
+    name = adapter_name(role, cfg.training.adapter_name)
     headers = {"Authorization": f"Bearer {ctx.api_key}"} if ctx.api_key else {}
     r = httpx.post(f"{ctx.url.rstrip('/')}/adapters", json={"name": name, "source": str(adapter_dir), "replace": True},
                    headers=headers, timeout=600)
@@ -234,16 +296,24 @@ def serve_adapter(cfg: ExperimentConfig, ctx: Context, adapter_dir: str | Path) 
 
 # ------------------------------------------------------------------------------------------------ evaluate
 def evaluate(cfg: ExperimentConfig, ctx: Context, adapter: dict | None = None, *,
-             run_info: dict | None = None) -> Evaluated:
-    """Collect every role by the protocol (sampled, exact, or the teacher's dataset), then metrics, figures, tables
-    and the report under `<run_dir>/evaluate`, logged to the active MLflow run. `adapter`: the fine-tuned student's
-    identity, part of that role's store key (a retrained adapter is measured afresh, the other roles reused)."""
-    from services.evaluator.collect import collect, evaluate_dir
+             placebo_adapter: dict | None = None, run_info: dict | None = None) -> Evaluated:
+    """Collect every role by the protocol (sampled, exact, or the teacher's dataset; the teacher's leading-answer
+    mass under `evaluate.teacher_lead`), then metrics, figures, tables and the report under `<run_dir>/evaluate`,
+    logged to the active MLflow run. `adapter` / `placebo_adapter`: the fine-tuned / placebo student's identity,
+    part of that role's store key (a retrained adapter is measured afresh, the other roles reused). The stage's
+    inputs key (`fingerprint.evaluate_key`: every store it reads, the metric settings) goes to stages.json."""
+    from services.evaluator.collect import collect, evaluate_dir, store_dirs
     from services.evaluator.tracking import evaluate_and_log
+    from services.pipeline.fingerprint import evaluate_key
 
     say(f"[evaluate] {cfg.protocol_line()}")
+    adapters = {"student_finetuned": adapter, "student_placebo": placebo_adapter}
+    key = evaluate_key(cfg, adapters)
+    log = StageLog(cfg.run_dir)
+    changed = (log.data.get("evaluate") or {}).get("key") not in (None, key)
+    say(f"[evaluate] inputs key {key}" + (" (the inputs changed since the last run)" if changed else ""))
     t0 = time.perf_counter()
-    got = collect(cfg, base_url=ctx.url, adapter=adapter, progress=ctx.progress)
+    got = collect(cfg, base_url=ctx.url, adapter=adapter, placebo_adapter=placebo_adapter, progress=ctx.progress)
     for line in got.store_lines:
         say(f"[evaluate] {line}")
     if got.dataset_scenarios:
@@ -253,4 +323,5 @@ def evaluate(cfg: ExperimentConfig, ctx: Context, adapter: dict | None = None, *
     result, outputs = evaluate_and_log(out_dir=evaluate_dir(cfg), config=cfg, run_info=run_info,
                                        samples=got.samples, exact=got.exact)
     say(f"[evaluate] metrics, figures, report and MLflow logging took {time.perf_counter() - t1:.0f} s")
+    log.mark("evaluate", {"key": key, "stores": {u: d.parent.name for u, d in store_dirs(cfg, adapters).items()}})
     return Evaluated(result=result, outputs=outputs, store_lines=list(got.store_lines))

@@ -21,6 +21,14 @@ Content hash: sha256 over the canonical rows of the training set - rows in their
 content, not Parquet bytes, so it is the same whatever pyarrow version writes the file. MLflow limits a
 dataset digest to 36 characters: the MLflow digest is the first 32 hex digits, the full hash is a tag.
 
+Placebo (`placebo_training_set`, `export_placebo_set`; `training.placebo`): the same training set with its targets
+(answer and motivation together, with their parsed answer) permuted across examples by a permutation seeded with
+`sampling.seed`: every prompt keeps its place, every completion moves to another scenario's prompt where possible
+(2x2 and public-goods completions among their own kind), so the multiset of completions, their format and the
+overall C share are those of the real set while the scenario -> choice mapping is gone. Written like a training set
+(train.parquet with `source_example_id` / `source_scenario_id`: where each completion came from, the exports, a
+card that names the seed and the source set's content hash).
+
 No torch, ray or mlflow at import time (mlflow is imported inside `log_dataset_to_mlflow`).
 """
 
@@ -270,6 +278,7 @@ class DatasetExport:
     invalid: int
     dropped: int
     scenarios: list[dict] = field(default_factory=list)
+    placebo: dict | None = None  # a placebo set: seed, source content hash, examples moved (`export_placebo_set`)
 
     @property
     def mlflow_digest(self) -> str:
@@ -309,6 +318,19 @@ def render_card(ex: DatasetExport) -> str:
         "Supervised fine-tuning set distilled from a teacher LLM's answers to game-theoretic scenarios",
         "(tomtransfer; arXiv 2408.05241). Prompt = the scenario's chat (system + user); target = below.",
         "",
+    ]
+    pl = ex.placebo
+    if pl:
+        lines += [
+            f"**Placebo control.** The training set `{pl['source_content_sha256']}` with its targets permuted across "
+            f"scenarios (seed {pl['seed']}, the config's sampling.seed): prompts kept, {pl['moved']} of "
+            f"{pl['examples']} completions moved to another scenario's prompt ({pl['stayed']} could not be), 2x2 "
+            f"and public-goods completions among their own kind. Same completions, same format, same overall C share "
+            f"({_pct(pl['c_share'])}); no scenario -> choice mapping. Per scenario below, the C-rate is that of the "
+            f"completions now at its prompts.",
+            "",
+        ]
+    lines += [
         f"- **Teacher:** {', '.join(f'`{t}`' for t in ex.teachers)}",
         f"- **Generation run(s):** {', '.join(f'`{r}`' for r in ex.run_ids)}",
         f"- **Targets:** {target_text}",
@@ -378,6 +400,17 @@ def export_training_set(
             f"no training examples left from {len(samples)} samples (targets={targets}, policy={valid_policy})"
         )
     out = Path(out_dir)
+    ex = _export(train, out, name=name, content=content_hash(train), targets=targets, valid_policy=valid_policy,
+                 teachers=[teacher] if teacher else sorted(str(m) for m in samples["model"].unique()),
+                 run_ids=sorted(str(r) for r in samples["run_id"].unique()), samples=int(len(samples)),
+                 invalid=int((~samples["valid"].astype(bool)).sum()), scenarios=scenario_stats(samples, train))
+    return ex
+
+
+def _export(train: pd.DataFrame, out: Path, *, name: str, content: str, targets: str, valid_policy: str,
+            teachers: list[str], run_ids: list[str], samples: int, invalid: int, scenarios: list[dict],
+            placebo: dict | None = None) -> DatasetExport:
+    """Write the training set, its exports, card and meta into `out` (the Parquet file atomically, last the meta)."""
     out.mkdir(parents=True, exist_ok=True)
     ex = DatasetExport(
         name=name,
@@ -388,16 +421,17 @@ def export_training_set(
         dataset_info=out / DATASET_INFO_JSON,
         card=out / CARD_MD,
         meta=out / META_JSON,
-        content_hash=content_hash(train),
+        content_hash=content,
         targets=targets,
         valid_policy=valid_policy,
-        teachers=[teacher] if teacher else sorted(str(m) for m in samples["model"].unique()),
-        run_ids=sorted(str(r) for r in samples["run_id"].unique()),
-        samples=int(len(samples)),
+        teachers=teachers,
+        run_ids=run_ids,
+        samples=samples,
         examples=int(len(train)),
-        invalid=int((~samples["valid"].astype(bool)).sum()),
-        dropped=int(len(samples) - len(train)),
-        scenarios=scenario_stats(samples, train),
+        invalid=invalid,
+        dropped=int(samples - len(train)),
+        scenarios=scenarios,
+        placebo=placebo,
     )
     tmp = ex.parquet.with_suffix(".parquet.tmp")
     train.to_parquet(tmp, index=False)
@@ -408,6 +442,90 @@ def export_training_set(
     ex.card.write_text(render_card(ex), encoding="utf-8")
     _write_json(ex.meta, ex.to_json())
     return ex
+
+
+# ------------------------------------------------------------------------------------------- placebo
+PLACEBO_COLUMNS = ("source_example_id", "source_scenario_id")  # where each completion of a placebo set came from
+_MOVED = ("target", "answer", "valid")  # what travels with a completion
+
+
+def _kind(family: str, game: str) -> str:
+    return "pgg" if family == "pgg" or game == "pgg" else "2x2"
+
+
+def scenario_derangement(labels, rng) -> "list[int]":
+    """src[i]: the position whose completion goes to position i. A uniformly random permutation, then each position
+    left with a completion of its own scenario swaps with a random partner where both end up with another scenario's
+    completion (such a swap never undoes an earlier one); a position stays only where no partner exists (one
+    scenario holding more than half of the examples)."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    src = rng.permutation(len(labels))
+    for i in range(len(labels)):
+        if labels[src[i]] != labels[i]:
+            continue
+        ok = np.flatnonzero((labels[src] != labels[i]) & (labels != labels[src[i]]))
+        if len(ok):
+            j = int(ok[rng.integers(len(ok))])
+            src[i], src[j] = src[j], src[i]
+    return src.tolist()
+
+
+def placebo_training_set(train: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, dict]:
+    """The placebo set of `train` (see the module docstring) and its numbers (seed, moved, stayed, C share)."""
+    import numpy as np
+
+    rng = np.random.default_rng(int(seed))
+    train = train.sort_values(_CANONICAL_ORDER, kind="stable").reset_index(drop=True)
+    kinds = np.array([_kind(str(f), str(g)) for f, g in zip(train["family"], train["game"])])
+    src = np.arange(len(train))
+    for kind in sorted(set(kinds)):
+        idx = np.flatnonzero(kinds == kind)
+        src[idx] = idx[scenario_derangement(train["scenario_id"].to_numpy()[idx], rng)]
+    out = train.copy()
+    for col in _MOVED:
+        out[col] = train[col].to_numpy()[src]
+    out["source_example_id"] = train["example_id"].to_numpy()[src]
+    out["source_scenario_id"] = train["scenario_id"].to_numpy()[src]
+    out["answer"] = out["answer"].astype(object)
+    out["valid"] = out["valid"].astype(bool)
+    moved = int((out["source_scenario_id"] != out["scenario_id"]).sum())
+    letters = [a for a in train["answer"] if a in ("C", "D")]
+    info = {"seed": int(seed), "examples": int(len(out)), "moved": moved, "stayed": int(len(out) - moved),
+            "c_share": (letters.count("C") / len(letters)) if letters else None}
+    return out, info
+
+
+def export_placebo_set(source: str | Path, out_dir: str | Path, *, seed: int, name: str = "tomtransfer",
+                       targets: str = "answer_motivation", valid_policy: str = "valid_only") -> DatasetExport:
+    """Write the placebo set of the training set `source` (a train.parquet or its folder) into `out_dir`, as a
+    training set with its exports and card (named `<name>-placebo`). `targets` / `valid_policy`: the source's, for
+    the card (read from the source's `dataset_meta.json` when it has one)."""
+    src = Path(source)
+    src = src / TRAIN_PARQUET if src.is_dir() else src
+    if not src.is_file():
+        raise DatasetError(f"training set not found: {src}")
+    train = pd.read_parquet(src)
+    missing = [c for c in TRAIN_COLUMNS if c not in train.columns]
+    if missing:
+        raise DatasetError(f"{src}: not a training set (lacks {', '.join(missing)})")
+    train = train[list(TRAIN_COLUMNS)]
+    if train.empty:
+        raise DatasetError(f"training set is empty: {src}")
+    meta = src.parent / META_JSON
+    if meta.is_file():
+        d = json.loads(meta.read_text())
+        targets, valid_policy = d.get("targets", targets), d.get("valid_policy", valid_policy)
+    placebo, info = placebo_training_set(train, seed)
+    info["source_content_sha256"] = content_hash(train)
+    info["source"] = str(src)
+    as_samples = placebo.rename(columns={"teacher": "model"})
+    return _export(placebo, Path(out_dir), name=f"{name}-placebo", content=content_hash(placebo), targets=targets,
+                   valid_policy=valid_policy, teachers=sorted(str(t) for t in train["teacher"].unique()),
+                   run_ids=sorted(str(r) for r in train["run_id"].unique()), samples=int(len(train)),
+                   invalid=int((~train["valid"].astype(bool)).sum()),
+                   scenarios=scenario_stats(as_samples, placebo), placebo=info)
 
 
 # ------------------------------------------------------------------------------------------- MLflow
@@ -438,6 +556,10 @@ def log_dataset_to_mlflow(
         "teacher": ",".join(ex.teachers),
         "examples": str(ex.examples),
     }
+    if ex.placebo:
+        tags |= {"placebo": "true", "placebo_seed": str(ex.placebo["seed"]),
+                 "placebo_source_sha256": str(ex.placebo["source_content_sha256"]),
+                 "placebo_moved": str(ex.placebo["moved"])}
     client = MlflowClient(tracking_uri) if tracking_uri else MlflowClient()
     # mlflow warns that the source "can be interpreted in multiple ways" and that the inferred schema has integer
     # columns: both are noise for a training set with no missing values.

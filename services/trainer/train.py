@@ -693,29 +693,31 @@ def preflight(dataset_path: str | Path, student_path: str | Path, max_seq_len: i
     return {"examples": len(rows)}
 
 
-def train_dir(cfg, dataset_path: str | Path) -> Path:
+def train_dir(cfg, dataset_path: str | Path, *, placebo: bool = False) -> Path:
     """`<run_dir>/train/<key>`: the key hashes the training set's content, the student's weights and the
     training settings (`services.pipeline.fingerprint.train_key`), so Ray Train resumes only a run with the same
-    inputs and a retrained adapter never hides behind an old one."""
+    inputs and a retrained adapter never hides behind an old one. `placebo`: the placebo adapter's (its own key)."""
     from services.pipeline.fingerprint import train_key
 
-    return Path(cfg.run_dir).resolve() / "train" / train_key(cfg, Path(dataset_path))
+    return Path(cfg.run_dir).resolve() / "train" / train_key(cfg, Path(dataset_path), placebo=placebo)
 
 
-def ensure_mlflow_run(cfg, tracking_uri: str, run_id: str | None = None, *, dataset_path: str | Path) -> str:
+def ensure_mlflow_run(cfg, tracking_uri: str, run_id: str | None = None, *, dataset_path: str | Path,
+                      placebo: bool = False) -> str:
     """The training run's MLflow run id: `run_id` if given, else the one an earlier (interrupted) attempt with
     the same inputs recorded in `train_dir/mlflow_run_id`, else a new run `<name>-train` in
     `cfg.mlflow.experiment`. The id is recorded, so a resumed training continues the same MLflow run."""
     from mlflow.tracking import MlflowClient
 
-    id_file = train_dir(cfg, dataset_path) / "mlflow_run_id"
+    id_file = train_dir(cfg, dataset_path, placebo=placebo) / "mlflow_run_id"
     if run_id is None and id_file.is_file():
         run_id = id_file.read_text().strip() or None
     if run_id is None:
         client = MlflowClient(tracking_uri)
         exp = client.get_experiment_by_name(cfg.mlflow.experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
-        run_id = client.create_run(exp_id, run_name=f"{cfg.name}-train", tags={"tomtransfer.stage": "train"}).info.run_id
+        run_id = client.create_run(exp_id, run_name=f"{cfg.name}-train{'-placebo' if placebo else ''}",
+                                   tags={"tomtransfer.stage": "train"}).info.run_id
     id_file.parent.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id + "\n")
     return run_id
@@ -736,6 +738,7 @@ def run_training(
     checkpoint_every_steps: int = 0,
     extra_loop_config: dict | None = None,
     ray_init_kwargs: dict | None = None,
+    placebo: bool = False,
 ) -> dict:
     """Train `cfg.training` on Ray Train (`TorchTrainer`) and return the result dict.
 
@@ -744,14 +747,15 @@ def run_training(
     its storage path and name; `TorchTrainer.restore/can_restore` are deprecated there). A worker failure
     restarts the worker group up to `training.max_failures` times, resuming from the latest checkpoint.
     MLflow: logs to `run_id`, else to the run recorded by an earlier attempt, else to a new run in
-    `cfg.mlflow.experiment`. The final adapter is copied to `train_dir(cfg, dataset)/adapter`."""
+    `cfg.mlflow.experiment`. The final adapter is copied to `train_dir(cfg, dataset)/adapter`. `placebo`: the
+    dataset is the placebo set and the adapter the placebo control (its own folder key)."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = cfg.training
     dataset_path = Path(dataset_path).resolve()
-    out_dir = train_dir(cfg, dataset_path)
+    out_dir = train_dir(cfg, dataset_path, placebo=placebo)
     storage = out_dir / "ray"
     name = f"{cfg.name}-train"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -761,7 +765,7 @@ def run_training(
     if tracking_uri:
         from mlflow.tracking import MlflowClient
 
-        run_id = ensure_mlflow_run(cfg, tracking_uri, run_id, dataset_path=dataset_path)
+        run_id = ensure_mlflow_run(cfg, tracking_uri, run_id, dataset_path=dataset_path, placebo=placebo)
     resumed = (storage / name).is_dir() and (
         any((storage / name).glob("checkpoint_*")) or any((storage / name).glob("*snapshot*"))
     )
