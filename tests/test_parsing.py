@@ -1,7 +1,7 @@
 """The documented C/D rule and the PGG rule, by example and by property (real responses: test_parser_labelled.py)."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from shared.parsing import parse_choice, parse_contribution
 
@@ -78,7 +78,7 @@ def test_text_without_letters_is_invalid(text):
 @pytest.mark.parametrize(
     "text, expected",
     [("7", 7), ("  10", 10), ("$4", 4), ("I contribute $5 of my $10", 5), ("Out of $10 I will put 6 into the fund", 6),
-     ("I would contribute all of my $10", 10), ("11", None), ("-3", None), ("I keep it all", None),
+     ("I would contribute all of my $10", 10), ("11", None), ("-3", None), ("I keep it all", 0),
      ("Maybe 3 or 4", None), ("", None),
      # continuous (the paper's PGG): any amount in [0, endowment]; this example was ("2.5", None) for the whole-number PGG
      ("2.5", 2.5), ("$7.50", 7.5), ("7.5 dollars, because ...", 7.5), ("**6.5**", 6.5), ("0.0", 0.0), ("10.01", None),
@@ -111,3 +111,159 @@ def test_leading_contribution_in_range(x, pre, post):
 @given(x=st.integers(11, 10**6))
 def test_out_of_range_contribution_is_invalid(x):
     assert parse_contribution(str(x), 10) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The grammar of decisions (shared/parsing.py's docstring): SUBJECT x CHAIN x VERB x OBJECT, nominal forms, labels
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # the issue's three sentences
+        ("I choose to donate $7 to the party fund.", 7), ("I would like to donate 5 points to the fund.", 5),
+        ("As Alex, my choice of donation is 7.", 7),
+    ],
+)
+def test_the_issues_first_person_giving_statements(text, expected):
+    assert parse_contribution(text, 10) == expected
+
+
+SUBJECTS = ["I", "As Alex, I", "Thinking it over, I", "**Alex:** I", "After weighing the payoffs at length.\n\nI"]
+CHAINS = ["would", "will", "'d", "’ll", "shall", "am going to", "'m going to", "want to", "would like to",
+          "'d like to", "have decided to", "decided to", "choose to", "plan to", "intend to", "will therefore",
+          "would probably", "'ll go ahead and", "am willing to", "'ve chosen to"]
+CHOOSING = ["choose", "pick", "go with", "opt for", "select", "stick with", "settle on"]
+GIVING = ["donate", "contribute", "give", "put", "invest", "offer", "allocate", "pledge", "send"]
+
+
+def _i(subject: str, chain: str) -> str:
+    return f"{subject}{chain}" if chain[:1] in "'’" else f"{subject} {chain}"
+
+
+@pytest.mark.parametrize("verb", CHOOSING)
+@pytest.mark.parametrize("chain", CHAINS)
+def test_first_person_choosing_a_letter(chain, verb):
+    for letter in "CD":
+        for obj in (letter, f"strategy {letter}", f"**{letter}**", f"option '{letter}'"):
+            for subject in SUBJECTS:
+                assert parse_choice(f"{_i(subject, chain)} {verb} {obj}, I think.") == letter
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # nominal, label, advice and impersonal forms of the same grammar
+        ("My final decision: **D**", "D"), ("My choice here would be C.", "C"), ("My plan is to play D.", "D"),
+        ("Our answer is C.", "C"), ("### Decision\n\n**C**", "C"), ("**Final Answer: D**", "D"),
+        ("Final decision - D", "D"), ("C is my choice, since trust matters.", "C"), ("Alex: C", "C"),
+        ("**Assistant:** D\n\nBecause ...", "D"), ("You should go with C.", "C"), ("You'd better pick D.", "D"),
+        ("The wisest choice would be D.", "D"), ("D is the best option here.", "D"), ("I am choosing D.", "D"),
+        ("I've settled on C.", "C"), ("I vote for D.", "D"), ("I'll play C.", "C"),
+        # the player's own statement outranks advice and impersonal ones
+        ("The rational choice is D, but I choose C.", "C"),
+        ("In theory, D is the best option. I'd still go with C.", "C"),
+        # advice is not a condition; concession is not a condition
+        ("If I were you, I would choose D.", "D"), ("Even if my coplayer defects, I choose C.", "C"),
+        # conditions, questions and negations decide nothing
+        ("I would choose C if my coplayer were a friend.", None), ("Should I choose C?", None),
+        ("I would choose C if my coplayer were a friend, but since they are not, I choose D.", "D"),
+        ("I would not choose D.", None), ("I could choose C or D.", None), ("I might pick C.", None),
+        ("I choose C if they cooperate, and D if they defect.", None),
+        # contradictions are invalid
+        ("I'd go with C. My final answer: D", None), ("I pick C. You should pick D. I pick D.", None),
+        ("I choosed well.", None), ("My choices are C and D.", None),
+        # let's, a praised gerund, line labels and a line that is only the verb and the letter
+        ("Let's go with C.", "C"), ("Choosing C is the best option.", "C"), ("Choosing D is a risky move.", None),
+        ("**Strategy:** D", "D"), ("Reasoning first.\n\n**Choose C**\n\nThat is all.", "C"),
+        ("Decision: choose D", "D"), ("Options:\n- Choose C\n- Choose D", None),
+        # hypothetical scenarios
+        ("Case 1: I choose C and they choose C.", None), ("Say I choose D, then I earn 5.", None),
+    ],
+)
+def test_choice_grammar(text, expected):
+    assert parse_choice(text) == expected
+
+
+@pytest.mark.parametrize("verb", GIVING)
+@pytest.mark.parametrize("chain", CHAINS)
+def test_first_person_giving_an_amount(chain, verb):
+    for amount, value in (("7", 7), ("$3.50", 3.5), ("seven dollars", 7), ("0", 0), ("$10", 10), ("nothing", 0)):
+        for subject in SUBJECTS:
+            assert parse_contribution(f"{_i(subject, chain)} {verb} {amount} to the fund.", 10) == value
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # units
+        ("I'd donate 5 units.", 5), ("I'll contribute 4 tokens.", 4), ("I would put in 6 points.", 6),
+        ("I'll chip in 2 bucks.", 2), ("I'd contribute 50 cents.", 0.5), ("I'd give a dollar.", 1),
+        ("I will contribute $\\boxed{6}$.", 6), ("I'd contribute **$7**.", 7), ("I'd put into the fund $5.", 5),
+        # number words
+        ("I would contribute seven.", 7), ("I'll give ten dollars.", 10), ("I'd contribute zero.", 0),
+        ("I will contribute seven and a half dollars.", 7.5), ("I will give two reasons: trust and fun.", None),
+        ("I'll pick one of the options.", None),
+        # everything, half, nothing
+        ("I'd give everything.", 10), ("I'll contribute all of my money.", 10), ("I'll contribute all $10.", 10),
+        ("I will contribute the maximum.", 10), ("I'll contribute half of my money.", 5),
+        ("I'd contribute none of it.", 0),
+        ("I won't contribute anything.", 0), ("I will not give a single dollar.", 0),
+        # keep K = contribute endowment - K
+        ("I'll keep 3 and contribute the rest.", 7), ("I'll keep $3 for myself.", 7), ("I keep it all.", 0),
+        ("I'd keep nothing.", 10), ("I'll keep 3 dollars and contribute 7.", 7), ("I keep 12.", None),
+        ("I'll keep 3 and contribute 5.", None),
+        # nominal, labels, advice, impersonal, speaker tags
+        ("My contribution to the party fund would be $6.", 6), ("My plan is to give 4.", 4),
+        ("**Contribution:** $8", 8), ("Donation: 4", 4), ("## Final Answer\n\n7", 7), ("Final decision: $3", 3),
+        ("**Amount to contribute:** $6", 6), ("$7 is my contribution.", 7), ("The amount I'll contribute is $4.", 4),
+        ("Answer: I would donate 3 points to the fund.", 3), ("Alex: 7.", 7),
+        ("Alex: 7 people are in the group.", None),
+        ("I'd go with 7.", 7), ("I'm going with $6.", 6), ("You should contribute 0 dollars.", 0),
+        ("The wisest choice would be to contribute $5.", 5), ("Let's contribute $4.", 4),
+        ("Contributing $6 seems like a fair compromise.", 6), ("Contributing $10 is a risky move.", None),
+        ("**Decision:** Contribute $7", 7), ("## My Decision\n\n**Contribute $7 to the fund**", 7),
+        ("**Scenario A:** I contribute $10.\n**Scenario B:** I contribute $0.\n\nI will contribute $6.", 6),
+        ("Say I contribute $5, then I get $10.", None),
+        # the player's own statement outranks advice and impersonal ones
+        ("The rational move would be to contribute $0, but as Alex, I'd contribute $7.", 7),
+        ("In this game the dominant strategy is to contribute 0. Nevertheless, I'd contribute 6.", 6),
+        # conditions, questions, hedges, ranges decide nothing
+        ("If everyone contributes $10, we each get $25. I'll contribute $5.", 5),
+        ("I would put in $10 if I could trust them, but since I can't, I'll contribute $5.", 5),
+        ("I would contribute $10 if I could trust them.", None), ("Should I contribute $10? I'll contribute $5.", 5),
+        ("I could give 10.", None), ("I might contribute 3.", None), ("I'd contribute 5 or 6.", None),
+        ("I'd contribute $5-$7.", None), ("I would contribute between 4 and 6 dollars.", None),
+        ("I'd contribute 50% of my money.", None), ("I would not contribute 10.", None),
+        # contradictions and out-of-range amounts are invalid
+        ("I'll contribute $7. My final answer: $6", None), ("I would donate 12 points.", None),
+        ("I'd give $5. On second thought, I'll give $8.", None), ("I'd contribute -2.", None),
+    ],
+)
+def test_contribution_grammar(text, expected):
+    got = parse_contribution(text, 10)
+    assert got == expected
+    assert got is None or type(got) is float
+
+
+@settings(max_examples=400, deadline=None)
+@given(subject=st.sampled_from(SUBJECTS), chain=st.sampled_from(CHAINS + [""]), verb=st.sampled_from(GIVING),
+       x=st.integers(0, 20), form=st.sampled_from(["{x}", "${x}", "${x}.00", "{x} dollars", "{x} points", "{x} units",
+                                                   "{w}", "{w} dollars", "exactly {x}", "only ${x}"]),
+       tail=st.sampled_from(["", ".", " to the fund.", " into the party fund, because I trust them.", " out of my 20.",
+                             " and hope the others do the same."]),
+       endowment=st.sampled_from([10, 20]))
+def test_every_first_person_giving_statement_in_range_parses(subject, chain, verb, x, form, tail, endowment):
+    """Any "I <chain> <giving verb> <amount> ..." reads as the amount when it is in [0, endowment], else invalid."""
+    words = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+             "seventeen eighteen nineteen twenty").split()
+    amount = form.format(x=x, w=words[x])
+    text = f"{_i(subject, chain)} {verb} {amount}{tail}" if chain else f"{subject} {verb} {amount}{tail}"
+    assert parse_contribution(text, endowment) == (x if x <= endowment else None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(chain=st.sampled_from(CHAINS + [""]), k=st.integers(0, 10), unit=st.sampled_from(["", " dollars", "$"]))
+def test_keeping_is_contributing_the_rest(chain, k, unit):
+    amount = f"${k}" if unit == "$" else f"{k}{unit}"
+    text = f"{_i('I', chain)} keep {amount} for myself." if chain else f"I keep {amount} for myself."
+    assert parse_contribution(text, 10) == 10 - k
