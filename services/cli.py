@@ -358,6 +358,7 @@ def _print_samples_result(path: Path, result, df) -> None:
         for note in getattr(p, "notes", ()):
             if note not in shown:
                 out.print(f"note: {note}", highlight=False, soft_wrap=True)
+    _print_strategy(result)
     for note in result.notes:
         out.print(f"note: {note}", highlight=False, soft_wrap=True)
 
@@ -395,14 +396,32 @@ def train(
               highlight=False, soft_wrap=True)
 
 
+def _print_strategy(result) -> None:
+    """What the product leads with: strategic transfer with its CI, then format, placebo, association."""
+    from services.evaluator.report import strategy_lines, strategy_rows
+
+    header, rows = strategy_rows(result)
+    if not rows:
+        return
+    t = Table(*header, title="strategic transfer: the fine-tuned student's choice among valid answers, % of the "
+              "teacher-base gap closed")
+    for r in rows:
+        t.add_row(*r)
+    out.print(t)
+    for line in strategy_lines(result):
+        out.print(line, highlight=False, soft_wrap=True)
+
+
 def _print_summary(result) -> None:
     from services.evaluator.report import pgg_lines, rate_label, summary_rows
 
     if result.protocol:
         out.print(result.protocol, highlight=False, soft_wrap=True)
+    _print_strategy(result)
     out.print(f"rates: {rate_label(result)}", highlight=False, soft_wrap=True)
     header, rows = summary_rows(result)
-    t = Table(*header, title="transfer: improvement of the fine-tuned student, % of the teacher-base gap")
+    t = Table(*header, title="the paper's improvement (count rate: format and choice together), % of the "
+              "teacher-base gap")
     for r in rows:
         t.add_row(*r)
     out.print(t)

@@ -207,6 +207,9 @@ class ScenarioResult:
     js_ft_teacher: float
     low_valid: bool = False  # a role's valid share is under the evaluation's threshold
     excluded: bool = False  # left out of the aggregates (low valid share under the conditional rate)
+    # the count-rate improvement split (they sum to it): the change of the valid share, the change of the choice
+    improvement_format: float | None = None
+    improvement_choice: float | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -34,7 +34,8 @@ from services.evaluator.metrics import ROLES, EvaluationResult
 
 DPI = 120
 ROLE_COLORS = {"teacher": "#1f4e79", "student_base": "#e08214", "student_finetuned": "#2e8b57"}
-ROLE_LABELS = {"teacher": "teacher", "student_base": "student (base)", "student_finetuned": "student (fine-tuned)"}
+ROLE_LABELS = {"teacher": "teacher", "student_base": "student (base)", "student_finetuned": "student (fine-tuned)",
+               "student_placebo": "student (placebo)"}
 FAMILY_TITLES = {
     "in_sample": "in-sample scenarios",
     "oos_context": "out-of-sample contexts",

@@ -92,10 +92,14 @@ from shared.metrics import (
     scenario_result,
     unstable,
 )
+from shared.parsing import _DECORATION, _LEADING  # the leading-answer rule exact mode reads (mixture teacher)
 from shared.stats import PGG_ROLES, ZTestRow, moments, pgg_analysis, table1_summary, table1_ztest
+from shared.transfer import Choice, GroupTransfer, analyze_group, split_improvement
 
 # ROLES (teacher, student_base, student_finetuned) comes from shared.samples, the sample's one home
 TWO_BY_TWO: tuple[str, ...] = tuple(f for f in ALL_FAMILIES if f != "pgg")
+CORE_ROLES = ("teacher", "student_base", "student_finetuned")  # what the paper's improvement needs
+PLACEBO_ROLE = "student_placebo"  # optional: the same recipe on targets permuted across scenarios
 SAMPLE_REQUIRED = ("role", "scenario_id", "family", "context", "game", "sample_index", "answer", "valid")
 EXACT_REQUIRED = ("role", "scenario_id", "family", "context", "game", "p_C", "p_D", "valid_mass")
 EXACT_PARQUET = EXACT_FILE
@@ -126,7 +130,8 @@ class RoleRate:
     valid_mass: float | None = None  # exact mode only
     rate_count: float | None = None  # C out of all N (exact: P(leading answer is C)); invalid counts as not C
     rate_conditional: float | None = None  # C out of valid answers (exact: p_C / (p_C + p_D))
-    source: str = "sample"  # sample | exact | dataset (the teacher's generated samples)
+    source: str = "sample"  # sample | exact | dataset (the teacher's generated samples) | mixture
+    choice: Choice | None = None  # 2x2: how the answers were measured (counts, exact, mixture), for `transfer`
 
     @property
     def valid_share(self) -> float | None:
@@ -150,9 +155,28 @@ class FamilySummary:
     js_ft_teacher: Aggregate
     low_valid: tuple[str, ...] = ()  # scenarios where a role's valid share is under the threshold
     excluded: tuple[str, ...] = ()  # of those, left out of the aggregates (conditional rate)
+    strategy: GroupTransfer | None = None  # transfer / format / association / placebo (`shared.transfer`)
+    strategy_by_game: dict[str, GroupTransfer] = field(default_factory=dict)
+    strategy_by_context: dict[str, GroupTransfer] = field(default_factory=dict)
+
+    def headline(self, what: str, role: str = "student_finetuned"):
+        """The fine-tuned student's transfer / format estimate (None where not computed)."""
+        return getattr(self.strategy, what, {}).get(role) if self.strategy else None
 
     def to_dict(self) -> dict:
-        return {
+        st = self.strategy
+        lead = {
+            "transfer": self.headline("transfer").to_dict() if self.headline("transfer") else None,
+            "format": self.headline("format").to_dict() if self.headline("format") else None,
+            "association": ({k: v.to_dict() for k, v in st.association.items()} if st else None),
+            "association_gain": st.association_gain.to_dict() if st and st.association_gain else None,
+            "placebo_difference": st.placebo_difference.to_dict() if st and st.placebo_difference else None,
+            "transfer_placebo": (st.transfer[PLACEBO_ROLE].to_dict() if st and PLACEBO_ROLE in st.transfer else None),
+            "strategy": st.to_dict() if st else None,
+            "transfer_by_game": {k: v.to_dict() for k, v in self.strategy_by_game.items()},
+            "transfer_by_context": {k: v.to_dict() for k, v in self.strategy_by_context.items()},
+        }
+        return lead | {
             "family": self.family, "scenarios": self.scenarios, "improvement": self.improvement.to_dict(),
             "low_valid": list(self.low_valid), "excluded": list(self.excluded),
             "by_game": {k: v.to_dict() for k, v in self.by_game.items()},
@@ -270,6 +294,8 @@ class EvaluationResult:
         for s in self.scenarios:
             key = f"{s.family}.{s.id}"
             put(f"improvement.{key}", s.improvement)
+            put(f"improvement_format.{key}", s.improvement_format)
+            put(f"improvement_choice.{key}", s.improvement_choice)
             if s.ci95:
                 put(f"improvement_ci_low.{key}", s.ci95[0])
                 put(f"improvement_ci_high.{key}", s.ci95[1])
@@ -298,6 +324,12 @@ class EvaluationResult:
             put(f"low_valid_count.{f.family}", len(f.low_valid))
             put(f"excluded_count.{f.family}", len(f.excluded))
             put(f"bridging_mean.{f.family}", f.bridging.mean)
+            if f.strategy:
+                _put_strategy(put, f.family, f.strategy)
+                for kind, groups in (("game", f.strategy_by_game), ("context", f.strategy_by_context)):
+                    for g, st in groups.items():
+                        for role, e in st.transfer.items():
+                            put(f"transfer_mean.{_short(role)}.{f.family}.{kind}.{g}", e.mean)
             put(f"js_mean.base_teacher.{f.family}", f.js_base_teacher.mean)
             put(f"js_mean.ft_teacher.{f.family}", f.js_ft_teacher.mean)
         for fam, by_role in self.rate_means.items():
@@ -332,6 +364,35 @@ class EvaluationResult:
             put(f"{pre}.js.ft_teacher", p.js_ft_teacher)
             put(f"{pre}.bridging", p.bridging)
         return m
+
+
+def _short(role: str) -> str:
+    return {"student_finetuned": "ft", "student_placebo": "placebo", "student_base": "base"}.get(role, role)
+
+
+def _put_strategy(put, family: str, st: GroupTransfer) -> None:
+    """MLflow names of the strategic numbers: transfer_{mean,ci_low,ci_high,n}.{ft|placebo}.{family},
+    format_{mean,ci_low,ci_high}.{ft|placebo}.{family} (percentage points of valid share), association.{role}.{family}
+    (+ _ci_low/_ci_high), association_gain.{family}, placebo_difference{,_ci_low,_ci_high}.{family}."""
+    def est(name, e):
+        if e is None:
+            return
+        put(f"{name}.{family}" if name.count(".") == 0 else f"{name}.{family}", e.mean)
+        if e.ci95:
+            head, _, tail = name.partition(".")
+            put(f"{head}_ci_low{'.' + tail if tail else ''}.{family}", e.ci95[0])
+            put(f"{head}_ci_high{'.' + tail if tail else ''}.{family}", e.ci95[1])
+    for role, e in st.transfer.items():
+        est(f"transfer_mean.{_short(role)}", e)
+        put(f"transfer_n.{_short(role)}.{family}", e.n)
+    for role, e in st.format.items():
+        est(f"format_mean.{_short(role)}", e)
+    for role, e in st.association.items():
+        est(f"association.{_short(role)}", e)
+    est("association_gain", st.association_gain)
+    est("placebo_difference", st.placebo_difference)
+    for role, v in st.valid_share.items():
+        put(f"valid_share_mean_2x2.{_short(role)}.{family}", v)
 
 
 _METRIC_BAD = re.compile(r"[^A-Za-z0-9_.\-]")
@@ -419,6 +480,13 @@ class _Part:
     pgg_values: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # sampled contributions
     pgg_dists: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # exact distributions
     models: dict[str, str] = field(default_factory=dict)
+    leads: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)  # exact leading-answer mass
+    tails: dict[tuple[str, str], tuple[int, int, int]] = field(default_factory=dict)  # C/D/invalid w/o a lead
+
+
+def _leads_with_letter(text) -> bool:
+    """Whether a response leads with its answer (the first parsing rule, the part exact mode measures)."""
+    return isinstance(text, str) and _LEADING.match(text.lstrip(_DECORATION)) is not None
 
 
 def _basis_rate(basis: str, count: float | None, conditional: float | None) -> float | None:
@@ -474,7 +542,12 @@ def _rates_from_samples(df: pd.DataFrame, expected_samples: int | None, basis: s
         c = chosen.count("C")
         count, cond = c / n, (c / valid if valid else None)
         part.rates.append(RoleRate(role, sid, fam, ctx, game, model, n, valid, invalid, c, _basis_rate(basis, count, cond),
-                                   invalid / n, rate_count=count, rate_conditional=cond, source=source))
+                                   invalid / n, rate_count=count, rate_conditional=cond, source=source,
+                                   choice=Choice.counts(c, valid - c, invalid)))
+        if "response" in g.columns:  # the samples that do not lead with a letter: a mixture's remainder
+            tail = [str(a).strip().upper() if v else None
+                    for a, v, t in zip(answers, valid_mask, g["response"].tolist()) if not _leads_with_letter(t)]
+            part.tails[(role, sid)] = (tail.count("C"), tail.count("D"), tail.count(None))
     return part
 
 
@@ -493,6 +566,11 @@ def _rates_from_exact(df: pd.DataFrame, n: int, basis: str) -> _Part:
     for row in df.to_dict(orient="records"):
         role, sid, fam, ctx, game = (row[k] for k in ("role", "scenario_id", "family", "context", "game"))
         part.meta[sid] = (fam, ctx, game)
+        if not _is_missing(row.get("part")) and row.get("part") == "lead":
+            # the leading-answer mass of a motivated role: combined with its samples into a mixture (`_mixtures`)
+            if fam != "pgg":
+                part.leads[(role, sid)] = (_prob(row["p_C"], f"{role} {sid}: p_C"), _prob(row["p_D"], f"{role} {sid}: p_D"))
+            continue
         model = None if _is_missing(row.get("model")) else (str(row["model"]) if row.get("model") else None)
         if model:
             part.models.setdefault(role, model)
@@ -509,7 +587,8 @@ def _rates_from_exact(df: pd.DataFrame, n: int, basis: str) -> _Part:
         # p_C and p_D are joint probabilities (with the invalid mass beside them), so p_C is the count rate.
         cond = pc / (pc + pd_) if pc + pd_ > 0 else None
         part.rates.append(RoleRate(role, sid, fam, ctx, game, model, n, None, None, None, _basis_rate(basis, pc, cond),
-                                   1 - mass, mass, rate_count=pc, rate_conditional=cond, source="exact"))
+                                   1 - mass, mass, rate_count=pc, rate_conditional=cond, source="exact",
+                                   choice=Choice.exact(pc, min(pd_, 1 - pc))))
     return part
 
 
@@ -530,11 +609,46 @@ def _merge(parts: list[_Part]) -> _Part:
             out.pgg_dists.setdefault(sid, {}).update(d)
         for role, m in part.models.items():
             out.models.setdefault(role, m)
+        out.leads.update(part.leads)
+        out.tails.update(part.tails)
     return out
+
+
+def _mixtures(part: _Part, basis: str, effective_n: int) -> _Part:
+    """A role with both an exact leading-answer row and samples (the motivated teacher): P(C) = P(leading C) +
+    P(no leading letter) x P(C | no leading letter), the last from its samples that do not lead with a letter.
+    The combined rate replaces the sampled one; its noise is the remainder's only, so like an exact role it counts
+    with the effective n in Table 1 and the unstable flags."""
+    if not part.leads:
+        return part
+    rates = []
+    for r in part.rates:
+        lead = part.leads.get((r.role, r.scenario_id))
+        if lead is None or r.family == "pgg" or r.source == "exact":
+            rates.append(r)
+            continue
+        choice = Choice.mixture(*lead, *part.tails.get((r.role, r.scenario_id), (0, 0, 0)))
+        pc, pd_ = choice.probs()
+        cond = choice.q
+        rates.append(replace(r, n=effective_n, cooperate=None, valid=None, invalid=None,
+                             rate=_basis_rate(basis, pc, cond),
+                             rate_count=pc, rate_conditional=cond, invalid_rate=1 - pc - pd_, valid_mass=pc + pd_,
+                             source="mixture", choice=choice))
+    return replace(part, rates=rates)
 
 
 # ------------------------------------------------------------------------------------------ per-scenario results
 def _scenario(rr: Mapping[str, RoleRate], meta, basis: str, n_resamples: int, seed: int) -> ScenarioResult:
+    """`_scenario_paper` with the count-rate improvement split into its format and choice parts."""
+    res = _scenario_paper(rr, meta, basis, n_resamples, seed)
+    t, b, f = rr["teacher"], rr["student_base"], rr["student_finetuned"]
+    if t.choice is None or b.choice is None or f.choice is None:
+        return res
+    fmt, choice = split_improvement(b.choice, f.choice, t.choice)
+    return replace(res, improvement_format=fmt, improvement_choice=choice)
+
+
+def _scenario_paper(rr: Mapping[str, RoleRate], meta, basis: str, n_resamples: int, seed: int) -> ScenarioResult:
     """Improvement and alignment of one scenario. All three roles counted: the paper's statistics from counts (with
     a bootstrap CI); a role with probabilities (exact mode): the same formulas on the rates, no sampling CI."""
     t, b, f = rr["teacher"], rr["student_base"], rr["student_finetuned"]
@@ -590,7 +704,7 @@ def evaluate(
         parts.append(_rates_from_exact(df, int(effective_n), rate))
     if not parts:
         raise EvaluationDataError("give sampled results, exact results, or both")
-    part = _merge(parts)
+    part = _mixtures(_merge(parts), rate, int(effective_n))
     key = _order_key()
     rates = sorted(part.rates, key=lambda r: (key(r.family, r.scenario_id), ROLES.index(r.role)))
     by_scenario: dict[str, dict[str, RoleRate]] = {}
@@ -608,14 +722,14 @@ def evaluate(
                      f"and Table 1, unstable flags and PGG standard errors use an effective n = {effective_n}")
     results: list[ScenarioResult] = []
     for sid, rr in by_scenario.items():
-        if not all(r in rr for r in ROLES):
+        if not all(r in rr for r in CORE_ROLES):
             continue
-        if any(rr[r].rate is None for r in ROLES):
+        if any(rr[r].rate is None for r in CORE_ROLES):
             notes.append(f"{sid}: a role gives no valid answer; no improvement")
             continue
         results.append(_scenario(rr, part.meta[sid], rate, n_resamples, seed))
     low_valid = {s.id for s in results
-                 if any((by_scenario[s.id][r].valid_share or 0.0) < min_valid_share for r in ROLES)}
+                 if any((by_scenario[s.id][r].valid_share or 0.0) < min_valid_share for r in CORE_ROLES)}
 
     table1 = []
     for normal_id, doubled_id in _table1_pairs(by_scenario, part.meta):
@@ -629,10 +743,12 @@ def evaluate(
             table1.append(table1_ztest(normal_id, a.rate * a.n, a.n, d.rate * d.n, d.n))
 
     pgg = _pgg_results(part, rates, effective_n)
+    choices = {sid: {role: r.choice for role, r in rr.items() if r.choice is not None}
+               for sid, rr in by_scenario.items()}
     return _assemble(
         estimator, _common_n(rates, expected_samples, effective_n, estimator), rates, results, table1, pgg,
         part.models, notes, n_resamples, rate_basis=rate, min_valid_share=min_valid_share, low_valid=low_valid,
-        protocol=protocol,
+        protocol=protocol, choices=choices, effective_n=int(effective_n), seed=seed,
     )
 
 
@@ -801,9 +917,26 @@ def _welch_from_stats(a: dict, b: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ assembly
-def _family_summary(name: str, all_results: list[ScenarioResult], n_resamples: int) -> FamilySummary:
+def _strategy(results: list[ScenarioResult], choices, effective_n: int, n_resamples: int, seed: int):
+    """Transfer, format, association and the placebo difference over these scenarios (`shared.transfer`); every
+    scenario counts, by its information (low valid shares are weighted, never dropped)."""
+    rows = [choices[r.id] for r in results if r.id in choices]
+    return analyze_group(rows, floor_n=effective_n, n_resamples=n_resamples, seed=seed)
+
+
+def _family_summary(name: str, all_results: list[ScenarioResult], n_resamples: int, choices=None,
+                    effective_n: int = 300, seed: int = 0) -> FamilySummary:
     results = [r for r in all_results if not r.excluded]
+    choices = choices or {}
+    by = {kind: {} for kind in ("game", "context")}
+    for kind in by:
+        for k in dict.fromkeys(getattr(r, kind) for r in all_results):
+            g = _strategy([r for r in all_results if getattr(r, kind) == k], choices, effective_n, n_resamples, seed)
+            if g is not None:
+                by[kind][k] = g
     return FamilySummary(
+        strategy=_strategy(all_results, choices, effective_n, n_resamples, seed),
+        strategy_by_game=by["game"], strategy_by_context=by["context"],
         low_valid=tuple(r.id for r in all_results if r.low_valid),
         excluded=tuple(r.id for r in all_results if r.excluded),
         family=name,
@@ -847,7 +980,8 @@ def _mean(values: Iterable[float | None]) -> float | None:
 
 
 def _assemble(estimator, samples, rates, results, table1, pgg, models, notes, n_resamples, *, rate_basis: str,
-              min_valid_share: float, low_valid: set[str], protocol: str | None) -> EvaluationResult:
+              min_valid_share: float, low_valid: set[str], protocol: str | None, choices=None, effective_n: int = 300,
+              seed: int = 0) -> EvaluationResult:
     drop = rate_basis == "conditional"  # a low valid share is the conditional rate's (unstable) denominator
     results = [replace(r, low_valid=True, excluded=drop) if r.id in low_valid else r for r in results]
     if low_valid:
@@ -856,7 +990,7 @@ def _assemble(estimator, samples, rates, results, table1, pgg, models, notes, n_
                                + (", left out of the aggregates" if drop else " (kept: the count rate's denominator "
                                   "is N)") + f": {', '.join(ids)}"]
     roles = tuple(r for r in ROLES if any(x.role == r for x in rates))
-    missing = [r for r in ROLES if r not in roles]
+    missing = [r for r in CORE_ROLES if r not in roles]
     if missing:
         notes = list(notes) + [f"role(s) not evaluated: {', '.join(missing)}; improvement, Table 1 and PGG "
                                f"tests need all three roles"]
@@ -864,11 +998,12 @@ def _assemble(estimator, samples, rates, results, table1, pgg, models, notes, n_
     for fam in TWO_BY_TWO:
         rs = [r for r in results if r.family == fam]
         if rs:
-            families[fam] = _family_summary(fam, rs, n_resamples)
+            families[fam] = _family_summary(fam, rs, n_resamples, choices, effective_n, seed)
     extra = sorted({r.family for r in results} - set(TWO_BY_TWO) - {"pgg"})
     for fam in extra:
-        families[fam] = _family_summary(fam, [r for r in results if r.family == fam], n_resamples)
-    overall = _family_summary("all", results, n_resamples) if results else None
+        families[fam] = _family_summary(fam, [r for r in results if r.family == fam], n_resamples, choices,
+                                        effective_n, seed)
+    overall = _family_summary("all", results, n_resamples, choices, effective_n, seed) if results else None
     unstable_ids = [r.id for r in results if r.unstable and r.improvement is not None]
     if unstable_ids:
         notes = list(notes) + [f"{len(unstable_ids)} unstable scenario(s) (teacher-base gap within sampling noise, "

@@ -210,8 +210,19 @@ def build_document(
             info.append(f"{k}: `{v}`")
     doc.ul(info)
 
-    # ---- headline
+    # ---- headline: strategy first, then the paper's count-rate number
     doc.h(1, "Headline")
+    st_lines = strategy_lines(result)
+    if st_lines:
+        doc.p("**Strategic transfer** (how far the fine-tuned student's choice *among valid answers* moved toward "
+              "the teacher's, in % of the teacher-base choice gap, weighted by each scenario's information; 95 % CI "
+              "by a two-level bootstrap over scenarios and every role's sampling noise; `shared/transfer.py`). "
+              "Format = the change of the valid share. A transfer CI that includes 0 means the paper's improvement "
+              "below is format, not strategy.")
+        doc.ul(st_lines)
+        header, rows = strategy_rows(result)
+        doc.table(header, rows)
+    doc.p("**The paper's improvement** (count rate; it moves with the valid share as well as with the choice):")
     lines = []
     for fam, f in _families(result):
         a = f.improvement
@@ -435,13 +446,69 @@ def rate_label(result: EvaluationResult) -> str:
 
 def valid_shares(result: EvaluationResult, family: str) -> str:
     """Mean valid share per role over a family's scenarios, e.g. 'teacher 91 %, base 0.4 %, ft 4.9 %'."""
-    short = {"teacher": "teacher", "student_base": "base", "student_finetuned": "ft"}
+    short = {"teacher": "teacher", "student_base": "base", "student_finetuned": "ft", "student_placebo": "placebo"}
     fams = [family] if family != "all" else list(result.rate_means)
     out = []
     for role in result.roles:
         v = [r.valid_share for r in result.rates if r.family in fams and r.role == role and r.valid_share is not None]
-        out.append(f"{short[role]} {_pct(sum(v) / len(v)) if v else '-'} %")
+        out.append(f"{short.get(role, role)} {_pct(sum(v) / len(v)) if v else '-'} %")
     return ", ".join(out)
+
+
+def _est(e, unit: str = "%", digits: int = 1) -> str:
+    if e is None or e.mean is None:
+        return "-"
+    return f"{e.mean:+.{digits}f}{unit} {_ci(e.ci95) if e.ci95 else '[-]'}"
+
+
+def strategy_rows(result: EvaluationResult) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of what the product leads with: per family the fine-tuned student's strategic transfer (its
+    choice among valid answers moved toward the teacher's, % with 95 % CI), the verdict, the format change (valid
+    share, percentage points), the placebo difference and the association with the teacher's choices."""
+    header = ["family", "n", "transfer % [95 % CI]", "verdict", "format pp", "placebo diff %", "r ft", "r base"]
+    rows = []
+    for fam, f in _families(result, with_all=True):
+        st = f.strategy
+        if st is None or "student_finetuned" not in st.transfer:
+            continue
+        t = st.transfer["student_finetuned"]
+        rows.append([fam, str(t.n), _est(t), transfer_verdict(t), _est(st.format.get("student_finetuned"), " pp"),
+                     _est(st.placebo_difference), _est(st.association.get("student_finetuned"), "", 2),
+                     _est(st.association.get("student_base"), "", 2)])
+    return header, rows
+
+
+def transfer_verdict(t) -> str:
+    """Words for a transfer estimate: shown / not shown (CI includes 0: the gain is format) / moved away."""
+    if t is None or t.mean is None:
+        return "undefined" + (f" ({t.note})" if t is not None and t.note else "")
+    if t.ci95 is None:
+        return "CI undefined"
+    if t.ci95[0] > 0:
+        return "strategic transfer shown"
+    if t.ci95[1] < 0:
+        return "moved away from the teacher"
+    return "no strategic transfer shown: the gain is format"
+
+
+def strategy_lines(result: EvaluationResult) -> list[str]:
+    """The strategic headline in sentences, one per family (console, report, logs)."""
+    out = []
+    for fam, f in _families(result, with_all=True):
+        st = f.strategy
+        if st is None or "student_finetuned" not in st.transfer:
+            continue
+        t = st.transfer["student_finetuned"]
+        line = (f"{fam}: transfer {_est(t)} (n = {t.n}) - {transfer_verdict(t)}; format "
+                f"{_est(st.format.get('student_finetuned'), ' pp')} valid share")
+        if st.placebo_difference is not None:
+            line += f"; transfer minus placebo {_est(st.placebo_difference)}"
+        elif "student_placebo" in st.transfer:
+            line += f"; placebo transfer {_est(st.transfer['student_placebo'])}"
+        a, b = st.association.get("student_finetuned"), st.association.get("student_base")
+        line += f"; association with the teacher's choices r = {_est(a, '', 2)} (base {_est(b, '', 2)})"
+        out.append(line)
+    return out
 
 
 def summary_rows(result: EvaluationResult) -> tuple[list[str], list[list[str]]]:
