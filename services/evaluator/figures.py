@@ -165,9 +165,46 @@ def fig_pgg(result: EvaluationResult, path: str | Path, scenario_id: str = "pgg"
     return _save(fig, Path(path))
 
 
+def fig_transfer(result: EvaluationResult, path: str | Path) -> Path | None:
+    """Fig. 0 (the product's headline): strategic transfer per family with its 95 % CI (placebo beside it where
+    trained), and the format change (valid share, percentage points) in a second panel."""
+    fams = [(k, f) for k, f in list(result.families.items()) + [("all", result.overall)]
+            if f is not None and f.strategy is not None and "student_finetuned" in f.strategy.transfer]
+    if not fams:
+        return None
+    fig = _figure(10, 3.6)
+    ax, bx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    roles = [r for r in ("student_finetuned", "student_placebo") if r in fams[0][1].strategy.transfer]
+    width = 0.8 / len(roles)
+    for i, role in enumerate(roles):
+        for j, (_, f) in enumerate(fams):
+            e = f.strategy.transfer.get(role)
+            if e is None or e.mean is None:
+                continue
+            x = j - 0.4 + width * (i + 0.5)
+            err = None if e.ci95 is None else [[e.mean - e.ci95[0]], [e.ci95[1] - e.mean]]
+            ax.bar(x, e.mean, width, yerr=err, capsize=3, color=f"C{i}", label=ROLE_LABELS[role] if j == 0 else None)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axhline(100, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(fams)), [k for k, _ in fams])
+    ax.set_ylabel("transfer, % of the teacher-base choice gap")
+    ax.set_title("Strategic transfer (choice among valid answers, 95 % CI)")
+    ax.legend(fontsize=8)
+    for j, (_, f) in enumerate(fams):
+        e = f.strategy.format.get("student_finetuned")
+        if e is not None and e.mean is not None:
+            err = None if e.ci95 is None else [[e.mean - e.ci95[0]], [e.ci95[1] - e.mean]]
+            bx.bar(j, e.mean, 0.6, yerr=err, capsize=3, color="C2")
+    bx.axhline(0, color="black", lw=0.8)
+    bx.set_xticks(range(len(fams)), [k for k, _ in fams])
+    bx.set_ylabel("valid share, fine-tuned - base (pp)")
+    bx.set_title("Format")
+    return _save(fig, Path(path))
+
+
 def write_figures(result: EvaluationResult, out_dir: str | Path) -> list[Path]:
     out = Path(out_dir)
-    made: list[Path | None] = []
+    made: list[Path | None] = [fig_transfer(result, out / "fig0_transfer.png")]
     for fam in list(result.rate_means):
         made.append(fig_cooperation(result, fam, out / f"fig2_cooperation_{fam}.png"))
     for fam in result.families:
@@ -336,5 +373,60 @@ def write_tables(result: EvaluationResult, out_dir: str | Path) -> list[Path]:
         paths.append(_write_csv(out / "pgg.csv", PGG_COLUMNS, [
             [sid, role, d.get("mean"), d.get("sd"), d.get("se"), d.get("n"), d.get("invalid_rate"), p.improvement]
             for sid, p in result.pgg.items() for role, d in p.roles.items()]))
+    paths.append(_write_csv(out / "transfer_scenarios.csv", TRANSFER_SCENARIO_COLUMNS, transfer_scenario_rows(result)))
+    paths.append(_write_csv(out / "transfer.csv", TRANSFER_COLUMNS, transfer_rows(result)))
     paths.append(result.to_json(out / "evaluation.json"))
     return paths
+
+
+TRANSFER_SCENARIO_COLUMNS = [
+    "scenario_id", "family", "context", "game", "q_teacher", "q_base", "q_ft", "q_placebo", "valid_teacher",
+    "valid_base", "valid_ft", "valid_placebo", "source_teacher", "source_base", "source_ft", "improvement",
+    "improvement_format", "improvement_choice"]
+TRANSFER_COLUMNS = [
+    "family", "group", "role", "scenarios", "n", "transfer", "transfer_ci_low", "transfer_ci_high", "format_pp",
+    "format_ci_low", "format_ci_high", "association", "association_ci_low", "association_ci_high", "placebo_difference",
+    "placebo_ci_low", "placebo_ci_high", "note"]
+
+
+def transfer_scenario_rows(result: EvaluationResult) -> list[list]:
+    """Per 2x2 scenario: every role's choice among valid answers (q) and valid share, how it was measured, and the
+    paper's improvement with its format / choice split - the table behind the transfer headline."""
+    by = {}
+    for r in result.rates:
+        if r.family != "pgg":
+            by.setdefault(r.scenario_id, {})[r.role] = r
+    imp = {s.id: s for s in result.scenarios}
+    rows = []
+    for sid, rr in by.items():
+        first = next(iter(rr.values()))
+        g = lambda role, attr: getattr(rr[role], attr) if role in rr else None  # noqa: E731
+        s = imp.get(sid)
+        rows.append([sid, first.family, first.context, first.game,
+                     *[g(r, "rate_conditional") for r in ("teacher", "student_base", "student_finetuned",
+                                                           "student_placebo")],
+                     *[g(r, "valid_share") for r in ("teacher", "student_base", "student_finetuned", "student_placebo")],
+                     *[g(r, "source") for r in ("teacher", "student_base", "student_finetuned")],
+                     s.improvement if s else None, s.improvement_format if s else None,
+                     s.improvement_choice if s else None])
+    return rows
+
+
+def transfer_rows(result: EvaluationResult) -> list[list]:
+    """Per family (and by game / context within it) and student role: transfer, format, association, placebo."""
+    rows = []
+    fams = list(result.families.values()) + ([result.overall] if result.overall else [])
+    for f in fams:
+        groups = [("all", f.strategy)] + [(f"game:{k}", v) for k, v in f.strategy_by_game.items()] + \
+            [(f"context:{k}", v) for k, v in f.strategy_by_context.items()]
+        for name, st in groups:
+            if st is None:
+                continue
+            for role, t in st.transfer.items():
+                fm, a = st.format.get(role), st.association.get(role)
+                pl = st.placebo_difference if role == "student_finetuned" else None
+                rows.append([f.family, name, role, st.scenarios, t.n, t.mean, *(t.ci95 or (None, None)),
+                             fm.mean if fm else None, *((fm.ci95 if fm else None) or (None, None)),
+                             a.mean if a else None, *((a.ci95 if a else None) or (None, None)),
+                             pl.mean if pl else None, *((pl.ci95 if pl else None) or (None, None)), t.note or ""])
+    return rows

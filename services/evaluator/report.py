@@ -276,13 +276,18 @@ def build_document(
     else:
         doc.p("No configuration was given.")
     doc.h(2, "Models")
-    spec = {"teacher": "models.teacher", "student_base": "models.student", "student_finetuned": "models.student"}
+    spec = {"teacher": "models.teacher", "student_base": "models.student", "student_finetuned": "models.student",
+            "student_placebo": "models.student"}
     rows = []
     for role in ROLES:
+        if role == "student_placebo" and role not in result.roles:
+            continue
         served = result.models.get(role, "-")
         weights = _get(cfg, spec[role] + ".model") or "-"
         if role == "student_finetuned" and cfg:
             weights += f" + adapter {_get(cfg, 'training.adapter_name')}"
+        if role == "student_placebo" and cfg:
+            weights += f" + adapter {_get(cfg, 'training.adapter_name')}-placebo (targets permuted across scenarios)"
         rows.append([ROLE_LABELS[role], f"`{served}`", weights, "yes" if role in result.roles else "no"])
     doc.table(["role", "served as", "weights", "evaluated"], rows, "llll")
 
