@@ -14,14 +14,15 @@ from typing import Iterable, Sequence
 
 import pyarrow as pa
 
-from shared.config import ALL_ROLES as _ALL_ROLES, CORE_ROLES
+from shared.config import ALL_ROLES as _ALL_ROLES, CORE_ROLES as _CORE_ROLES
 from shared.errors import UserError
 
-# ROLES: the three roles every evaluation has and the paper's statistics need (teacher, student_base,
-# student_finetuned). ALL_ROLES adds the controls a run may carry: student_placebo (`training.placebo`), the same
-# recipe trained on the same dataset with its completions permuted across scenarios.
-ROLES: tuple[str, ...] = tuple(CORE_ROLES)
-ALL_ROLES: tuple[str, ...] = tuple(_ALL_ROLES)
+# ROLES (= ALL_ROLES): every role a row may carry, in reporting order: teacher, student_base, student_finetuned,
+# student_placebo (`training.placebo`: the same recipe trained on the same dataset with its completions permuted
+# across scenarios, a control). CORE_ROLES: the three every evaluation has and the paper's statistics need.
+ROLES: tuple[str, ...] = tuple(_ALL_ROLES)
+ALL_ROLES = ROLES
+CORE_ROLES: tuple[str, ...] = tuple(_CORE_ROLES)
 ROLE_MODELS = {"teacher": "teacher", "student_base": "student"}  # the adapter roles: student:<adapter>
 ADAPTER_SUFFIX = {"student_finetuned": "", "student_placebo": "-placebo"}  # adapter role -> suffix of its name
 

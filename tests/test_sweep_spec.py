@@ -74,8 +74,8 @@ def test_bad_max_concurrent(tmp_path):
 def test_placebo_is_a_grid_key(tmp_path, base_placebo):
     """`training.placebo` per cell: a cell with it on evaluates student_placebo beside its real adapter (its adapter
     `<cell adapter>-placebo`), one with it off does not, whatever the base says (the role list is derived per cell)."""
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"models": {"teacher": {"model": "a"}, "student": {"model": "b"}},
-                                                        "training": {"placebo": base_placebo}}))
+    models = {"teacher": {"model": "a"}, "student": {"model": "b"}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"models": models, "training": {"placebo": base_placebo}}))
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"name": "s", "base": "base.yaml",
                                                      "grid": {"training.placebo": [False, True]}}))
     _, cells = load_sweep(tmp_path / "s.yaml")
