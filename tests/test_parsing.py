@@ -46,7 +46,9 @@ def test_choice_examples(text, expected):
         ("That's what strategy C is all about.", None), ("At least one of them must choose C.", None),
         ("You could decide to take the strategy C.", None),
         # contradictory decisions are invalid, in any order; another letter counts as a contradiction
-        ("I will choose C. On reflection I will choose D.", None), ("I will choose A, then I will choose D.", None),
+        ("I will choose C. I will choose D.", None), ("I will choose A, then I will choose D.", None),
+        # (an explicit self-correction is not a contradiction: the corrected answer counts; see test_revisions)
+        ("I will choose C. On reflection I will choose D.", "D"),
         ("My choice would be C or D.", None),
     ],
 )
@@ -94,7 +96,8 @@ def test_text_without_letters_is_invalid(text):
      ("4.25\n\nSo, you contributed $25 to the fund.", 4.25),
      # hypotheticals, other players, contradictions
      ("If you contribute 5, the fund gets 12.5.", None), ("Each person can contribute either $0 or $1.", None),
-     ("Taylor puts in $10.", None), ("I contribute $5. Actually I contribute $7.", None), ("I would give 12 dollars.", None),
+     ("Taylor puts in $10.", None), ("I contribute $5. I contribute $7.", None),
+     ("I contribute $5. Actually I contribute $7.", 7), ("I would give 12 dollars.", None),
      ("You, Taylor, Jordan and Casey each contribute $1 to the fund.", None), ("I contribute 5% of it.", None)],
 )
 def test_contribution_examples(text, expected):
@@ -167,10 +170,12 @@ def test_first_person_choosing_a_letter(chain, verb):
         # conditions, questions and negations decide nothing
         ("I would choose C if my coplayer were a friend.", None), ("Should I choose C?", None),
         ("I would choose C if my coplayer were a friend, but since they are not, I choose D.", "D"),
-        ("I would not choose D.", None), ("I could choose C or D.", None), ("I might pick C.", None),
+        ("I could choose C or D.", None), ("I might pick C.", None),
+        ("I would not choose D.", "C"),  # two strategies: refusing one is choosing the other
         ("I choose C if they cooperate, and D if they defect.", None),
         # contradictions are invalid
-        ("I'd go with C. My final answer: D", None), ("I pick C. You should pick D. I pick D.", None),
+        ("I'd go with C. Then I'd go with D.", None), ("I pick C. You should pick D. I pick D.", None),
+        ("My final answer: C. Final answer: D", None),
         ("I choosed well.", None), ("My choices are C and D.", None),
         # let's, a praised gerund, line labels and a line that is only the verb and the letter
         ("Let's go with C.", "C"), ("Choosing C is the best option.", "C"), ("Choosing D is a risky move.", None),
@@ -233,10 +238,10 @@ def test_first_person_giving_an_amount(chain, verb):
         ("I would contribute $10 if I could trust them.", None), ("Should I contribute $10? I'll contribute $5.", 5),
         ("I could give 10.", None), ("I might contribute 3.", None), ("I'd contribute 5 or 6.", None),
         ("I'd contribute $5-$7.", None), ("I would contribute between 4 and 6 dollars.", None),
-        ("I'd contribute 50% of my money.", None), ("I would not contribute 10.", None),
+        ("I'd contribute 50%.", None), ("I would not contribute 10.", None),
         # contradictions and out-of-range amounts are invalid
-        ("I'll contribute $7. My final answer: $6", None), ("I would donate 12 points.", None),
-        ("I'd give $5. On second thought, I'll give $8.", None), ("I'd contribute -2.", None),
+        ("I'll contribute $7. I'll contribute $6", None), ("I would donate 12 points.", None),
+        ("I'd give $5. I'll give $8.", None), ("I'd contribute -2.", None),
     ],
 )
 def test_contribution_grammar(text, expected):
@@ -267,3 +272,81 @@ def test_keeping_is_contributing_the_rest(chain, k, unit):
     amount = f"${k}" if unit == "$" else f"{k}{unit}"
     text = f"{_i('I', chain)} keep {amount} for myself." if chain else f"I keep {amount} for myself."
     assert parse_contribution(text, 10) == 10 - k
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # a self-correction or a final answer overrides earlier statements and the leading answer; two of them
+        # that disagree, or an unmarked contradiction, leave the response invalid
+        ("I'd go with C. My final answer: D", "D"), ("I choose strategy C. Therefore, my final choice is D.", "D"),
+        ("I'll choose C...\n\nActually, on reflection, I want to revise that. So my answer is D.", "D"),
+        ("C\n\nActually, D.", "D"), ("C.\n\nD is the better option, so D is what I'd pick.", None),
+        ("My final answer: C. Final answer: D", None),
+    ],
+)
+def test_revisions(text, expected):
+    assert parse_choice(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("$10\n\nContributing everything helps the group. But I can't trust them, so I'll actually contribute $0.", 0),
+        ("I'll contribute $7. My final answer: $6", 6), ("I'd give $5. On second thought, I'll give $8.", 8),
+        ("$0 is the individually rational answer. But these are my housemates: I'd put in $8.", 8),
+    ],
+)
+def test_contribution_revisions(text, expected):
+    assert parse_contribution(text, 10) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # a reasoning trace is not the answer; where the visible text states none, the trace's decision counts
+        ("<think>\nIf I pick D I get 10. I'll pick D.\n</think>\n\n**Decision: C**\n\nC is safer.", "C"),
+        ("<think>\nD dominates. Therefore, I choose D.\n</think>", "D"), ("\\boxed{D}", "D"),
+        ("**Answer:** $\\boxed{C}$\n\nBecause ...", "C"),
+        # another answer right after the leading one, or a condition, leaves no leading answer
+        ("C (or D)", None), ("**C** and **D** both have merit.", None),
+        ("C if they are trustworthy, D otherwise.", None),
+        ("C (C is safer).", "C"),
+        # a decision that holds in every case considered
+        ("If my roommate picks C, I pick C. If my roommate picks D, I still pick C.", "C"),
+        ("If they pick C, I pick C. If they pick D, I pick D.", None), ("If they pick C, I pick C.", None),
+        # a condition inside parentheses reaches no further than them
+        ("D earns more (6 vs 4 if they choose D), so D is what I'd pick.", "D"),
+        # vocabulary of the prompts: policies and approaches
+        ("I choose to adopt policy C.", "C"), ("The best approach would be to choose strategy C.", "C"),
+        # game-theoretic descriptions are no decisions
+        ("The dominant strategy is D. It's a tough call.", None),
+    ],
+)
+def test_visible_answer_and_leading_answer(text, expected):
+    assert parse_choice(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # leading amounts in words and shares, appositions
+        ("Five dollars.", 5), ("Five.", 5), ("**Nothing.**\n\nHere's why: ...", 0), ("**Half** of my $10.", 5),
+        ("**All of it - $10!**", 10), ("Half my endowment, $5.", 5), ("Nothing is certain, but I'd give 4.", 4),
+        # another amount right after the leading one
+        ("$5-$10", None), ("**$5-7**", None), ("$5 or $6.", None), ("$5 — or maybe $6.", None),
+        ("$10 if everyone else gives too.", None),
+        # shares of the endowment
+        ("I would contribute 70% of my endowment.", 7), ("My contribution is 50% of my endowment.", 5),
+        ("I'd contribute a quarter of my money.", 2.5), ("I will put in everything except $1.", 9),
+        ("I'll give all but 2 dollars.", 8), ("I contribute 5% of it.", None),
+        # traces and boxes
+        ("<think>\nFull cooperation gives 25 each. I'll go with 10.\n</think>\n\n$4\n\nI contribute $4.", 4),
+        ("<think>\nPayoff falls in x.\n</think>\n\n\\boxed{0}\n\nSince ...", 0),
+        ("<think>\nSo the answer is 7.\n</think>", 7),
+        # a condition that does not reach the statement
+        ("If the multiplier were 4, each dollar would return $1, so I would contribute all $10.", None),
+    ],
+)
+def test_leading_and_shared_amounts(text, expected):
+    assert parse_contribution(text, 10) == expected
