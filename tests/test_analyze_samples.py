@@ -34,7 +34,7 @@ GROUPS_2X2 = {
 }
 PGG = {
     "teacher": ["7", "I contribute $7", "7"] * 4,  # the paper's teacher: 7 every time
-    "student_base": ["2", "I would put 3 into the fund", "0", "5", "I keep it all"],
+    "student_base": ["2", "I would put 3 into the fund", "0", "5", "I keep it all"],  # keep all = contribute 0
     "student_finetuned": ["6", "5", "I contribute $7 of my $10", "4", "6", "11"],  # 11 > endowment: invalid
 }
 
@@ -140,14 +140,14 @@ def test_pgg_results(by_format):
     p = by_format["parquet"]["pgg"]["pgg"]
     roles = p["roles"]
     assert roles["teacher"]["mean"] == 7 and roles["teacher"]["sd"] == 0 and roles["teacher"]["n"] == 12
-    assert roles["student_base"]["mean"] == pytest.approx(2.5) and roles["student_base"]["invalid"] == 1
+    assert roles["student_base"]["mean"] == pytest.approx(2.0) and roles["student_base"]["invalid"] == 0
     assert roles["student_finetuned"]["mean"] == pytest.approx(5.6) and roles["student_finetuned"]["invalid"] == 1
-    assert p["improvement"] == pytest.approx((5.6 - 2.5) / (7 - 2.5) * 100)
+    assert p["improvement"] == pytest.approx((5.6 - 2.0) / (7 - 2.0) * 100)
     t = p["tests"]
     assert t["student_finetuned_vs_student_base"]["method"] == "welch"
     assert t["student_finetuned_vs_student_base"]["p_value"] is not None
     zero = t["teacher_vs_student_base"]
-    assert zero["method"] == "one_sample" and zero["df"] == 3
+    assert zero["method"] == "one_sample" and zero["df"] == 4  # 5 valid base contributions
     assert "teacher: all contributions equal (7.0)" in zero["note"]
 
 
