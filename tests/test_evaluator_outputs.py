@@ -33,7 +33,7 @@ def test_figures_exist_and_are_sensible_pngs(outputs):
     names = sorted(p.name for p in outputs.figures)
     assert names == sorted([f"fig2_cooperation_{f}.png" for f in ("in_sample", "oos_context", "oos_game")]
                            + [f"fig3_improvement_{f}.png" for f in ("in_sample", "oos_context", "oos_game")]
-                           + ["fig5_pgg.png"])
+                           + ["fig5_pgg.png", "fig0_transfer.png"])
     for p in outputs.figures:
         w, h = png_size(p)
         assert p.stat().st_size > 10_000 and 500 <= w <= 2000 and 300 <= h <= 1000, (p.name, w, h)
@@ -63,7 +63,8 @@ def test_table1_files(outputs):
     assert tex.count(r"\begin{tabular}") == 1 and r"\toprule" in tex and r"\bottomrule" in tex
     assert r"team\_prison & 0.75 & 0.71 & -0.04 & 0.03 & 1.60 & 0.05 \\" in tex
     assert r"0.00$^{**}$" in tex and r"\label{tab:table1}" in tex
-    for name in ("scenarios.csv", "rates.csv", "summary.csv", "pgg.csv", "evaluation.json"):
+    for name in ("scenarios.csv", "rates.csv", "summary.csv", "pgg.csv", "evaluation.json", "transfer.csv",
+                 "transfer_scenarios.csv"):
         assert (t / name).stat().st_size > 100
     with open(t / "rates.csv") as fh:
         assert sum(1 for _ in csv.DictReader(fh)) == 53 * 3

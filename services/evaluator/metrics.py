@@ -94,7 +94,7 @@ from shared.metrics import (
 )
 from shared.parsing import _DECORATION, _LEADING  # the leading-answer rule exact mode reads (mixture teacher)
 from shared.stats import PGG_ROLES, ZTestRow, moments, pgg_analysis, table1_summary, table1_ztest
-from shared.transfer import Choice, GroupTransfer, analyze_group, split_improvement
+from shared.transfer import Choice, Estimate, GroupTransfer, analyze_group, mean_transfer, split_improvement
 
 # ROLES (teacher, student_base, student_finetuned) comes from shared.samples, the sample's one home
 TWO_BY_TWO: tuple[str, ...] = tuple(f for f in ALL_FAMILIES if f != "pgg")
@@ -200,6 +200,10 @@ class PggResult:
     js_ft_teacher: float | None
     bridging: float | None
     notes: tuple[str, ...] = ()  # e.g. a zero-variance role, where Welch's test is undefined
+    # format-free transfer (the mean of valid contributions), per student role, and the placebo difference
+    transfer: dict[str, Estimate] = field(default_factory=dict)
+    format: dict[str, float] = field(default_factory=dict)  # student role -> valid share change vs base, pp
+    placebo_difference: Estimate | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -363,6 +367,15 @@ class EvaluationResult:
             put(f"{pre}.js.base_teacher", p.js_base_teacher)
             put(f"{pre}.js.ft_teacher", p.js_ft_teacher)
             put(f"{pre}.bridging", p.bridging)
+            for role, e in p.transfer.items():
+                put(f"{pre}.transfer.{_short(role)}", e.mean)
+                if e.ci95:
+                    put(f"{pre}.transfer_ci_low.{_short(role)}", e.ci95[0])
+                    put(f"{pre}.transfer_ci_high.{_short(role)}", e.ci95[1])
+            for role, v in p.format.items():
+                put(f"{pre}.format.{_short(role)}", v)
+            if p.placebo_difference:
+                put(f"{pre}.placebo_difference", p.placebo_difference.mean)
         return m
 
 
@@ -742,7 +755,7 @@ def evaluate(
         else:
             table1.append(table1_ztest(normal_id, a.rate * a.n, a.n, d.rate * d.n, d.n))
 
-    pgg = _pgg_results(part, rates, effective_n)
+    pgg = _pgg_results(part, rates, effective_n, n_resamples, seed)
     choices = {sid: {role: r.choice for role, r in rr.items() if r.choice is not None}
                for sid, rr in by_scenario.items()}
     return _assemble(
@@ -761,7 +774,8 @@ def _common_n(rates, expected_samples, effective_n, estimator) -> int | None:
     return n_all[0] if len(n_all) == 1 else None
 
 
-def _pgg_results(part: _Part, rates: list[RoleRate], effective_n: int) -> dict[str, PggResult]:
+def _pgg_results(part: _Part, rates: list[RoleRate], effective_n: int, n_resamples: int = 2000,
+                 seed: int = 0) -> dict[str, PggResult]:
     """Per public-goods scenario: sampled roles from their contributions, exact roles from their distributions."""
     out: dict[str, PggResult] = {}
     rate_of = {(r.role, r.scenario_id): r for r in rates if r.family == "pgg"}
@@ -799,7 +813,14 @@ def _pgg_results(part: _Part, rates: list[RoleRate], effective_n: int) -> dict[s
                          ("teacher", "student_base")):
                 if a in roles_d and b in roles_d and roles_d[a]["mean"] is not None and roles_d[b]["mean"] is not None:
                     tests[f"{a}_vs_{b}"] = _welch_from_stats(roles_d[a], roles_d[b])
-        out[sid] = replace(_pgg_result(sid, e, roles_d, dists, imp, tests), notes=tuple(notes))
+        means = {r: (values[r] if r in values else roles_d[r]["mean"]) for r in roles_d
+                 if (r in values and values[r]) or (r not in values and roles_d[r]["mean"] is not None)}
+        transfer, placebo = mean_transfer(means, n_resamples=n_resamples, seed=seed)
+        shares = {r: 1 - d["invalid_rate"] for r, d in roles_d.items() if d.get("invalid_rate") is not None}
+        fmt = {r: 100 * (shares[r] - shares["student_base"]) for r in transfer if r in shares
+               and "student_base" in shares}
+        out[sid] = replace(_pgg_result(sid, e, roles_d, dists, imp, tests), notes=tuple(notes), transfer=transfer,
+                           format=fmt, placebo_difference=placebo)
     return out
 
 

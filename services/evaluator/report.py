@@ -477,14 +477,16 @@ def strategy_rows(result: EvaluationResult) -> tuple[list[str], list[list[str]]]
         if st is None or "student_finetuned" not in st.transfer:
             continue
         t = st.transfer["student_finetuned"]
-        rows.append([fam, str(t.n), _est(t), transfer_verdict(t), _est(st.format.get("student_finetuned"), " pp"),
+        fm = st.format.get("student_finetuned")
+        rows.append([fam, str(t.n), _est(t), transfer_verdict(t, fm.mean if fm else None), _est(fm, " pp"),
                      _est(st.placebo_difference), _est(st.association.get("student_finetuned"), "", 2),
                      _est(st.association.get("student_base"), "", 2)])
     return header, rows
 
 
-def transfer_verdict(t) -> str:
-    """Words for a transfer estimate: shown / not shown (CI includes 0: the gain is format) / moved away."""
+def transfer_verdict(t, format_pp: float | None = None) -> str:
+    """Words for a transfer estimate: shown / not shown (CI includes 0: whatever gain there is, is format) / moved
+    away."""
     if t is None or t.mean is None:
         return "undefined" + (f" ({t.note})" if t is not None and t.note else "")
     if t.ci95 is None:
@@ -493,6 +495,8 @@ def transfer_verdict(t) -> str:
         return "strategic transfer shown"
     if t.ci95[1] < 0:
         return "moved away from the teacher"
+    if format_pp is not None and format_pp <= 0:
+        return "no strategic transfer shown: the CI includes 0"
     return "no strategic transfer shown: the gain is format"
 
 
@@ -504,7 +508,8 @@ def strategy_lines(result: EvaluationResult) -> list[str]:
         if st is None or "student_finetuned" not in st.transfer:
             continue
         t = st.transfer["student_finetuned"]
-        line = (f"{fam}: transfer {_est(t)} (n = {t.n}) - {transfer_verdict(t)}; format "
+        fm = st.format.get("student_finetuned")
+        line = (f"{fam}: transfer {_est(t)} (n = {t.n}) - {transfer_verdict(t, fm.mean if fm else None)}; format "
                 f"{_est(st.format.get('student_finetuned'), ' pp')} valid share")
         if st.placebo_difference is not None:
             line += f"; transfer minus placebo {_est(st.placebo_difference)}"
@@ -512,6 +517,16 @@ def strategy_lines(result: EvaluationResult) -> list[str]:
             line += f"; placebo transfer {_est(st.transfer['student_placebo'])}"
         a, b = st.association.get("student_finetuned"), st.association.get("student_base")
         line += f"; association with the teacher's choices r = {_est(a, '', 2)} (base {_est(b, '', 2)})"
+        out.append(line)
+    for sid, p in result.pgg.items():
+        t = p.transfer.get("student_finetuned")
+        if t is None:
+            continue
+        fp = p.format.get("student_finetuned")
+        line = (f"{sid} (public goods): transfer {_est(t)} of the mean valid contribution - {transfer_verdict(t, fp)}; "
+                f"format {fmt(p.format.get('student_finetuned'), 1)} pp valid share")
+        if p.placebo_difference is not None:
+            line += f"; transfer minus placebo {_est(p.placebo_difference)}"
         out.append(line)
     return out
 
