@@ -2,6 +2,9 @@
 and a real `mlflow server`; the MLflow run must hold the metrics, figures and adapter, the run's page in
 the MLflow UI must render in headless Chromium, a rerun must resume instead of redoing work, and
 `tomtransfer report --run-id` must rebuild the same numbers. Bad configs exit 2 with one line.
+The run has the placebo control on (`training.placebo`: a second adapter trained on the permuted set, served beside
+the real one and evaluated as student_placebo) and the teacher's leading-answer rows (`evaluate.teacher_lead`, on
+with the exact estimator).
 
 Starts Ray and servers: runs inside a private network namespace (`make test` does).
 """
@@ -42,7 +45,8 @@ def experiment(tmp_path_factory, mlflow_tracking_uri):
         "serving": {"port": 8123},
         "generate": {"samples": 4, "families": ["in_sample"], "request_n": 4},
         "training": {"epochs": 1, "learning_rate": 1e-3, "effective_batch_size": 8, "per_device_batch_size": 2,
-                     "num_workers": 2, "cpus_per_worker": 0.5, "max_seq_len": 1024, "adapter_name": "e2e"},
+                     "num_workers": 2, "cpus_per_worker": 0.5, "max_seq_len": 1024, "adapter_name": "e2e",
+                     "placebo": True},
         # the paper's protocol: the teacher's reference is its dataset in-sample and 4 motivated samples elsewhere;
         # the students are exact (effective n 300)
         "evaluate": {"estimator": "exact", "samples": 4, "exact_n": 300, "request_n": 4},
@@ -91,6 +95,50 @@ def test_run_holds_metrics_figures_and_adapter(run):
     assert "train_loss" in train.data.metrics or any(k.startswith("loss") for k in train.data.metrics)
 
 
+def test_placebo_adapter_and_teacher_lead_rows(experiment, run):
+    """training.placebo: a second adapter on the permuted training set (its own key, MLflow run and card), served as
+    student:e2e-placebo and measured like the fine-tuned student on every scenario; evaluate.teacher_lead: one exact
+    row per 2x2 scenario for the teacher (part "lead") beside the students' rows, its samples where they were."""
+    import pandas as pd
+
+    path, run_dir, first = experiment
+    client, r = run
+    stages = json.loads((run_dir / "stages.json").read_text())
+    real, placebo = stages["train"], stages["train_placebo"]
+    assert placebo["key"] != real["key"] and Path(placebo["adapter_dir"]).is_dir()
+    assert "[train] placebo set (seed 5)" in first.stderr
+    sets = list((run_dir / "train" / "placebo-sets").iterdir())
+    assert len(sets) == 1 and "seed 5" in (sets[0] / "DATASET_CARD.md").read_text()
+    a = pd.read_parquet(Path(stages["generate"]["dataset"]))
+    b = pd.read_parquet(sets[0] / "train.parquet")
+    assert sorted(a.target) == sorted(b.target) and (a.example_id.values == b.example_id.values).all()
+    assert r.data.tags["tomtransfer.placebo_adapter_name"] == "e2e-placebo"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {
+        Path(x.path).name for x in client.list_artifacts(r.info.run_id, "adapter_placebo")}
+    children = client.search_runs([r.info.experiment_id], f"tags.mlflow.parentRunId = '{r.info.run_id}'")
+    prun = next(c for c in children if c.data.tags.get("tomtransfer.placebo") == "true")
+    assert prun.info.run_name == "e2e-tiny-train-placebo" and prun.data.params["placebo.seed"] == "5"
+    # the evaluation's exact rows, as logged: both adapters' students on all 53 scenarios, the teacher's lead rows
+    exact = pd.read_parquet(mlflow_artifact(client, r.info.run_id, "samples/exact.parquet"))
+    by_role = exact.groupby("role").scenario_id.nunique().to_dict()
+    assert by_role == {"student_base": 53, "student_finetuned": 53, "student_placebo": 53, "teacher": 52}
+    assert set(exact[exact.role == "student_placebo"].model) == {"student:e2e-placebo"}
+    lead = exact[exact.role == "teacher"]
+    assert (lead.part == "lead").all() and exact[exact.role != "teacher"].part.isna().all()
+    assert "pgg" not in set(lead.scenario_id) and (lead.valid_mass - lead.p_C - lead.p_D).abs().max() < 1e-9
+    assert "[evaluate] teacher_lead: 52 new row(s)" in first.stderr
+    assert stages["evaluate"]["stores"].keys() == {"teacher", "student_base", "student_finetuned", "student_placebo",
+                                                  "teacher_lead"}
+
+
+def mlflow_artifact(client, run_id: str, artifact: str) -> str:
+    import mlflow
+    import tempfile
+
+    return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tempfile.mkdtemp(),
+                                               tracking_uri=client._tracking_client.tracking_uri)
+
+
 def test_adapter_reloads_with_peft(run, tmp_path):
     import mlflow
     from peft import PeftConfig
@@ -121,7 +169,9 @@ def test_rerun_resumes_without_redoing_work(experiment, run):
     again = tomtransfer("run", "--config", path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[generate] reused" in again.stderr and "[train] reused" in again.stderr
-    for role in ("teacher", "student_base", "student_finetuned"):  # every role's rows found in its keyed store
+    assert "[train_placebo] reused" in again.stderr
+    # every role's rows found in its keyed store, the teacher's lead rows in theirs
+    for role in ("teacher", "student_base", "student_finetuned", "student_placebo", "teacher_lead"):
         assert f"[evaluate] {role}: 0 new row(s)" in again.stderr, again.stderr[-3000:]
     assert json.loads(before)["train"]["adapter_uri"] == json.loads((run_dir / "stages.json").read_text())["train"]["adapter_uri"]
     assert (run_dir / "mlflow_run_id").read_text().strip() == r.info.run_id
@@ -150,6 +200,8 @@ def test_mlflow_ui_renders_the_run(run, mlflow_tracking_uri, tmp_path):
         ("models: {teacher: {model: a}, student: {model: b}}\ntraining: {num_workers: 0}\n", "training.num_workers"),
         ("models: {teacher: {model: a}, student: {model: b}}\nevaluate: {estimator: guess}\n", "evaluate.estimator"),
         ("name: 'bad name'\nmodels: {teacher: {model: a}, student: {model: b}}\n", "name"),
+        ("models: {teacher: {model: a}, student: {model: b}}\nevaluate: {roles: [teacher, student_placebo]}\n",
+         "student_placebo needs training.placebo"),
     ],
 )
 def test_bad_configs_exit_2(tmp_path, text, message):
@@ -164,10 +216,12 @@ def test_bad_configs_exit_2(tmp_path, text, message):
 
 def test_changed_inputs_rerun_exactly_the_stages_they_feed(experiment, run):
     """Fingerprinted stages: a new learning rate reuses the teacher dataset, retrains, and re-measures only the
-    fine-tuned student (its store is keyed by the adapter's content); never the old adapter's numbers."""
+    fine-tuned student (its store is keyed by the adapter's content); never the old adapter's numbers. The placebo
+    switched off: no placebo training or role, the evaluate stage's key changes."""
     path, run_dir, _ = experiment
     cfg = yaml.safe_load(path.read_text())
     cfg["training"]["learning_rate"] = 3e-3
+    cfg["training"]["placebo"] = False
     changed = path.with_name("experiment-lr.yaml")
     changed.write_text(yaml.safe_dump(cfg))
     before = json.loads((run_dir / "stages.json").read_text())
@@ -177,9 +231,13 @@ def test_changed_inputs_rerun_exactly_the_stages_they_feed(experiment, run):
     assert "[generate] reused" in res.stderr and after["generate"]["key"] == before["generate"]["key"]
     assert "[train] inputs key" in res.stderr and after["train"]["key"] != before["train"]["key"]
     assert after["train"]["adapter_dir"] != before["train"]["adapter_dir"]
-    for role in ("teacher", "student_base"):
+    assert after["train_placebo"] == before["train_placebo"]  # not run, not touched
+    assert "[train_placebo]" not in res.stderr and "placebo set" not in res.stderr
+    for role in ("teacher", "student_base", "teacher_lead"):
         assert f"[evaluate] {role}: 0 new row(s)" in res.stderr, res.stderr[-3000:]
     assert "[evaluate] student_finetuned: 0 new" not in res.stderr
+    assert after["evaluate"]["key"] != before["evaluate"]["key"]
+    assert "student_placebo" not in after["evaluate"]["stores"]
     stores = {p.name.split("-")[0] for p in (run_dir / "evaluate").iterdir() if p.is_dir() and "-" in p.name}
     assert "student_finetuned" in stores
     assert len([p for p in (run_dir / "evaluate").glob("student_finetuned-*")]) == 2  # old and new adapter
