@@ -195,6 +195,25 @@ class TrainingConfig(_Strict):
         "overall C share stay and the scenario -> choice mapping goes; served beside the real adapter and "
         "evaluated as the role student_placebo, exactly like student_finetuned. The dataset and the real adapter "
         "are reused (this switch is not part of their fingerprints)")
+    objective: Literal["sft", "distribution", "sft+distribution"] = Field(
+        default="sft", description="sft: the paper's objective (next-token cross-entropy on the teacher's sampled "
+        "text); distribution: forward KL from the teacher's per-scenario choice distribution among valid answers "
+        "(the soft-label set: exact mode where the teacher's answer leads, its samples otherwise) to the student's "
+        "distribution over the action strings under the instruction it is evaluated with; sft+distribution: "
+        "(1 - distribution_weight) * sft + distribution_weight * distribution (services/trainer/softlabels.py)")
+    distribution_weight: float = Field(
+        default=0.5, description="sft+distribution only: the distribution loss's weight w, 0 < w < 1")
+    soft_labels: str | None = Field(
+        default=None, description="a soft-label set (its soft_labels.parquet or folder) to distil instead of the one "
+        "built from the teacher (objective distribution / sft+distribution)")
+
+    @field_validator("distribution_weight")
+    @classmethod
+    def _weight_ok(cls, v: float) -> float:
+        if not 0.0 < v < 1.0:
+            raise ValueError(f"distribution_weight must be strictly between 0 and 1 (the loss is (1 - w) * sft + "
+                             f"w * distribution), got {v}")
+        return v
 
     @field_validator("adapter_name")
     @classmethod

@@ -7,7 +7,9 @@ with the same inputs finds them and resumes or reuses them. What each stage's ke
                      section, the scenarios it covers (ids and texts of packs)
   train              the training set's content (sha256), the student's weights, the training section minus
                      the knobs that cannot change the adapter (`TRAIN_OPERATIONAL`, `training.placebo` among them:
-                     turning the placebo on reuses the real adapter)
+                     turning the placebo on reuses the real adapter); the objective's knobs only where the
+                     objective is not sft (an sft key is unchanged by them), and then also the soft-label set
+                     (a given file's sha256, or the built set's inputs key `soft_labels_key`)
   train (placebo)    the same, of the placebo set (the real set's completions permuted with sampling.seed; its
                      content hash holds the permutation), plus a placebo marker
   evaluate (a role)  the role's model identity (for the fine-tuned and placebo students: the adapter's content),
@@ -93,10 +95,44 @@ def generate_key(cfg: ExperimentConfig, scenario_ids: list[str]) -> str:
                    "scenarios": scenario_ids, "packs": packs})[:SHORT]
 
 
+# The distribution objective's knobs: in the train key only where the objective uses them (an sft run's key is the
+# one it had before they existed).
+TRAIN_OBJECTIVE = ("objective", "distribution_weight", "soft_labels")
+
+
+def soft_labels_key(cfg: ExperimentConfig) -> str:
+    """The soft-label set built from the teacher (`services.pipeline.stages.soft_label_set`): the generate stage's
+    key (the teacher's samples: its weights, sampling, instruction, scenarios), the teacher's weights and exact mode
+    at the sampling temperature on its own instruction, the student's evaluation instruction (the prompt the loss
+    is computed under) and the set's format version."""
+    from services.collector.generate import generate_dir
+    from services.trainer.softlabels import FORMAT_VERSION
+
+    return digest({"samples": generate_dir(cfg).name, "teacher": model_identity(cfg.models.teacher),
+                   "teacher_instruction": cfg.generate.instruction, "temperature": cfg.sampling.temperature,
+                   "instruction": cfg.evaluate.instruction_for("student_finetuned"),
+                   "format": FORMAT_VERSION})[:SHORT]
+
+
+def soft_labels_identity(cfg: ExperimentConfig) -> dict:
+    """What the distribution objective's target is: a given set's content, or the built set's inputs key."""
+    given = cfg.training.soft_labels
+    if given:
+        p = Path(given)
+        p = p / "soft_labels.parquet" if p.is_dir() else p
+        return {"file_sha256": file_sha256(p)} if p.is_file() else {"path": str(p)}
+    return {"key": soft_labels_key(cfg)}
+
+
 def train_key(cfg: ExperimentConfig, dataset: Path, *, placebo: bool = False) -> str:
     """`placebo`: the key of the placebo adapter (`dataset` is then the placebo set)."""
+    t = cfg.training
     ident = {"dataset": file_sha256(dataset), "student": model_identity(cfg.models.student),
-             "training": cfg.training.model_dump(mode="json", exclude=set(TRAIN_OPERATIONAL))}
+             "training": t.model_dump(mode="json", exclude=set(TRAIN_OPERATIONAL) | set(TRAIN_OBJECTIVE))}
+    if t.objective != "sft":
+        ident["objective"] = {"objective": t.objective, "soft_labels": soft_labels_identity(cfg),
+                              "distribution_weight": t.distribution_weight if t.objective == "sft+distribution"
+                              else None}
     return digest({**ident, "placebo": True} if placebo else ident)[:SHORT]
 
 

@@ -7,6 +7,8 @@ What is checked (each stage asks for what it needs):
             cache; an `openai`-engine model's API-key variable is set
   secrets   `serving.auth_token_env` names a variable that is set
   packs     scenario packs exist, are UTF-8 and valid, and the selected scenarios exist
+  objective `training.objective` distribution / sft+distribution: a given soft-label set reads and is not empty, and
+            every action string (C, D, the PGG's amounts) tokenizes to something distinct with the student's tokenizer
 """
 
 from __future__ import annotations
@@ -50,9 +52,40 @@ def check_scenarios(cfg: ExperimentConfig) -> None:
         select_scenarios(cfg, list(families))
 
 
+def check_objective(cfg: ExperimentConfig) -> None:
+    """The distribution objective can be trained: its soft-label set (when given) and its actions (see above)."""
+    if cfg.training.objective == "sft":
+        return
+    from services.collector.jobs import select_scenarios
+    from services.trainer.softlabels import actions_for, read_soft_labels
+
+    action_sets = {tuple(actions_for(s)) for s in select_scenarios(cfg, list(cfg.generate.families))}
+    if cfg.training.soft_labels:
+        action_sets = {tuple(r["actions"]) for r in read_soft_labels(cfg.training.soft_labels)}
+    spec = cfg.models.student
+    if spec.engine == "openai":
+        raise UserError("training.objective: the distribution objective trains a local student; models.student "
+                        "is a remote (openai) model")
+    import transformers
+
+    from services.common.models import resolve_model
+    from services.trainer.distill import ObjectiveError, action_token_ids
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(resolve_model(spec.model, progress=_say)))
+    except (OSError, ValueError) as err:
+        raise UserError(f"models.student.model: cannot load its tokenizer: {err}") from None
+    for actions in sorted(action_sets):
+        try:
+            action_token_ids(tokenizer, list(actions))
+        except ObjectiveError as err:
+            raise UserError(f"training.objective {cfg.training.objective}: {err}") from None
+
+
 def check_inputs(cfg: ExperimentConfig, *, serve: bool) -> None:
     """All of the above; `serve`: this process starts the serving app (so the models must resolve here)."""
     check_secrets(cfg)
     check_scenarios(cfg)
     if serve and not cfg.serving.base_url:
         check_models(cfg)
+    check_objective(cfg)

@@ -78,6 +78,10 @@ def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None,
         t = time.perf_counter()
         gen = stages.generate(cfg, ctx)
         timings["generate_s"] = time.perf_counter() - t
+        if cfg.training.objective != "sft":  # the teacher's exact calls need the app, before it steps aside
+            t = time.perf_counter()
+            stages.soft_label_set(cfg, ctx)
+            timings["soft_labels_s"] = time.perf_counter() - t
         t = time.perf_counter()
         from services.trainer.train import worker_resources
 
@@ -152,7 +156,10 @@ def generate(cfg: ExperimentConfig, *, base_url: str | None = None, progress: bo
     check_inputs(cfg, serve=False)
     ctx = Context(tracking_uri=cfg.mlflow.tracking_uri, url=endpoint(cfg, base_url), api_key=serving_api_key(cfg),
                   progress=progress)
-    return stages.generate(cfg, ctx)
+    gen = stages.generate(cfg, ctx)
+    if cfg.training.objective != "sft":  # the train stage's second input, while the app is at hand
+        stages.soft_label_set(cfg, ctx)
+    return gen
 
 
 def train(cfg: ExperimentConfig, *, dataset: str | Path | None = None, checkpoint_every: int = 0) -> stages.Trained:
@@ -161,7 +168,12 @@ def train(cfg: ExperimentConfig, *, dataset: str | Path | None = None, checkpoin
     if checkpoint_every < 0:
         raise UserError("--checkpoint-every must be >= 0")
     check_models(cfg, roles=("student",))  # an unknown student fails here, before MLflow or Ray start
+    from services.pipeline.preflight import check_objective
+
+    check_objective(cfg)
     path = stages.training_set(cfg, dataset)
+    # distribution objectives: built by generate/run (or now, against serving.base_url), or training.soft_labels
+    stages.soft_label_set(cfg, Context(tracking_uri=None, url=cfg.serving.base_url) if cfg.serving.base_url else None)
     with tracking(cfg) as uri:
         cfg = with_tracking(cfg, uri)
         tr = stages.train(cfg, Context(tracking_uri=uri), path, checkpoint_every=checkpoint_every)

@@ -4,6 +4,9 @@
   train(cfg, ctx, dataset)           -> Trained     LoRA on the student with Ray Train (services.trainer.train)
   train_placebo(cfg, ctx, dataset)   -> Trained     `training.placebo`: the same recipe on the placebo set (the
                                                     completions permuted across scenarios), `<adapter>-placebo`
+  soft_label_set(cfg, ctx)           -> Path        `training.objective` distribution / sft+distribution: the
+                                                    teacher's choice distributions (exact mode + its samples), the
+                                                    train stage's second input
   serve_adapter(cfg, ctx, dir[, name]) -> dict      an adapter registered on the running app (multi-LoRA)
   evaluate(cfg, ctx, adapter, placebo_adapter=...) -> Evaluated   the roles measured, metrics, figures, report
 
@@ -148,6 +151,101 @@ def training_set(cfg: ExperimentConfig, dataset: str | Path | None = None) -> Pa
     raise UserError(f"training set not found: {p} (run `tomtransfer generate` first, or pass --dataset)")
 
 
+def soft_label_dir(cfg: ExperimentConfig) -> Path:
+    """`<run_dir>/train/soft-labels/<key>`: the soft-label set built from the teacher (`fingerprint.soft_labels_key`)."""
+    from services.pipeline.fingerprint import soft_labels_key
+
+    return cfg.run_dir.resolve() / "train" / "soft-labels" / soft_labels_key(cfg)
+
+
+def soft_label_set(cfg: ExperimentConfig, ctx: Context | None = None) -> Path | None:
+    """The soft-label set of `training.objective` (None under sft): `training.soft_labels` when given (validated),
+    else the one built earlier with the same inputs, else built now from the generate stage's samples and one
+    exact-mode call per scenario to the teacher on its own instruction (`ctx.url` must reach the serving app).
+
+    Each row: the teacher's P(action | valid) = exact mode's leading-answer mass + its samples that do not lead with
+    an answer for the rest (`services.trainer.softlabels`). The exact rows live in `<dir>/exact/` (resumable)."""
+    from services.trainer.softlabels import SOFT_META_JSON, SOFT_PARQUET, read_soft_labels
+
+    if cfg.training.objective == "sft":
+        return None
+    given = cfg.training.soft_labels
+    if given:
+        p = Path(given)
+        p = p / SOFT_PARQUET if p.is_dir() else p
+        read_soft_labels(p)  # one line and exit 2 for a missing, empty or malformed set
+        return p.resolve()
+    out = soft_label_dir(cfg)
+    if (out / SOFT_META_JSON).is_file() and (out / SOFT_PARQUET).is_file():  # the meta is written last
+        return out / SOFT_PARQUET
+    if ctx is None or not ctx.url:
+        raise UserError(f"no soft-label set for this config at {out}: run `tomtransfer generate` (it builds the set "
+                        "when training.objective needs one) or `tomtransfer run`, or name one in training.soft_labels")
+    return _build_soft_labels(cfg, ctx, out)
+
+
+def _build_soft_labels(cfg: ExperimentConfig, ctx: Context, out: Path) -> Path:
+    import asyncio
+
+    from services.collector.generate import generate_dir
+    from services.collector.jobs import api_key, jobs_for, role_identity, run_id_for, select_scenarios
+    from services.collector.runner import RetryPolicy, exact_async
+    from services.collector.store import ExactStore, check_manifest
+    from services.pipeline.fingerprint import model_identity
+    from services.trainer.softlabels import (build_soft_labels, export_soft_labels, log_soft_labels_to_mlflow,
+                                             samples_frame)
+    from shared.samples import LEAD_PART
+
+    samples_path = generate_dir(cfg) / "samples" / "samples.parquet"
+    if not samples_path.is_file():
+        raise UserError(f"no teacher samples at {samples_path}: the soft-label set needs the generate stage first")
+    scenarios = select_scenarios(cfg, list(cfg.generate.families))
+    teacher_instruction = cfg.generate.instruction
+    student_instruction = cfg.evaluate.instruction_for("student_finetuned")
+    spec = {**role_identity(cfg, "teacher"), "weights": model_identity(cfg.models.teacher),
+            "instruction": teacher_instruction, "estimator": "exact", "part": LEAD_PART,
+            "temperature": cfg.sampling.temperature}
+    store = ExactStore(out / "exact", part=LEAD_PART)
+    jobs = jobs_for(cfg, ["teacher"], scenarios, 1, teacher_instruction)
+    run_id = run_id_for("softlabels", cfg, spec)
+    say(f"[soft-labels] teacher exact mode on {len(scenarios)} scenarios ({teacher_instruction}), plus its samples "
+        f"where the answer does not lead -> {out}")
+    with store.writer():
+        check_manifest(store, {"version": 1, "run_id": run_id, "roles": {"teacher": spec}})
+        asyncio.run(exact_async(store, jobs, base_url=ctx.url, temperature=cfg.sampling.temperature, run_id=run_id,
+                                concurrency=min(cfg.evaluate.concurrency, 4), api_key=api_key(cfg),
+                                retry=RetryPolicy(), progress=ctx.progress,
+                                description=f"soft labels: teacher exact, {len(scenarios)} scenarios"))
+        exact_path = store.compact()
+    exact_rows = {r["scenario_id"]: r for r in store.read().to_pylist()}
+    df, dropped = build_soft_labels(scenarios, samples_frame(samples_path), exact_rows,
+                                    instruction=student_instruction, teacher_instruction=teacher_instruction)
+    teacher = role_identity(cfg, "teacher")
+    ex = export_soft_labels(df, out, name=f"{cfg.name}-soft-labels", instruction=student_instruction,
+                            teacher=f"{teacher['model']} ({teacher['engine']}, served as {teacher['served']})",
+                            teacher_instruction=teacher_instruction, dropped=dropped,
+                            inputs={"key": out.name, "samples": str(samples_path), "exact": str(exact_path)})
+    say(f"[soft-labels] {ex.rows} scenarios ({', '.join(f'{k} {v}' for k, v in sorted(ex.sources.items()))}), "
+        f"sha256 {ex.content_hash[:12]}" + (f"; no valid answer, left out: {', '.join(dropped)}" if dropped else ""))
+    if ctx.tracking_uri and ctx.parent_run_id:
+        log_soft_labels_to_mlflow(ex, run_id=ctx.parent_run_id, tracking_uri=ctx.tracking_uri)
+    return ex.parquet
+
+
+def placebo_soft_label_set(cfg: ExperimentConfig, soft_labels: str | Path) -> Path:
+    """The placebo of a soft-label set (each scenario's target moved to another scenario, seed = sampling.seed),
+    written once under `<run_dir>/train/soft-labels/placebo-<source sha256>-seed<seed>/`."""
+    from services.pipeline.fingerprint import SHORT, file_sha256
+    from services.trainer.softlabels import SOFT_META_JSON, SOFT_PARQUET, placebo_soft_labels
+
+    src = Path(soft_labels)
+    seed = cfg.sampling.seed
+    out = cfg.run_dir.resolve() / "train" / "soft-labels" / f"placebo-{file_sha256(src)[:SHORT]}-seed{seed}"
+    if (out / SOFT_META_JSON).is_file() and (out / SOFT_PARQUET).is_file():
+        return out / SOFT_PARQUET
+    return placebo_soft_labels(src, out, seed=seed, name=cfg.name).parquet
+
+
 def placebo_set(cfg: ExperimentConfig, dataset: str | Path) -> Path:
     """The placebo training set of `dataset` (`services.trainer.dataset.export_placebo_set`: its completions
     permuted across scenarios, seed = sampling.seed), written once under
@@ -179,13 +277,16 @@ def placebo_config(cfg: ExperimentConfig) -> ExperimentConfig:
 def train_placebo(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoint_every: int = 0) -> Trained:
     """`training.placebo`: the same recipe on the placebo set of `dataset`, as `<adapter_name>-placebo` (its own
     key, MLflow run `<name>-train-placebo`, stages.json entry `train_placebo`)."""
-    return train(placebo_config(cfg), ctx, placebo_set(cfg, dataset), checkpoint_every=checkpoint_every, placebo=True)
+    soft = soft_label_set(cfg, ctx)
+    return train(placebo_config(cfg), ctx, placebo_set(cfg, dataset), checkpoint_every=checkpoint_every, placebo=True,
+                 soft_labels=placebo_soft_label_set(cfg, soft) if soft is not None else None)
 
 
 def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoint_every: int = 0,
-          placebo: bool = False) -> Trained:
+          placebo: bool = False, soft_labels: str | Path | None = None) -> Trained:
     """LoRA on the student with Ray Train; resumes an interrupted run with the same inputs (the same key).
-    `placebo`: `dataset` is the placebo set (`train_placebo`)."""
+    `placebo`: `dataset` is the placebo set (`train_placebo`). `soft_labels`: the distribution objective's set
+    (default: `soft_label_set`; checked against the student's tokenizer before anything is written)."""
     from mlflow.tracking import MlflowClient
 
     from services.trainer.dataset import DatasetError, DatasetExport, log_dataset_to_mlflow
@@ -199,6 +300,13 @@ def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoin
     if done := log.lookup(stage, key, Trained, lambda o: Path(o.adapter_dir).is_dir(),
                           lambda o: f"adapter {o.adapter_dir} trained"):
         return done
+    if soft_labels is None and cfg.training.objective != "sft":
+        soft_labels = soft_label_set(cfg, ctx)
+    if soft_labels is not None:  # an action the student cannot score, an empty set: one line, nothing written
+        from services.trainer.train import _resolve_student, preflight
+
+        preflight(dataset, _resolve_student(cfg.models.student.model), cfg.training.max_seq_len,
+                  objective=cfg.training.objective, soft_labels_path=soft_labels)
     run_id = None
     if ctx.tracking_uri:
         id_file = out_dir / "mlflow_run_id"  # an interrupted attempt with the same inputs continues its run
@@ -223,11 +331,20 @@ def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoin
                         client.log_param(run_id, f"placebo.{k}", str(ex.placebo[k]))
             except DatasetError:
                 pass  # a bare Parquet file: no card to log
+            if soft_labels is not None:
+                from services.trainer.softlabels import SoftLabelError, SoftLabelExport, log_soft_labels_to_mlflow
+
+                client.log_param(run_id, "training.objective", cfg.training.objective)
+                try:
+                    log_soft_labels_to_mlflow(SoftLabelExport.from_dir(Path(soft_labels).parent), run_id=run_id,
+                                              tracking_uri=ctx.tracking_uri)
+                except SoftLabelError:
+                    pass  # a bare Parquet file: no card to log
     t = cfg.training
     say(f"[train] LoRA on {cfg.models.student.model}{' (placebo control)' if placebo else ''}: {t.num_workers} Ray "
-        f"Train worker(s){' on GPUs' if t.use_gpu else ''}")
+        f"Train worker(s){' on GPUs' if t.use_gpu else ''}, objective {t.objective}")
     res = run_training(cfg, dataset, cfg.models.student.model, ctx.tracking_uri, run_id=run_id,
-                       checkpoint_every_steps=checkpoint_every, placebo=placebo)
+                       checkpoint_every_steps=checkpoint_every, placebo=placebo, soft_labels_path=soft_labels)
     out = Trained(key=key, adapter_dir=res["adapter_dir"], adapter_uri=res.get("adapter_uri"), run_id=res.get("run_id"),
                   train_loss=res.get("train_loss"), steps=res.get("steps"), tokens_per_s=res.get("tokens_per_s"),
                   wall_s=res.get("wall_s"))

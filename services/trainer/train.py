@@ -80,6 +80,8 @@ DEFAULT_TRAINING: dict[str, Any] = {
     "max_seq_len": 1024,
     "max_grad_norm": 1.0,
     "adapter_name": "tom",
+    "objective": "sft",
+    "distribution_weight": 0.5,
 }
 
 
@@ -127,6 +129,38 @@ def encode_example(tokenizer, messages: list[dict], target: str, max_len: int) -
         return None
     answer_ids = answer_ids[: max_len - len(prompt_ids)]
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
+
+
+def _encode_soft_labels(tokenizer, path, max_len: int) -> tuple[list[dict], int]:
+    """The soft-label set at `path` encoded for the distribution objective (`services.trainer.distill`), and how
+    many rows did not fit `max_len`. Raises TrainError for a missing/empty set or an action the student's tokenizer
+    cannot score."""
+    from services.trainer.distill import ObjectiveError, encode_soft_label
+    from services.trainer.softlabels import read_soft_labels
+
+    if not path:
+        raise TrainError("training.objective needs a soft-label set (soft_labels_path), none was given")
+    if not getattr(tokenizer, "chat_template", None):
+        raise TrainError("the student's tokenizer has no chat template; use an instruct/chat model")
+    rows, skipped = [], 0
+    for row in read_soft_labels(path):
+        try:
+            enc = encode_soft_label(tokenizer, row, max_len, _render)
+        except ObjectiveError as err:
+            raise TrainError(f"{row['scenario_id']}: {err}") from None
+        if enc is None:
+            skipped += 1
+        else:
+            rows.append(enc)
+    if not rows:
+        raise TrainError(f"every soft-label prompt is longer than max_seq_len={max_len}")
+    return rows, skipped
+
+
+def _distill_kl_sum(model, rows, pad_id, device, autocast):
+    from services.trainer.distill import kl_sum
+
+    return kl_sum(model, rows, pad_id, device, autocast)
 
 
 def collate(batch: list[dict], pad_id: int, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
@@ -300,6 +334,8 @@ def train_loop_per_worker(config: dict) -> dict:
 
     config keys (plain JSON-able values):
       dataset_path         train.parquet (or its folder), from `services.trainer.dataset`
+      soft_labels_path     soft_labels.parquet (or its folder), from `services.trainer.softlabels`: needed when
+                           training.objective is distribution or sft+distribution
       student_path         local HF model folder (config, tokenizer, weights)
       training             dict of `TrainingConfig` fields (missing ones: the paper's defaults)
       use_ray              True inside Ray Train (set by `run_training`); False/absent: one plain process
@@ -353,16 +389,29 @@ def train_loop_per_worker(config: dict) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise TrainError("the student's tokenizer has neither a pad nor an eos token")
-    rows = read_training_set(config["dataset_path"])
+    objective = str(tcfg.get("objective") or "sft")
+    if objective not in ("sft", "distribution", "sft+distribution"):
+        raise TrainError(f"unknown training.objective {objective!r}")
+    weight = float(tcfg.get("distribution_weight", 0.5)) if objective == "sft+distribution" else \
+        (1.0 if objective == "distribution" else 0.0)
+    if objective == "sft+distribution" and not 0.0 < weight < 1.0:
+        raise TrainError(f"training.distribution_weight must be strictly between 0 and 1, got {weight}")
+    soft, soft_skipped = [], 0  # the distribution objective's rows (services.trainer.distill.encode_soft_label)
+    if objective != "sft":
+        soft, soft_skipped = _encode_soft_labels(tokenizer, config.get("soft_labels_path"), int(tcfg["max_seq_len"]))
     examples, skipped = [], 0
-    for row in rows:
-        ex = encode_example(tokenizer, row["messages"], row["target"], int(tcfg["max_seq_len"]))
-        if ex is None:
-            skipped += 1
-        else:
-            examples.append(ex)
-    if not examples:
-        raise TrainError(f"every prompt is longer than max_seq_len={tcfg['max_seq_len']}")
+    if objective != "distribution":
+        rows = read_training_set(config["dataset_path"])
+        for row in rows:
+            ex = encode_example(tokenizer, row["messages"], row["target"], int(tcfg["max_seq_len"]))
+            if ex is None:
+                skipped += 1
+            else:
+                examples.append(ex)
+        if not examples:
+            raise TrainError(f"every prompt is longer than max_seq_len={tcfg['max_seq_len']}")
+    else:  # the loop's unit is a scenario's soft label
+        examples, skipped = soft, soft_skipped
 
     # 4. Batch geometry: effective batch = per_device x grad_accum x world.
     per_device = int(tcfg["per_device_batch_size"])
@@ -376,6 +425,22 @@ def train_loop_per_worker(config: dict) -> dict:
     if config.get("max_steps"):
         total_steps = min(total_steps, int(config["max_steps"]))
     pad_multiple = int(config.get("pad_to_multiple") or (8 if on_gpu else 1))
+    # sft+distribution: each optimizer step also takes the next `soft_per_step` soft labels of this rank, from an
+    # endless sequence of seeded shuffles (a function of the step alone, so a resumed run continues it exactly).
+    soft_sampler, soft_per_step = None, 0
+    if objective == "sft+distribution":
+        soft_sampler = torch.utils.data.DistributedSampler(
+            range(len(soft)), num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed + 1, drop_last=False)
+        soft_per_step = min(len(soft_sampler),
+                            math.ceil(min(len(soft), int(tcfg["effective_batch_size"])) / dist.world))
+
+    def soft_batches(at_step: int) -> list[list[dict]]:
+        n = len(soft_sampler)
+        picked = []
+        for pos in range(at_step * soft_per_step, (at_step + 1) * soft_per_step):
+            soft_sampler.set_epoch(pos // n)
+            picked.append(soft[list(soft_sampler)[pos % n]])
+        return [picked[i : i + per_device] for i in range(0, len(picked), per_device)]
 
     # 5. Model: base weights frozen (bf16 on GPU, fp32 on CPU), LoRA adapters in fp32.
     base_dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -437,10 +502,14 @@ def train_loop_per_worker(config: dict) -> dict:
         "examples_too_long": skipped, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
         "trainable_params": n_trainable, "total_params": n_total, "device": device.type,
         "base_dtype": str(base_dtype).removeprefix("torch."), "seed": seed,
+        "soft_labels": len(soft), "soft_labels_too_long": soft_skipped,
     }
     log.params(run_params)
     if dist.rank == 0:
-        print(f"[train] {len(examples)} examples ({skipped} too long), world {dist.world}, grad_accum {grad_accum}, "
+        print(f"[train] objective {objective}"
+              + (f" (distribution weight {weight:g})" if objective == "sft+distribution" else "")
+              + (f", {len(soft)} soft labels" if soft else "") + ", "
+              f"{len(examples)} examples ({skipped} too long), world {dist.world}, grad_accum {grad_accum}, "
               f"{total_steps} steps, trainable {n_trainable:,} / {n_total:,}, resume at step {step}, "
               f"setup {time.perf_counter() - t_setup:.1f}s", flush=True)
 
@@ -465,14 +534,28 @@ def train_loop_per_worker(config: dict) -> dict:
         order = list(sampler)
         batches = [order[i : i + per_device] for i in range(0, len(order), per_device)]
         while micro_done < len(batches) and step < total_steps:
-            group = [collate([examples[j] for j in b], pad_id, pad_multiple)
-                     for b in batches[micro_done : micro_done + grad_accum]]
+            units = batches[micro_done : micro_done + grad_accum]
+            if objective == "distribution":
+                group, soft_group = [], [[examples[j] for j in b] for b in units]
+            else:
+                group = [collate([examples[j] for j in b], pad_id, pad_multiple) for b in units]
+                soft_group = soft_batches(step) if objective == "sft+distribution" else []
             counts = torch.tensor(
                 [sum(int((g["labels"][:, 1:] != IGNORE_INDEX).sum()) for g in group),
-                 sum(int(g["attention_mask"].sum()) for g in group)], dtype=torch.float64, device=device)
+                 sum(int(g["attention_mask"].sum()) for g in group), sum(len(b) for b in soft_group)],
+                dtype=torch.float64, device=device)
             counts = dist.all_reduce_sum(counts)
-            n_target, n_tokens = max(1.0, counts[0].item()), counts[1].item()
+            n_target, n_tokens, n_soft = max(1.0, counts[0].item()), counts[1].item(), max(1.0, counts[2].item())
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            kl_total = torch.zeros((), dtype=torch.float64, device=device)
+            n_passes = len(group) + len(soft_group)
+            for k, soft_rows in enumerate(soft_group):  # the distribution objective's micro-batches
+                sync = (len(group) + k == n_passes - 1) or not ddp
+                with (model.no_sync() if not sync else contextlib.nullcontext()):
+                    kl, soft_tokens = _distill_kl_sum(model, soft_rows, pad_id, device, autocast)
+                    (kl * (weight * dist.world / n_soft)).backward()
+                kl_total += kl.detach().double()
+                n_tokens += soft_tokens  # this rank's; the SFT count above is global (logged tokens/s: approximate)
             for k, g in enumerate(group):
                 g = {key: v.to(device, non_blocking=True) for key, v in g.items()}
                 sync = (k == len(group) - 1) or not ddp
@@ -492,7 +575,7 @@ def train_loop_per_worker(config: dict) -> dict:
                         ignore_index=IGNORE_INDEX, reduction="sum",
                     )
                     # DDP averages gradients over ranks; x world makes the result sum / global target tokens.
-                    (loss * (dist.world / n_target)).backward()
+                    (loss * ((1.0 - weight) * dist.world / n_target)).backward()
                 loss_sum += loss.detach().double()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, float(tcfg["max_grad_norm"]))
             optimizer.step()
@@ -506,9 +589,10 @@ def train_loop_per_worker(config: dict) -> dict:
 
             if step % log_every == 0 or step == total_steps or epoch_done:
                 due = float(dist.rank == 0 and time.perf_counter() - last_report_t >= report_every_s)
-                summed = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(due, dtype=torch.float64,
-                                                                                  device=device)])).tolist()
-                global_loss, report_due = summed[0] / n_target, summed[1] > 0
+                summed = dist.all_reduce_sum(torch.stack([loss_sum, kl_total, torch.tensor(
+                    due, dtype=torch.float64, device=device)])).tolist()
+                loss_sft, loss_dist, report_due = summed[0] / n_target, summed[1] / n_soft, summed[2] > 0
+                global_loss = (1.0 - weight) * loss_sft + weight * loss_dist
                 if on_gpu:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - window_t0
@@ -517,8 +601,10 @@ def train_loop_per_worker(config: dict) -> dict:
                     "tokens_per_s": window_tokens / dt if dt > 0 else 0.0, "step": step,
                     "epoch": epoch + micro_done / len(batches),
                 }
+                if objective != "sft":  # the parts: next-token cross-entropy, KL(teacher || student) per scenario
+                    last |= {"loss_distribution": loss_dist, **({"loss_sft": loss_sft} if group else {})}
                 history.append({"step": step, "loss": global_loss, "tokens_per_s": last["tokens_per_s"],
-                                "window_s": dt})
+                                "window_s": dt, **({"loss_distribution": loss_dist} if objective != "sft" else {})})
                 log.metrics({k: v for k, v in last.items() if k != "step"}, step)
                 window_tokens, window_t0 = 0, time.perf_counter()
                 reports_anyway = (ckpt_every and step % ckpt_every == 0) or epoch_done or step == total_steps
@@ -553,7 +639,8 @@ def train_loop_per_worker(config: dict) -> dict:
         last = {"loss": history[-1]["loss"], "step": step}
     # 10. The end: checksums from every rank, the adapter in PEFT format, probe logits, MLflow.
     checksums = dist.all_gather_object(adapter_checksum(peft_model))
-    result = {**last, "start_step": start_step, "total_steps": total_steps, "adapter_checksums": checksums,
+    result = {**last, "objective": objective, "start_step": start_step, "total_steps": total_steps,
+              "adapter_checksums": checksums,
               "adapters_identical": len(set(checksums)) == 1, "examples": len(examples),
               "loss_first": history[0]["loss"] if history else None,
               "loss_last": history[-1]["loss"] if history else None, "trainable_params": n_trainable,
@@ -675,22 +762,30 @@ def _resolve_student(name_or_path: str | Path) -> Path:
     return Path(resolve_model(str(name_or_path)))
 
 
-def preflight(dataset_path: str | Path, student_path: str | Path, max_seq_len: int) -> dict:
+def preflight(dataset_path: str | Path, student_path: str | Path, max_seq_len: int, *, objective: str = "sft",
+              soft_labels_path: str | Path | None = None) -> dict:
     """Checks on the driver, before any worker starts: the training set reads, the student's tokenizer has a
-    chat template that renders prompt-as-prefix, and some examples fit `max_seq_len`. Raises TrainError."""
+    chat template that renders prompt-as-prefix, and some examples fit `max_seq_len`; for the distribution
+    objectives, the soft-label set reads, is not empty and every action string tokenizes to something distinct
+    with the student's tokenizer. Raises TrainError (a UserError: one line, exit 2)."""
     import transformers
 
     from services.trainer.dataset import read_training_set
 
-    rows = read_training_set(dataset_path)
+    rows = read_training_set(dataset_path) if objective != "distribution" else []
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(student_path))
     except (OSError, ValueError) as err:
         raise TrainError(f"cannot load the student's tokenizer from {student_path}: {err}") from None
-    encoded = [encode_example(tokenizer, r["messages"], r["target"], max_seq_len) for r in rows[:8]]
-    if all(e is None for e in encoded):
-        raise TrainError(f"prompts are longer than training.max_seq_len={max_seq_len}; raise it")
-    return {"examples": len(rows)}
+    if rows:
+        encoded = [encode_example(tokenizer, r["messages"], r["target"], max_seq_len) for r in rows[:8]]
+        if all(e is None for e in encoded):
+            raise TrainError(f"prompts are longer than training.max_seq_len={max_seq_len}; raise it")
+    out = {"examples": len(rows)}
+    if objective != "sft":
+        soft, _ = _encode_soft_labels(tokenizer, soft_labels_path, max_seq_len)
+        out["soft_labels"] = len(soft)
+    return out
 
 
 def train_dir(cfg, dataset_path: str | Path, *, placebo: bool = False) -> Path:
@@ -739,6 +834,7 @@ def run_training(
     extra_loop_config: dict | None = None,
     ray_init_kwargs: dict | None = None,
     placebo: bool = False,
+    soft_labels_path: str | Path | None = None,
 ) -> dict:
     """Train `cfg.training` on Ray Train (`TorchTrainer`) and return the result dict.
 
@@ -748,7 +844,8 @@ def run_training(
     restarts the worker group up to `training.max_failures` times, resuming from the latest checkpoint.
     MLflow: logs to `run_id`, else to the run recorded by an earlier attempt, else to a new run in
     `cfg.mlflow.experiment`. The final adapter is copied to `train_dir(cfg, dataset)/adapter`. `placebo`: the
-    dataset is the placebo set and the adapter the placebo control (its own folder key)."""
+    dataset is the placebo set and the adapter the placebo control (its own folder key). `soft_labels_path`: the
+    soft-label set of `training.objective` distribution / sft+distribution (the placebo's: its permuted set)."""
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -758,9 +855,10 @@ def run_training(
     out_dir = train_dir(cfg, dataset_path, placebo=placebo)
     storage = out_dir / "ray"
     name = f"{cfg.name}-train"
-    out_dir.mkdir(parents=True, exist_ok=True)
     student = _resolve_student(student_path).resolve()
-    preflight(dataset_path, student, t.max_seq_len)
+    soft_labels_path = str(Path(soft_labels_path).resolve()) if soft_labels_path else None
+    preflight(dataset_path, student, t.max_seq_len, objective=t.objective, soft_labels_path=soft_labels_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     if tracking_uri:
         from mlflow.tracking import MlflowClient
@@ -772,6 +870,7 @@ def run_training(
 
     loop_config = {
         "dataset_path": str(dataset_path),
+        "soft_labels_path": soft_labels_path,
         "student_path": str(student),
         "training": t.model_dump(mode="json"),
         "use_ray": True,
