@@ -8,6 +8,12 @@ Features
   system + user turns with the generation prompt, target = the assistant turn as the template renders it
   (end-of-turn token included). Loss on assistant tokens only (prompt tokens are labelled -100).
   Templates that reject a system turn get it merged into the user turn.
+- Objectives (`training.objective`): `sft` (the above, the paper's), `distribution` (forward KL from the teacher's
+  per-scenario choice distribution, the soft-label set, to the student's softmax over the action strings'
+  log-likelihoods: `services.trainer.distill`; the loop's unit is then a scenario), `sft+distribution`
+  ((1 - w) x sft + w x distribution; each optimizer step also takes the next soft labels of a seeded endless
+  shuffle, a function of the step, so resume stays exact). Loss metrics `loss_sft` / `loss_distribution` beside
+  `loss`.
 - peft LoRA with the paper's defaults from `TrainingConfig.lora` (r=8, alpha=16, dropout 0, q_proj/v_proj),
   AdamW (fused on GPU), lr 5e-5 with a cosine (or linear/constant) schedule and optional warmup,
   gradient clipping, fractional epochs.
