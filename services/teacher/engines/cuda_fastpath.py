@@ -19,6 +19,8 @@ suffix, the Triton kernel without compile (0.93 s) or compile without it (0.73 s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from services.teacher.engines.decoding import (
@@ -34,6 +36,17 @@ from services.teacher.engines.decoding import (
 _TRITON_OP: list = []
 # the fastest of a sweep of 48 (block, warps, stages) configurations on the H200 (benchmarks/RESULTS.md)
 _TRITON_CFG = {"BLOCK_S": 32, "num_warps": 1, "num_stages": 2}
+# rows moved by `select` go through a temporary of at most this many bytes per copy (all layers at once when it fits)
+_MOVE_CHUNK_BYTES = 256 * 2**20
+
+
+@dataclass
+class _PackedPrefix(Prefix):
+    """A `Prefix` whose per-layer K/V are views into one tensor, `packed` (2, layers, Hkv, bucket, D): a pooled
+    graph shape takes such a prompt in with ONE copy kernel instead of two per layer (64 launches from Python
+    for a 32-layer model, at every `start` and every `select` to a new shape of an exact-mode expansion)."""
+
+    packed: torch.Tensor | None = None
 
 
 def _attn_lse(q, k, v, mask):
@@ -221,8 +234,7 @@ class CudaGraphDecoder(SharedPrefixDecoder):
 
     def whole_prompt(self, ids: list[int]) -> bool:
         """True where the prompt forward is one captured CUDA graph: splitting it off a cached prefix would not pay."""
-        return (self.graphs and self.fused is not None and self.lm.device.type == "cuda"
-                and 0 < len(ids) <= self.graph_prefill_max)
+        return self.graphs and self.fused is not None and 0 < len(ids) <= self.graph_prefill_max
 
     def _prefill_static(self, pg: "_PrefillGraph") -> torch.Tensor:
         """The prompt forward in static form: `pg.tokens` (bucket,) padded at the end (causal attention, so real
@@ -268,8 +280,9 @@ class CudaGraphDecoder(SharedPrefixDecoder):
             pg = _PrefillGraph()
             pg.tokens = torch.zeros(Lb, dtype=torch.long, device=dev)
             pg.last = torch.zeros(1, dtype=torch.long, device=dev)
-            pg.kv = [(torch.zeros((self.n_kv, Lb, self.head_dim), dtype=dt, device=dev),
-                      torch.zeros((self.n_kv, Lb, self.head_dim), dtype=dt, device=dev)) for _ in self.lm.model.layers]
+            n = len(self.lm.model.layers)
+            pg.kv_all = torch.zeros((2, n, self.n_kv, Lb, self.head_dim), dtype=dt, device=dev)
+            pg.kv = [(pg.kv_all[0, i], pg.kv_all[1, i]) for i in range(n)]
             pg.graph = pg.out = None
             self._prefill_pool[Lb] = pg
         else:
@@ -280,6 +293,13 @@ class CudaGraphDecoder(SharedPrefixDecoder):
 
     def _graph_prefill(self, ids: list[int]) -> Prefix:
         pg = self._prefill_buffers(ids)
+        out = self._replay_prefill(pg)
+        L = len(ids)
+        return _PackedPrefix(length=L, logits=out.clone(), kv=[(k[:, :L], v[:, :L]) for k, v in pg.kv],
+                             packed=pg.kv_all)
+
+    def _replay_prefill(self, pg: "_PrefillGraph") -> torch.Tensor:
+        """Replay the bucket's prompt-forward graph (captured on first use); returns its logits buffer."""
         if pg.graph is None:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
@@ -292,12 +312,11 @@ class CudaGraphDecoder(SharedPrefixDecoder):
                 pg.out = self._prefill_static(pg)
             pg.graph = graph
         pg.graph.replay()
-        L = len(ids)
-        return Prefix(length=L, logits=pg.out.clone(), kv=[(k[:, :L], v[:, :L]) for k, v in pg.kv])
+        return pg.out
 
     def start(self, prefix: Prefix, rows: int, capacity: int, graph: bool = True) -> State:
         """`graph=False`: never a CUDA graph for this batch (short or irregular work such as exact mode)."""
-        if graph and self.graphs and self.lm.device.type == "cuda":
+        if graph and self.graphs:  # `graphs` only on CUDA
             g = self._pooled(rows, capacity, prefix)
             return State(prefix=g.prefix, rows=rows, capacity=capacity, ks=g.ks, vs=g.vs, graph=g)
         return super().start(prefix, rows, capacity)
@@ -312,26 +331,35 @@ class CudaGraphDecoder(SharedPrefixDecoder):
         if g is None:
             while len(self._pool) >= self.pool_size:  # bound the memory held by idle shapes
                 self._pool.pop(next(iter(self._pool)))
-            shape = self._suffix_shape(rows, capacity)
+            n, dt, dev = len(prefix.kv), k0.dtype, k0.device
             g = _Graph()
-            g.ks = [torch.zeros(shape, dtype=k0.dtype, device=k0.device) for _ in prefix.kv]
-            g.vs = [torch.zeros(shape, dtype=k0.dtype, device=k0.device) for _ in prefix.kv]
-            pshape = (self.n_kv, Lb, self.head_dim)  # zero padding: finite, and masked out
-            g.prefix = Prefix(length=L, logits=prefix.logits,
-                              kv=[(torch.zeros(pshape, dtype=k0.dtype, device=k0.device),
-                                   torch.zeros(pshape, dtype=k0.dtype, device=k0.device)) for _ in prefix.kv])
-            g.tokens = torch.zeros(rows, dtype=torch.long, device=k0.device)
-            g.t = torch.zeros(1, dtype=torch.long, device=k0.device)
-            g.plen = torch.zeros(1, dtype=torch.long, device=k0.device)
-            g.pmask = torch.zeros(Lb, dtype=torch.bool, device=k0.device)
+            # all layers' suffix keys in one tensor (layers, rows, Hkv, cap, D), their values in another (two, so
+            # that the K and V a compiled layer writes never share storage), the prompt's K/V in a third (2, layers,
+            # Hkv, bucket, D; zero padding: finite, and masked out): `select` and a prompt copy are then a few
+            # kernels, not two per layer; the per-layer lists are views
+            g.k_all = torch.zeros((n, *self._suffix_shape(rows, capacity)), dtype=dt, device=dev)
+            g.v_all = torch.zeros_like(g.k_all)
+            g.ks = [g.k_all[i] for i in range(n)]
+            g.vs = [g.v_all[i] for i in range(n)]
+            g.pkv = torch.zeros((2, n, self.n_kv, Lb, self.head_dim), dtype=dt, device=dev)
+            g.prefix = _PackedPrefix(length=L, logits=prefix.logits, packed=g.pkv,
+                                     kv=[(g.pkv[0, i], g.pkv[1, i]) for i in range(n)])
+            g.tokens = torch.zeros(rows, dtype=torch.long, device=dev)
+            g.t = torch.zeros(1, dtype=torch.long, device=dev)
+            g.plen = torch.zeros(1, dtype=torch.long, device=dev)
+            g.pmask = torch.zeros(Lb, dtype=torch.bool, device=dev)
             g.graphs = {}
             self._pool[key] = g
         else:
             self._pool[key] = self._pool.pop(key)  # most recently used last
         if prefix is not g.prefix:
-            for (sk, sv), (k, v) in zip(g.prefix.kv, prefix.kv):
-                sk[:, :L].copy_(k[:, :L])
-                sv[:, :L].copy_(v[:, :L])
+            src = getattr(prefix, "packed", None)
+            if src is not None and src.shape[:3] == g.pkv.shape[:3] and src.shape[3] >= L and src.dtype == g.pkv.dtype:
+                g.pkv[:, :, :, :L].copy_(src[:, :, :, :L])  # one kernel for all layers
+            else:
+                for (sk, sv), (k, v) in zip(g.prefix.kv, prefix.kv):
+                    sk[:, :L].copy_(k[:, :L])
+                    sv[:, :L].copy_(v[:, :L])
             g.prefix.length, g.prefix.logits = L, prefix.logits
         g.plen.fill_(L)
         g.pmask.copy_(torch.arange(Lb, device=k0.device) < L)
@@ -345,8 +373,8 @@ class CudaGraphDecoder(SharedPrefixDecoder):
         rows = int(index.numel())
         g = self._pooled(rows, state.capacity, state.prefix)  # move into the pooled buffers of the new shape
         if t:
-            for dst, src in zip(g.ks + g.vs, state.ks + state.vs):
-                dst.narrow(2, 0, t).copy_(src.narrow(2, 0, t).index_select(0, index))
+            _move_rows(state.graph.k_all, g.k_all, index, t)
+            _move_rows(state.graph.v_all, g.v_all, index, t)
         state.ks, state.vs, state.prefix, state.graph = g.ks, g.vs, g.prefix, g
         state.rows = rows
 
@@ -373,7 +401,7 @@ class CudaGraphDecoder(SharedPrefixDecoder):
                            jmask, Hkv * G, Hkv, G, D, self.scaling, used)
 
     def _step_logits(self, state: State, tokens: torch.Tensor, borrow: bool) -> torch.Tensor:
-        if state.graph is not None and tokens.is_cuda:
+        if state.graph is not None:  # pooled buffers (`start` with graphs)
             return self._graph_step(state, tokens, borrow)
         return super()._step_logits(state, tokens, borrow)
 
@@ -385,6 +413,12 @@ class CudaGraphDecoder(SharedPrefixDecoder):
         b = max(1, self.span_bucket)
         # with the Triton suffix kernel the length lives on the device: one graph for all steps
         span = state.capacity if self.triton_suffix else min(state.capacity, -(-(state.t + 1) // b) * b)
+        out = self._replay_step(state, span)
+        return out if borrow else out.clone()
+
+    def _replay_step(self, state: State, span: int) -> torch.Tensor:
+        """Replay the step graph of this shape and span (captured on first use); returns its logits buffer."""
+        g = state.graph
         if span not in g.graphs:
             # warm up on a side stream (required before capture), then capture one static step
             s = torch.cuda.Stream()
@@ -400,7 +434,18 @@ class CudaGraphDecoder(SharedPrefixDecoder):
             g.graphs[span] = (graph, out)
         graph, out = g.graphs[span]
         graph.replay()
-        return out if borrow else out.clone()
+        return out
+
+
+def _move_rows(src: torch.Tensor, dst: torch.Tensor, index: torch.Tensor, t: int) -> None:
+    """dst[:, r, :, :t] = src[:, index[r], :, :t] for (layers, rows, Hkv, cap, D) suffix buffers: one gather and one
+    copy for all layers (in groups of layers where the gathered temporary would pass `_MOVE_CHUNK_BYTES`). `src`
+    and `dst` may be the same buffer (the gather is materialised first)."""
+    per_layer = index.numel() * src.shape[2] * t * src.shape[4] * src.element_size()
+    step = max(1, int(_MOVE_CHUNK_BYTES // max(1, per_layer)))
+    for a in range(0, src.shape[0], step):
+        b = min(src.shape[0], a + step)
+        dst[a:b, :, :, :t].copy_(src[a:b, :, :, :t].index_select(1, index))
 
 
 class _Graph:
@@ -412,8 +457,11 @@ class _Graph:
     prefix: Prefix  # K/V padded to the prompt bucket
     plen: torch.Tensor  # (1,) the prompt's real length
     pmask: torch.Tensor  # (bucket,) True for real prompt positions
-    ks: list
-    vs: list
+    k_all: torch.Tensor  # (layers, rows, Hkv, cap, D): the suffix keys of every layer
+    v_all: torch.Tensor  # the same for the values
+    pkv: torch.Tensor  # (2, layers, Hkv, bucket, D): the padded prompt's K and V (`prefix.packed`)
+    ks: list  # per layer views k_all[i]
+    vs: list  # per layer views v_all[i]
 
 
 class _PrefillGraph:
@@ -421,6 +469,7 @@ class _PrefillGraph:
 
     tokens: torch.Tensor  # (bucket,) prompt ids, zero-padded
     last: torch.Tensor  # (1,) index of the last real position
-    kv: list  # per layer (Hkv, bucket, D) K and V
+    kv_all: torch.Tensor  # (2, layers, Hkv, bucket, D)
+    kv: list  # per layer views (kv_all[0, i], kv_all[1, i])
     graph: object
     out: torch.Tensor | None
