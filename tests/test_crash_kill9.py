@@ -309,7 +309,10 @@ def evaluate_config(path: Path, out: Path, url: str, tracking_uri: str) -> Path:
         # two sampled roles with motivations (random text payloads) and one exact role: both kinds of store
         "evaluate": {"samples": EVAL_N, "request_n": EVAL_BLOCK, "concurrency": EVAL_CONCURRENCY,
                      "estimator": "exact", "protocol": "paper", "teacher_reference": "evaluate", "bootstrap": 200,
-                     "instructions": {"student_base": "answer_motivation"}, "families": ["in_sample", "pgg"]},
+                     "instructions": {"student_base": "answer_motivation"}, "families": ["in_sample", "pgg"],
+                     # the teacher's leading-answer rows are one more exact store like student_finetuned's; off here
+                     # so the kill loop's runs stay the size they were
+                     "teacher_lead": False},
         "mlflow": {"tracking_uri": tracking_uri, "experiment": "crash-tests"},
     }))
     return path
