@@ -316,11 +316,12 @@ def _print_samples_result(path: Path, result, df) -> None:
               else "C / valid answers") + ")", highlight=False)
     if result.scenarios:
         counts = {(r.role, r.scenario_id): r for r in result.rates}
-        t = Table("scenario", "family", "base C/valid/N", "ft C/valid/N", "teacher C/valid/N",
-                  title="cooperation per scenario")
+        shown = [r for r in ("student_base", "student_finetuned", "student_placebo", "teacher") if r in result.roles]
+        short = {"student_base": "base", "student_finetuned": "ft", "student_placebo": "placebo", "teacher": "teacher"}
+        t = Table("scenario", "family", *[f"{short[r]} C/valid/N" for r in shown], title="cooperation per scenario")
         for s in result.scenarios:
             cells = []
-            for role in ("student_base", "student_finetuned", "teacher"):
+            for role in shown:
                 r = counts.get((role, s.id))
                 cells.append(f"{r.cooperate}/{r.valid}/{r.n}" if r is not None else "-")
             t.add_row(s.id, s.family, *cells)

@@ -33,7 +33,8 @@ import numpy as np
 from services.evaluator.metrics import ROLES, EvaluationResult
 
 DPI = 120
-ROLE_COLORS = {"teacher": "#1f4e79", "student_base": "#e08214", "student_finetuned": "#2e8b57"}
+ROLE_COLORS = {"teacher": "#1f4e79", "student_base": "#e08214", "student_finetuned": "#2e8b57",
+               "student_placebo": "#9e9e9e"}
 ROLE_LABELS = {"teacher": "teacher", "student_base": "student (base)", "student_finetuned": "student (fine-tuned)",
                "student_placebo": "student (placebo)"}
 FAMILY_TITLES = {
@@ -144,7 +145,7 @@ def fig_pgg(result: EvaluationResult, path: str | Path, scenario_id: str = "pgg"
     p = result.pgg.get(scenario_id)
     if p is None:
         return None
-    roles = [r for r in ("student_base", "student_finetuned", "teacher") if r in p.roles
+    roles = [r for r in ("student_base", "student_finetuned", "student_placebo", "teacher") if r in p.roles
              and p.roles[r].get("mean") is not None]
     if not roles:
         return None
@@ -381,7 +382,8 @@ def write_tables(result: EvaluationResult, out_dir: str | Path) -> list[Path]:
 
 TRANSFER_SCENARIO_COLUMNS = [
     "scenario_id", "family", "context", "game", "q_teacher", "q_base", "q_ft", "q_placebo", "valid_teacher",
-    "valid_base", "valid_ft", "valid_placebo", "source_teacher", "source_base", "source_ft", "improvement",
+    "valid_base", "valid_ft", "valid_placebo", "source_teacher", "source_base", "source_ft", "source_placebo",
+    "improvement",
     "improvement_format", "improvement_choice"]
 TRANSFER_COLUMNS = [
     "family", "group", "role", "scenarios", "n", "transfer", "transfer_ci_low", "transfer_ci_high", "format_pp",
@@ -406,7 +408,7 @@ def transfer_scenario_rows(result: EvaluationResult) -> list[list]:
                      *[g(r, "rate_conditional") for r in ("teacher", "student_base", "student_finetuned",
                                                            "student_placebo")],
                      *[g(r, "valid_share") for r in ("teacher", "student_base", "student_finetuned", "student_placebo")],
-                     *[g(r, "source") for r in ("teacher", "student_base", "student_finetuned")],
+                     *[g(r, "source") for r in ("teacher", "student_base", "student_finetuned", "student_placebo")],
                      s.improvement if s else None, s.improvement_format if s else None,
                      s.improvement_choice if s else None])
     return rows
