@@ -130,6 +130,7 @@ def part_vllm(args, results: dict) -> None:
               "compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 256, 320]}}
     if args.eager:
         kwargs["enforce_eager"] = True
+    kwargs.update(json.loads(args.engine_kwargs))
     spec = SimpleNamespace(model="llama2-7b-random", engine="vllm", device="cuda", dtype="bfloat16",
                            max_batch_size=args.samples, num_cpus=1.0, vllm_engine_kwargs=kwargs)
     results["engine_kwargs"] = kwargs
@@ -209,6 +210,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="transformers part: engine,engine_compiled")
     ap.add_argument("--max-num-seqs", type=int, default=320, help="vLLM: the engine default caps at 256")
     ap.add_argument("--eager", action="store_true", help="vLLM: enforce_eager (no compile, no CUDA graphs)")
+    ap.add_argument("--engine-kwargs", default="{}", help="vLLM: JSON merged over the engine kwargs")
     ap.add_argument("--device", default="cuda", help="transformers part: cpu for a smoke run of the script")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

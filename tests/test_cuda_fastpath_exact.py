@@ -93,6 +93,8 @@ def engine(layers: int):
 def exact_call(eng, dec=None):
     if dec is not None:
         eng.decoder, eng.graphs = dec, True
+        if getattr(eng, "_tiled", None) is not None:  # a CPU-only batched step bound to the engine's own decoder
+            eng._tiled = None
     ids = list(range(10, 60))
     return eng.exact_ids(ids, ExactRequest(messages=(), temperature=0.8))
 

