@@ -80,6 +80,13 @@ def test_mlflow_run_logged(uninterrupted, mlflow_tracking_uri):
     assert run.data.params["teacher_model"] == "tiny-teacher"
     assert run.data.metrics["samples"] == len(SCENARIOS) * N
     assert "invalid_rate.IR_prison" in run.data.metrics
+    # the teacher's cost: every sample's prompt + completion tokens (the endpoint reports them per choice)
+    t = pq.read_table(uninterrupted.samples_path).to_pylist()
+    assert all(r["completion_tokens"] is not None for r in t)
+    m = run.data.metrics
+    assert m["teacher_cost.tokens"] == sum(r["prompt_tokens"] + r["completion_tokens"] for r in t) > 0
+    assert m["teacher_cost.forward_passes"] == sum(1 + r["completion_tokens"] for r in t)
+    assert m["teacher_cost.samples"] == len(SCENARIOS) * N and m["teacher_cost.samples_uncounted"] == 0
     inputs = run.inputs.dataset_inputs
     assert inputs and inputs[0].dataset.digest == uninterrupted.dataset.mlflow_digest
     arts = {f.path for f in client.list_artifacts(run.info.run_id, "dataset")}

@@ -119,6 +119,8 @@ def test_chat_completions_with_the_openai_client(app):
     b = app.client.chat.completions.create(**kw)
     assert len(a.choices) == 4 and [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
     assert a.usage.completion_tokens > 0 and a.usage.prompt_tokens > 10
+    # each choice's own token count (an extension; the teacher-cost metrics sum it)
+    assert sum(c.model_extra["completion_tokens"] for c in a.choices) == a.usage.completion_tokens
     assert all(c.finish_reason in ("stop", "length") for c in a.choices)
     lp = app.client.chat.completions.create(model="teacher", messages=MSG, n=2, max_tokens=4, seed=1, logprobs=True,
                                             top_logprobs=3, temperature=0.5)

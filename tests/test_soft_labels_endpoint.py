@@ -55,6 +55,18 @@ def test_soft_label_set_from_a_served_teacher(llm_endpoint, tmp_path):
         else:
             assert json.loads(r.actions) == [str(a) for a in range(11)]
     assert [x["scenario_id"] for x in read_soft_labels(soft)] == sorted(df["scenario_id"])
+    # the teacher's cost: the generate stage's samples + one exact call (one prompt) per scenario
+    from services.pipeline.stages import teacher_cost
+
+    cost = teacher_cost(cfg)
+    raw = [json.loads(x) for x in exact["raw"]]
+    assert cost["teacher_cost.soft_labels.calls"] == len(SCENARIOS)
+    assert cost["teacher_cost.soft_labels.tokens"] == sum(x["prompt_tokens"] for x in raw) > 0
+    assert cost["teacher_cost.soft_labels.forward_passes"] == sum(x["forward_passes"] for x in raw) >= len(SCENARIOS)
+    assert cost["teacher_cost.generate.samples"] == 4 * len(SCENARIOS)
+    assert cost["teacher_cost.tokens"] == cost["teacher_cost.generate.tokens"] + cost["teacher_cost.soft_labels.tokens"]
+    assert cost["teacher_cost.forward_passes"] == \
+        cost["teacher_cost.generate.forward_passes"] + cost["teacher_cost.soft_labels.forward_passes"]
     # built once: a second call with the same inputs reuses it (no server needed)
     mtime = soft.stat().st_mtime_ns
     assert soft_label_set(cfg) == soft and soft.stat().st_mtime_ns == mtime

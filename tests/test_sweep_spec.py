@@ -91,3 +91,27 @@ def test_placebo_is_a_grid_key(tmp_path, base_placebo):
         "evaluate": {"roles": ["teacher", "student_base", "student_finetuned", "student_placebo"]}}))
     with pytest.raises(ConfigError, match="student_placebo needs training.placebo"):
         load_sweep(tmp_path / "s.yaml")
+
+
+def test_objectives_sweep_expands_into_its_cells():
+    """configs/sweep-objectives.yaml (issue 22 item 2): sft / distribution / sft+distribution x k = 1, 4, 16, 64
+    teacher samples per scenario, 12 cells, each with its placebo control and evaluated on all four families (the
+    transfer families: in-sample, new contexts, doubled payoffs, the public-goods game); everything else the demo."""
+    from shared.config import load_config
+
+    spec, cells = load_sweep("configs/sweep-objectives.yaml")
+    demo = load_config("configs/demo.yaml")
+    assert spec.name == "sweep-objectives" and spec.max_concurrent == 1
+    grid = {(c.config.training.objective, c.config.generate.samples) for c in cells}
+    assert len(cells) == 12 and grid == {(o, k) for o in ("sft", "distribution", "sft+distribution")
+                                         for k in (1, 4, 16, 64)}
+    assert len({c.id for c in cells}) == 12 and len({c.config.training.adapter_name for c in cells}) == 12
+    for c in cells:
+        cfg = c.config
+        assert set(c.overrides) == {"training.objective", "generate.samples"}
+        assert cfg.training.placebo and "student_placebo" in cfg.evaluate.roles
+        assert cfg.evaluate.families == ["in_sample", "oos_context", "oos_game", "pgg"]
+        assert cfg.generate.families == ["in_sample"] and cfg.generate.instruction == "answer_motivation"
+        assert cfg.models == demo.models and cfg.sampling == demo.sampling
+        assert cfg.evaluate.estimator == "exact" and cfg.evaluate.protocol == "paper"
+        assert str(cfg.output_dir).endswith("sweep-objectives") and cfg.name.startswith("sweep-objectives-")

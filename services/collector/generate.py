@@ -17,7 +17,8 @@ most the requests in flight. Seeds are per (scenario, block of samples), so a re
 an uninterrupted run's (given a server deterministic in (seed, n), which the project's engines are).
 
 With `mlflow.tracking_uri` set, one MLflow run (`<name>-generate`, nested under an active run if any) gets
-the settings as params, counts and per-scenario C-rates as metrics, the training set as an MLflow dataset
+the settings as params, counts, per-scenario C-rates and the teacher's cost (`teacher_cost.tokens`,
+`teacher_cost.forward_passes`, ...: services.collector.cost) as metrics, the training set as an MLflow dataset
 input (name, digest, schema) and the card, exports and raw samples as artifacts.
 """
 
@@ -158,7 +159,20 @@ def log_generate_to_mlflow(cfg: ExperimentConfig, result: GenerateResult, settin
             if s["mean_contribution"] is not None:
                 metrics[f"mean_contribution.{s['scenario_id']}"] = s["mean_contribution"]
             metrics[f"invalid_rate.{s['scenario_id']}"] = s["invalid_rate"]
+        metrics |= teacher_cost_metrics(result.samples_path)
         mlflow.log_metrics(metrics)
         log_dataset_to_mlflow(ex, run_id=run.info.run_id)
         mlflow.log_artifact(str(result.samples_path), "samples")
         return run.info.run_id
+
+
+def teacher_cost_metrics(samples_path: str | Path, prefix: str = "teacher_cost") -> dict[str, float]:
+    """`<prefix>.tokens`, `.forward_passes`, ... of the teacher's samples in `samples_path`
+    (services.collector.cost)."""
+    import pyarrow.parquet as pq
+
+    from services.collector.cost import metrics, samples_cost
+
+    table = pq.read_table(samples_path, columns=["role", "prompt_tokens", "completion_tokens"])
+    rows = [r for r in table.to_pylist() if r["role"] == "teacher"]
+    return metrics(samples_cost(rows), prefix)

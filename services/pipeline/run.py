@@ -82,6 +82,7 @@ def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None,
             t = time.perf_counter()
             stages.soft_label_set(cfg, ctx)
             timings["soft_labels_s"] = time.perf_counter() - t
+        mlflow.log_metrics(stages.teacher_cost(cfg))  # tokens / forward passes asked of the teacher, for sweeps
         t = time.perf_counter()
         from services.trainer.train import worker_resources
 

@@ -229,7 +229,41 @@ def _build_soft_labels(cfg: ExperimentConfig, ctx: Context, out: Path) -> Path:
         f"sha256 {ex.content_hash[:12]}" + (f"; no valid answer, left out: {', '.join(dropped)}" if dropped else ""))
     if ctx.tracking_uri and ctx.parent_run_id:
         log_soft_labels_to_mlflow(ex, run_id=ctx.parent_run_id, tracking_uri=ctx.tracking_uri)
+        _log_metrics(ctx, {k: v for k, v in teacher_cost(cfg, generate=False).items()
+                           if k.startswith("teacher_cost.soft_labels.")})  # the sums: run_stages, with generate's
     return ex.parquet
+
+
+def teacher_cost(cfg: ExperimentConfig, *, generate: bool = True) -> dict[str, float]:
+    """What this config's stages asked of the teacher so far, from their files (`services.collector.cost`):
+    `teacher_cost.generate.*` (the generate stage's samples), `teacher_cost.soft_labels.*` (the soft-label set's
+    exact calls, objectives other than sft) and their sums `teacher_cost.tokens` / `teacher_cost.forward_passes`
+    (a part not built yet counts 0; `generate=False` leaves the samples out)."""
+    from services.collector.cost import exact_cost, metrics
+    from services.collector.generate import generate_dir, teacher_cost_metrics
+    from services.collector.store import ExactStore
+    from shared.samples import LEAD_PART
+
+    out: dict[str, float] = {}
+    samples = generate_dir(cfg) / "samples" / "samples.parquet"
+    if generate and samples.is_file():
+        out |= teacher_cost_metrics(samples, "teacher_cost.generate")
+    exact = soft_label_dir(cfg) / "exact"
+    if cfg.training.objective != "sft" and not cfg.training.soft_labels and exact.is_dir():
+        out |= metrics(exact_cost(ExactStore(exact, part=LEAD_PART).read(["raw"]).to_pylist()),
+                       "teacher_cost.soft_labels")
+    for k in ("tokens", "forward_passes"):
+        out[f"teacher_cost.{k}"] = sum(out.get(f"teacher_cost.{part}.{k}", 0.0)
+                                       for part in ("generate", "soft_labels"))
+    return out
+
+
+def _log_metrics(ctx: Context, values: dict[str, float]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(ctx.tracking_uri)
+    for k, v in values.items():
+        client.log_metric(ctx.parent_run_id, k, v)
 
 
 def placebo_soft_label_set(cfg: ExperimentConfig, soft_labels: str | Path) -> Path:

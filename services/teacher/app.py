@@ -20,7 +20,8 @@ HTTP API (base URL `http://<serving.host>:<serving.port>/v1`; errors are OpenAI-
   `chat.completion.chunk` events, then `data: [DONE]`; the completion is generated whole first and then
   sent in word-sized chunks). Extensions: `ignore_eos`, `stop_at_answer` ("choice" | "contribution", end
   each sample once its leading answer is decided), `endowment`. The response carries the usual
-  `choices`/`usage`. Unsupported OpenAI options (`tools`, penalties != 0, ...) -> 400.
+  `choices`/`usage`, and each choice its own `completion_tokens` (an extension). Unsupported OpenAI options
+  (`tools`, penalties != 0, ...) -> 400.
 - `POST /v1/exact` - exact mode (see services/teacher/exact.py for the definition). Request:
   `{"model": "student:tom", "messages": [...]}` or `{"model": ..., "scenario": "IR_prison",
   "instruction": "answer_only"}` (built with shared.prompts.build_messages from the catalog + config
@@ -799,8 +800,10 @@ class Ingress:
             lp = None
             if c.logprobs is not None:
                 lp = {"content": [asdict(t) for t in c.logprobs], "refusal": None}
+            # completion_tokens per choice: an extension (the usage block has only the request's total); the
+            # collector stores it per sample, the teacher-cost metrics sum it (services/collector/cost.py)
             choices.append({"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-                            "finish_reason": c.finish_reason, "logprobs": lp})
+                            "finish_reason": c.finish_reason, "logprobs": lp, "completion_tokens": c.num_tokens})
         return {
             "id": cid, "object": "chat.completion", "created": created,
             "model": body.model, "system_fingerprint": self.fingerprint, "choices": choices,
