@@ -286,6 +286,107 @@ def test_bad_requests_are_input_errors(llama):
         run(llama.load_adapter("x", "/nonexistent"))
 
 
+# ------------------------------------------------------------------------- batched CPU decode
+def _requests(engine):
+    """Chat requests of different prompts, n, seeds, lengths and stop rules (what a stage sends at once)."""
+    cat = default_catalog().scenarios
+    msgs = [tuple(build_messages(cat[sid])) for sid in ("IR_prison", "biz_staghunt", "team_snowdrift", "pgg")]
+    P = SamplingParams
+    return [
+        ChatRequest(messages=msgs[0], params=P(n=4, temperature=0.8, max_tokens=12, seed=3)),
+        ChatRequest(messages=msgs[1], params=P(n=7, temperature=1.0, max_tokens=9, seed=4, stop=("a", "e"))),
+        ChatRequest(messages=msgs[2], params=P(n=1, temperature=0.0, max_tokens=5, seed=5)),
+        ChatRequest(messages=msgs[3], params=P(n=5, temperature=1.2, max_tokens=14, seed=6, logprobs=True,
+                                               top_logprobs=2)),
+        ChatRequest(messages=MSGS, params=P(n=9, temperature=0.8, max_tokens=7, seed=7, stop_at_answer="choice")),
+        ChatRequest(messages=msgs[0], params=P(n=3, temperature=0.8, max_tokens=12, seed=3)),  # a prefix of the 1st
+    ]
+
+
+def _same(a, b) -> bool:
+    return [(c.text, c.finish_reason, c.num_tokens, c.logprobs) for c in a.choices] == \
+        [(c.text, c.finish_reason, c.num_tokens, c.logprobs) for c in b.choices]
+
+
+def test_batched_requests_equal_each_request_alone(engine):
+    """On the CPU the engine decodes every pending request in one step (`cpu_batch`); a request's samples are the
+    ones it gets alone, whatever it is batched with (bitwise: fixed tiles for the token-wise ops)."""
+    reqs = _requests(engine)
+    alone = [run(engine.chat(r)) for r in reqs]
+
+    async def together():
+        return await asyncio.gather(*[engine.chat(r) for r in reqs])
+
+    batched = run(together())
+    assert all(_same(a, b) for a, b in zip(alone, batched))
+    assert max(b.timings["batched_groups"] for b in batched) > 1  # they really shared steps
+    assert [c.text for c in batched[5].choices] == [c.text for c in batched[0].choices][:3]  # u[i, t] per sample
+    # reversed order, and a chunked request (max_batch_size rows per group) beside them: the same again
+    old = engine.max_batch_size
+    engine.max_batch_size = 3
+    try:
+        chunked = run(_gather(engine, list(reversed(reqs))))[::-1]
+    finally:
+        engine.max_batch_size = old
+    assert all(_same(a, b) for a, b in zip(alone, chunked))
+    assert chunked[1].timings["rows_per_chunk"] == 3
+
+
+async def _gather(engine, reqs):
+    return await asyncio.gather(*[engine.chat(r) for r in reqs])
+
+
+def test_tiled_step_logits_do_not_depend_on_the_batch(engine):
+    """The same group's next-token logits, alone and at another offset of a bigger batch: bitwise equal."""
+    from services.teacher.engines.cpu_batch import TiledStep
+
+    if not isinstance(engine.decoder, SharedPrefixDecoder):
+        pytest.skip("shared-prefix decoder only")
+    ids = engine.prompt(MSGS)[0]
+    dec = engine.decoder
+    with torch.inference_mode():
+        pre = engine._prefill(ids, 0, None)
+        other = engine._prefill(ids[:-3], 0, None)
+        step = TiledStep(dec, tile=8)
+        feed = torch.tensor([5, 9, 11])
+        a = dec.start(pre, 3, 4)
+        alone = [step.step([a], [feed])[0] for _ in range(3)]
+        fillers = [dec.start(other, 5, 4) for _ in range(3)]
+        b = dec.start(pre, 3, 4)
+        batched = [step.step([*fillers, b], [torch.arange(5)] * 3 + [feed])[-1] for _ in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(alone, batched))
+
+
+def test_a_bad_request_fails_alone_in_a_batch(llama):
+    good = ChatRequest(messages=MSGS, params=SamplingParams(n=3, max_tokens=6, seed=1))
+    bad = ChatRequest(messages=MSGS, params=SamplingParams(n=2, max_tokens=10_000_000, seed=1))
+
+    async def both():
+        return await asyncio.gather(llama.chat(good), llama.chat(bad), return_exceptions=True)
+
+    ok, err = run(both())
+    assert isinstance(err, EngineInputError) and len(ok.choices) == 3
+    assert _same(ok, run(llama.chat(good)))
+
+
+def test_bf16_body_with_fp32_head(tmp_path):
+    """`dtype: bfloat16` on the CPU: bf16 weights, fp32 logits (the LM head kept in fp32); batching and the prefix
+    cache stay exact."""
+    path = tiny_model_dir("qwen2", seed=3)
+    e = TransformersEngine(ModelSpec(model=str(path), device="cpu", dtype="bfloat16"))
+    try:
+        assert e.dtype == torch.bfloat16 and e._head_w is not None and e._head_w.dtype == torch.float32
+        reqs = _requests(e)
+        alone = [run(e.chat(r)) for r in reqs]
+        assert all(_same(a, b) for a, b in zip(alone, run(_gather(e, reqs))))
+        x = run(e.exact(ExactRequest(messages=MSGS, temperature=1.0)))
+        e.prefixes.clear()
+        assert run(e.exact(ExactRequest(messages=MSGS, temperature=1.0))).p == x.p
+        assert x.valid_mass + x.invalid_mass + x.unresolved_mass == pytest.approx(1.0, abs=1e-6)
+    finally:
+        run(e.close())
+
+
 # ---------------------------------------------------------------------------------------- adapters
 def test_adapters_change_and_restore(llama, tmp_path):
     req = ExactRequest(messages=MSGS, temperature=1.0)

@@ -9,9 +9,17 @@ knobs are the model's `decoding` section (`DecodingOptions`). Per step: softmax(
 (top_p) filter, then inverse-CDF sampling with uniforms drawn up front from `torch.Generator(seed)` as an
 (n, max_tokens) matrix: sample i at step t always uses u[i, t], so with the same (seed, max_tokens, model) sample
 i is the same whatever n, the batch size, or stop strings. Rows that end (EOS or a stop string) are dropped
-from the batch on CPU once a quarter of them are done. On CUDA, requests without logprobs, stop strings or
-stop_at_answer (T > 0) take `_sample_chunk_device` instead: the same draws, made on the GPU with no host sync per
+from the batch on CPU once a quarter of them are done (`_Group`). On CUDA, requests without logprobs, stop strings
+or stop_at_answer (T > 0) take `_sample_chunk_device` instead: the same draws, made on the GPU with no host sync per
 step, one row per sample, EOS applied at the end (checked every 16 steps for an early stop).
+
+Many requests at once (CPU, shared-prefix decoder): decode there is bound by reading the weights, so the engine
+thread decodes every pending request together (`_Batch`): each request is prefilled when it is taken up, its rows
+join one `cpu_batch.TiledStep` per step beside the rows of all other pending requests (the same adapter), and
+requests that arrive meanwhile join at the next step. The numbers of a request do not depend on its companions
+(fixed row tiles, see `cpu_batch`): the same (seed, n) gives the same samples alone, batched, resumed. With
+`dtype: bfloat16` on the CPU the body runs in bf16 (AMX matrix units: ~3x the fp32 speed on a Sapphire Rapids
+core) and the LM head stays fp32 (`_head_w`), so logits and exact-mode probabilities keep fp32 resolution.
 
 Prompt prefix cache: a prompt with a system turn is always computed in two pieces, the system turn (its K/V
 kept in a per-adapter LRU, `decoding.prefix_cache_mb`, default 256, 0 = off) and the rest, so the 4 games
@@ -27,7 +35,8 @@ from *before* top_p, i.e. log_softmax(logits / T) (T = 0: T = 1), with `top_logp
 
 Adapters: peft LoRA adapters are loaded into one multi-adapter `PeftModel`; a request names one
 (`set_adapter`) or none (`disable_adapter()` context, the base model). All model work runs on one worker
-thread per engine, so switching adapters between requests is safe; requests are served one at a time.
+thread per engine, so switching adapters between requests is safe; a batch holds requests of one adapter, exact
+calls and adapter changes run between batches (a queued one stops new requests from joining a running batch).
 
 Exact mode: see `services.teacher.exact`.
 """
@@ -36,9 +45,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,10 +76,9 @@ from services.teacher.engines.decoding import (
     make_decoder,
     prompt_kv,
 )
+from services.teacher.engines import cpu_batch
 from services.teacher.engines.prefix_cache import PrefixCache
 from services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
-
-
 
 MIN_SPLIT = 16  # a shorter system turn is not worth a cache entry
 
@@ -139,12 +149,31 @@ class TransformersEngine(Engine):
         self._root: RootClassifier | None = None
         self.prefixes = PrefixCache(float(opts.prefix_cache_mb) * 2**20)
         self._system_ids: dict[str, list[int]] = {}
+        # CPU: requests are decoded together (`cpu_batch`); `_jobs` holds the chat requests not yet taken up,
+        # `_others` counts other work (exact calls, adapter changes) waiting for the engine thread
+        self._jobs: list[_Job] = []
+        self._jobs_lock = threading.Lock()
+        self._others = 0
+        self._head_w: torch.Tensor | None = None
+        if self.device.type == "cpu" and self.dtype != torch.float32:
+            # a bf16 body with an fp32 LM head: the logits (sampling, exact mode) keep fp32 precision
+            self._head_w = self.base.get_output_embeddings().weight.detach().float()
+        self._tiled = self._make_tiled()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{self.name}")
         self._pool.submit(self._root_classifier)  # warm the vocabulary table off the request path
 
     # ----------------------------------------------------------------------------------- plumbing
     def _make_decoder(self):
         return make_decoder(self.model, prefer_fast=self.fast, options=self.options)
+
+    def _make_tiled(self) -> "cpu_batch.TiledStep | None":
+        """The batched CPU decode (`cpu_batch`) where it applies: the shared-prefix decoder on the CPU, sampling on
+        the host (not the device loop)."""
+        if self.device.type != "cpu" or type(self.decoder) is not SharedPrefixDecoder or self.device_loop:
+            return None
+        # tile rows: bf16 products on AMX cost about the same for 16 and 64 rows, fp32 ones twice as much at 64
+        tile = 64 if self.dtype == torch.bfloat16 else cpu_batch.TILE
+        return cpu_batch.TiledStep(self.decoder, tile=tile, lm_head_weight=self._head_w)
 
     def _end_ids(self) -> set[int]:
         gen = getattr(self.base, "generation_config", None)
@@ -158,8 +187,17 @@ class TransformersEngine(Engine):
         return self._root
 
     async def _run(self, fn, *args):
+        """`fn(*args)` on the engine thread (exact calls, adapters, the non-batched sampling path)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, fn, *args)
+        with self._jobs_lock:
+            self._others += 1
+
+        def call():
+            with self._jobs_lock:
+                self._others -= 1
+            return fn(*args)
+
+        return await loop.run_in_executor(self._pool, call)
 
     def prompt_ids(self, messages) -> list[int]:
         return self.prompt(messages)[0]
@@ -198,14 +236,18 @@ class TransformersEngine(Engine):
     def _prefill(self, ids: list[int], split: int, adapter: str | None) -> Prefix:
         """The prompt forward, in two pieces when it has a system turn: that turn's K/V (cached per adapter), then
         the rest. Always the same pieces, so results do not depend on cache hits (see `prefix_cache`)."""
+        # CPU with a bf16 body: the body's forward, then the fp32 head on the last position (`cpu_batch.prefill`)
+        cpu = self._head_w is not None and type(self.decoder) is SharedPrefixDecoder
         whole = getattr(self.decoder, "whole_prompt", None)
         if split <= 0 or self.prefixes.budget <= 0 or (whole is not None and whole(ids)):
-            return self.decoder.prefill(ids)
+            return cpu_batch.prefill(self.model, ids, None, self._head_w) if cpu else self.decoder.prefill(ids)
         head = ids[:split]
         past = self.prefixes.get(adapter, head)
         if past is None:
-            past = prompt_kv(self.model, head)
+            past = cpu_batch.prompt_kv(self.model, head) if cpu else prompt_kv(self.model, head)
             self.prefixes.put(adapter, head, past)
+        if cpu:
+            return cpu_batch.prefill(self.model, ids, past, self._head_w)
         return self.decoder.prefill(ids, past=past)
 
     @contextmanager
@@ -357,137 +399,49 @@ class TransformersEngine(Engine):
                 for s in range(n)]
 
     def _sample_chunk(self, prefix: Prefix, n: int, p: SamplingParams, uniforms: torch.Tensor) -> list[Completion]:
-        """Decode `n` samples of one prompt. The batch holds one row per *distinct* token prefix among the
-        live samples (early on many samples share a prefix: "C", "**"...), so a step costs one row per
-        distinct prefix, not per sample; once all prefixes differ this is plain batched decoding.
-        Rows whose samples all ended stay in the batch (fed a dummy token) until a quarter are dead."""
+        """Decode `n` samples of one prompt alone (see `_Group`), each step through the decoder's own `step`."""
         if self._device_loop_ok(p):
             return self._sample_chunk_device(prefix, n, p, uniforms)
-        dec = self.decoder
-        cap = p.max_tokens
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        generated = [0] * n
-        lps: list[list[TokenLogprob]] | None = [[] for _ in range(n)] if p.logprobs else None
-        finish: list[str | None] = [None] * n
-        cut: list[int | None] = [None] * n  # char index of a stop string in the final text
-        stops = [s for s in p.stop if s]
-        window = (2 * max(len(s) for s in stops) + 8) if stops else 0
-        if p.guided_choice is not None:
-            raise EngineInputError("guided_choice (choice-constrained decoding) needs the vllm engine; use "
-                                   "stop_at_answer or exact mode with the transformers engine", param="guided_choice")
-        rule = make_rule(p.stop_at_answer, p.endowment) if p.stop_at_answer else None
-        live = list(range(n))  # samples still decoding
-        row_of = [0] * n  # sample -> batch row holding its prefix
-        state: State | None = None
-        logits = prefix.logits.unsqueeze(0)
-        static_batch = self.graphs and self.device.type == "cuda" and cap >= 16  # CUDA graph pays off
-        for step in range(cap):
-            probs, logp = self._distribution(logits, p)
-            rows_live = [row_of[s] for s in live]
-            if probs is None:
-                greedy = logits.argmax(-1).tolist()
-                draws = [greedy[r] for r in rows_live]
-            else:
-                draws = self._inverse_cdf(probs, rows_live, uniforms[live, step])
-            if logp is not None:
-                ri = torch.tensor(rows_live, device=logp.device)
-                ti = torch.tensor(draws, device=logp.device)
-                chosen = logp[ri, ti].tolist()
-                if p.top_logprobs:
-                    tv, tix = torch.topk(logp, p.top_logprobs, dim=-1)
-                    tv, tix = tv.tolist(), tix.tolist()
-            still: list[int] = []
-            check: list[int] = []
-            for j, s in enumerate(live):
-                t = draws[j]
-                generated[s] += 1
-                if not p.ignore_eos and t in self.end_ids:
-                    finish[s] = "stop"
-                    continue
-                tokens[s].append(t)
-                if lps is not None:
-                    r = rows_live[j]
-                    lps[s].append(self._token_logprob(t, chosen[j], (tv[r], tix[r]) if p.top_logprobs else None))
-                if generated[s] >= cap:
-                    finish[s] = "length"
-                else:
-                    still.append(s)
-                if stops or rule is not None:
-                    check.append(s)
-            if check:
-                done = set()
-                if stops:
-                    tails = self.tokenizer.batch_decode([tokens[s][-window:] for s in check], skip_special_tokens=True)
-                    for s, tail in zip(check, tails):
-                        if any(st in tail for st in stops):
-                            full = self.tokenizer.decode(tokens[s], skip_special_tokens=True)
-                            hits = [full.find(st) for st in stops if st in full]
-                            if hits:
-                                cut[s] = min(hits)
-                                finish[s] = "stop"
-                                done.add(s)
-                if rule is not None:
-                    todo = [s for s in check if s not in done]
-                    texts = self.tokenizer.batch_decode([tokens[s] for s in todo], skip_special_tokens=True)
-                    for s, text in zip(todo, texts):
-                        if rule.status(text) != UNDECIDED:
-                            finish[s] = "stop"
-                            done.add(s)
-                if done:
-                    still = [s for s in still if s not in done]
-            if not still or step == cap - 1:
-                break
-            # next batch: one row per distinct (parent row, token)
-            pair_row: dict[tuple[int, int], int] = {}
-            parents: list[int] = []
-            feed: list[int] = []
-            for s in still:
-                key = (row_of[s], tokens[s][-1])
-                if key not in pair_row:
-                    pair_row[key] = len(parents)
-                    parents.append(key[0])
-                    feed.append(key[1])
-                row_of[s] = pair_row[key]
-            n_rows = state.rows if state is not None else 1
-            if state is None:
-                state = dec.start(prefix, len(parents), cap, graph=static_batch)
-            elif parents == sorted(set(parents)) and (static_batch or len(parents) > 0.75 * n_rows):
-                # every row has at most one child: keep dead rows in place (no copy), feed them a dummy token
-                if len(parents) != n_rows:
-                    full_feed = [0] * n_rows
-                    for s in still:
-                        full_feed[parents[row_of[s]]] = tokens[s][-1]
-                    for s in still:
-                        row_of[s] = parents[row_of[s]]
-                    feed = full_feed
-            else:
-                dec.select(state, torch.tensor(parents, device=self.device))
-            live = still
-            logits = dec.step(state, torch.tensor(feed, device=self.device))
-        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        out = []
-        for s in range(n):
-            text = texts[s] if cut[s] is None else texts[s][: cut[s]]
-            out.append(Completion(text=text, finish_reason=finish[s] or "length", num_tokens=generated[s],
-                                  logprobs=lps[s] if lps is not None else None))
-        return out
+        static_batch = self.graphs and self.device.type == "cuda" and p.max_tokens >= 16  # CUDA graph pays off
+        g = _Group(self, prefix, n, p, uniforms, static_batch=static_batch)
+        feed = g.advance(prefix.logits.unsqueeze(0))
+        while feed is not None:
+            feed = g.advance(self.decoder.step(g.state, feed))
+        return g.completions()
 
     def _chat_sync(self, req: ChatRequest) -> ChatResult:
         ids, split = self.prompt(req.messages)
         return self.sample_ids(ids, req.params, req.adapter, split=split)
 
-    def sample_ids(self, ids: list[int], p: SamplingParams, adapter: str | None = None, split: int = 0) -> ChatResult:
-        """`chat` from token ids (already chat-templated; `split`: where the cacheable system turn ends).
-        Synchronous: call on the engine thread or alone."""
+    def _check_sampling(self, ids: list[int], p: SamplingParams) -> None:
         if p.logprobs and self._table is None:
             self._root_classifier()
         if len(ids) + p.max_tokens > self.max_context:
             raise EngineInputError(f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceeds the model's "
                                    f"context of {self.max_context} tokens", param="max_tokens")
+        if p.guided_choice is not None:
+            raise EngineInputError("guided_choice (choice-constrained decoding) needs the vllm engine; use "
+                                   "stop_at_answer or exact mode with the transformers engine", param="guided_choice")
+
+    @staticmethod
+    def _uniforms(p: SamplingParams) -> torch.Tensor:
         seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         gen = torch.Generator()
         gen.manual_seed(int(seed))
-        uniforms = torch.rand(p.n, p.max_tokens, generator=gen, dtype=torch.float64)  # sample i, step t
+        return torch.rand(p.n, p.max_tokens, generator=gen, dtype=torch.float64)  # sample i, step t
+
+    def sample_ids(self, ids: list[int], p: SamplingParams, adapter: str | None = None, split: int = 0) -> ChatResult:
+        """`chat` from token ids (already chat-templated; `split`: where the cacheable system turn ends).
+        Synchronous: call on the engine thread or alone. On the CPU this is the batched path with one request
+        (the same samples as when batched with others)."""
+        if self._tiled is not None:
+            job = _Job(ids=ids, split=split, params=p, adapter=adapter)
+            self._run_jobs(adapter, [job], join=False)
+            if job.error is not None:
+                raise job.error
+            return job.result
+        self._check_sampling(ids, p)
+        uniforms = self._uniforms(p)
         t0 = time.perf_counter()
         with self._adapter(adapter), torch.inference_mode():
             prefix = self._prefill(ids, split, adapter)
@@ -507,7 +461,59 @@ class TransformersEngine(Engine):
                           timings={"prefill_s": t1 - t0, "decode_s": t2 - t1, "rows_per_chunk": per_chunk})
 
     async def chat(self, request: ChatRequest) -> ChatResult:
-        return await self._run(self._chat_sync, request)
+        if self._tiled is None:
+            return await self._run(self._chat_sync, request)
+        loop = asyncio.get_running_loop()
+        job = _Job(messages=request.messages, params=request.params, adapter=request.adapter, loop=loop,
+                   future=loop.create_future())
+        with self._jobs_lock:
+            self._jobs.append(job)
+        self._pool.submit(self._drain)
+        return await job.future
+
+    # ------------------------------------------------------------------------------ batched (CPU)
+    def _take(self, adapter, first: bool) -> list["_Job"]:
+        """Queued chat jobs for `adapter` (the first job's adapter when `first`); later arrivals join a running
+        batch only while no other work (exact calls, adapter changes) waits for the engine thread."""
+        with self._jobs_lock:
+            if not self._jobs:
+                return []
+            if first:
+                adapter = self._jobs[0].adapter
+            elif self._others:
+                return []
+            take = [j for j in self._jobs if j.adapter == adapter]
+            self._jobs = [j for j in self._jobs if j.adapter != adapter]
+            return take
+
+    def _drain(self) -> None:
+        """Engine thread: decode every queued chat job of one adapter together (a no-op when an earlier drain took
+        them)."""
+        jobs = self._take(None, first=True)
+        if jobs:
+            self._run_jobs(jobs[0].adapter, jobs)
+
+    def _kv_bytes(self, tokens: int) -> int:
+        cfg = self.base.config
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return 2 * cfg.num_hidden_layers * kv_heads * head_dim * tokens * torch.tensor([], dtype=self.dtype).element_size()
+
+    def _kv_budget(self) -> float:
+        if self.options.kv_budget_mb is not None:
+            return float(self.options.kv_budget_mb) * 2**20
+        return 1024 * 2**20
+
+    def _run_jobs(self, adapter: str | None, jobs: list["_Job"], join: bool = True) -> None:
+        """Decode `jobs` (one adapter) and, with `join`, the jobs for that adapter that arrive meanwhile (see
+        `_Batch`). Every job gets its result or its error; nothing is raised."""
+        batch = _Batch(self, adapter)
+        try:
+            with self._adapter(adapter), torch.inference_mode():
+                batch.run(jobs, join)
+        except Exception as e:  # noqa: BLE001 - e.g. an adapter that is not loaded: every job gets the error
+            for job in batch.jobs + jobs:
+                job.fail(e)
 
     # -------------------------------------------------------------------------------------- exact
     def _exact_sync(self, req: ExactRequest) -> ExactResult:
@@ -523,7 +529,8 @@ class TransformersEngine(Engine):
         with self._adapter(req.adapter), torch.inference_mode():
             prefix = self._prefill(ids, split, req.adapter)
             backend = _TreeBackend(self.decoder, prefix, req.max_depth, self.device,
-                                   graphs=self.graphs and getattr(self.decoder, "graphs", False))
+                                   graphs=self.graphs and getattr(self.decoder, "graphs", False),
+                                   step=self._exact_step())
             p, invalid, unresolved, passes, top = expand(
                 rule, backend, self._table, root, self.tokenizer, req.temperature,
                 min_mass=req.min_mass, max_depth=req.max_depth)
@@ -531,6 +538,13 @@ class TransformersEngine(Engine):
         return ExactResult(kind=rule.kind, temperature=req.temperature, p=p, valid_mass=valid, invalid_mass=invalid,
                            unresolved_mass=unresolved, forward_passes=passes, prompt_tokens=len(ids),
                            top_tokens=top)
+
+    def _exact_step(self):
+        """The expansion's decode step: the decoder's own, except beside a bf16 body on the CPU, where the tiled
+        step brings the fp32 LM head (exact calls run alone: nothing to be invariant to)."""
+        if self._tiled is not None and self._head_w is not None:
+            return lambda state, tokens: self._tiled.step([state], [tokens])[0]
+        return None
 
     async def exact(self, request: ExactRequest) -> ExactResult:
         return await self._run(self._exact_sync, request)
@@ -558,6 +572,7 @@ class TransformersEngine(Engine):
         self.prefixes.clear()  # the model changed (a new LoRA wrapper, or new weights under an old name)
         self.model = self.peft
         self.decoder = self._make_decoder()
+        self._tiled = self._make_tiled()
 
     def _unload_adapter_sync(self, name: str) -> None:
         if name not in self.adapters:
@@ -570,6 +585,7 @@ class TransformersEngine(Engine):
             self.peft = None
             self.model = self.base
             self.decoder = self._make_decoder()
+            self._tiled = self._make_tiled()
             return
         self.peft.delete_adapter(name)
         if name in (self.peft.active_adapters or []):
@@ -594,6 +610,284 @@ class TransformersEngine(Engine):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _deliver(future, result, error) -> None:
+    if not future.done():
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+
+@dataclass(eq=False)
+class _Job:
+    """One chat request on the batched CPU path: its groups (chunks of rows) and where its answer goes."""
+
+    params: SamplingParams
+    messages: tuple | None = None
+    ids: list[int] | None = None
+    split: int = 0
+    adapter: str | None = None
+    loop: object = None
+    future: object = None
+    groups: list = field(default_factory=list)
+    done_groups: int = 0
+    error: BaseException | None = None
+    result: ChatResult | None = None
+    t0: float = 0.0
+    prefill_s: float = 0.0
+    per_chunk: int = 0
+    batched_with: int = 0  # the most other groups decoded beside this job's in one step
+
+    def _send(self) -> None:
+        if self.future is not None:
+            try:
+                self.loop.call_soon_threadsafe(_deliver, self.future, self.result, self.error)
+            except RuntimeError:  # the caller's event loop is gone
+                pass
+
+    def fail(self, e: BaseException) -> None:
+        if self.error is None and self.result is None:
+            self.error = e
+            self._send()
+
+    def group_done(self) -> None:
+        self.done_groups += 1
+        if self.done_groups < len(self.groups) or self.error is not None:
+            return
+        choices = [c for g in self.groups for c in g.completions()]
+        t = time.perf_counter()
+        self.result = ChatResult(
+            choices=choices, prompt_tokens=len(self.ids), completion_tokens=sum(c.num_tokens for c in choices),
+            timings={"prefill_s": self.prefill_s, "decode_s": t - self.t0 - self.prefill_s,
+                     "rows_per_chunk": self.per_chunk, "batched_groups": self.batched_with + 1})
+        self._send()
+
+
+class _Batch:
+    """The engine thread's decode loop on the CPU: groups of rows of many jobs advance in one `TiledStep` per step.
+
+    A job (one chat request) is prefilled when it is admitted and cut into groups of at most `_rows_per_chunk` rows.
+    Groups start while the rows (`max_batch_size`) and the KV they hold (the rows' suffix buffers + the groups'
+    prompt K/V, within `decoding.kv_budget_mb`) fit beside the running ones; the others wait for room. Between two
+    steps, newly queued jobs for the same adapter join (unless other work waits for the engine thread). A job's
+    answer is sent as soon as its own groups are done; a job that fails (bad input, or a step that raised) gets
+    the error while the others go on."""
+
+    def __init__(self, eng: "TransformersEngine", adapter: str | None):
+        self.eng, self.adapter = eng, adapter
+        self.jobs: list[_Job] = []
+        self.waiting: list[_Group] = []
+        self.active: list[tuple[_Group, torch.Tensor]] = []
+        self.budget = eng._kv_budget()
+
+    def admit(self, jobs: list["_Job"]) -> None:
+        eng = self.eng
+        for job in jobs:
+            self.jobs.append(job)
+            try:
+                job.t0 = time.perf_counter()
+                if job.ids is None:
+                    job.ids, job.split = eng.prompt(job.messages)
+                p = job.params
+                eng._check_sampling(job.ids, p)
+                uniforms = eng._uniforms(p)
+                prefix = eng._prefill(job.ids, job.split, self.adapter)
+                job.prefill_s = time.perf_counter() - job.t0
+                job.per_chunk = per_chunk = eng._rows_per_chunk(p.max_tokens)
+                for start in range(0, p.n, per_chunk):
+                    g = _Group(eng, prefix, min(per_chunk, p.n - start), p, uniforms[start:start + per_chunk])
+                    g.job = job
+                    job.groups.append(g)
+                self.waiting += job.groups
+            except Exception as e:  # noqa: BLE001 - this job fails, the batch goes on
+                job.fail(e)
+
+    def _kv(self, g: "_Group") -> int:
+        return self.eng._kv_bytes(g.n * g.cap + g.prefix.length)
+
+    def _fits(self, g: "_Group") -> bool:
+        if not self.active:
+            return True
+        rows = sum(a.n for a, _ in self.active) + g.n
+        used = sum(self._kv(a) for a, _ in self.active)
+        return rows <= self.eng.max_batch_size and used + self._kv(g) <= self.budget
+
+    def _start_waiting(self) -> None:
+        while self.waiting and self._fits(self.waiting[0]):
+            g = self.waiting.pop(0)
+            if g.job.error is None:
+                self._advance(g, g.prefix.logits.unsqueeze(0), self.active)
+
+    def _advance(self, g: "_Group", logits: torch.Tensor, into: list) -> None:
+        try:
+            feed = g.advance(logits)
+        except Exception as e:  # noqa: BLE001
+            g.job.fail(e)
+            return
+        if feed is None:
+            g.job.group_done()
+        else:
+            into.append((g, feed))
+
+    def run(self, jobs: list["_Job"], join: bool) -> None:
+        self.admit(jobs)
+        self._start_waiting()
+        while self.active:
+            for g, _ in self.active:
+                g.job.batched_with = max(g.job.batched_with, len(self.active) - 1)
+            try:
+                logits = self.eng._tiled.step([g.state for g, _ in self.active], [f for _, f in self.active])
+            except Exception as e:  # noqa: BLE001 - a failed step fails every job in it
+                for g, _ in self.active:
+                    g.job.fail(e)
+                logits = None
+            still: list[tuple[_Group, torch.Tensor]] = []
+            if logits is not None:
+                for (g, _), lg in zip(self.active, logits):
+                    if g.job.error is None:
+                        self._advance(g, lg, still)
+            self.active = still
+            if join:
+                self.admit(self.eng._take(self.adapter, first=False))
+            self._start_waiting()
+
+
+class _Group:
+    """The samples of one prompt decoded together (a request, or a chunk of one): the sampling state machine.
+
+    `advance(logits)` takes the next-token logits of this group's rows, draws a token for every live sample, applies
+    EOS, `max_tokens`, stop strings and `stop_at_answer`, and returns the tokens to feed next (one per row), or None
+    when every sample has ended. The rows hold one *distinct* token prefix each among the live samples (early on
+    many samples share a prefix: "C", "**"...), so a step costs one row per distinct prefix, not per sample; once
+    all prefixes differ this is plain batched decoding. Rows whose samples all ended stay (fed a dummy token)
+    until a quarter are dead. Everything here depends on this group's own samples only, never on what it is
+    decoded beside."""
+
+    def __init__(self, eng: "TransformersEngine", prefix: Prefix, n: int, p: SamplingParams, uniforms: torch.Tensor,
+                 static_batch: bool = False):
+        if p.guided_choice is not None:
+            raise EngineInputError("guided_choice (choice-constrained decoding) needs the vllm engine; use "
+                                   "stop_at_answer or exact mode with the transformers engine", param="guided_choice")
+        self.eng, self.prefix, self.n, self.p, self.u = eng, prefix, n, p, uniforms
+        self.dec = eng.decoder
+        self.cap = p.max_tokens
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.generated = [0] * n
+        self.lps: list[list[TokenLogprob]] | None = [[] for _ in range(n)] if p.logprobs else None
+        self.finish: list[str | None] = [None] * n
+        self.cut: list[int | None] = [None] * n  # char index of a stop string in the final text
+        self.stops = [s for s in p.stop if s]
+        self.window = (2 * max(len(s) for s in self.stops) + 8) if self.stops else 0
+        self.rule = make_rule(p.stop_at_answer, p.endowment) if p.stop_at_answer else None
+        self.live = list(range(n))  # samples still decoding
+        self.row_of = [0] * n  # sample -> batch row holding its prefix
+        self.state: State | None = None
+        self.step = 0
+        self.static_batch = static_batch
+        self.job: _Job | None = None
+
+    def advance(self, logits: torch.Tensor) -> torch.Tensor | None:
+        eng, p, step, live = self.eng, self.p, self.step, self.live
+        tokens, generated, lps, finish = self.tokens, self.generated, self.lps, self.finish
+        probs, logp = eng._distribution(logits, p)
+        rows_live = [self.row_of[s] for s in live]
+        if probs is None:
+            greedy = logits.argmax(-1).tolist()
+            draws = [greedy[r] for r in rows_live]
+        else:
+            draws = eng._inverse_cdf(probs, rows_live, self.u[live, step])
+        if logp is not None:
+            ri = torch.tensor(rows_live, device=logp.device)
+            ti = torch.tensor(draws, device=logp.device)
+            chosen = logp[ri, ti].tolist()
+            if p.top_logprobs:
+                tv, tix = torch.topk(logp, p.top_logprobs, dim=-1)
+                tv, tix = tv.tolist(), tix.tolist()
+        still: list[int] = []
+        check: list[int] = []
+        for j, s in enumerate(live):
+            t = draws[j]
+            generated[s] += 1
+            if not p.ignore_eos and t in eng.end_ids:
+                finish[s] = "stop"
+                continue
+            tokens[s].append(t)
+            if lps is not None:
+                r = rows_live[j]
+                lps[s].append(eng._token_logprob(t, chosen[j], (tv[r], tix[r]) if p.top_logprobs else None))
+            if generated[s] >= self.cap:
+                finish[s] = "length"
+            else:
+                still.append(s)
+            if self.stops or self.rule is not None:
+                check.append(s)
+        if check:
+            done = set()
+            tok = eng.tokenizer
+            if self.stops:
+                tails = tok.batch_decode([tokens[s][-self.window:] for s in check], skip_special_tokens=True)
+                for s, tail in zip(check, tails):
+                    if any(st in tail for st in self.stops):
+                        full = tok.decode(tokens[s], skip_special_tokens=True)
+                        hits = [full.find(st) for st in self.stops if st in full]
+                        if hits:
+                            self.cut[s] = min(hits)
+                            finish[s] = "stop"
+                            done.add(s)
+            if self.rule is not None:
+                todo = [s for s in check if s not in done]
+                texts = tok.batch_decode([tokens[s] for s in todo], skip_special_tokens=True)
+                for s, text in zip(todo, texts):
+                    if self.rule.status(text) != UNDECIDED:
+                        finish[s] = "stop"
+                        done.add(s)
+            if done:
+                still = [s for s in still if s not in done]
+        if not still or step == self.cap - 1:
+            self.live = []
+            return None
+        # next batch: one row per distinct (parent row, token)
+        row_of = self.row_of
+        pair_row: dict[tuple[int, int], int] = {}
+        parents: list[int] = []
+        feed: list[int] = []
+        for s in still:
+            key = (row_of[s], tokens[s][-1])
+            if key not in pair_row:
+                pair_row[key] = len(parents)
+                parents.append(key[0])
+                feed.append(key[1])
+            row_of[s] = pair_row[key]
+        state = self.state
+        n_rows = state.rows if state is not None else 1
+        dev = eng.device
+        if state is None:
+            self.state = self.dec.start(self.prefix, len(parents), self.cap, graph=self.static_batch)
+        elif parents == sorted(set(parents)) and (self.static_batch or len(parents) > 0.75 * n_rows):
+            # every row has at most one child: keep dead rows in place (no copy), feed them a dummy token
+            if len(parents) != n_rows:
+                full_feed = [0] * n_rows
+                for s in still:
+                    full_feed[parents[row_of[s]]] = tokens[s][-1]
+                for s in still:
+                    row_of[s] = parents[row_of[s]]
+                feed = full_feed
+        else:
+            self.dec.select(state, torch.tensor(parents, device=dev))
+        self.live = still
+        self.step += 1
+        return torch.tensor(feed, device=dev)
+
+    def completions(self) -> list[Completion]:
+        texts = self.eng.tokenizer.batch_decode(self.tokens, skip_special_tokens=True)
+        out = []
+        for s in range(self.n):
+            text = texts[s] if self.cut[s] is None else texts[s][: self.cut[s]]
+            out.append(Completion(text=text, finish_reason=self.finish[s] or "length", num_tokens=self.generated[s],
+                                  logprobs=self.lps[s] if self.lps is not None else None))
+        return out
+
+
 class _TreeBackend:
     """Adapts a decoder to `exact.TreeBackend` (frontier rows share the prompt cache).
 
@@ -602,9 +896,10 @@ class _TreeBackend:
     a CUDA graph from the decoder's pool (kept per (rows, depth, prompt-length bucket), reused across calls)
     instead of launching every kernel from Python."""
 
-    def __init__(self, decoder, prefix: Prefix, capacity: int, device, graphs: bool = False):
+    def __init__(self, decoder, prefix: Prefix, capacity: int, device, graphs: bool = False, step=None):
         self.dec, self.prefix, self.capacity, self.device = decoder, prefix, capacity, device
         self.graphs = graphs
+        self.step = step or decoder.step  # CPU: the engine's tiled step (its fp32 LM head beside a bf16 body)
         self.state: State | None = None
 
     def root_logits(self) -> torch.Tensor:
@@ -618,5 +913,5 @@ class _TreeBackend:
             self.state = self.dec.start(self.prefix, rows, self.capacity, graph=self.graphs)
         else:
             self.dec.select(self.state, torch.tensor(list(parent_rows) + [0] * pad, device=self.device))
-        logits = self.dec.step(self.state, torch.tensor(list(tokens) + [0] * pad, device=self.device))
+        logits = self.step(self.state, torch.tensor(list(tokens) + [0] * pad, device=self.device))
         return logits[:k] if pad else logits
