@@ -16,19 +16,76 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+UI_URL = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves a local store once the command has ended
+# the store `make mlflow-ui` opens by default: the repository's runs/mlflow (MLFLOW_STORE=... for another)
+UI_STORE = Path(__file__).resolve().parents[2] / "runs" / "mlflow"
+
+
 @contextmanager
 def tracking(cfg: ExperimentConfig) -> Iterator[str]:
     """`mlflow.tracking_uri`, or a local MLflow server (sqlite + artifacts under `<output_dir>/mlflow`, 127.0.0.1)
-    for the duration of the block - the store `make mlflow-ui` opens afterwards."""
+    for the duration of the block - the store `make mlflow-ui` opens afterwards. The local server's port dies with
+    the block, so MLflow's own "View run ... at" lines are suppressed and, at the end (also after a failure), each
+    run the block started is listed with its address under `make mlflow-ui`."""
     if cfg.mlflow.tracking_uri:
         yield cfg.mlflow.tracking_uri
         return
+    import time
+
     from services.common.mlflow_server import MlflowServer
 
     root = Path(cfg.output_dir) / "mlflow"
     say(f"[tracking] starting a local MLflow server (store {root})")
-    with MlflowServer(root) as server:
-        yield server.uri
+    quiet = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    before = os.environ.get(quiet)
+    os.environ[quiet] = "true"  # inherited by the Ray workers and processes started inside the block
+    started_ms = int(time.time() * 1000)
+    try:
+        with MlflowServer(root) as server:
+            try:
+                yield server.uri
+            finally:
+                _say_ui_links(server.uri, root, started_ms)
+    finally:
+        if before is None:
+            os.environ.pop(quiet, None)
+        else:
+            os.environ[quiet] = before
+
+
+def ui_address(cfg: ExperimentConfig, url: str, uri: str) -> str:
+    """`url` (an address on the tracking server `uri`) as it works after the command: unchanged for a configured
+    server, else on the `make mlflow-ui` server (the local one stops with the command)."""
+    if cfg.mlflow.tracking_uri or not url.startswith(uri.rstrip("/")):
+        return url
+    return UI_URL + url[len(uri.rstrip("/")):] + "  (make mlflow-ui)"
+
+
+def _say_ui_links(uri: str, root: Path, since_ms: int) -> None:
+    """The runs started since `since_ms` on the local server at `uri`, as addresses under `make mlflow-ui`."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        from services.evaluator.tracking import experiment_url
+
+        client = MlflowClient(uri)
+        runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                              f"attributes.start_time >= {since_ms}",
+                                              order_by=["attributes.start_time ASC"], max_results=200)]
+        if not runs:
+            return
+        make = "make mlflow-ui"
+        if root.resolve() != UI_STORE:
+            make += f" MLFLOW_STORE={root.resolve()}"
+        say(f"[mlflow] the local server stops with this command; open its runs after it: {make}, then")
+        for exp_id in dict.fromkeys(r.info.experiment_id for r in runs):
+            say(f"[mlflow]   experiment {client.get_experiment(exp_id).name}: "
+                f"{experiment_url(UI_URL, exp_id, client=client)}")
+        for r in runs:
+            say(f"[mlflow]   run {r.info.run_name}: "
+                f"{UI_URL}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}")
+    except Exception as e:  # noqa: BLE001 - the links are a convenience; never fail or mask the command for them
+        say(f"[mlflow] (could not list the runs for `make mlflow-ui`: {e})")
 
 
 def with_tracking(cfg: ExperimentConfig, uri: str) -> ExperimentConfig:

@@ -27,7 +27,7 @@ from shared.sweep import Cell, SweepSpec
 
 from services.pipeline.fingerprint import digest
 from services.pipeline.preflight import check_inputs
-from services.pipeline.resources import say, serving, serving_api_key, tracking, with_tracking
+from services.pipeline.resources import say, serving, serving_api_key, tracking, ui_address, with_tracking
 from services.pipeline.stages import Context
 
 def serving_group(cfg: ExperimentConfig) -> str:
@@ -72,7 +72,8 @@ def sweep(spec: SweepSpec, cells: list[Cell], *, max_concurrent: int | None = No
                 seconds = _run_groups(list(groups.values()), sw, root, limit)
         finally:  # the summary (and the parent's status) also when a cell failed
             rows = summarize_sweep(sw, [c.id for c in cells])
-        say(f"[sweep] {len(todo)} cell(s) run in {time.perf_counter() - t0:.0f} s; compare them: {sw.url()}")
+        say(f"[sweep] {len(todo)} cell(s) run in {time.perf_counter() - t0:.0f} s; compare them: "
+            f"{ui_address(cells[0].config, sw.url(), sw.tracking_uri)}")
     return [r | {"wall_s": round(seconds[r["cell"]], 1)} if r["cell"] in seconds else r for r in rows]
 
 
