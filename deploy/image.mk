@@ -30,5 +30,5 @@ image-gpu:
 	@$(IMAGE_ENV) bash $(IMAGE_DIR)/scripts/build-image.sh gpu $(IMAGE_GPU)
 
 # The container test needs root podman; it starts nothing outside its --internal network.
-test-deploy: install image-cpu
+test-deploy: install-test image-cpu
 	TOMTRANSFER_IMAGE='$(IMAGE_CPU)' $(BIN)/python -m pytest -p no:cacheprovider -m container tests/container $(PYTEST_ARGS)

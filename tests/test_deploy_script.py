@@ -1,6 +1,6 @@
 """deploy/scripts/deploy.sh (make deploy / rollback / undeploy / deploy-pipeline) against stand-ins.
 
-There is no Kubernetes API server here, so `kubectl` is a stand-in (fake_kubectl below) that answers
+There is no Kubernetes API server here, so `kubectl` is a stand-in (tests/fixtures/fake_kubectl.py) that answers
 from a cluster described in a JSON file and logs every call; `helm` is a stand-in that logs and hands
 `template` and `lint` to the real helm (so what deploy.sh renders, preflights and creates is the real
 chart); `podman` answers the image's io.ray.version label; `skopeo` must not be reached. The tests
@@ -24,109 +24,11 @@ sys.path.insert(0, str(REPO / "deploy" / "scripts"))
 import chartcheck as cc  # noqa: E402
 
 sys.path.pop(0)
+from tests.fixtures.fake_kubectl import fake_kubectl  # noqa: E402,F401 - the stand-in, a stdlib-only script
 
 IMAGE = "registry.example.com/tt:0.1.0"
 SCRIPT_COMMANDS = {"deploy": "deploy", "deploy-pipeline": "pipeline", "rollback": "rollback", "undeploy": "undeploy"}
 MLFLOW_READY = "tomtransfer-mlflow"
-
-
-def fake_kubectl(argv: list[str]) -> int:
-    """The stand-in kubectl (run through the wrapper that _tools writes)."""
-    state_path = os.environ["FAKE_CLUSTER"]
-    with open(state_path) as f:
-        state = json.load(f)
-    args = list(argv)
-    ns = None
-    if args[:1] == ["-n"]:
-        ns, args = args[1], args[2:]
-    stdin = sys.stdin.read() if "-f" in args and "-" in args else ""
-    with open(os.environ["FAKE_LOG"], "a") as log:
-        log.write("kubectl " + " ".join(argv) + "\n")
-        if stdin:
-            log.write("STDIN<<\n" + stdin + "\n>>STDIN\n")
-    jsonpath = next((a.split("=", 1)[1] for a in args if a.startswith("jsonpath=")), "")
-    if "-o" in args and args[args.index("-o") + 1].startswith("jsonpath="):
-        jsonpath = args[args.index("-o") + 1].split("=", 1)[1]
-
-    def save():
-        with open(state_path, "w") as f:
-            json.dump(state, f)
-
-    def next_of(seq: list):
-        value = seq[0]
-        if len(seq) > 1:
-            seq.pop(0)
-            save()
-        return value
-
-    verb = args[0] if args else ""
-    what = args[1] if len(args) > 1 else ""
-    name = args[2] if len(args) > 2 and not args[2].startswith("-") else ""
-    if args[:2] == ["config", "current-context"]:
-        print(state.get("context", "test"))
-        return 0
-    if verb == "get" and what == "crd":
-        return 0 if name in state.get("crds", []) else 1
-    if verb == "get" and what == "deployments" and "--all-namespaces" in args:
-        selector = args[args.index("-l") + 1]
-        image = state.get("operator", {}).get(selector)
-        if image:
-            print(image)
-        return 0
-    if verb == "get" and what == "namespace":
-        return 0 if name in state.get("namespaces", []) else 1
-    if verb == "get" and what == "secret":
-        return 0 if name in state.get("secrets", []) else 1
-    if verb == "get" and what == "pvc":
-        return 0 if name in state.get("pvcs", []) else 1
-    if verb == "get" and what == "storageclass":
-        classes = state.get("storageclasses", {})
-        if name:
-            if name not in classes:
-                return 1
-            print(classes[name]["provisioner"], end="")
-            return 0
-        print("".join(f"{n}\n" for n, c in classes.items() if c.get("default")), end="")
-        return 0
-    if verb == "get" and what == "deployment":
-        return 0 if name in state.get("deployments", []) else 1
-    if verb == "rollout":
-        return 0
-    if verb == "get" and what == "rayservice" and name:
-        rs = state.get("rayservice")
-        if not rs:
-            return 1
-        if "metadata.generation" in jsonpath:
-            print(rs["generation"], end="")
-        elif "observedGeneration" in jsonpath:
-            print(next_of(rs["statuses"]), end="")
-        elif "activeServiceStatus" in jsonpath:
-            print(rs.get("active", ""), end="")
-        return 0
-    if verb == "get" and what == "rayjob" and name:
-        jobs = state.setdefault("rayjobs", {})
-        if name not in jobs:
-            return 1
-        if "jobDeploymentStatus" in jsonpath:
-            print(next_of(jobs[name]), end="")
-        return 0
-    if verb == "create":
-        import yaml
-
-        created = []
-        for doc in yaml.safe_load_all(stdin):
-            if doc:
-                job = doc["metadata"]["name"]
-                state.setdefault("rayjobs", {})[job] = list(state.get("job_statuses", ["Complete SUCCEEDED"]))
-                created.append(f"rayjob.ray.io/{job}")
-        save()
-        print("\n".join(created))
-        return 0
-    if verb in ("get", "describe"):  # status and events printed on failure
-        print(f"(stand-in {verb} {' '.join(args[1:])})")
-        return 0
-    print(f"stand-in kubectl: unexpected call {argv}", file=sys.stderr)
-    return 3
 
 
 def _cluster(**over) -> dict:
@@ -157,7 +59,8 @@ def tools(tmp_path):
     log = tmp_path / "calls.log"
     state_file = tmp_path / "cluster.json"
     scripts = {
-        "kubectl": f'exec "{sys.executable}" "{Path(__file__).resolve()}" kubectl "$@"',
+        # a script of its own (no pytest import): deploy.sh calls kubectl about 40 times per pipeline
+        "kubectl": f'exec "{sys.executable}" -I "{REPO / "tests" / "fixtures" / "fake_kubectl.py"}" "$@"',
         "helm": f'echo "helm $*" >> "{log}"\n'
                 f'case "$1" in template|lint) exec "{real_helm}" "$@" ;; version) echo v4.1.4 ;; esac',
         "podman": f'echo "podman $*" >> "{log}"\n'
@@ -393,7 +296,3 @@ def test_undeploy_uninstalls_and_keeps_the_volumes(tools):
     assert proc.returncode == 0, proc.stderr
     assert calls("helm uninstall") == ["helm uninstall tt --namespace exp --wait --timeout 10m"]
     assert "delete pvc -l app.kubernetes.io/instance=tt" in proc.stderr
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["kubectl"]:
-    sys.exit(fake_kubectl(sys.argv[2:]))

@@ -6,57 +6,30 @@ The run has the placebo control on (`training.placebo`: a second adapter trained
 the real one and evaluated as student_placebo) and the teacher's leading-answer rows (`evaluate.teacher_lead`, on
 with the exact estimator).
 
-Starts Ray and servers: runs inside a private network namespace (`make test` does).
+The run, and its rerun, are the session's shared ones (`tiny_pipeline`, `tiny_pipeline_rerun` in
+tests/fixtures/pipeline.py: tests/test_serving_handoff.py reads the same run); the changed-inputs run comes after the
+rerun. Starts Ray and servers: runs inside a private network namespace (`make test` does).
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.browser import render
+from tests.fixtures.cli import tomtransfer as cli  # quick commands: forked from a helper with the imports done
+from tests.fixtures.pipeline import tomtransfer  # `run` and the long ones: a plain subprocess
 
 pytest_plugins = ["tests.fixtures.mlflow_server"]
 pytestmark = pytest.mark.netns
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tomtransfer(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "services.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory, mlflow_tracking_uri):
-    from tests.fixtures.tiny_models import tiny_model_dir
-
-    out = tmp_path_factory.mktemp("e2e")
-    cfg = {
-        "name": "e2e-tiny",
-        "output_dir": str(out),
-        "models": {"teacher": {"model": str(tiny_model_dir("qwen2", seed=3)), "num_cpus": 0.5},
-                   "student": {"model": str(tiny_model_dir("llama", seed=4)), "num_cpus": 0.5}},
-        "sampling": {"temperature": 1.0, "max_tokens": 12, "seed": 5},
-        "serving": {"port": 8123},
-        "generate": {"samples": 4, "families": ["in_sample"], "request_n": 4},
-        "training": {"epochs": 1, "learning_rate": 1e-3, "effective_batch_size": 8, "per_device_batch_size": 2,
-                     "num_workers": 2, "cpus_per_worker": 0.5, "max_seq_len": 1024, "adapter_name": "e2e",
-                     "placebo": True},
-        # the paper's protocol: the teacher's reference is its dataset in-sample and 4 motivated samples elsewhere;
-        # the students are exact (effective n 300)
-        "evaluate": {"estimator": "exact", "samples": 4, "exact_n": 300, "request_n": 4},
-        "mlflow": {"tracking_uri": mlflow_tracking_uri, "experiment": "e2e"},
-    }
-    path = out / "experiment.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    first = tomtransfer("run", "--config", path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    return path, out / "e2e-tiny", first
+def experiment(tiny_pipeline):
+    """(config path, run folder, the first run's CompletedProcess) of the session's tiny `tomtransfer run`."""
+    return tiny_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -162,18 +135,18 @@ def test_generated_dataset_is_exact(experiment):
     assert t.groupby("scenario_id").sample_index.apply(lambda s: sorted(s) == [0, 1, 2, 3]).all()
 
 
-def test_rerun_resumes_without_redoing_work(experiment, run):
+def test_rerun_resumes_without_redoing_work(experiment, run, tiny_pipeline_rerun):
     path, run_dir, _ = experiment
     client, r = run
-    before = (run_dir / "stages.json").read_text()
-    again = tomtransfer("run", "--config", path)
+    before, again = tiny_pipeline_rerun.stages_before, tiny_pipeline_rerun.result  # `tomtransfer run` again
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[generate] reused" in again.stderr and "[train] reused" in again.stderr
     assert "[train_placebo] reused" in again.stderr
     # every role's rows found in its keyed store, the teacher's lead rows in theirs
     for role in ("teacher", "student_base", "student_finetuned", "student_placebo", "teacher_lead"):
         assert f"[evaluate] {role}: 0 new row(s)" in again.stderr, again.stderr[-3000:]
-    assert json.loads(before)["train"]["adapter_uri"] == json.loads((run_dir / "stages.json").read_text())["train"]["adapter_uri"]
+    after = json.loads(tiny_pipeline_rerun.stages_after)
+    assert json.loads(before)["train"]["adapter_uri"] == after["train"]["adapter_uri"]
     assert (run_dir / "mlflow_run_id").read_text().strip() == r.info.run_id
 
 
@@ -186,10 +159,10 @@ def test_report_rebuilds_the_logged_numbers(run, tmp_path, mlflow_tracking_uri):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
 
-def test_mlflow_ui_renders_the_run(run, mlflow_tracking_uri, tmp_path):
+def test_mlflow_ui_renders_the_run(run, mlflow_tracking_uri, tmp_path, browser):
     _, r = run
     shot = tmp_path / "run.png"
-    dom = render(f"{mlflow_tracking_uri}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}", screenshot=shot)
+    dom = browser(f"{mlflow_tracking_uri}/#/experiments/{r.info.experiment_id}/runs/{r.info.run_id}", screenshot=shot)
     assert "e2e-tiny" in dom
     assert shot.is_file() and shot.stat().st_size > 10_000
 
@@ -208,16 +181,17 @@ def test_bad_configs_exit_2(tmp_path, text, message):
     f = tmp_path / "bad.yaml"
     f.write_text(text)
     for cmd in ("run", "evaluate", "train", "generate", "serve"):
-        res = tomtransfer(cmd, "--config", f, timeout=120)
+        res = cli(cmd, "--config", f, timeout=120)
         assert res.returncode == 2, (cmd, res.stderr)
         assert message in res.stderr and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert list(tmp_path.iterdir()) == [f]  # nothing written
 
 
-def test_changed_inputs_rerun_exactly_the_stages_they_feed(experiment, run):
+def test_changed_inputs_rerun_exactly_the_stages_they_feed(experiment, run, tiny_pipeline_rerun):
     """Fingerprinted stages: a new learning rate reuses the teacher dataset, retrains, and re-measures only the
     fine-tuned student (its store is keyed by the adapter's content); never the old adapter's numbers. The placebo
-    switched off: no placebo training or role, the evaluate stage's key changes."""
+    switched off: no placebo training or role, the evaluate stage's key changes. (After the shared rerun, which must
+    find the first run's stages unchanged.)"""
     path, run_dir, _ = experiment
     cfg = yaml.safe_load(path.read_text())
     cfg["training"]["learning_rate"] = 3e-3
@@ -262,7 +236,7 @@ def test_bad_input_leaves_everything_as_it_was(tmp_path, monkeypatch, case):
     f.write_bytes(data)
     before = sorted(p.name for p in tmp_path.iterdir())
     for cmd in commands:
-        res = tomtransfer(cmd, "--config", f, timeout=300)
+        res = cli(cmd, "--config", f, timeout=300)
         assert res.returncode == 2, (cmd, res.stderr[-2000:])
         lines = [x for x in res.stderr.splitlines() if x.strip()]
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr, (cmd, res.stderr[-2000:])

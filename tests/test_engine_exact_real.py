@@ -24,7 +24,7 @@ ALIAS = "qwen2.5-coder-0.5b-instruct"
 
 
 @pytest.fixture(scope="module")
-def qwen():
+def qwen(real_models):
     if not is_fetched(ALIAS):
         pytest.skip(f"{ALIAS} is not fetched (make models, or tomtransfer models fetch {ALIAS})")
     import torch

@@ -88,7 +88,8 @@ def test_decided_contribution_prefixes_never_change(prefix, suffix):
         assert lead_contribution(prefix + suffix, 10) == s, (prefix, suffix, s)
 
 
-@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "tiny"])
+@pytest.mark.parametrize("model", [pytest.param("smollm2-135m-instruct", marks=pytest.mark.real_model),
+                                   pytest.param("qwen2.5-coder-0.5b-instruct", marks=pytest.mark.real_model), "tiny"])
 def test_decode_many_equals_batch_decode(model):
     """The expansion's fast decode (Rust backend) gives exactly transformers' batch_decode without clean-up, on
     the demo models' tokenizers and the tiny one, including special tokens and byte pieces split across tokens."""

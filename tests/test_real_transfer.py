@@ -21,7 +21,7 @@ SCENARIOS = ["IR_prison", "biz_staghunt", "team_snowdrift", "friendsharing_delig
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory, mlflow_tracking_uri):
+def result(tmp_path_factory, mlflow_tracking_uri, real_models):
     from services.pipeline.run import run
     from shared.config import parse_config
 

@@ -166,6 +166,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 13 writer processes SIGKILLed at random moments: the crash tests' tier (tests/test_crash_kill9.py)
 def test_kill9_at_random_moments_while_writing(tmp_path):
     """SIGKILL a writer of incompressible shards at seeded random moments, 12 times (some mid-write: a temporary
     file is left behind): every shard on disk is whole, temporaries are never read, and a rerun ends with

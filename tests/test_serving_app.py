@@ -69,7 +69,7 @@ class App:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, mlflow_tracking_uri):
+def app(tmp_path_factory, mlflow_tracking_uri, real_models):
     require_private_netns()
     if not is_fetched(TEACHER):
         pytest.skip(f"{TEACHER} is not fetched (make models)")

@@ -3,7 +3,9 @@ app step aside while the training workers need the replicas' resources, then dep
 replicas that can never fit the local cluster fail in one line instead of Serve waiting out its timeout.
 
 The same logic on CPUs: the replicas and the workers are sized from this machine's cores so that both cannot fit at
-once. Starts Ray and servers: runs inside a private network namespace (`make test` does).
+once. The step-aside is read from the session's shared tiny run and its rerun (`tiny_pipeline`, sized that way in
+tests/fixtures/pipeline.py; tests/test_e2e_pipeline.py reads the same run). Starts Ray and servers: runs inside a
+private network namespace (`make test` does).
 """
 
 from __future__ import annotations
@@ -49,17 +51,21 @@ def tomtransfer(*args, timeout=900):
                           cwd=ROOT, timeout=timeout)
 
 
-def test_serving_steps_aside_for_training_that_cannot_fit_beside_it(tmp_path, mlflow_tracking_uri):
+def test_serving_steps_aside_for_training_that_cannot_fit_beside_it(tiny_pipeline, tiny_pipeline_rerun):
     # replicas 2 x 0.4 of the cores, workers 2 x 0.25: 0.5 of the cores needed, 0.2 free while serving
-    path = experiment(tmp_path, mlflow_tracking_uri, replica_cpus=0.4 * CPUS, worker_cpus=0.25 * CPUS)
-    res = tomtransfer("run", "--config", path)
+    cfg = yaml.safe_load(tiny_pipeline.path.read_text())
+    assert cfg["models"]["teacher"]["num_cpus"] == cfg["models"]["student"]["num_cpus"] == 0.4 * CPUS
+    assert cfg["training"]["num_workers"] == 2 and cfg["training"]["cpus_per_worker"] == 0.25 * CPUS
+    res = tiny_pipeline.first  # `tomtransfer run`
     assert res.returncode == 0, res.stderr[-3000:]
     err = res.stderr
     assert "steps aside while training" in err and "deploying the serving app again for the evaluation" in err
     assert err.index("steps aside") < err.index("[train] LoRA") < err.index("deploying the serving app again")
-    assert "transfer: improvement" in res.stdout  # the evaluation ran against the redeployed app (its adapter too)
+    # the evaluation ran against the redeployed app (its adapter too): the summary table (titled "transfer:
+    # improvement ..." until the measurement's a5835c0) is printed
+    assert "the paper's improvement" in res.stdout, res.stdout[-2000:]
 
-    again = tomtransfer("run", "--config", path)  # training reused: nothing to make room for
+    again = tiny_pipeline_rerun.result  # the same config run again: training reused, nothing to make room for
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[train] reused" in again.stderr and "steps aside" not in again.stderr
 

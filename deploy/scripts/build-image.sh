@@ -4,7 +4,9 @@
 # Env: BASE (cpu base: "" = python:3.11-slim-bookworm if a registry answers, else a Debian bookworm
 # base made offline by make-base.sh; "debootstrap" forces that; any other value is an image name),
 # CACHE (host cache folder, default ~/.cache/tomtransfer), BUILD_ARGS (extra podman build flags).
-# docker format: OCI images drop SHELL (the RUN steps need bash). Layers are cached by podman; pip's cache lives under $CACHE/pip, so a rebuild is fast.
+# docker format: OCI images drop SHELL (the RUN steps need bash). Layers are cached by podman; pip's cache lives under
+# $CACHE/pip and the offline base under $CACHE/images, so a rebuild is fast and a fresh machine that keeps the cache
+# downloads nothing twice.
 set -euo pipefail
 flavor="${1:-}"
 tag="${2:-}"
@@ -43,7 +45,20 @@ if [ "${flavor}" = cpu ]; then
     base=debootstrap
   fi
   if [ "${base}" = debootstrap ]; then
-    "${podman[@]}" image exists "${offline_base}" || bash "${here}/make-base.sh" "${offline_base}" >/dev/null
+    # The offline base is made once and kept as a tarball under the cache, so a fresh machine (empty podman
+    # storage, the cache kept) loads it in seconds instead of running debootstrap again (about 2 minutes).
+    base_tar="${cache}/images/tomtransfer-base-bookworm.tar"
+    if ! "${podman[@]}" image exists "${offline_base}"; then
+      if [ -f "${base_tar}" ] && "${podman[@]}" load -q -i "${base_tar}" >/dev/null 2>&1 \
+         && "${podman[@]}" image exists "${offline_base}"; then
+        echo "build-image.sh: offline base loaded from ${base_tar}" >&2
+      else
+        bash "${here}/make-base.sh" "${offline_base}" >/dev/null
+        mkdir -p "${cache}/images"
+        "${podman[@]}" save -q -o "${base_tar}.tmp" "${offline_base}" && mv "${base_tar}.tmp" "${base_tar}" \
+          || rm -f "${base_tar}.tmp"
+      fi
+    fi
     base="${offline_base}"
   fi
   [ -n "${base}" ] && args+=(--build-arg "BASE=${base}")
