@@ -466,19 +466,25 @@ def _est(e, unit: str = "%", digits: int = 1) -> str:
     return f"{e.mean:+.{digits}f}{unit} {_ci(e.ci95) if e.ci95 else '[-]'}"
 
 
+def _strategies(result: EvaluationResult):
+    """(family, its strategy numbers, the fine-tuned student's transfer, its format change, the verdict) for every
+    family where transfer was computed - what the headline table and sentences both read."""
+    for fam, f in _families(result, with_all=True):
+        st = f.strategy
+        if st is None or "student_finetuned" not in st.transfer:
+            continue
+        t, fm = st.transfer["student_finetuned"], st.format.get("student_finetuned")
+        yield fam, st, t, fm, transfer_verdict(t, fm.mean if fm else None)
+
+
 def strategy_rows(result: EvaluationResult) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of what the product leads with: per family the fine-tuned student's strategic transfer (its
     choice among valid answers moved toward the teacher's, % with 95 % CI), the verdict, the format change (valid
     share, percentage points), the placebo difference and the association with the teacher's choices."""
     header = ["family", "n", "transfer % [95 % CI]", "verdict", "format pp", "placebo diff %", "r ft", "r base"]
     rows = []
-    for fam, f in _families(result, with_all=True):
-        st = f.strategy
-        if st is None or "student_finetuned" not in st.transfer:
-            continue
-        t = st.transfer["student_finetuned"]
-        fm = st.format.get("student_finetuned")
-        rows.append([fam, str(t.n), _est(t), transfer_verdict(t, fm.mean if fm else None), _est(fm, " pp"),
+    for fam, st, t, fm, verdict in _strategies(result):
+        rows.append([fam, str(t.n), _est(t), verdict, _est(fm, " pp"),
                      _est(st.placebo_difference), _est(st.association.get("student_finetuned"), "", 2),
                      _est(st.association.get("student_base"), "", 2)])
     return header, rows
@@ -503,14 +509,8 @@ def transfer_verdict(t, format_pp: float | None = None) -> str:
 def strategy_lines(result: EvaluationResult) -> list[str]:
     """The strategic headline in sentences, one per family (console, report, logs)."""
     out = []
-    for fam, f in _families(result, with_all=True):
-        st = f.strategy
-        if st is None or "student_finetuned" not in st.transfer:
-            continue
-        t = st.transfer["student_finetuned"]
-        fm = st.format.get("student_finetuned")
-        line = (f"{fam}: transfer {_est(t)} (n = {t.n}) - {transfer_verdict(t, fm.mean if fm else None)}; format "
-                f"{_est(st.format.get('student_finetuned'), ' pp')} valid share")
+    for fam, st, t, fm, verdict in _strategies(result):
+        line = f"{fam}: transfer {_est(t)} (n = {t.n}) - {verdict}; format {_est(fm, ' pp')} valid share"
         if st.placebo_difference is not None:
             line += f"; transfer minus placebo {_est(st.placebo_difference)}"
         elif "student_placebo" in st.transfer:
