@@ -58,6 +58,12 @@ def test_sweep_runs_cells_as_child_runs_and_skips_finished_ones(tmp_path, mlflow
     cells = client.search_runs([exp.experiment_id], f"tags.`tomtransfer.sweep_parent` = '{parent_id}'")
     assert len(cells) == 2 and all(c.info.status == "FINISHED" for c in cells)
     assert all(c.data.tags["mlflow.parentRunId"] == parent_id for c in cells)
+    # what each cell asked of the teacher (issue 22: sweeps compare at equal teacher cost): 2 in-sample scenarios x 4
+    # samples (generate.families: in_sample), no soft labels under sft
+    for c in cells:
+        m = {k: v for k, v in c.data.metrics.items() if k.startswith("teacher_cost.")}
+        assert m["teacher_cost.generate.samples"] == 8 and m["teacher_cost.tokens"] == \
+            m["teacher_cost.generate.tokens"] > m["teacher_cost.generate.completion_tokens"] > 0, m
     # concurrent: both cells ran as Ray tasks at once (their runs overlap in time), against one shared serving app
     # where each cell's adapter has its own name
     (a, b) = sorted(cells, key=lambda c: c.info.start_time)
