@@ -829,6 +829,25 @@ def worker_resources(t) -> dict[str, float]:
     return {"CPU": t.num_workers * t.cpus_per_worker, "GPU": float(t.num_workers if t.use_gpu else 0)}
 
 
+def _resources_short(need: dict[str, float], settle_s: float = 60.0) -> list[str]:
+    """The resources of `need` this local cluster cannot give, as readable lines; empty when the group fits.
+
+    A need above the cluster's total fails at once. One within it but above what is free waits up to `settle_s`:
+    a worker group that just ended gives its placement group back asynchronously, so `available_resources`
+    lags behind the previous fit() by a moment (seen as "free: 0" right after another training run).
+    """
+    import ray  # the trainer's Ray import stays lazy: the module is read by CPU-only tools too
+
+    total = ray.cluster_resources()
+    deadline = time.monotonic() + (settle_s if all(need[k] <= total.get(k, 0.0) + 1e-9 for k in need) else 0.0)
+    while True:
+        free = ray.available_resources()
+        short = [f"{need[k]:g} {k} (free: {free.get(k, 0.0):g})" for k in need if need[k] > free.get(k, 0.0) + 1e-9]
+        if not short or time.monotonic() >= deadline:
+            return short
+        time.sleep(0.5)
+
+
 def run_training(
     cfg,
     dataset_path: str | Path,
@@ -896,9 +915,7 @@ def run_training(
     if started_ray or not os.environ.get("RAY_ADDRESS"):
         # A local cluster does not autoscale: a worker group that cannot fit would wait out Ray's start-up
         # timeout and fail obscurely (e.g. serving replicas already hold the CPUs). Say so up front.
-        need = worker_resources(t)
-        free = ray.available_resources()
-        short = [f"{need[k]:g} {k} (free: {free.get(k, 0.0):g})" for k in need if need[k] > free.get(k, 0.0) + 1e-9]
+        short = _resources_short(worker_resources(t))
         if short:
             if started_ray:
                 ray.shutdown()
