@@ -234,7 +234,7 @@ def _analyze_samples(path: Path, rate: str, min_valid_share: float, out_dir: Opt
     """`analyze --samples`: parse raw responses, then the evaluator's `evaluate_samples` does every metric."""
     import inspect
 
-    from services.evaluator import metrics
+    from services.evaluator import scoring
     from shared.sample_files import load_samples
 
     if rate not in RATES:
@@ -244,7 +244,7 @@ def _analyze_samples(path: Path, rate: str, min_valid_share: float, out_dir: Opt
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         fail(f"--out {out_dir}: exists and is not a folder")
     df = load_samples(path)
-    accepted = inspect.signature(metrics.evaluate_samples).parameters
+    accepted = inspect.signature(scoring.evaluate_samples).parameters
     kwargs: dict = {}
     for name, value, default in (("rate", rate, "count"), ("min_valid_share", min_valid_share, 0.1)):
         if name in accepted:
@@ -253,7 +253,7 @@ def _analyze_samples(path: Path, rate: str, min_valid_share: float, out_dir: Opt
             err.print(f"note: this evaluator has no {name!r} option; --{name.replace('_', '-')} ignored",
                       highlight=False, soft_wrap=True)
     try:
-        result = metrics.evaluate_samples(df, expected_samples=None, n_resamples=bootstrap, **kwargs)
+        result = scoring.evaluate_samples(df, expected_samples=None, n_resamples=bootstrap, **kwargs)
     except UserError as e:
         fail(f"{path}: {e}")
     data = result.to_dict()

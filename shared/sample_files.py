@@ -13,7 +13,7 @@
 
 Each response is parsed with the documented rule (`shared.parsing`): `parse_choice` for 2x2 games,
 `parse_contribution(text, endowment)` for public-goods games (the catalog's endowment; 10 for a PGG id not in
-the catalog). The result has the columns `services.evaluator.metrics.evaluate_samples` requires (role,
+the catalog). The result has the columns `services.evaluator.scoring.evaluate_samples` requires (role,
 scenario_id, family, context, game, sample_index, answer, valid) plus `response` and `row` (the 1-based data
 row in FILE). Group sizes may differ. Anything wrong raises `SampleFileError` with a one-line message.
 """

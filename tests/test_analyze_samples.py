@@ -186,10 +186,10 @@ def test_rate_and_min_valid_share_pass_through_only_if_accepted(tmp_path, monkey
     from typer.testing import CliRunner
 
     from services import cli as cli_mod
-    from services.evaluator import metrics
+    from services.evaluator import scoring
 
     f = write(pd.DataFrame(records(("IR_prison",))), tmp_path / "s.csv")
-    real = metrics.evaluate_samples
+    real = scoring.evaluate_samples
     seen = {}
 
     def new_style(df, *, expected_samples=None, n_resamples=2000, seed=0, rate="count", min_valid_share=0.1):
@@ -202,18 +202,18 @@ def test_rate_and_min_valid_share_pass_through_only_if_accepted(tmp_path, monkey
 
     args = ["analyze", "--samples", str(f), "--json", "--bootstrap", "100", "--rate", "conditional",
             "--min-valid-share", "0.25"]
-    monkeypatch.setattr(metrics, "evaluate_samples", new_style)
+    monkeypatch.setattr(scoring, "evaluate_samples", new_style)
     r = CliRunner().invoke(cli_mod.app, args)
     assert r.exit_code == 0, r.output
     assert seen == {"rate": "conditional", "min_valid_share": 0.25, "expected_samples": None}
-    monkeypatch.setattr(metrics, "evaluate_samples", old_style)
+    monkeypatch.setattr(scoring, "evaluate_samples", old_style)
     seen.clear()
     r = CliRunner().invoke(cli_mod.app, args)
     assert r.exit_code == 0 and seen == {"old": True}
 
 
 def test_no_warning_for_zero_variance_groups():
-    from services.evaluator.metrics import evaluate_samples
+    from services.evaluator.scoring import evaluate_samples
     from shared.sample_files import parse_samples
 
     with warnings.catch_warnings():

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from tests.fixtures import synthetic_results as synthetic
-from services.evaluator.metrics import (
+from services.evaluator.scoring import (
     EvaluationDataError,
     evaluate_exact,
     evaluate_samples,

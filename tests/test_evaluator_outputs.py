@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures import synthetic_results as synthetic
-from services.evaluator.metrics import evaluate_exact, evaluate_samples
+from services.evaluator.scoring import evaluate_exact, evaluate_samples
 from services.evaluator.report import write_outputs
 from shared.config import load_config
 

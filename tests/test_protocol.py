@@ -12,7 +12,7 @@ from shared.config import ConfigError, parse_config
 from shared.scenarios import default_catalog
 
 from tests.fixtures import synthetic_results as synthetic
-from services.evaluator.metrics import EvaluationDataError, evaluate
+from services.evaluator.scoring import EvaluationDataError, evaluate
 from services.evaluator.report import build_document, summary_rows
 
 BASE = {"name": "p", "models": {"teacher": {"model": "t"}, "student": {"model": "s"}}}

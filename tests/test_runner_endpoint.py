@@ -188,7 +188,7 @@ def test_dead_endpoint_clear_error_within_60s_and_resume(reference, llm_endpoint
     assert_exact(res.table)
     assert comparable(res.table) == comparable(reference.table)
     # ... hence the evaluation metrics (domain core, via the evaluator) are those of the uninterrupted run.
-    from services.evaluator.metrics import evaluate_samples
+    from services.evaluator.scoring import evaluate_samples
 
     def metrics(t):
         return evaluate_samples(t.to_pandas(), expected_samples=N, n_resamples=200).flat_metrics()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.evaluator.metrics import evaluate
+from services.evaluator.scoring import evaluate
 from shared.sample_files import load_samples
 from shared.transfer import Choice, analyze_group, split_improvement
 from tests.fixtures.synthetic_students import TRUTH, responses

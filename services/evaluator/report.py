@@ -38,7 +38,7 @@ from services.evaluator.figures import (
     write_figures,
     write_tables,
 )
-from services.evaluator.metrics import ROLES, EvaluationResult
+from services.evaluator.scoring import ROLES, EvaluationResult
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"

@@ -19,7 +19,7 @@ import yaml
 
 from shared.errors import UserError
 
-from services.evaluator.metrics import EXACT_PARQUET, compute
+from services.evaluator.scoring import EXACT_PARQUET, compute
 from services.evaluator.report import Outputs, write_outputs
 
 

@@ -5,7 +5,7 @@ What lands where (`log_evaluation`):
   params      the experiment config flattened with dots (`models.teacher.model`, `evaluate.samples`, ...);
               lists as JSON. A key the run already holds with the same value is fine; one it holds with
               another value is left alone and reported (MLflow params are immutable) - never an error.
-  metrics     `EvaluationResult.flat_metrics()` (stable names, see services.evaluator.metrics), sent with
+  metrics     `EvaluationResult.flat_metrics()` (stable names, see services.evaluator.scoring), sent with
               `mlflow.log_metrics` in batches of at most 500
   tags        tomtransfer.stage = evaluate, tomtransfer.estimator, tomtransfer.samples
   experiment  marked as model training, its headline-metrics view widened (`mark_training_experiment`)
@@ -47,7 +47,7 @@ import yaml
 from shared.config import ALL_FAMILIES
 from shared.samples import ROLES
 
-from services.evaluator.metrics import EXACT_PARQUET, EvaluationResult, compute
+from services.evaluator.scoring import EXACT_PARQUET, EvaluationResult, compute
 from services.evaluator.report import Outputs, write_outputs
 
 log = logging.getLogger(__name__)
