@@ -190,13 +190,26 @@ def build_document(
     run_info: Mapping[str, str] | None = None,
     title: str | None = None,
 ) -> Doc:
+    """The report as blocks, section by section in reading order (one function a section, below)."""
     cfg = _config_dict(config)
     name = _get(cfg, "name") or "experiment"
     doc = Doc(title or f"tomtransfer evaluation report: {name}")
-    figures = list(figures or [])
-    fig_by_name = {p.name: p for p in figures}
+    _header(doc, result, run_info)
+    _headline(doc, result)
+    _configuration(doc, cfg, name)
+    _models(doc, result, cfg)
+    _family_summary(doc, result)
+    _rates(doc, result)
+    _figures(doc, result, {p.name: p for p in figures or []})
+    _per_scenario(doc, result)
+    _table1(doc, result)
+    _pgg(doc, result)
+    _notes(doc, result)
+    return doc
 
-    # ---- header
+
+def _header(doc: Doc, result: EvaluationResult, run_info: Mapping[str, str] | None) -> None:
+    """The lines under the title: when, which estimator and rate, the protocol, the run's links."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     est = {"exact": "exact (probabilities from one forward pass per scenario and role)",
            "mixed": "per role (see the protocol): exact probabilities for answer-only roles, samples for the rest"
@@ -210,7 +223,9 @@ def build_document(
             info.append(f"{k}: `{v}`")
     doc.ul(info)
 
-    # ---- headline: strategy first, then the paper's count-rate number
+
+def _headline(doc: Doc, result: EvaluationResult) -> None:
+    """Headline: strategy first, then the paper's count-rate improvement per family, the PGG and Table 1."""
     doc.h(1, "Headline")
     st_lines = strategy_lines(result)
     if st_lines:
@@ -246,7 +261,9 @@ def build_document(
           "fine-tuned student closed (< 0 exacerbation, 0..100 partial, > 100 overcorrection, undefined where "
           "teacher = base).")
 
-    # ---- configuration and models
+
+def _configuration(doc: Doc, cfg: dict | None, name: str) -> None:
+    """Configuration: the settings that shaped the numbers (or a line saying none was given)."""
     doc.h(1, "Configuration")
     if cfg:
         rows = [
@@ -275,6 +292,10 @@ def build_document(
         doc.table(["setting", "value"], rows, "ll")
     else:
         doc.p("No configuration was given.")
+
+
+def _models(doc: Doc, result: EvaluationResult, cfg: dict | None) -> None:
+    """Models: each role's served name, weights and whether it was evaluated."""
     doc.h(2, "Models")
     spec = {"teacher": "models.teacher", "student_base": "models.student", "student_finetuned": "models.student",
             "student_placebo": "models.student"}
@@ -291,7 +312,9 @@ def build_document(
         rows.append([ROLE_LABELS[role], f"`{served}`", weights, "yes" if role in result.roles else "no"])
     doc.table(["role", "served as", "weights", "evaluated"], rows, "llll")
 
-    # ---- summary per family
+
+def _family_summary(doc: Doc, result: EvaluationResult) -> None:
+    """Summary per family: improvement aggregates and classes, then by game and by context."""
     doc.h(1, "Summary per family")
     header = ["family", "scenarios", "mean", "median", "sd", "se", "95 % CI", "min", "max", "exacerbation",
               "partial", "overcorrection", "undefined", "unstable", "bridging", "JS ft-teacher", "JS base-teacher"]
@@ -316,7 +339,9 @@ def build_document(
             doc.table([kind, "n", "mean", "se", "95 % CI"], align="lrrrr", rows=
                       [[g, a.n, fmt(a.mean), fmt(a.se), _ci(a.ci95)] for g, a in groups.items()])
 
-    # ---- rates
+
+def _rates(doc: Doc, result: EvaluationResult) -> None:
+    """Cooperation rates per family and role; sampled runs add every role's sample totals."""
     doc.h(1, "Cooperation rates")
     doc.p(f"Rate = {rate_label(result)} per scenario, averaged over the family's scenarios; invalid = answers that "
           "did not parse, in percent of all samples (exact mode: 1 - valid probability mass).")
@@ -335,7 +360,9 @@ def build_document(
                           f"({_pct(inv / n if n else None)} %)")
         doc.ul(totals)
 
-    # ---- figures
+
+def _figures(doc: Doc, result: EvaluationResult, fig_by_name: Mapping[str, Path]) -> None:
+    """Figures: Fig. 2 per family, Fig. 3-4 per family, Fig. 5 per public-goods game (those that were drawn)."""
     doc.h(1, "Figures")
     for fam in result.rate_means:
         p = fig_by_name.get(f"fig2_cooperation_{fam}.png")
@@ -354,7 +381,9 @@ def build_document(
         if p:
             doc.img(p, "Average contribution to the public good per role, +-1 se in black (as Fig. 5 of the paper).")
 
-    # ---- per-scenario
+
+def _per_scenario(doc: Doc, result: EvaluationResult) -> None:
+    """Per-scenario results, one table per family, then the scenarios with rates but no improvement."""
     doc.h(1, "Per-scenario results")
     rate_of = {(r.scenario_id, r.role): r for r in result.rates}
     for fam in dict.fromkeys(s.family for s in result.scenarios):
@@ -375,7 +404,9 @@ def build_document(
         doc.p(f"Scenarios with rates but no improvement (a role missing or without valid answers): "
               f"{', '.join(partial)}. Their rates are in `tables/rates.csv`.")
 
-    # ---- Table 1
+
+def _table1(doc: Doc, result: EvaluationResult) -> None:
+    """Table 1: normal vs doubled payoffs of the fine-tuned student."""
     doc.h(1, "Table 1: normal vs doubled payoffs (fine-tuned student)")
     if result.table1:
         doc.table(TABLE1_HEADER, table1_rows(result))
@@ -386,7 +417,9 @@ def build_document(
         doc.p("Not computed: it needs the fine-tuned student on in-sample scenarios and their doubled-payoff "
               "(`_x2`) counterparts.")
 
-    # ---- PGG
+
+def _pgg(doc: Doc, result: EvaluationResult) -> None:
+    """Public-goods game: per-role contributions, improvement, bridging, JS and the Welch tests."""
     if result.pgg:
         doc.h(1, "Public-goods game")
         for sid, p in result.pgg.items():
@@ -406,7 +439,9 @@ def build_document(
                 doc.p(f"Exact mode: mean and sd of the contribution distribution (given a valid answer); "
                       f"se = sd / sqrt({result.samples}) and the Welch tests use n = {result.samples} per role.")
 
-    # ---- notes
+
+def _notes(doc: Doc, result: EvaluationResult) -> None:
+    """Notes: unstable scenarios, how invalid answers count, the evaluator's own notes."""
     doc.h(1, "Notes")
     notes = []
     uns = result.unstable_scenarios
@@ -423,7 +458,6 @@ def build_document(
                      "rates use valid answers as the denominator."))
     notes += [n for n in result.notes if not n.startswith(f"{len(uns)} unstable scenario")]
     doc.ul(notes)
-    return doc
 
 
 def _p(x) -> str:
