@@ -285,14 +285,16 @@ def test_bad_objective_input_one_line_exit_2_nothing_written(student, tmp_path, 
 
 # ------------------------------------------------------------------------------------------------ fingerprints
 def test_train_key_follows_the_objective(student, tmp_path):
-    from services.pipeline.fingerprint import train_key
+    from services.common.fingerprint import train_key
+    from services.pipeline.fingerprint import train_soft_labels_key
     from shared.config import load_config
 
     data = tmp_path / "train.parquet"
     pd.DataFrame({"x": [1]}).to_parquet(data)
 
     def key(**training):
-        return train_key(load_config(_write_config(tmp_path, student, **training)), data)
+        cfg = load_config(_write_config(tmp_path, student, **training))
+        return train_key(cfg, data, soft_labels_key=train_soft_labels_key(cfg))
 
     sft = key()
     assert key(distribution_weight=0.3) == sft  # the new knobs do not touch an sft key

@@ -7,7 +7,7 @@ import pytest
 from shared.config import parse_config
 
 from services.evaluator.collect import role_dir, role_spec
-from services.pipeline.fingerprint import dir_sha256, generate_key, train_key, weights_identity
+from services.common.fingerprint import dir_sha256, generate_key, train_key, weights_identity
 
 BASE = {"name": "fp", "models": {"teacher": {"model": "hub/teacher"}, "student": {"model": "hub/student"}}}
 IDS = ["IR_prison", "IR_staghunt"]

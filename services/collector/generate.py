@@ -35,6 +35,8 @@ from shared.config import ExperimentConfig
 
 from services.collector.runner import RetryPolicy, RunReport, RequestSettings, sample_async
 from services.collector.store import SampleStore, check_manifest
+from services.common.checks import check_secrets
+from services.common.fingerprint import generate_key
 from services.collector.jobs import (
     api_key,
     as_config,
@@ -59,9 +61,7 @@ class GenerateResult:
 
 def generate_dir(cfg: ExperimentConfig) -> Path:
     """`<run_dir>/generate/<key>`: the key hashes exactly what the samples and the training set depend on
-    (`services.pipeline.fingerprint.generate_key`), so other inputs never find these outputs."""
-    from services.pipeline.fingerprint import generate_key
-
+    (`services.common.fingerprint.generate_key`), so other inputs never find these outputs."""
     ids = [s.id for s in select_scenarios(cfg, list(cfg.generate.families))]
     return cfg.run_dir / "generate" / generate_key(cfg, ids)
 
@@ -78,8 +78,6 @@ def generate(
     log_to_mlflow: bool = True,
 ) -> GenerateResult:
     """Sample the teacher (resuming), compact the samples, build the training set and exports, log to MLflow."""
-    from services.pipeline.preflight import check_secrets
-
     cfg = as_config(config)
     check_secrets(cfg)  # before the store folder is made
     g = cfg.generate

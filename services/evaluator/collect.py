@@ -46,6 +46,7 @@ from shared.scenarios import Scenario
 
 from services.collector.runner import RetryPolicy, RunReport, RequestSettings, exact_async, parse_answer, sample_async
 from services.collector.store import ExactStore, SampleStore, check_manifest
+from services.common.fingerprint import model_identity, role_key
 from services.collector.jobs import (
     api_key,
     as_config,
@@ -100,8 +101,6 @@ def _max_tokens(cfg: ExperimentConfig, role: str) -> int:
 
 def role_spec(cfg: ExperimentConfig, role: str, adapter: dict | None = None) -> dict:
     """Everything a role's evaluation rows depend on; its hash names the role's store."""
-    from services.pipeline.fingerprint import model_identity
-
     e = cfg.evaluate
     spec = cfg.models.teacher if role == "teacher" else cfg.models.student
     est = e.estimator_for(role)
@@ -117,23 +116,17 @@ def role_spec(cfg: ExperimentConfig, role: str, adapter: dict | None = None) -> 
 
 def role_dir(cfg: ExperimentConfig, role: str, adapter: dict | None = None) -> Path:
     """A role's store; `adapter`: the identity of that role's adapter (student_finetuned / student_placebo)."""
-    from services.pipeline.fingerprint import role_key
-
     return evaluate_dir(cfg) / f"{role}-{role_key(role_spec(cfg, role, adapter))}"
 
 
 def lead_spec(cfg: ExperimentConfig) -> dict:
     """What the teacher's leading-answer rows depend on: its weights, its evaluation prompt, exact mode at T."""
-    from services.pipeline.fingerprint import model_identity
-
     return {**role_identity(cfg, "teacher"), "weights": model_identity(cfg.models.teacher),
             "instruction": cfg.evaluate.instruction_for("teacher"), "estimator": "exact", "part": LEAD_PART,
             "temperature": cfg.sampling.temperature}
 
 
 def lead_dir(cfg: ExperimentConfig) -> Path:
-    from services.pipeline.fingerprint import role_key
-
     return evaluate_dir(cfg) / f"teacher_lead-{role_key(lead_spec(cfg))}"
 
 

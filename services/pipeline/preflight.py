@@ -2,10 +2,9 @@
 folder, the MLflow store and the cluster exactly as they were.
 
 What is checked (each stage asks for what it needs):
-  models    every locally served model resolves: an alias of the offline store (fetched into the cache if it is
-            not there yet - the cache is not an output), a Hugging Face folder, or a hub id already in the local
-            cache; an `openai`-engine model's API-key variable is set
-  secrets   `serving.auth_token_env` names a variable that is set
+  models    every locally served model resolves, an `openai` model's key variable is set
+            (`services.common.checks.check_models`)
+  secrets   `serving.auth_token_env` names a variable that is set (`services.common.checks.check_secrets`)
   packs     scenario packs exist, are UTF-8 and valid, and the selected scenarios exist
   objective `training.objective` distribution / sft+distribution: a given soft-label set reads and is not empty, and
             every action string (C, D, the PGG's amounts) tokenizes to something distinct with the student's tokenizer
@@ -13,41 +12,16 @@ What is checked (each stage asks for what it needs):
 
 from __future__ import annotations
 
-import os
-import sys
-
 from shared.config import ExperimentConfig
 from shared.errors import UserError
 
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def check_models(cfg: ExperimentConfig, roles: tuple[str, ...] = ("teacher", "student")) -> None:
-    from services.common.models import resolve_model
-
-    for role in roles:
-        spec = getattr(cfg.models, role)
-        if spec.engine == "openai":
-            if spec.api_key_env and not os.environ.get(spec.api_key_env):
-                raise UserError(f"models.{role}.api_key_env: environment variable {spec.api_key_env} is not set")
-            continue
-        try:
-            resolve_model(spec.model, progress=_say)
-        except UserError as e:
-            raise UserError(f"models.{role}.model: {e}") from None
-
-
-def check_secrets(cfg: ExperimentConfig) -> None:
-    env = cfg.serving.auth_token_env
-    if env and not os.environ.get(env):
-        raise UserError(f"serving.auth_token_env: environment variable {env} is not set")
-
+from services.collector.jobs import select_scenarios
+from services.common.checks import check_models, check_secrets
+from services.common.models import resolve_model
+from services.pipeline.resources import say
+from services.trainer.softlabels import actions_for, read_soft_labels
 
 def check_scenarios(cfg: ExperimentConfig) -> None:
-    from services.collector.jobs import select_scenarios
-
     for families in (cfg.generate.families, cfg.evaluate.families):
         select_scenarios(cfg, list(families))
 
@@ -56,9 +30,6 @@ def check_objective(cfg: ExperimentConfig) -> None:
     """The distribution objective can be trained: its soft-label set (when given) and its actions (see above)."""
     if cfg.training.objective == "sft":
         return
-    from services.collector.jobs import select_scenarios
-    from services.trainer.softlabels import actions_for, read_soft_labels
-
     action_sets = {tuple(actions_for(s)) for s in select_scenarios(cfg, list(cfg.generate.families))}
     if cfg.training.soft_labels:
         action_sets = {tuple(r["actions"]) for r in read_soft_labels(cfg.training.soft_labels)}
@@ -66,13 +37,13 @@ def check_objective(cfg: ExperimentConfig) -> None:
     if spec.engine == "openai":
         raise UserError("training.objective: the distribution objective trains a local student; models.student "
                         "is a remote (openai) model")
+    # transformers and torch (distill): lazy, only a distribution objective needs them
     import transformers
 
-    from services.common.models import resolve_model
     from services.trainer.distill import ObjectiveError, action_token_ids
 
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(resolve_model(spec.model, progress=_say)))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(resolve_model(spec.model, progress=say)))
     except (OSError, ValueError) as err:
         raise UserError(f"models.student.model: cannot load its tokenizer: {err}") from None
     for actions in sorted(action_sets):

@@ -22,8 +22,10 @@ from pathlib import Path
 from shared.config import ExperimentConfig
 from shared.errors import UserError
 
+from services.collector.jobs import base_url as endpoint
+from services.common.checks import check_models
 from services.pipeline import stages
-from services.pipeline.preflight import check_inputs, check_models
+from services.pipeline.preflight import check_inputs, check_objective
 from services.pipeline.resources import LocalApp, local_app, serving, serving_api_key, tracking, with_tracking
 from services.pipeline.resources import say
 from services.pipeline.stages import Context
@@ -152,8 +154,6 @@ def _parent_run(cfg: ExperimentConfig, tracking_uri: str, tags: dict | None):
 def generate(cfg: ExperimentConfig, *, base_url: str | None = None, progress: bool | None = None) -> stages.Generated:
     """`tomtransfer generate`: the teacher dataset against a running app (`--base-url`, `serving.base_url`, or the
     address `serve` binds by default); logged to `mlflow.tracking_uri` when one is set."""
-    from services.collector.jobs import base_url as endpoint
-
     check_inputs(cfg, serve=False)
     ctx = Context(tracking_uri=cfg.mlflow.tracking_uri, url=endpoint(cfg, base_url), api_key=serving_api_key(cfg),
                   progress=progress)
@@ -169,8 +169,6 @@ def train(cfg: ExperimentConfig, *, dataset: str | Path | None = None, checkpoin
     if checkpoint_every < 0:
         raise UserError("--checkpoint-every must be >= 0")
     check_models(cfg, roles=("student",))  # an unknown student fails here, before MLflow or Ray start
-    from services.pipeline.preflight import check_objective
-
     check_objective(cfg)
     path = stages.training_set(cfg, dataset)
     # distribution objectives: built by generate/run (or now, against serving.base_url), or training.soft_labels

@@ -26,6 +26,8 @@ from typing import Any
 from shared.config import ExperimentConfig
 from shared.errors import UserError
 
+from services.common.fingerprint import SHORT, dir_sha256, file_sha256, model_identity
+from services.pipeline.fingerprint import evaluate_key, soft_labels_key, train_soft_labels_key
 from services.pipeline.resources import say
 
 
@@ -153,8 +155,6 @@ def training_set(cfg: ExperimentConfig, dataset: str | Path | None = None) -> Pa
 
 def soft_label_dir(cfg: ExperimentConfig) -> Path:
     """`<run_dir>/train/soft-labels/<key>`: the soft-label set built from the teacher (`fingerprint.soft_labels_key`)."""
-    from services.pipeline.fingerprint import soft_labels_key
-
     return cfg.run_dir.resolve() / "train" / "soft-labels" / soft_labels_key(cfg)
 
 
@@ -191,7 +191,6 @@ def _build_soft_labels(cfg: ExperimentConfig, ctx: Context, out: Path) -> Path:
     from services.collector.jobs import api_key, jobs_for, role_identity, run_id_for, select_scenarios
     from services.collector.runner import RetryPolicy, exact_async
     from services.collector.store import ExactStore, check_manifest
-    from services.pipeline.fingerprint import model_identity
     from services.trainer.softlabels import (build_soft_labels, export_soft_labels, log_soft_labels_to_mlflow,
                                              samples_frame)
     from shared.samples import LEAD_PART
@@ -269,7 +268,6 @@ def _log_metrics(ctx: Context, values: dict[str, float]) -> None:
 def placebo_soft_label_set(cfg: ExperimentConfig, soft_labels: str | Path) -> Path:
     """The placebo of a soft-label set (each scenario's target moved to another scenario, seed = sampling.seed),
     written once under `<run_dir>/train/soft-labels/placebo-<source sha256>-seed<seed>/`."""
-    from services.pipeline.fingerprint import SHORT, file_sha256
     from services.trainer.softlabels import SOFT_META_JSON, SOFT_PARQUET, placebo_soft_labels
 
     src = Path(soft_labels)
@@ -284,7 +282,6 @@ def placebo_set(cfg: ExperimentConfig, dataset: str | Path) -> Path:
     """The placebo training set of `dataset` (`services.trainer.dataset.export_placebo_set`: its completions
     permuted across scenarios, seed = sampling.seed), written once under
     `<run_dir>/train/placebo-sets/<source sha256>-seed<seed>/` (named by its inputs; reused when there)."""
-    from services.pipeline.fingerprint import SHORT, file_sha256
     from services.trainer.dataset import META_JSON, TRAIN_PARQUET, export_placebo_set
 
     dataset = Path(dataset)
@@ -321,10 +318,7 @@ def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoin
     """LoRA on the student with Ray Train; resumes an interrupted run with the same inputs (the same key).
     `placebo`: `dataset` is the placebo set (`train_placebo`). `soft_labels`: the distribution objective's set
     (default: `soft_label_set`; checked against the student's tokenizer before anything is written)."""
-    from mlflow.tracking import MlflowClient
-
-    from services.trainer.dataset import DatasetError, DatasetExport, log_dataset_to_mlflow
-    from services.trainer.train import run_training, train_dir
+    from services.trainer.train import ensure_mlflow_run, run_training  # torch: lazy, as above
 
     dataset = Path(dataset)
     out_dir = train_dir(cfg, dataset, placebo=placebo)
@@ -342,42 +336,15 @@ def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoin
         preflight(dataset, _resolve_student(cfg.models.student.model), cfg.training.max_seq_len,
                   objective=cfg.training.objective, soft_labels_path=soft_labels)
     run_id = None
-    if ctx.tracking_uri:
-        id_file = out_dir / "mlflow_run_id"  # an interrupted attempt with the same inputs continues its run
-        run_id = id_file.read_text().strip() if id_file.is_file() else None
-        if run_id is None:
-            client = MlflowClient(ctx.tracking_uri)
-            exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
-            tags = {"tomtransfer.stage": "train", **({"mlflow.parentRunId": ctx.parent_run_id} if ctx.parent_run_id
-                                                     else {})}
-            if placebo:
-                tags["tomtransfer.placebo"] = "true"
-            run_name = f"{cfg.name}-train-placebo" if placebo else f"{cfg.name}-train"
-            run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
-            out_dir.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(run_id + "\n")
-            try:
-                ex = DatasetExport.from_dir(dataset.parent)
-                log_dataset_to_mlflow(ex, run_id=run_id, tracking_uri=ctx.tracking_uri)
-                if ex.placebo:  # the permutation, as params beside the training settings
-                    for k in ("seed", "moved", "examples", "source_content_sha256"):
-                        client.log_param(run_id, f"placebo.{k}", str(ex.placebo[k]))
-            except DatasetError:
-                pass  # a bare Parquet file: no card to log
-            if soft_labels is not None:
-                from services.trainer.softlabels import SoftLabelError, SoftLabelExport, log_soft_labels_to_mlflow
-
-                client.log_param(run_id, "training.objective", cfg.training.objective)
-                try:
-                    log_soft_labels_to_mlflow(SoftLabelExport.from_dir(Path(soft_labels).parent), run_id=run_id,
-                                              tracking_uri=ctx.tracking_uri)
-                except SoftLabelError:
-                    pass  # a bare Parquet file: no card to log
+    if ctx.tracking_uri:  # the stage's MLflow run, filed under the parent; an interrupted attempt's is continued
+        run_id, created = ensure_mlflow_run(cfg, ctx.tracking_uri, out_dir, placebo=placebo,
+                                            parent_run_id=ctx.parent_run_id)
+        if created:
+            _log_train_inputs(cfg, ctx.tracking_uri, run_id, dataset, soft_labels)
     t = cfg.training
     say(f"[train] LoRA on {cfg.models.student.model}{' (placebo control)' if placebo else ''}: {t.num_workers} Ray "
         f"Train worker(s){' on GPUs' if t.use_gpu else ''}, objective {t.objective}")
-    res = run_training(cfg, dataset, cfg.models.student.model, ctx.tracking_uri, run_id=run_id,
+    res = run_training(cfg, dataset, cfg.models.student.model, ctx.tracking_uri, run_id=run_id, out_dir=out_dir,
                        checkpoint_every_steps=checkpoint_every, placebo=placebo, soft_labels_path=soft_labels)
     out = Trained(key=key, adapter_dir=res["adapter_dir"], adapter_uri=res.get("adapter_uri"), run_id=res.get("run_id"),
                   train_loss=res.get("train_loss"), steps=res.get("steps"), tokens_per_s=res.get("tokens_per_s"),
@@ -386,11 +353,43 @@ def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoin
     return out
 
 
+def _log_train_inputs(cfg: ExperimentConfig, tracking_uri: str, run_id: str, dataset: Path,
+                      soft_labels: str | Path | None) -> None:
+    """A new train run's inputs: the training set (and its placebo permutation), the soft-label set."""
+    from mlflow.tracking import MlflowClient  # mlflow: lazy, the CLI's checks need none
+
+    from services.trainer.dataset import DatasetError, DatasetExport, log_dataset_to_mlflow
+    from services.trainer.softlabels import SoftLabelError, SoftLabelExport, log_soft_labels_to_mlflow
+
+    client = MlflowClient(tracking_uri)
+    try:
+        ex = DatasetExport.from_dir(dataset.parent)
+        log_dataset_to_mlflow(ex, run_id=run_id, tracking_uri=tracking_uri)
+        if ex.placebo:  # the permutation, as params beside the training settings
+            for k in ("seed", "moved", "examples", "source_content_sha256"):
+                client.log_param(run_id, f"placebo.{k}", str(ex.placebo[k]))
+    except DatasetError:
+        pass  # a bare Parquet file: no card to log
+    if soft_labels is not None:
+        client.log_param(run_id, "training.objective", cfg.training.objective)
+        try:
+            log_soft_labels_to_mlflow(SoftLabelExport.from_dir(Path(soft_labels).parent), run_id=run_id,
+                                      tracking_uri=tracking_uri)
+        except SoftLabelError:
+            pass  # a bare Parquet file: no card to log
+
+
+def train_dir(cfg: ExperimentConfig, dataset: str | Path, *, placebo: bool = False) -> Path:
+    """The train stage's folder (`services.trainer.train.train_dir`), its key holding the built soft-label set's
+    where the objective trains on it (`fingerprint.train_soft_labels_key`)."""
+    from services.trainer.train import train_dir as trainer_dir  # imports torch: lazy, the CLI's checks need none
+
+    return trainer_dir(cfg, dataset, placebo=placebo, soft_labels_key=train_soft_labels_key(cfg))
+
+
 def train_done(cfg: ExperimentConfig, dataset: str | Path) -> bool:
     """Whether `train` (and `train_placebo` under `training.placebo`) would reuse adapters made earlier with the
     same inputs (nothing to make room for)."""
-    from services.trainer.train import train_dir
-
     data = StageLog(cfg.run_dir).data
 
     def done(stage: str, key: str) -> bool:
@@ -408,7 +407,6 @@ def trained_adapter(cfg: ExperimentConfig, *, placebo: bool = False) -> Path | N
     exists."""
     from services.collector.generate import generate_dir
     from services.trainer.dataset import TRAIN_PARQUET
-    from services.trainer.train import train_dir
 
     dataset = generate_dir(cfg) / "dataset" / TRAIN_PARQUET
     if not dataset.is_file():
@@ -423,8 +421,6 @@ def trained_adapter(cfg: ExperimentConfig, *, placebo: bool = False) -> Path | N
 # ------------------------------------------------------------------------------------------------ adapter
 def adapter_identity(adapter_dir: str | Path) -> dict:
     """What the fine-tuned student's answers depend on besides the base weights: the adapter's content."""
-    from services.pipeline.fingerprint import dir_sha256
-
     return {"sha256": dir_sha256(Path(adapter_dir))}
 
 
@@ -455,7 +451,6 @@ def evaluate(cfg: ExperimentConfig, ctx: Context, adapter: dict | None = None, *
     inputs key (`fingerprint.evaluate_key`: every store it reads, the metric settings) goes to stages.json."""
     from services.evaluator.collect import collect, evaluate_dir, store_dirs
     from services.evaluator.tracking import evaluate_and_log
-    from services.pipeline.fingerprint import evaluate_key
 
     say(f"[evaluate] {cfg.protocol_line()}")
     adapters = {"student_finetuned": adapter, "student_placebo": placebo_adapter}

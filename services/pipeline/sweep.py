@@ -25,7 +25,7 @@ from pathlib import Path
 from shared.config import ExperimentConfig, parse_config
 from shared.sweep import Cell, SweepSpec
 
-from services.pipeline.fingerprint import digest
+from services.common.fingerprint import digest
 from services.pipeline.preflight import check_inputs
 from services.pipeline.resources import say, serving, serving_api_key, tracking, ui_address, with_tracking
 from services.pipeline.stages import Context

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from shared.errors import UserError
 
+from services.common.checks import check_models, check_secrets
+
 APP_NAME = "tomtransfer"
 
 
@@ -58,8 +60,6 @@ def check_bind(cfg) -> None:
 def preflight(cfg) -> None:
     """Fail fast, before Ray starts: no open non-loopback bind, models resolvable (aliases fetched here), env vars
     present."""
-    from services.pipeline.preflight import check_models, check_secrets
-
     check_bind(cfg)
     check_models(cfg)
     check_secrets(cfg)

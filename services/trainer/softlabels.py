@@ -30,8 +30,8 @@ target and is left out (the card counts it).
 Files (`export_soft_labels`): `soft_labels.parquet`, `SOFT_LABELS_CARD.md`, `soft_labels_meta.json` (written last:
 a folder with a meta is complete). Versioned twice: `FORMAT_VERSION` (the columns' meaning) and the content hash
 (sha256 of the canonical rows, sorted by scenario, compact sorted-key JSON; the MLflow dataset digest is its first 32
-hex digits). The pipeline writes a set once under a folder named by its inputs (`services.pipeline.stages
-.soft_label_set`).
+hex digits). The pipeline's train stage writes a set once under a folder named by its inputs (the key holds
+`FORMAT_VERSION`).
 
 No torch, ray or mlflow at import time.
 """

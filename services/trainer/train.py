@@ -794,34 +794,47 @@ def preflight(dataset_path: str | Path, student_path: str | Path, max_seq_len: i
     return out
 
 
-def train_dir(cfg, dataset_path: str | Path, *, placebo: bool = False) -> Path:
+def train_dir(cfg, dataset_path: str | Path, *, placebo: bool = False, soft_labels_key: str | None = None) -> Path:
     """`<run_dir>/train/<key>`: the key hashes the training set's content, the student's weights and the
-    training settings (`services.pipeline.fingerprint.train_key`), so Ray Train resumes only a run with the same
-    inputs and a retrained adapter never hides behind an old one. `placebo`: the placebo adapter's (its own key)."""
-    from services.pipeline.fingerprint import train_key
+    training settings (`services.common.fingerprint.train_key`), so Ray Train resumes only a run with the same
+    inputs and a retrained adapter never hides behind an old one. `placebo`: the placebo adapter's (its own key).
+    `soft_labels_key`: the key of the soft-label set built from the teacher, for an objective other than sft
+    without `training.soft_labels` (the pipeline's train stage passes it)."""
+    # shared.config (pydantic) comes with the fingerprint: lazy, the loop must import where pydantic is missing
+    from services.common.fingerprint import train_key
 
-    return Path(cfg.run_dir).resolve() / "train" / train_key(cfg, Path(dataset_path), placebo=placebo)
+    key = train_key(cfg, Path(dataset_path), placebo=placebo, soft_labels_key=soft_labels_key)
+    return Path(cfg.run_dir).resolve() / "train" / key
 
 
-def ensure_mlflow_run(cfg, tracking_uri: str, run_id: str | None = None, *, dataset_path: str | Path,
-                      placebo: bool = False) -> str:
-    """The training run's MLflow run id: `run_id` if given, else the one an earlier (interrupted) attempt with
-    the same inputs recorded in `train_dir/mlflow_run_id`, else a new run `<name>-train` in
-    `cfg.mlflow.experiment`. The id is recorded, so a resumed training continues the same MLflow run."""
-    from mlflow.tracking import MlflowClient
+def ensure_mlflow_run(cfg, tracking_uri: str, out_dir: str | Path, run_id: str | None = None, *,
+                      placebo: bool = False, parent_run_id: str | None = None) -> tuple[str, bool]:
+    """The training's MLflow run, the one place it is created: `run_id` if given, else the one an earlier
+    (interrupted) attempt with the same inputs recorded in `out_dir/mlflow_run_id`, else a new run
+    `<name>-train[-placebo]` in `cfg.mlflow.experiment` (tags: stage train, placebo where it is, the parent run
+    where one is given). The id is recorded, so a resumed training continues the same MLflow run. Returns the id
+    and whether the run was created now. The train stage calls it (with its parent run) and passes the id to
+    `run_training`; `run_training` alone calls it for a standalone run."""
+    from mlflow.tracking import MlflowClient  # mlflow stays lazy: the module is read by CPU-only tools too
 
-    id_file = train_dir(cfg, dataset_path, placebo=placebo) / "mlflow_run_id"
+    id_file = Path(out_dir) / "mlflow_run_id"
     if run_id is None and id_file.is_file():
         run_id = id_file.read_text().strip() or None
-    if run_id is None:
+    created = run_id is None
+    if created:
         client = MlflowClient(tracking_uri)
         exp = client.get_experiment_by_name(cfg.mlflow.experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
+        tags = {"tomtransfer.stage": "train"}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        if placebo:
+            tags["tomtransfer.placebo"] = "true"
         run_id = client.create_run(exp_id, run_name=f"{cfg.name}-train{'-placebo' if placebo else ''}",
-                                   tags={"tomtransfer.stage": "train"}).info.run_id
+                                   tags=tags).info.run_id
     id_file.parent.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id + "\n")
-    return run_id
+    return run_id, created
 
 
 def worker_resources(t) -> dict[str, float]:
@@ -855,6 +868,7 @@ def run_training(
     tracking_uri: str | None,
     run_id: str | None = None,
     *,
+    out_dir: str | Path | None = None,
     checkpoint_every_steps: int = 0,
     extra_loop_config: dict | None = None,
     ray_init_kwargs: dict | None = None,
@@ -863,13 +877,14 @@ def run_training(
 ) -> dict:
     """Train `cfg.training` on Ray Train (`TorchTrainer`) and return the result dict.
 
-    Storage: `train_dir(cfg, dataset)/ray` (checkpoints; Ray Train run name `<cfg.name>-train`), a folder keyed
-    by the inputs' fingerprint. Calling again with the same inputs resumes an interrupted run from its latest checkpoint (Ray Train V2 restores a run from
-    its storage path and name; `TorchTrainer.restore/can_restore` are deprecated there). A worker failure
-    restarts the worker group up to `training.max_failures` times, resuming from the latest checkpoint.
-    MLflow: logs to `run_id`, else to the run recorded by an earlier attempt, else to a new run in
-    `cfg.mlflow.experiment`. The final adapter is copied to `train_dir(cfg, dataset)/adapter`. `placebo`: the
-    dataset is the placebo set and the adapter the placebo control (its own folder key). `soft_labels_path`: the
+    Storage: `out_dir/ray` (checkpoints; Ray Train run name `<cfg.name>-train`); `out_dir` defaults to
+    `train_dir(cfg, dataset)`, a folder keyed by the inputs' fingerprint. Calling again with the same inputs resumes
+    an interrupted run from its latest checkpoint (Ray Train V2 restores a run from its storage path and name;
+    `TorchTrainer.restore/can_restore` are deprecated there). A worker failure restarts the worker group up to
+    `training.max_failures` times, resuming from the latest checkpoint. MLflow: logs to `run_id` (the train stage
+    creates it), else to the run recorded by an earlier attempt, else to a new run in `cfg.mlflow.experiment`
+    (`ensure_mlflow_run`). The final adapter is copied to `out_dir/adapter`. `placebo`: the dataset is the placebo
+    set and the adapter the placebo control (its own folder key). `soft_labels_path`: the
     soft-label set of `training.objective` distribution / sft+distribution (the placebo's: its permuted set)."""
     import ray
     import ray.train
@@ -877,7 +892,7 @@ def run_training(
 
     t = cfg.training
     dataset_path = Path(dataset_path).resolve()
-    out_dir = train_dir(cfg, dataset_path, placebo=placebo)
+    out_dir = Path(out_dir) if out_dir is not None else train_dir(cfg, dataset_path, placebo=placebo)
     storage = out_dir / "ray"
     name = f"{cfg.name}-train"
     student = _resolve_student(student_path).resolve()
@@ -888,7 +903,7 @@ def run_training(
     if tracking_uri:
         from mlflow.tracking import MlflowClient
 
-        run_id = ensure_mlflow_run(cfg, tracking_uri, run_id, dataset_path=dataset_path, placebo=placebo)
+        run_id, _ = ensure_mlflow_run(cfg, tracking_uri, out_dir, run_id, placebo=placebo)
     resumed = (storage / name).is_dir() and (
         any((storage / name).glob("checkpoint_*")) or any((storage / name).glob("*snapshot*"))
     )
