@@ -365,11 +365,48 @@ def _print_samples_result(path: Path, result, df) -> None:
 
 
 # --------------------------------------------------------------------------------------- workflows
-from services.collector.generate_cli import generate_command  # noqa: E402  (light: heavy imports are inside)
-
-app.command("generate")(generate_command)
-
 ConfigOpt = typer.Option(..., "--config", "-c", help="experiment config (YAML)")
+
+
+@app.command()
+def generate(
+    config: Path = ConfigOpt,
+    targets: Optional[str] = typer.Option(None, "--targets", help="answer_motivation | answer (default: generate.targets)"),
+    valid_policy: Optional[str] = typer.Option(None, "--valid-policy", help="valid_only | all (default: generate.valid_policy)"),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="serving app URL (default: serving.base_url)"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="progress bars (default: when stderr is a terminal)"),
+) -> None:
+    """Generate the teacher dataset: N samples per scenario (resumable), then the training set and exports."""
+    # Exit codes: 0 done; 2 a user-fixable error (bad config, endpoint rejected a request, endpoint down: samples
+    # written so far kept); 130 interrupted (Ctrl-C; samples kept, rerun the same command to resume).
+    from services.pipeline import run as pipeline
+    from shared.config import load_config
+
+    cfg = load_config(config)
+    # The options override the config itself, so the stage's inputs key (and its folder) says what was made.
+    overrides = {k: v for k, v in (("targets", targets), ("valid_policy", valid_policy)) if v is not None}
+    if overrides:
+        try:
+            cfg = cfg.model_copy(update={"generate": type(cfg.generate).model_validate(
+                cfg.generate.model_dump() | overrides)})
+        except ValueError as e:
+            raise UserError(f"--{next(iter(overrides)).replace('_', '-')}: {str(e).splitlines()[-1].strip()}") from None
+    try:
+        res = pipeline.generate(cfg, base_url=base_url, progress=progress)
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]: samples written so far are kept; rerun the same command to resume",
+                  highlight=False)
+        raise typer.Exit(130) from None
+    if res.reused:
+        out.print(f"[green]generate[/] reused: made earlier with the same inputs (key {res.key})", highlight=False)
+    else:
+        out.print(f"[green]generate[/] {res.samples} samples ({res.written} new, {res.already} resumed, "
+                  f"{res.retries} retries, {res.elapsed_s:.1f} s) -> {res.samples_path}",
+                  highlight=False, soft_wrap=True)
+    out.print(f"training set: {res.examples} examples ({res.invalid} invalid samples) -> {res.dataset}"
+              + (f"  sha256 {res.content_hash[:16]}" if res.content_hash else ""), highlight=False, soft_wrap=True)
+    if res.mlflow_run_id:
+        out.print(f"mlflow run: {res.mlflow_run_id}", highlight=False)
 
 
 @app.command()

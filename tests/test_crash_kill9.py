@@ -1,7 +1,7 @@
 """kill -9 at random moments of `generate` and of `evaluate`, then a rerun: exactly N per (role, scenario), no
 duplicate, and the same rows and metrics as an uninterrupted run.
 
-- Real processes: the `generate` command (`python -m services.collector.generate_cli`) and the `evaluate` command
+- Real processes: the `generate` command (`python -m services.cli generate`) and the `evaluate` command
   (`python -m services.cli evaluate`, MLflow logging included), against the tiny random-weight models served by
   the project's app (`llm_endpoint`), SIGKILLed `KILLS` times (22 in all) at moments drawn from a seeded RNG.
   The seed is printed and in every failure message; `TOMTRANSFER_CRASH_SEED=<seed>` replays the schedule.
@@ -261,7 +261,7 @@ def generate_config(path: Path, out: Path, url: str) -> Path:
 
 
 def generate_cmd(cfg: Path) -> list[str]:
-    return [sys.executable, "-m", "services.collector.generate_cli", "--config", str(cfg), "--no-progress"]
+    return [sys.executable, "-m", "services.cli", "generate", "--config", str(cfg), "--no-progress"]
 
 
 def test_generate_killed_at_random_moments(llm_endpoint, tmp_path):

@@ -42,7 +42,7 @@ def write_config(path: Path, out: Path, url: str, tracking_uri: str | None = Non
 
 
 def cli(config: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "services.collector.generate_cli", "--config", str(config),
+    return subprocess.Popen([sys.executable, "-m", "services.cli", "generate", "--config", str(config),
                              "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 

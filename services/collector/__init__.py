@@ -5,5 +5,5 @@
   runner.py        the requests, fanned out with bounded concurrency, retries and progress; exact-mode calls
   store.py         the Parquet sample schema in files: shard stores that survive kill -9, resumable by (seed, n)
   generate.py      the teacher dataset: N motivated samples per scenario, then the training set and its exports
-  generate_cli.py  `tomtransfer generate` (also runnable alone: `python -m services.collector.generate_cli`)
+                   (the command, `tomtransfer generate`, is in services/cli.py)
 """
