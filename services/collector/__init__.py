@@ -4,6 +4,7 @@
                    endpoint and its token, stable run ids
   runner.py        the requests, fanned out with bounded concurrency, retries and progress; exact-mode calls
   store.py         the Parquet sample schema in files: shard stores that survive kill -9, resumable by (seed, n)
+  collection.py    the collection sequence, once: jobs, run id, manifest (one version), requests, compact
   generate.py      the teacher dataset: N motivated samples per scenario, then the training set and its exports
                    (the command, `tomtransfer generate`, is in services/cli.py)
 """

@@ -33,19 +33,12 @@ import pyarrow.compute as pc
 
 from shared.config import ExperimentConfig
 
-from services.collector.runner import RetryPolicy, RunReport, RequestSettings, sample_async
-from services.collector.store import SampleStore, check_manifest
+from services.collector.collection import collect_into
+from services.collector.jobs import as_config, role_identity, select_scenarios
+from services.collector.runner import RequestSettings, RetryPolicy, RunReport
+from services.collector.store import SampleStore
 from services.common.checks import check_secrets
 from services.common.fingerprint import generate_key
-from services.collector.jobs import (
-    api_key,
-    as_config,
-    base_url as endpoint_url,
-    jobs_for,
-    role_identity,
-    run_id_for,
-    select_scenarios,
-)
 
 
 @dataclass
@@ -92,22 +85,15 @@ def generate(
         "block_size": g.request_n,
     }
     teacher = role_identity(cfg, "teacher")
-    run_id = run_id_for("generate", cfg, {**settings, "teacher": teacher})
     out = generate_dir(cfg)
     store = SampleStore(out / "samples")
-    jobs = jobs_for(cfg, ["teacher"], scenarios, g.samples, g.instruction)
     params = RequestSettings(temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
                             max_tokens=cfg.sampling.max_tokens, seed=cfg.sampling.seed, block_size=g.request_n)
-    url = endpoint_url(cfg, base_url)
-    with store.writer():
-        check_manifest(store, {"version": 1, "run_id": run_id, **settings, "roles": {"teacher": teacher}})
-        report = asyncio.run(sample_async(
-            store, jobs, base_url=url, params=params, run_id=run_id, concurrency=g.concurrency,
-            api_key=api_key(cfg), retry=retry or RetryPolicy(), progress=progress,
-            description=f"generate: teacher, {len(scenarios)} scenarios x {g.samples}",
-        ))
-        samples_path = store.compact()
-    result = GenerateResult(run_id=run_id, samples_path=samples_path, dataset_dir=out / "dataset", report=report,
+    got = asyncio.run(collect_into(
+        store, cfg, stage="generate", role="teacher", spec=teacher, settings=settings, scenarios=scenarios,
+        n=g.samples, instruction=g.instruction, params=params, base_url=base_url, concurrency=g.concurrency,
+        retry=retry, progress=progress, description=f"generate: teacher, {len(scenarios)} scenarios x {g.samples}"))
+    result = GenerateResult(run_id=got.run_id, samples_path=got.path, dataset_dir=out / "dataset", report=got.report,
                             scenarios=[s.id for s in scenarios])
     if export:
         from services.trainer.dataset import export_training_set

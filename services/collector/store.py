@@ -335,16 +335,30 @@ class ExactStore(ShardStore):
         return set(zip(t.column("role").to_pylist(), t.column("scenario_id").to_pylist()))
 
 
+# The manifest's format, one for every store (`collection.collect_into` writes it). Stores written before the
+# collection sequence had one home recorded 1 (generate, the soft-label set's exact rows) or 3 (evaluate) for the
+# same manifest and rows: both read as this version.
+MANIFEST_VERSION = 3
+_SAME_AS_CURRENT = (1, 3)
+
+
+def _version(manifest: dict):
+    v = manifest.get("version")
+    return MANIFEST_VERSION if v in _SAME_AS_CURRENT else v
+
+
 def check_manifest(store: ShardStore, expected: dict) -> dict:
     """Record `expected` (run id + settings) in a new store, or check an existing store was made with the same.
 
     `expected["roles"]` (role -> model description) may grow between runs (evaluating another role later);
-    every other key, and every role already recorded, must match. Returns the manifest in force."""
+    every other key, and every role already recorded, must match (the version as `_version` reads it). Returns
+    the manifest in force."""
     current = store.manifest()
     if current is None:
         store.set_manifest(expected)
         return expected
-    diffs = [k for k in sorted(set(current) | set(expected)) if k != "roles" and current.get(k) != expected.get(k)]
+    diffs = [k for k in sorted(set(current) | set(expected)) if k != "roles" and
+             (_version(current) != _version(expected) if k == "version" else current.get(k) != expected.get(k))]
     old_roles, new_roles = current.get("roles", {}), expected.get("roles", {})
     diffs += [f"roles.{r}" for r in sorted(set(old_roles) & set(new_roles)) if old_roles[r] != new_roles[r]]
     if diffs:

@@ -44,19 +44,11 @@ from shared.config import ExperimentConfig
 from shared.samples import ADAPTER_SUFFIX, LEAD_PART
 from shared.scenarios import Scenario
 
-from services.collector.runner import RetryPolicy, RunReport, RequestSettings, exact_async, parse_answer, sample_async
-from services.collector.store import ExactStore, SampleStore, check_manifest
+from services.collector.collection import collect_into
+from services.collector.jobs import as_config, interleave_roles, role_identity, select_scenarios
+from services.collector.runner import RequestSettings, RetryPolicy, RunReport, parse_answer
+from services.collector.store import ExactStore, SampleStore
 from services.common.fingerprint import model_identity, role_key
-from services.collector.jobs import (
-    api_key,
-    as_config,
-    base_url as endpoint_url,
-    interleave_roles,
-    jobs_for,
-    role_identity,
-    run_id_for,
-    select_scenarios,
-)
 
 
 @dataclass
@@ -236,19 +228,13 @@ def sample_roles(cfg: ExperimentConfig, scenarios_of: dict[str, list[Scenario]],
     async def one(role: str) -> tuple[pa.Table, Path, RunReport]:
         spec = role_spec(cfg, role, adapters.get(role))
         store = SampleStore(role_dir(cfg, role, adapters.get(role)) / "samples")
-        jobs = jobs_for(cfg, [role], scenarios_of[role], e.samples, {role: e.instruction_for(role)},
-                        max_tokens={role: _max_tokens(cfg, role)})
-        run_id = run_id_for("evaluate", cfg, spec)
-        with store.writer():
-            check_manifest(store, {"version": 3, "run_id": run_id, "roles": {role: spec}})
-            report = await sample_async(
-                store, jobs, base_url=endpoint_url(cfg, base_url), params=params, run_id=run_id,
-                concurrency=e.concurrency, api_key=api_key(cfg), retry=retry or RetryPolicy(),
-                progress=_shown(progress, interleave_roles(cfg), roles),
-                description=f"evaluate {role} ({spec['instruction']}, sampled): {len(jobs)} scenarios x {e.samples}",
-            )
-            path = store.compact()
-        return _only(store.read(), [role], [s.id for s in scenarios_of[role]]), path, report
+        ss = scenarios_of[role]
+        got = await collect_into(
+            store, cfg, stage="evaluate", role=role, spec=spec, scenarios=ss, n=e.samples,
+            instruction=e.instruction_for(role), params=params, max_tokens=_max_tokens(cfg, role), base_url=base_url,
+            concurrency=e.concurrency, retry=retry, progress=_shown(progress, interleave_roles(cfg), roles),
+            description=f"evaluate {role} ({spec['instruction']}, sampled): {len(ss)} scenarios x {e.samples}")
+        return _only(store.read(), [role], [s.id for s in ss]), got.path, got.report
 
     return _per_role(roles, one, interleave_roles(cfg))
 
@@ -278,17 +264,11 @@ def exact_roles(cfg: ExperimentConfig, roles: list[str], scenarios: list[Scenari
 
     async def one(unit: str) -> tuple[pa.Table, Path, RunReport]:
         role, spec, store, ss, description = units[unit]
-        jobs = jobs_for(cfg, [role], ss, 1, {role: e.instruction_for(role)})
-        run_id = run_id_for("exact", cfg, spec)
-        with store.writer():
-            check_manifest(store, {"version": 3, "run_id": run_id, "roles": {role: spec}})
-            report = await exact_async(
-                store, jobs, base_url=endpoint_url(cfg, base_url), temperature=cfg.sampling.temperature,
-                run_id=run_id, concurrency=min(e.concurrency, 4), api_key=api_key(cfg), retry=retry or RetryPolicy(),
-                progress=_shown(progress, interleave_roles(cfg), list(units)), description=description,
-            )
-            path = store.compact()
-        return _only(store.read(), [role], [s.id for s in ss]), path, report
+        got = await collect_into(
+            store, cfg, stage="exact", role=role, spec=spec, scenarios=ss, instruction=e.instruction_for(role),
+            base_url=base_url, concurrency=min(e.concurrency, 4), retry=retry,
+            progress=_shown(progress, interleave_roles(cfg), list(units)), description=description)
+        return _only(store.read(), [role], [s.id for s in ss]), got.path, got.report
 
     return _per_role(list(units), one, interleave_roles(cfg))
 

@@ -187,10 +187,10 @@ def soft_label_set(cfg: ExperimentConfig, ctx: Context | None = None) -> Path | 
 def _build_soft_labels(cfg: ExperimentConfig, ctx: Context, out: Path) -> Path:
     import asyncio
 
+    from services.collector.collection import collect_into
     from services.collector.generate import generate_dir
-    from services.collector.jobs import api_key, jobs_for, role_identity, run_id_for, select_scenarios
-    from services.collector.runner import RetryPolicy, exact_async
-    from services.collector.store import ExactStore, check_manifest
+    from services.collector.jobs import role_identity, select_scenarios
+    from services.collector.store import ExactStore
     from services.trainer.softlabels import (build_soft_labels, export_soft_labels, log_soft_labels_to_mlflow,
                                              samples_frame)
     from shared.samples import LEAD_PART
@@ -205,17 +205,12 @@ def _build_soft_labels(cfg: ExperimentConfig, ctx: Context, out: Path) -> Path:
             "instruction": teacher_instruction, "estimator": "exact", "part": LEAD_PART,
             "temperature": cfg.sampling.temperature}
     store = ExactStore(out / "exact", part=LEAD_PART)
-    jobs = jobs_for(cfg, ["teacher"], scenarios, 1, teacher_instruction)
-    run_id = run_id_for("softlabels", cfg, spec)
     say(f"[soft-labels] teacher exact mode on {len(scenarios)} scenarios ({teacher_instruction}), plus its samples "
         f"where the answer does not lead -> {out}")
-    with store.writer():
-        check_manifest(store, {"version": 1, "run_id": run_id, "roles": {"teacher": spec}})
-        asyncio.run(exact_async(store, jobs, base_url=ctx.url, temperature=cfg.sampling.temperature, run_id=run_id,
-                                concurrency=min(cfg.evaluate.concurrency, 4), api_key=api_key(cfg),
-                                retry=RetryPolicy(), progress=ctx.progress,
-                                description=f"soft labels: teacher exact, {len(scenarios)} scenarios"))
-        exact_path = store.compact()
+    exact_path = asyncio.run(collect_into(
+        store, cfg, stage="softlabels", role="teacher", spec=spec, scenarios=scenarios,
+        instruction=teacher_instruction, base_url=ctx.url, concurrency=min(cfg.evaluate.concurrency, 4),
+        progress=ctx.progress, description=f"soft labels: teacher exact, {len(scenarios)} scenarios")).path
     exact_rows = {r["scenario_id"]: r for r in store.read().to_pylist()}
     df, dropped = build_soft_labels(scenarios, samples_frame(samples_path), exact_rows,
                                     instruction=student_instruction, teacher_instruction=teacher_instruction)
