@@ -55,8 +55,11 @@ def prepare(out: Path) -> None:
     bench_student_dir(out / "student")
     from transformers import AutoTokenizer
 
-    from services.trainer.train import encode_example
+    from services.trainer.train import DEFAULT_TRAINING, encode_example
     from services.trainer.dataset import read_training_set
+
+    # the loop's defaults come from TrainingConfig (pydantic), which the device image lacks: carried over in a file
+    (out / "training_defaults.json").write_text(json.dumps(DEFAULT_TRAINING))
 
     tok = AutoTokenizer.from_pretrained(out / "student")
     lens = [len(e["input_ids"]) for r in read_training_set(ex.parquet)
@@ -80,7 +83,8 @@ def run_one(data: Path, name: str, steps: int) -> dict:
         "log_every_steps": 1,
         "probe_examples": 0,
         "output_dir": tempfile.mkdtemp(prefix="bench-gpu-"),
-        "training": {"per_device_batch_size": per_device, "effective_batch_size": per_device * accum,
+        "training": {**json.loads((data / "training_defaults.json").read_text()),
+                     "per_device_batch_size": per_device, "effective_batch_size": per_device * accum,
                      "max_seq_len": SEQ, "epochs": 1000},
         **extra,
     }

@@ -74,27 +74,20 @@ TRAINING_CONFIG_FILE = "tomtransfer_training.json"
 PROBE_FILE = "probe.pt"
 STATE_FILE = "trainer_state.pt"
 
-# The training knobs the loop reads (defaults = the paper's, as in shared.config.TrainingConfig).
-DEFAULT_TRAINING: dict[str, Any] = {
-    "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-    "learning_rate": 5e-5,
-    "lr_scheduler": "cosine",
-    "warmup_ratio": 0.0,
-    "epochs": 3.0,
-    "effective_batch_size": 64,
-    "per_device_batch_size": 4,
-    "max_seq_len": 1024,
-    "max_grad_norm": 1.0,
-    "adapter_name": "tom",
-    "objective": "sft",
-    "distribution_weight": 0.5,
-}
-
-
-try:  # shared/ needs pydantic, which the GPU image lacks; the loop must import without it
+try:  # shared/ needs pydantic, which the device image lacks; the loop must import without it
+    from shared.config import TrainingConfig
     from shared.errors import UserError as _UserError
 except ImportError:  # pragma: no cover
+    TrainingConfig = None
     _UserError = ValueError
+
+# The training knobs the loop reads, and their defaults where a caller leaves one out: TrainingConfig's (the paper's).
+# Without pydantic there are none: the caller passes every knob (benchmarks/bench_train_gpu.py on the device image).
+LOOP_KNOBS = ("lora", "learning_rate", "lr_scheduler", "warmup_ratio", "epochs", "effective_batch_size",
+              "per_device_batch_size", "max_seq_len", "max_grad_norm", "adapter_name", "objective",
+              "distribution_weight")
+DEFAULT_TRAINING: dict[str, Any] = (
+    {k: v for k, v in TrainingConfig().model_dump(mode="json").items() if k in LOOP_KNOBS} if TrainingConfig else {})
 
 
 class TrainError(_UserError):
