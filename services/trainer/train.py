@@ -1,7 +1,8 @@
 """LoRA fine-tuning of the student on the teacher's training set: one recipe, one file.
 
-Read it top to bottom: `train_loop_per_worker` is the whole per-worker recipe, its setup steps numbered
-in the order they run; `run_training` launches it on Ray Train.
+Read it top to bottom: `train_loop_per_worker` is the per-worker recipe, the ordered list of its steps (numbered
+in the order they run, one function each right below it: `_setup_worker`, `_setup_data`, ..., `_train`, `_save`);
+`run_training` launches it on Ray Train.
 
 Features
 - Tokenization with the student's own chat template (`apply_chat_template`): prompt = the scenario's
@@ -62,6 +63,7 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -329,7 +331,8 @@ def _flat(prefix: str, d: dict) -> dict:
 
 # ------------------------------------------------------------------------------------- the recipe
 def train_loop_per_worker(config: dict) -> dict:
-    """The per-worker training loop (Ray Train's `train_loop_per_worker`, or a plain call).
+    """The per-worker training loop (Ray Train's `train_loop_per_worker`, or a plain call): the recipe's steps in
+    the order they run, one function each below.
 
     config keys (plain JSON-able values):
       dataset_path         train.parquet (or its folder), from `services.trainer.dataset`
@@ -356,11 +359,47 @@ def train_loop_per_worker(config: dict) -> dict:
       fault                {"at_step", "rank", "marker"[, "kill"]}: raise once, or SIGKILL the worker (tests)
     Returns a dict of final results (also reported to Ray Train).
     """
-    import transformers
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    w = _setup_worker(config)  # 1-2. rank, world size, device, MLflow; seeds
+    data = _setup_data(config, w)  # 3. tokenizer, objective, examples and soft labels
+    plan = _setup_batches(config, w, data)  # 4. batch geometry and samplers
+    peft_model = _setup_model(config, w)  # 5. frozen base + LoRA adapters
+    state = _load_checkpoint(config, w, peft_model)  # 6. the latest checkpoint's adapter weights (resume)
+    model = _place_model(config, w, peft_model)  # 7. device, DDP, torch.compile
+    opt = _setup_optimizer(w, plan, peft_model)  # 8. AdamW and the schedule,
+    pos = _resume(opt, state)  # ... at the checkpoint's position and RNG
+    run_params = _log_setup(w, data, plan, peft_model, pos)
+    loop = _train(config, w, data, plan, model, peft_model, opt, pos)  # 9. the loop
+    return _save(config, w, data, plan, peft_model, opt, pos, loop, run_params)  # 10. the end
 
-    from services.trainer.dataset import read_training_set
 
+@dataclass
+class _Worker:
+    """Steps 1-2: the training knobs (missing ones: the paper's defaults) and where this worker stands."""
+
+    tcfg: dict
+    lcfg: dict
+    use_ray: bool
+    seed: int
+    dist: _Dist
+    log: _MlflowLog
+    t_setup: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.dist.device.type == "cuda"
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.on_gpu else torch.float32
+
+
+def _setup_worker(config: dict) -> _Worker:
+    """1. Who am I: rank, world size, device. Ray Train has already set up torch.distributed (gloo/NCCL).
+    2. Seeds: identical on every rank, so the LoRA init is identical too (DDP also broadcasts rank 0's)."""
     t_setup = time.perf_counter()
     tcfg = {**DEFAULT_TRAINING, **(config.get("training") or {})}
     lcfg = {**DEFAULT_TRAINING["lora"], **(tcfg.get("lora") or {})}
@@ -368,10 +407,8 @@ def train_loop_per_worker(config: dict) -> dict:
     use_gpu = bool(config.get("use_gpu"))
     seed = int(config.get("seed", 0))
 
-    # 1. Who am I: rank, world size, device. Ray Train has already set up torch.distributed (gloo/NCCL).
     dist = _Dist(use_ray, use_gpu)
-    device = dist.device
-    on_gpu = device.type == "cuda"
+    on_gpu = dist.device.type == "cuda"
     if config.get("num_threads") and not on_gpu:
         torch.set_num_threads(int(config["num_threads"]))
     if on_gpu:
@@ -379,11 +416,33 @@ def train_loop_per_worker(config: dict) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     log = _MlflowLog(config.get("mlflow"), dist.rank)
 
-    # 2. Seeds: identical on every rank, so the LoRA init is identical too (DDP also broadcasts rank 0's).
     random.seed(seed)
     torch.manual_seed(seed)
+    return _Worker(tcfg, lcfg, use_ray, seed, dist, log, t_setup)
 
-    # 3. Tokenizer and data: the student's chat template; loss only on the assistant turn.
+
+@dataclass
+class _Data:
+    """Step 3: what the loop draws from. `examples` are its units: SFT examples, or with the distribution
+    objective the soft labels themselves; `soft` the distribution objective's rows
+    (services.trainer.distill.encode_soft_label)."""
+
+    pad_id: int
+    objective: str
+    weight: float  # the distribution loss's share: 0 (sft), 1 (distribution), training.distribution_weight
+    examples: list[dict]
+    skipped: int
+    soft: list[dict]
+    soft_skipped: int
+
+
+def _setup_data(config: dict, w: _Worker) -> _Data:
+    """3. Tokenizer and data: the student's chat template; loss only on the assistant turn."""
+    import transformers
+
+    from services.trainer.dataset import read_training_set
+
+    tcfg = w.tcfg
     tokenizer = transformers.AutoTokenizer.from_pretrained(config["student_path"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
@@ -395,7 +454,7 @@ def train_loop_per_worker(config: dict) -> dict:
         (1.0 if objective == "distribution" else 0.0)
     if objective == "sft+distribution" and not 0.0 < weight < 1.0:
         raise TrainError(f"training.distribution_weight must be strictly between 0 and 1, got {weight}")
-    soft, soft_skipped = [], 0  # the distribution objective's rows (services.trainer.distill.encode_soft_label)
+    soft, soft_skipped = [], 0
     if objective != "sft":
         soft, soft_skipped = _encode_soft_labels(tokenizer, config.get("soft_labels_path"), int(tcfg["max_seq_len"]))
     examples, skipped = [], 0
@@ -411,45 +470,73 @@ def train_loop_per_worker(config: dict) -> dict:
             raise TrainError(f"every prompt is longer than max_seq_len={tcfg['max_seq_len']}")
     else:  # the loop's unit is a scenario's soft label
         examples, skipped = soft, soft_skipped
+    return _Data(pad_id, objective, weight, examples, skipped, soft, soft_skipped)
 
-    # 4. Batch geometry: effective batch = per_device x grad_accum x world.
+
+@dataclass
+class _Plan:
+    """Step 4: the batch geometry and the samplers that order the units."""
+
+    per_device: int
+    grad_accum: int
+    sampler: Any  # torch DistributedSampler over `examples`
+    steps_per_epoch: int
+    total_steps: int
+    pad_multiple: int
+    soft_sampler: Any = None  # sft+distribution: the soft labels' own sampler
+    soft_per_step: int = 0
+
+
+def _setup_batches(config: dict, w: _Worker, data: _Data) -> _Plan:
+    """4. Batch geometry: effective batch = per_device x grad_accum x world."""
+    tcfg, dist = w.tcfg, w.dist
     per_device = int(tcfg["per_device_batch_size"])
     grad_accum = max(1, math.ceil(int(tcfg["effective_batch_size"]) / (per_device * dist.world)))
     sampler = torch.utils.data.DistributedSampler(
-        range(len(examples)), num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed, drop_last=False
+        range(len(data.examples)), num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=w.seed,
+        drop_last=False
     )
     micro_per_epoch = math.ceil(len(sampler) / per_device)
     steps_per_epoch = math.ceil(micro_per_epoch / grad_accum)
     total_steps = max(1, math.ceil(float(tcfg["epochs"]) * steps_per_epoch))
     if config.get("max_steps"):
         total_steps = min(total_steps, int(config["max_steps"]))
-    pad_multiple = int(config.get("pad_to_multiple") or (8 if on_gpu else 1))
+    pad_multiple = int(config.get("pad_to_multiple") or (8 if w.on_gpu else 1))
+    plan = _Plan(per_device, grad_accum, sampler, steps_per_epoch, total_steps, pad_multiple)
     # sft+distribution: each optimizer step also takes the next `soft_per_step` soft labels of this rank, from an
     # endless sequence of seeded shuffles (a function of the step alone, so a resumed run continues it exactly).
-    soft_sampler, soft_per_step = None, 0
-    if objective == "sft+distribution":
-        soft_sampler = torch.utils.data.DistributedSampler(
-            range(len(soft)), num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=seed + 1, drop_last=False)
-        soft_per_step = min(len(soft_sampler),
-                            math.ceil(min(len(soft), int(tcfg["effective_batch_size"])) / dist.world))
+    if data.objective == "sft+distribution":
+        plan.soft_sampler = torch.utils.data.DistributedSampler(
+            range(len(data.soft)), num_replicas=dist.world, rank=dist.rank, shuffle=True, seed=w.seed + 1,
+            drop_last=False)
+        plan.soft_per_step = min(len(plan.soft_sampler),
+                                 math.ceil(min(len(data.soft), int(tcfg["effective_batch_size"])) / dist.world))
+    return plan
 
-    def soft_batches(at_step: int) -> list[list[dict]]:
-        n = len(soft_sampler)
-        picked = []
-        for pos in range(at_step * soft_per_step, (at_step + 1) * soft_per_step):
-            soft_sampler.set_epoch(pos // n)
-            picked.append(soft[list(soft_sampler)[pos % n]])
-        return [picked[i : i + per_device] for i in range(0, len(picked), per_device)]
 
-    # 5. Model: base weights frozen (bf16 on GPU, fp32 on CPU), LoRA adapters in fp32.
-    base_dtype = torch.bfloat16 if on_gpu else torch.float32
+def _soft_batches(plan: _Plan, soft: list[dict], at_step: int) -> list[list[dict]]:
+    """sft+distribution: the soft labels optimizer step `at_step` takes, in micro-batches."""
+    n = len(plan.soft_sampler)
+    picked = []
+    for pos in range(at_step * plan.soft_per_step, (at_step + 1) * plan.soft_per_step):
+        plan.soft_sampler.set_epoch(pos // n)
+        picked.append(soft[list(plan.soft_sampler)[pos % n]])
+    return [picked[i : i + plan.per_device] for i in range(0, len(picked), plan.per_device)]
+
+
+def _setup_model(config: dict, w: _Worker):
+    """5. Model: base weights frozen (bf16 on GPU, fp32 on CPU), LoRA adapters in fp32."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = w.lcfg
     if config.get("random_init"):
         mcfg = transformers.AutoConfig.from_pretrained(config["student_path"])
-        with torch.device(device):
-            base = transformers.AutoModelForCausalLM.from_config(mcfg, dtype=base_dtype, attn_implementation="sdpa")
+        with torch.device(w.device):
+            base = transformers.AutoModelForCausalLM.from_config(mcfg, dtype=w.base_dtype, attn_implementation="sdpa")
     else:
         base = transformers.AutoModelForCausalLM.from_pretrained(
-            config["student_path"], dtype=base_dtype, attn_implementation="sdpa"
+            config["student_path"], dtype=w.base_dtype, attn_implementation="sdpa"
         )
     base.config.use_cache = False
     if config.get("gradient_checkpointing"):
@@ -459,233 +546,362 @@ def train_loop_per_worker(config: dict) -> dict:
         r=int(lcfg["r"]), lora_alpha=int(lcfg["alpha"]), lora_dropout=float(lcfg["dropout"]),
         target_modules=list(lcfg["target_modules"]), bias="none", task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(base, lora)  # adapters in fp32 (peft's autocast_adapter_dtype)
-    n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in peft_model.parameters())
+    return get_peft_model(base, lora)  # adapters in fp32 (peft's autocast_adapter_dtype)
 
-    # 6. Resume: the latest checkpoint (Ray: reported by an earlier attempt of this run; plain: resume_from).
-    state = None
-    ckpt_dir = _latest_checkpoint_dir(config, use_ray)
-    if ckpt_dir is not None:
-        from safetensors.torch import load_file
 
-        set_peft_model_state_dict(peft_model, load_file(str(Path(ckpt_dir) / "adapter" / "adapter_model.safetensors")))
-        state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+def _load_checkpoint(config: dict, w: _Worker, peft_model) -> dict | None:
+    """6. Resume: the latest checkpoint (Ray: reported by an earlier attempt of this run; plain: resume_from).
+    Its adapter weights go into the model now (before DDP broadcasts them); its trainer state is returned for
+    `_resume` (None: a fresh start)."""
+    ckpt_dir = _latest_checkpoint_dir(config, w.use_ray)
+    if ckpt_dir is None:
+        return None
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
-    # 7. Device placement and DDP (Ray: prepare_model wraps in DistributedDataParallel).
-    if use_ray:
+    set_peft_model_state_dict(peft_model, load_file(str(Path(ckpt_dir) / "adapter" / "adapter_model.safetensors")))
+    return torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _place_model(config: dict, w: _Worker, peft_model):
+    """7. Device placement and DDP (Ray: prepare_model wraps in DistributedDataParallel); optional compile."""
+    if w.use_ray:
         import ray.train.torch
 
-        model = ray.train.torch.prepare_model(peft_model, parallel_strategy="ddp" if dist.world > 1 else None)
+        model = ray.train.torch.prepare_model(peft_model, parallel_strategy="ddp" if w.dist.world > 1 else None)
     else:
-        model = peft_model.to(device)
+        model = peft_model.to(w.device)
     if config.get("compile"):
         model = torch.compile(model)
+    return model
 
-    # 8. Optimizer and schedule (AdamW, fused on GPU; no weight decay, as LLaMA-Factory's default).
+
+@dataclass
+class _Optim:
+    """Step 8: the trainable (LoRA) parameters, their optimizer and its schedule."""
+
+    params: list
+    optimizer: Any
+    scheduler: Any
+
+
+def _setup_optimizer(w: _Worker, plan: _Plan, peft_model) -> _Optim:
+    """8. Optimizer and schedule (AdamW, fused on GPU; no weight decay, as LLaMA-Factory's default)."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=float(tcfg["learning_rate"]), weight_decay=0.0, fused=on_gpu)
-    warmup = int(float(tcfg["warmup_ratio"]) * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(tcfg["lr_scheduler"], warmup, total_steps))
-    step, epoch, micro_done, history = 0, 0, 0, []
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, micro_done, history = state["step"], state["epoch"], state["micro_done"], state["history"]
-        _set_rng_state(state["rng"])
-    start_step = step
+    optimizer = torch.optim.AdamW(params, lr=float(w.tcfg["learning_rate"]), weight_decay=0.0, fused=w.on_gpu)
+    warmup = int(float(w.tcfg["warmup_ratio"]) * plan.total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(w.tcfg["lr_scheduler"], warmup, plan.total_steps))
+    return _Optim(params, optimizer, scheduler)
 
+
+@dataclass
+class _Position:
+    """Where training stands: what a checkpoint saves beside the weights, the optimizer and the RNG."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_done: int = 0  # micro-batches of the current epoch done
+    history: list = field(default_factory=list)  # per logged step: loss, tokens/s
+
+    def as_dict(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "micro_done": self.micro_done, "history": self.history}
+
+
+def _resume(opt: _Optim, state: dict | None) -> _Position:
+    """8. (cont.) The checkpoint's optimizer, schedule, position and RNG; a fresh start is step 0."""
+    if state is None:
+        return _Position()
+    opt.optimizer.load_state_dict(state["optimizer"])
+    opt.scheduler.load_state_dict(state["scheduler"])
+    pos = _Position(state["step"], state["epoch"], state["micro_done"], state["history"])
+    _set_rng_state(state["rng"])
+    return pos
+
+
+def _log_setup(w: _Worker, data: _Data, plan: _Plan, peft_model, pos: _Position) -> dict:
+    """The run's parameters (to MLflow, rank 0) and one line on what is about to train."""
+    dist = w.dist
+    n_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in peft_model.parameters())
     run_params = {
-        **_flat("training.", tcfg), "world_size": dist.world, "grad_accum": grad_accum,
-        "effective_batch": per_device * grad_accum * dist.world, "examples": len(examples),
-        "examples_too_long": skipped, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-        "trainable_params": n_trainable, "total_params": n_total, "device": device.type,
-        "base_dtype": str(base_dtype).removeprefix("torch."), "seed": seed,
-        "soft_labels": len(soft), "soft_labels_too_long": soft_skipped,
+        **_flat("training.", w.tcfg), "world_size": dist.world, "grad_accum": plan.grad_accum,
+        "effective_batch": plan.per_device * plan.grad_accum * dist.world, "examples": len(data.examples),
+        "examples_too_long": data.skipped, "steps_per_epoch": plan.steps_per_epoch, "total_steps": plan.total_steps,
+        "trainable_params": n_trainable, "total_params": n_total, "device": w.device.type,
+        "base_dtype": str(w.base_dtype).removeprefix("torch."), "seed": w.seed,
+        "soft_labels": len(data.soft), "soft_labels_too_long": data.soft_skipped,
     }
-    log.params(run_params)
+    w.log.params(run_params)
     if dist.rank == 0:
+        objective = data.objective
         print(f"[train] objective {objective}"
-              + (f" (distribution weight {weight:g})" if objective == "sft+distribution" else "")
-              + (f", {len(soft)} soft labels" if soft else "") + ", "
-              f"{len(examples)} examples ({skipped} too long), world {dist.world}, grad_accum {grad_accum}, "
-              f"{total_steps} steps, trainable {n_trainable:,} / {n_total:,}, resume at step {step}, "
-              f"setup {time.perf_counter() - t_setup:.1f}s", flush=True)
+              + (f" (distribution weight {data.weight:g})" if objective == "sft+distribution" else "")
+              + (f", {len(data.soft)} soft labels" if data.soft else "") + ", "
+              f"{len(data.examples)} examples ({data.skipped} too long), world {dist.world}, grad_accum "
+              f"{plan.grad_accum}, {plan.total_steps} steps, trainable {n_trainable:,} / {n_total:,}, resume at step "
+              f"{pos.step}, setup {time.perf_counter() - w.t_setup:.1f}s", flush=True)
+    return run_params
 
-    # 9. The loop.
-    ckpt_every = int(config.get("checkpoint_every_steps") or 0)
-    log_every = max(1, int(config.get("log_every_steps") or 1))
+
+@dataclass
+class _Loop:
+    """Step 9's bookkeeping: cadences, clocks, token counts, Ray reports and the last logged metrics."""
+
+    start_step: int
+    ckpt_every: int
+    log_every: int
+    report_every_s: float
+    fault: dict | None
+    ray_reports: int = 0
+    last_report_t: float = field(default_factory=time.perf_counter)
+    window_tokens: float = 0
+    window_t0: float = field(default_factory=time.perf_counter)
+    loop_tokens: float = 0
+    loop_t0: float = field(default_factory=time.perf_counter)
+    loop_cpu0: float = field(default_factory=time.process_time)
+    last: dict = field(default_factory=dict)
+    loop_s: float = 0.0
+    loop_cpu_s: float = 0.0
+
+
+def _autocast(on_gpu: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
+
+
+def _train(config: dict, w: _Worker, data: _Data, plan: _Plan, model, peft_model, opt: _Optim,
+           pos: _Position) -> _Loop:
+    """9. The loop: optimizer steps up to total_steps, an epoch (a fresh shuffle) at a time."""
     # Ray Train V2 drains each worker's one-slot result queue once per controller poll (2 s), so a report per
     # step caps the loop at one step per poll (measured on 2 H200s: 1.6 s steps stretched to 2.0 s). Metrics
     # go to Ray at most every `report_every_s` (rank 0's clock, agreed through the loss all-reduce: the report
     # is a barrier, every rank must make the same call); MLflow still gets every logged step.
-    report_every_s = float(config.get("report_every_s", 10.0))
-    ray_reports, last_report_t = 0, time.perf_counter()
-    fault = config.get("fault") or None
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    window_tokens, window_t0 = 0, time.perf_counter()
-    loop_tokens, loop_t0, loop_cpu0 = 0, time.perf_counter(), time.process_time()
-    last: dict = {}
+    loop = _Loop(start_step=pos.step, ckpt_every=int(config.get("checkpoint_every_steps") or 0),
+                 log_every=max(1, int(config.get("log_every_steps") or 1)),
+                 report_every_s=float(config.get("report_every_s", 10.0)), fault=config.get("fault") or None)
+    autocast = _autocast(w.on_gpu)
     model.train()
-    while step < total_steps:
-        sampler.set_epoch(epoch)
-        order = list(sampler)
-        batches = [order[i : i + per_device] for i in range(0, len(order), per_device)]
-        while micro_done < len(batches) and step < total_steps:
-            units = batches[micro_done : micro_done + grad_accum]
-            if objective == "distribution":
-                group, soft_group = [], [[examples[j] for j in b] for b in units]
-            else:
-                group = [collate([examples[j] for j in b], pad_id, pad_multiple) for b in units]
-                soft_group = soft_batches(step) if objective == "sft+distribution" else []
-            counts = torch.tensor(
-                [sum(int((g["labels"][:, 1:] != IGNORE_INDEX).sum()) for g in group),
-                 sum(int(g["attention_mask"].sum()) for g in group), sum(len(b) for b in soft_group)],
-                dtype=torch.float64, device=device)
-            counts = dist.all_reduce_sum(counts)
-            n_target, n_tokens, n_soft = max(1.0, counts[0].item()), counts[1].item(), max(1.0, counts[2].item())
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            kl_total = torch.zeros((), dtype=torch.float64, device=device)
-            n_passes = len(group) + len(soft_group)
-            for k, soft_rows in enumerate(soft_group):  # the distribution objective's micro-batches
-                sync = (len(group) + k == n_passes - 1) or not ddp
-                with (model.no_sync() if not sync else contextlib.nullcontext()):
-                    kl, soft_tokens = _distill_kl_sum(model, soft_rows, pad_id, device, autocast)
-                    (kl * (weight * dist.world / n_soft)).backward()
-                kl_total += kl.detach().double()
-                n_tokens += soft_tokens  # this rank's; the SFT count above is global (logged tokens/s: approximate)
-            for k, g in enumerate(group):
-                g = {key: v.to(device, non_blocking=True) for key, v in g.items()}
-                sync = (k == len(group) - 1) or not ddp
-                ctx = model.no_sync() if not sync else contextlib.nullcontext()
-                with ctx:
-                    # Logits only from the first position that predicts a target token on: the prompt is
-                    # most of each sequence, and the LM head over a 50-150k vocabulary is costly there.
-                    labels = g["labels"][:, 1:]
-                    has_target = (labels != IGNORE_INDEX).any(dim=0)
-                    first = int(has_target.nonzero()[0]) if bool(has_target.any()) else labels.shape[1] - 1
-                    keep = labels.shape[1] - first
-                    with autocast:
-                        logits = model(input_ids=g["input_ids"], attention_mask=g["attention_mask"],
-                                       logits_to_keep=keep + 1).logits[:, :-1]
-                    loss = F.cross_entropy(
-                        logits.flatten(0, 1).float(), labels[:, first:].flatten(),
-                        ignore_index=IGNORE_INDEX, reduction="sum",
-                    )
-                    # DDP averages gradients over ranks; x world makes the result sum / global target tokens.
-                    (loss * ((1.0 - weight) * dist.world / n_target)).backward()
-                loss_sum += loss.detach().double()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, float(tcfg["max_grad_norm"]))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            micro_done += len(group)
-            step += 1
-            window_tokens += n_tokens
-            loop_tokens += n_tokens
-            epoch_done = micro_done >= len(batches)
-
-            if step % log_every == 0 or step == total_steps or epoch_done:
-                due = float(dist.rank == 0 and time.perf_counter() - last_report_t >= report_every_s)
-                summed = dist.all_reduce_sum(torch.stack([loss_sum, kl_total, torch.tensor(
-                    due, dtype=torch.float64, device=device)])).tolist()
-                loss_sft, loss_dist, report_due = summed[0] / n_target, summed[1] / n_soft, summed[2] > 0
-                global_loss = (1.0 - weight) * loss_sft + weight * loss_dist
-                if on_gpu:
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - window_t0
-                last = {
-                    "loss": global_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                    "tokens_per_s": window_tokens / dt if dt > 0 else 0.0, "step": step,
-                    "epoch": epoch + micro_done / len(batches),
-                }
-                if objective != "sft":  # the parts: next-token cross-entropy, KL(teacher || student) per scenario
-                    last |= {"loss_distribution": loss_dist, **({"loss_sft": loss_sft} if group else {})}
-                history.append({"step": step, "loss": global_loss, "tokens_per_s": last["tokens_per_s"],
-                                "window_s": dt, **({"loss_distribution": loss_dist} if objective != "sft" else {})})
-                log.metrics({k: v for k, v in last.items() if k != "step"}, step)
-                window_tokens, window_t0 = 0, time.perf_counter()
-                reports_anyway = (ckpt_every and step % ckpt_every == 0) or epoch_done or step == total_steps
-                if use_ray and report_due and not reports_anyway:
-                    import ray.train
-
-                    ray.train.report(dict(last, start_step=start_step))
-                    ray_reports, last_report_t = ray_reports + 1, time.perf_counter()
-            if epoch_done:
-                epoch, micro_done = epoch + 1, 0
-            if step < total_steps and ((ckpt_every and step % ckpt_every == 0) or epoch_done):
-                _save_checkpoint(config, dist, peft_model, optimizer, scheduler, last, start_step,
-                                 {"step": step, "epoch": epoch, "micro_done": micro_done, "history": history})
-                last_report_t = time.perf_counter()  # a checkpoint is a report too
-            if fault and step == int(fault["at_step"]) and dist.rank == int(fault.get("rank", 0)):
-                marker = Path(fault["marker"])
-                if not marker.exists():
-                    marker.parent.mkdir(parents=True, exist_ok=True)
-                    marker.write_text(f"fault injected at step {step} on rank {dist.rank}\n")
-                    if fault.get("kill"):  # a dead process, not an exception: what a lost GPU node looks like
-                        import signal
-
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    raise RuntimeError(f"injected fault at step {step} on rank {dist.rank}")
-            if epoch_done:
-                break  # next epoch: a fresh shuffle
-
-    if on_gpu:
+    while pos.step < plan.total_steps:
+        _train_epoch(config, w, data, plan, model, peft_model, opt, pos, loop, autocast)
+    if w.on_gpu:
         torch.cuda.synchronize()
-    loop_s, loop_cpu_s = time.perf_counter() - loop_t0, time.process_time() - loop_cpu0
-    if not last and history:  # resumed a run that had already finished
-        last = {"loss": history[-1]["loss"], "step": step}
-    # 10. The end: checksums from every rank, the adapter in PEFT format, probe logits, MLflow.
+    loop.loop_s, loop.loop_cpu_s = time.perf_counter() - loop.loop_t0, time.process_time() - loop.loop_cpu0
+    if not loop.last and pos.history:  # resumed a run that had already finished
+        loop.last = {"loss": pos.history[-1]["loss"], "step": pos.step}
+    return loop
+
+
+def _train_epoch(config: dict, w: _Worker, data: _Data, plan: _Plan, model, peft_model, opt: _Optim,
+                 pos: _Position, loop: _Loop, autocast) -> None:
+    """One epoch, or its rest after a resume: grad_accum micro-batches an optimizer step, then metrics,
+    checkpoints and the tests' fault."""
+    plan.sampler.set_epoch(pos.epoch)
+    order = list(plan.sampler)
+    batches = [order[i : i + plan.per_device] for i in range(0, len(order), plan.per_device)]
+    while pos.micro_done < len(batches) and pos.step < plan.total_steps:
+        units = batches[pos.micro_done : pos.micro_done + plan.grad_accum]
+        sums = _forward_backward(w, data, plan, model, units, pos.step, autocast)
+        grad_norm = torch.nn.utils.clip_grad_norm_(opt.params, float(w.tcfg["max_grad_norm"]))
+        opt.optimizer.step()
+        opt.scheduler.step()
+        opt.optimizer.zero_grad(set_to_none=True)
+        pos.micro_done += sums.micro_batches
+        pos.step += 1
+        loop.window_tokens += sums.n_tokens
+        loop.loop_tokens += sums.n_tokens
+        epoch_done = pos.micro_done >= len(batches)
+
+        if pos.step % loop.log_every == 0 or pos.step == plan.total_steps or epoch_done:
+            _log_step(w, data, plan, opt, pos, loop, sums, grad_norm, len(batches), epoch_done)
+        if epoch_done:
+            pos.epoch, pos.micro_done = pos.epoch + 1, 0
+        if pos.step < plan.total_steps and ((loop.ckpt_every and pos.step % loop.ckpt_every == 0) or epoch_done):
+            _save_checkpoint(config, w.dist, peft_model, opt.optimizer, opt.scheduler, loop.last, loop.start_step,
+                             pos.as_dict())
+            loop.last_report_t = time.perf_counter()  # a checkpoint is a report too
+        _inject_fault(loop.fault, pos.step, w.dist.rank)
+        if epoch_done:
+            break  # next epoch: a fresh shuffle
+
+
+@dataclass
+class _StepSums:
+    """One optimizer step: this rank's loss sums, the global counts they are divided by, the tokens seen."""
+
+    loss_sum: torch.Tensor
+    kl_total: torch.Tensor
+    n_target: float
+    n_soft: float
+    n_tokens: float
+    micro_batches: int  # SFT micro-batches (what `micro_done` counts)
+
+
+def _forward_backward(w: _Worker, data: _Data, plan: _Plan, model, units: list[list[int]], step: int,
+                      autocast) -> _StepSums:
+    """The forward and backward passes of one optimizer step: the distribution objective's micro-batches, then
+    the SFT ones, gradients synced on the last. The loss is the exact token mean over the whole effective batch:
+    the counts are all-reduced before the backward passes."""
+    dist, device, weight = w.dist, w.device, data.weight
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    if data.objective == "distribution":
+        group, soft_group = [], [[data.examples[j] for j in b] for b in units]
+    else:
+        group = [collate([data.examples[j] for j in b], data.pad_id, plan.pad_multiple) for b in units]
+        soft_group = _soft_batches(plan, data.soft, step) if data.objective == "sft+distribution" else []
+    counts = torch.tensor(
+        [sum(int((g["labels"][:, 1:] != IGNORE_INDEX).sum()) for g in group),
+         sum(int(g["attention_mask"].sum()) for g in group), sum(len(b) for b in soft_group)],
+        dtype=torch.float64, device=device)
+    counts = dist.all_reduce_sum(counts)
+    n_target, n_tokens, n_soft = max(1.0, counts[0].item()), counts[1].item(), max(1.0, counts[2].item())
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    kl_total = torch.zeros((), dtype=torch.float64, device=device)
+    n_passes = len(group) + len(soft_group)
+    for k, soft_rows in enumerate(soft_group):  # the distribution objective's micro-batches
+        sync = (len(group) + k == n_passes - 1) or not ddp
+        with (model.no_sync() if not sync else contextlib.nullcontext()):
+            kl, soft_tokens = _distill_kl_sum(model, soft_rows, data.pad_id, device, autocast)
+            (kl * (weight * dist.world / n_soft)).backward()
+        kl_total += kl.detach().double()
+        n_tokens += soft_tokens  # this rank's; the SFT count above is global (logged tokens/s: approximate)
+    for k, g in enumerate(group):
+        g = {key: v.to(device, non_blocking=True) for key, v in g.items()}
+        sync = (k == len(group) - 1) or not ddp
+        with (model.no_sync() if not sync else contextlib.nullcontext()):
+            loss = _sft_loss_sum(model, g, autocast)
+            # DDP averages gradients over ranks; x world makes the result sum / global target tokens.
+            (loss * ((1.0 - weight) * dist.world / n_target)).backward()
+        loss_sum += loss.detach().double()
+    return _StepSums(loss_sum, kl_total, n_target, n_soft, n_tokens, len(group))
+
+
+def _sft_loss_sum(model, g: dict[str, torch.Tensor], autocast) -> torch.Tensor:
+    """The summed next-token cross-entropy over one micro-batch's target tokens. Logits only from the first
+    position that predicts a target token on: the prompt is most of each sequence, and the LM head over a
+    50-150k vocabulary is costly there."""
+    labels = g["labels"][:, 1:]
+    has_target = (labels != IGNORE_INDEX).any(dim=0)
+    first = int(has_target.nonzero()[0]) if bool(has_target.any()) else labels.shape[1] - 1
+    keep = labels.shape[1] - first
+    with autocast:
+        logits = model(input_ids=g["input_ids"], attention_mask=g["attention_mask"],
+                       logits_to_keep=keep + 1).logits[:, :-1]
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels[:, first:].flatten(),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+
+
+def _log_step(w: _Worker, data: _Data, plan: _Plan, opt: _Optim, pos: _Position, loop: _Loop, sums: _StepSums,
+              grad_norm, n_batches: int, epoch_done: bool) -> None:
+    """A logged step: the global losses (one all-reduce, which also carries rank 0's decision to report to Ray),
+    to MLflow every time, to Ray at most every report_every_s (checkpoints and the end report anyway)."""
+    dist, device, weight = w.dist, w.device, data.weight
+    due = float(dist.rank == 0 and time.perf_counter() - loop.last_report_t >= loop.report_every_s)
+    summed = dist.all_reduce_sum(torch.stack([sums.loss_sum, sums.kl_total, torch.tensor(
+        due, dtype=torch.float64, device=device)])).tolist()
+    loss_sft, loss_dist, report_due = summed[0] / sums.n_target, summed[1] / sums.n_soft, summed[2] > 0
+    global_loss = (1.0 - weight) * loss_sft + weight * loss_dist
+    if w.on_gpu:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - loop.window_t0
+    last = {
+        "loss": global_loss, "lr": opt.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+        "tokens_per_s": loop.window_tokens / dt if dt > 0 else 0.0, "step": pos.step,
+        "epoch": pos.epoch + pos.micro_done / n_batches,
+    }
+    if data.objective != "sft":  # the parts: next-token cross-entropy, KL(teacher || student) per scenario
+        last |= {"loss_distribution": loss_dist, **({"loss_sft": loss_sft} if sums.micro_batches else {})}
+    loop.last = last
+    pos.history.append({"step": pos.step, "loss": global_loss, "tokens_per_s": last["tokens_per_s"],
+                        "window_s": dt, **({"loss_distribution": loss_dist} if data.objective != "sft" else {})})
+    w.log.metrics({k: v for k, v in last.items() if k != "step"}, pos.step)
+    loop.window_tokens, loop.window_t0 = 0, time.perf_counter()
+    reports_anyway = (loop.ckpt_every and pos.step % loop.ckpt_every == 0) or epoch_done or \
+        pos.step == plan.total_steps
+    if w.use_ray and report_due and not reports_anyway:
+        import ray.train
+
+        ray.train.report(dict(last, start_step=loop.start_step))
+        loop.ray_reports, loop.last_report_t = loop.ray_reports + 1, time.perf_counter()
+
+
+def _inject_fault(fault: dict | None, step: int, rank: int) -> None:
+    """Tests: rank `fault["rank"]` raises once after step `fault["at_step"]`, or SIGKILLs itself (`kill`)."""
+    if fault and step == int(fault["at_step"]) and rank == int(fault.get("rank", 0)):
+        marker = Path(fault["marker"])
+        if not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"fault injected at step {step} on rank {rank}\n")
+            if fault.get("kill"):  # a dead process, not an exception: what a lost GPU node looks like
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected fault at step {step} on rank {rank}")
+
+
+def _save(config: dict, w: _Worker, data: _Data, plan: _Plan, peft_model, opt: _Optim, pos: _Position,
+          loop: _Loop, run_params: dict) -> dict:
+    """10. The end: checksums from every rank, the adapter in PEFT format, probe logits, MLflow; the result,
+    reported to Ray Train with the final folder as the last checkpoint."""
+    dist, history = w.dist, pos.history
     checksums = dist.all_gather_object(adapter_checksum(peft_model))
-    result = {**last, "objective": objective, "start_step": start_step, "total_steps": total_steps,
-              "adapter_checksums": checksums,
-              "adapters_identical": len(set(checksums)) == 1, "examples": len(examples),
+    result = {**loop.last, "objective": data.objective, "start_step": loop.start_step,
+              "total_steps": plan.total_steps, "adapter_checksums": checksums,
+              "adapters_identical": len(set(checksums)) == 1, "examples": len(data.examples),
               "loss_first": history[0]["loss"] if history else None,
-              "loss_last": history[-1]["loss"] if history else None, "trainable_params": n_trainable,
-              "total_params": n_total, "loop_tokens": loop_tokens, "loop_s": loop_s, "loop_cpu_s_rank0": loop_cpu_s,
-              "tokens_per_s_avg": loop_tokens / loop_s if loop_s > 0 else 0.0, "ray_metric_reports": ray_reports}
-    if not use_ray:
+              "loss_last": history[-1]["loss"] if history else None,
+              "trainable_params": run_params["trainable_params"], "total_params": run_params["total_params"],
+              "loop_tokens": loop.loop_tokens, "loop_s": loop.loop_s, "loop_cpu_s_rank0": loop.loop_cpu_s,
+              "tokens_per_s_avg": loop.loop_tokens / loop.loop_s if loop.loop_s > 0 else 0.0,
+              "ray_metric_reports": loop.ray_reports}
+    if not w.use_ray:
         result["history"] = history  # per logged step: loss, tokens/s (benchmarks read it)
     final_dir = None
     if dist.rank == 0:
-        temp_final = not config.get("output_dir")
-        final_dir = Path(config.get("output_dir") or tempfile.mkdtemp(prefix="tomtransfer-final-"))
-        adapter_dir = final_dir / "adapter"
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        peft_model.save_pretrained(str(adapter_dir))
-        # The trainer state rides along, so a re-run of a finished run resumes at its last step (a no-op).
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-                    "step": step, "epoch": epoch, "micro_done": micro_done, "history": history},
-                   final_dir / STATE_FILE)
-        (adapter_dir / TRAINING_CONFIG_FILE).write_text(json.dumps(
-            {"training": tcfg, "run_params": run_params, "student_path": str(config["student_path"]),
-             "dataset_path": str(config["dataset_path"]), "seed": seed}, indent=1, default=str))
-        probe_path = None
-        n_probe = int(config.get("probe_examples", 2))
-        if n_probe:
-            probe_path = final_dir / PROBE_FILE
-            _save_probe(peft_model, examples[:n_probe], pad_id, device, autocast, probe_path)
-        result |= log.final(adapter_dir, probe_path, str(tcfg["adapter_name"]), {
-            "r": lcfg["r"], "alpha": lcfg["alpha"], "target_modules": ",".join(lcfg["target_modules"])})
-        result["adapter_dir"] = str(adapter_dir)
-        if log.client:
-            log.metrics({"final_loss": result.get("loss") or 0.0}, step)
+        final_dir = _save_final(config, w, data, peft_model, opt, pos, run_params, result)
     dist.barrier()
-    if use_ray:
+    if w.use_ray:
         import ray.train
 
         report = {k: v for k, v in result.items() if k != "adapter_dir"}
         if dist.rank == 0:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(final_dir)))
-            if temp_final:  # persisted to the run's storage by now (synchronous upload)
+            if not config.get("output_dir"):  # a temp dir, persisted to the run's storage by now (synchronous)
                 shutil.rmtree(final_dir, ignore_errors=True)
                 result.pop("adapter_dir", None)
         else:
             ray.train.report(report)
     return result
 
+
+def _save_final(config: dict, w: _Worker, data: _Data, peft_model, opt: _Optim, pos: _Position,
+                run_params: dict, result: dict) -> Path:
+    """Rank 0: the adapter (PEFT format, the training config beside it), the trainer state, probe logits, and
+    the MLflow artifacts and LoggedModel; `result` gains where they are. Returns the final folder."""
+    tcfg, lcfg = w.tcfg, w.lcfg
+    final_dir = Path(config.get("output_dir") or tempfile.mkdtemp(prefix="tomtransfer-final-"))
+    adapter_dir = final_dir / "adapter"
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    peft_model.save_pretrained(str(adapter_dir))
+    # The trainer state rides along, so a re-run of a finished run resumes at its last step (a no-op).
+    torch.save({"optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(), "rng": _rng_state(),
+                **pos.as_dict()}, final_dir / STATE_FILE)
+    (adapter_dir / TRAINING_CONFIG_FILE).write_text(json.dumps(
+        {"training": tcfg, "run_params": run_params, "student_path": str(config["student_path"]),
+         "dataset_path": str(config["dataset_path"]), "seed": w.seed}, indent=1, default=str))
+    probe_path = None
+    n_probe = int(config.get("probe_examples", 2))
+    if n_probe:
+        probe_path = final_dir / PROBE_FILE
+        _save_probe(peft_model, data.examples[:n_probe], data.pad_id, w.device, _autocast(w.on_gpu), probe_path)
+    result |= w.log.final(adapter_dir, probe_path, str(tcfg["adapter_name"]), {
+        "r": lcfg["r"], "alpha": lcfg["alpha"], "target_modules": ",".join(lcfg["target_modules"])})
+    result["adapter_dir"] = str(adapter_dir)
+    if w.log.client:
+        w.log.metrics({"final_loss": result.get("loss") or 0.0}, pos.step)
+    return final_dir
 
 def _latest_checkpoint_dir(config: dict, use_ray: bool) -> str | None:
     if use_ray:
