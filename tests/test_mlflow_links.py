@@ -52,7 +52,7 @@ def test_mlflows_own_links_are_off_only_while_a_local_server_runs(monkeypatch, t
     def server(root):
         yield type("S", (), {"uri": "http://127.0.0.1:45678"})()
 
-    monkeypatch.setattr("services.common.mlflow_server.MlflowServer", server)
+    monkeypatch.setattr(resources, "MlflowServer", server)
     monkeypatch.setattr(resources, "_say_ui_links", lambda uri, root, since: listed.append((uri, root)))
     monkeypatch.delenv(QUIET, raising=False)
     with resources.tracking(_cfg(tmp_path)) as uri:

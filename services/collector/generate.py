@@ -30,15 +30,20 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from shared.config import ExperimentConfig
 
 from services.collector.collection import collect_into
+from services.collector.cost import metrics as cost_metrics, samples_cost
 from services.collector.jobs import as_config, role_identity, select_scenarios
 from services.collector.runner import RequestSettings, RetryPolicy, RunReport
 from services.collector.store import SampleStore
 from services.common.checks import check_secrets
 from services.common.fingerprint import generate_key
+from services.trainer.dataset import export_training_set, log_dataset_to_mlflow
+
+# mlflow is imported where it is used: a slow import, and a store can be filled without tracking.
 
 
 @dataclass
@@ -96,8 +101,6 @@ def generate(
     result = GenerateResult(run_id=got.run_id, samples_path=got.path, dataset_dir=out / "dataset", report=got.report,
                             scenarios=[s.id for s in scenarios])
     if export:
-        from services.trainer.dataset import export_training_set
-
         table = store.read()
         ids = [s.id for s in scenarios]
         table = table.filter(pc.and_(pc.equal(table["role"], "teacher"),
@@ -114,8 +117,6 @@ def generate(
 
 def log_generate_to_mlflow(cfg: ExperimentConfig, result: GenerateResult, settings: dict, teacher: dict) -> str:
     import mlflow
-
-    from services.trainer.dataset import log_dataset_to_mlflow
 
     ex = result.dataset
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
@@ -153,10 +154,6 @@ def log_generate_to_mlflow(cfg: ExperimentConfig, result: GenerateResult, settin
 def teacher_cost_metrics(samples_path: str | Path, prefix: str = "teacher_cost") -> dict[str, float]:
     """`<prefix>.tokens`, `.forward_passes`, ... of the teacher's samples in `samples_path`
     (services.collector.cost)."""
-    import pyarrow.parquet as pq
-
-    from services.collector.cost import metrics, samples_cost
-
     table = pq.read_table(samples_path, columns=["role", "prompt_tokens", "completion_tokens"])
     rows = [r for r in table.to_pylist() if r["role"] == "teacher"]
-    return metrics(samples_cost(rows), prefix)
+    return cost_metrics(samples_cost(rows), prefix)

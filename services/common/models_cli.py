@@ -16,6 +16,8 @@ import sys
 
 import typer
 
+from shared.errors import UserError
+
 from services.common import models as m
 
 app = typer.Typer(no_args_is_help=True, help="Offline models: aliases, fetch and convert.")
@@ -62,8 +64,6 @@ def fetch_cmd(
 
 
 if __name__ == "__main__":  # python -m services.common.models_cli fetch NAME
-    from shared.errors import UserError
-
     try:
         app()
     except UserError as e:

@@ -45,6 +45,7 @@ from shared.samples import ADAPTER_SUFFIX, LEAD_PART
 from shared.scenarios import Scenario
 
 from services.collector.collection import collect_into
+from services.collector.generate import generate_dir
 from services.collector.jobs import as_config, interleave_roles, role_identity, select_scenarios
 from services.collector.runner import RequestSettings, RetryPolicy, RunReport, parse_answer
 from services.collector.store import ExactStore, SampleStore
@@ -74,8 +75,6 @@ def evaluate_dir(cfg: ExperimentConfig) -> Path:
 
 
 def dataset_samples_dir(cfg: ExperimentConfig) -> Path:
-    from services.collector.generate import generate_dir
-
     return generate_dir(cfg) / "samples"
 
 

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from shared.config import ExperimentConfig
+
+from services.common.mlflow_server import MlflowServer
+from services.evaluator.tracking import experiment_url
+from services.teacher.serve_cli import start
+
+# mlflow and ray are imported where they are used: slow imports that the stages' checks (and the tests of the
+# links below) do not need.
 
 
 def say(msg: str) -> None:
@@ -30,10 +38,6 @@ def tracking(cfg: ExperimentConfig) -> Iterator[str]:
     if cfg.mlflow.tracking_uri:
         yield cfg.mlflow.tracking_uri
         return
-    import time
-
-    from services.common.mlflow_server import MlflowServer
-
     root = Path(cfg.output_dir) / "mlflow"
     say(f"[tracking] starting a local MLflow server (store {root})")
     quiet = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
@@ -65,8 +69,6 @@ def _say_ui_links(uri: str, root: Path, since_ms: int) -> None:
     """The runs started since `since_ms` on the local server at `uri`, as addresses under `make mlflow-ui`."""
     try:
         from mlflow.tracking import MlflowClient
-
-        from services.evaluator.tracking import experiment_url
 
         client = MlflowClient(uri)
         runs = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()],
@@ -101,8 +103,6 @@ class LocalApp:
         self.url: str | None = None
 
     def deploy(self) -> str:
-        from services.teacher.serve_cli import start
-
         self.url = start(self.cfg, app_name=self.app_name, route_prefix=self.route_prefix,
                          log_to_driver=self.log_to_driver)
         return self.url
@@ -123,8 +123,6 @@ class LocalApp:
 
     def step_aside(self, need: dict[str, float], timeout_s: float = 60.0) -> None:
         """Delete the app and wait until Ray has the resources back."""
-        import time
-
         import ray
         from ray import serve
 

@@ -21,14 +21,18 @@ from pathlib import Path
 
 from shared.config import ExperimentConfig
 from shared.errors import UserError
+from shared.samples import adapter_name
 
 from services.collector.jobs import base_url as endpoint
 from services.common.checks import check_models
+from services.evaluator.tracking import use_experiment
 from services.pipeline import stages
 from services.pipeline.preflight import check_inputs, check_objective
-from services.pipeline.resources import LocalApp, local_app, serving, serving_api_key, tracking, with_tracking
-from services.pipeline.resources import say
+from services.pipeline.resources import LocalApp, local_app, say, serving, serving_api_key, tracking, with_tracking
 from services.pipeline.stages import Context
+
+# mlflow and services.trainer.train (torch) are imported where they are used: slow imports that the checks before
+# anything starts do not need.
 
 
 @dataclass
@@ -113,8 +117,6 @@ def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None,
         adapter = stages.serve_adapter(cfg, ctx, tr.adapter_dir)
         placebo = None
         if trp is not None:
-            from shared.samples import adapter_name
-
             mlflow.log_artifacts(trp.adapter_dir, "adapter_placebo")
             mlflow.set_tags({"tomtransfer.placebo_adapter_uri": trp.adapter_uri or "",
                              "tomtransfer.placebo_adapter_name": adapter_name("student_placebo",
@@ -133,8 +135,6 @@ def _parent_run(cfg: ExperimentConfig, tracking_uri: str, tags: dict | None):
     """Start (or resume) the experiment's MLflow run; returns the active run."""
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from services.evaluator.tracking import use_experiment
 
     mlflow.set_tracking_uri(tracking_uri)
     use_experiment(cfg.mlflow.experiment)  # marked as model training: the UI opens on the runs table
@@ -195,8 +195,6 @@ def evaluate(cfg: ExperimentConfig) -> tuple[str, stages.Evaluated]:
         cfg = with_tracking(cfg, uri)
         url = stack.enter_context(serving(cfg))
         ctx = Context(tracking_uri=uri, url=url, api_key=serving_api_key(cfg))
-        from shared.samples import adapter_name
-
         adapters: dict[str, dict | None] = {}
         for role in ("student_finetuned", "student_placebo"):
             if role not in cfg.evaluate.roles or cfg.serving.base_url:
@@ -207,8 +205,6 @@ def evaluate(cfg: ExperimentConfig) -> tuple[str, stages.Evaluated]:
                                 "inputs) or name it in serving.adapters")
             if adapter_dir is not None:
                 adapters[role] = stages.serve_adapter(cfg, ctx, adapter_dir, role=role)
-        from services.evaluator.tracking import use_experiment
-
         mlflow.set_tracking_uri(uri)
         use_experiment(cfg.mlflow.experiment)
         with mlflow.start_run(run_name=f"{cfg.name}-evaluate", tags={"tomtransfer.stage": "evaluate"}) as r:

@@ -17,18 +17,37 @@ its outputs still exist, and recomputed (or resumed, when it was interrupted wit
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from shared.config import ExperimentConfig
 from shared.errors import UserError
+from shared.samples import LEAD_PART, adapter_name
 
+from services.collector.collection import collect_into
+from services.collector.cost import exact_cost, metrics as cost_metrics
+from services.collector.generate import generate as sample_teacher, generate_dir, teacher_cost_metrics
+from services.collector.jobs import role_identity, select_scenarios
+from services.collector.store import ExactStore, atomic_write_json
 from services.common.fingerprint import SHORT, dir_sha256, file_sha256, model_identity
+from services.evaluator.collect import collect, evaluate_dir, store_dirs
+from services.evaluator.tracking import evaluate_and_log
 from services.pipeline.fingerprint import evaluate_key, soft_labels_key, train_soft_labels_key
 from services.pipeline.resources import say
+from services.trainer.dataset import (META_JSON, TRAIN_PARQUET, DatasetError, DatasetExport, export_placebo_set,
+                                      export_training_set, log_dataset_to_mlflow)
+from services.trainer.softlabels import (SOFT_META_JSON, SOFT_PARQUET, SoftLabelError, SoftLabelExport,
+                                         build_soft_labels, export_soft_labels, log_soft_labels_to_mlflow,
+                                         placebo_soft_labels, read_soft_labels, samples_frame)
+
+# services.trainer.train (it imports torch) and mlflow are imported where they are used: `tomtransfer generate`
+# and the checks before a stage need neither.
 
 
 @dataclass(frozen=True)
@@ -75,7 +94,7 @@ class Trained:
 
 @dataclass
 class Evaluated:
-    result: Any  # services.evaluator.metrics.EvaluationResult
+    result: Any  # services.evaluator.scoring.EvaluationResult
     outputs: Any  # services.evaluator.report.Outputs
     store_lines: list[str] = field(default_factory=list)
 
@@ -101,8 +120,6 @@ class StageLog:
         return None
 
     def mark(self, stage: str, outcome) -> None:
-        from services.collector.store import atomic_write_json
-
         record = outcome if isinstance(outcome, dict) else asdict(outcome)
         self.data[stage] = {**record, "reused": False, "finished_at": time.time()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,8 +129,6 @@ class StageLog:
 # ------------------------------------------------------------------------------------------------ generate
 def generate(cfg: ExperimentConfig, ctx: Context) -> Generated:
     """The teacher dataset: exactly N samples per scenario (resumable), the training set and its exports."""
-    from services.collector.generate import generate as sample_teacher, generate_dir
-
     key = generate_dir(cfg).name
     log = StageLog(cfg.run_dir)
     if done := log.lookup("generate", key, Generated, lambda o: Path(o.dataset).is_file(),
@@ -133,9 +148,6 @@ def generate(cfg: ExperimentConfig, ctx: Context) -> Generated:
 def training_set(cfg: ExperimentConfig, dataset: str | Path | None = None) -> Path:
     """The training set's Parquet: `dataset` (a file or an export folder), else the one `generate` made for this
     config's inputs (built from its raw samples first when only those exist)."""
-    from services.collector.generate import generate_dir
-    from services.trainer.dataset import TRAIN_PARQUET, export_training_set
-
     if dataset is not None:
         p = Path(dataset)
         p = p / TRAIN_PARQUET if p.is_dir() else p
@@ -165,8 +177,6 @@ def soft_label_set(cfg: ExperimentConfig, ctx: Context | None = None) -> Path | 
 
     Each row: the teacher's P(action | valid) = exact mode's leading-answer mass + its samples that do not lead with
     an answer for the rest (`services.trainer.softlabels`). The exact rows live in `<dir>/exact/` (resumable)."""
-    from services.trainer.softlabels import SOFT_META_JSON, SOFT_PARQUET, read_soft_labels
-
     if cfg.training.objective == "sft":
         return None
     given = cfg.training.soft_labels
@@ -185,16 +195,6 @@ def soft_label_set(cfg: ExperimentConfig, ctx: Context | None = None) -> Path | 
 
 
 def _build_soft_labels(cfg: ExperimentConfig, ctx: Context, out: Path) -> Path:
-    import asyncio
-
-    from services.collector.collection import collect_into
-    from services.collector.generate import generate_dir
-    from services.collector.jobs import role_identity, select_scenarios
-    from services.collector.store import ExactStore
-    from services.trainer.softlabels import (build_soft_labels, export_soft_labels, log_soft_labels_to_mlflow,
-                                             samples_frame)
-    from shared.samples import LEAD_PART
-
     samples_path = generate_dir(cfg) / "samples" / "samples.parquet"
     if not samples_path.is_file():
         raise UserError(f"no teacher samples at {samples_path}: the soft-label set needs the generate stage first")
@@ -233,18 +233,13 @@ def teacher_cost(cfg: ExperimentConfig, *, generate: bool = True) -> dict[str, f
     `teacher_cost.generate.*` (the generate stage's samples), `teacher_cost.soft_labels.*` (the soft-label set's
     exact calls, objectives other than sft) and their sums `teacher_cost.tokens` / `teacher_cost.forward_passes`
     (a part not built yet counts 0; `generate=False` leaves the samples out)."""
-    from services.collector.cost import exact_cost, metrics
-    from services.collector.generate import generate_dir, teacher_cost_metrics
-    from services.collector.store import ExactStore
-    from shared.samples import LEAD_PART
-
     out: dict[str, float] = {}
     samples = generate_dir(cfg) / "samples" / "samples.parquet"
     if generate and samples.is_file():
         out |= teacher_cost_metrics(samples, "teacher_cost.generate")
     exact = soft_label_dir(cfg) / "exact"
     if cfg.training.objective != "sft" and not cfg.training.soft_labels and exact.is_dir():
-        out |= metrics(exact_cost(ExactStore(exact, part=LEAD_PART).read(["raw"]).to_pylist()),
+        out |= cost_metrics(exact_cost(ExactStore(exact, part=LEAD_PART).read(["raw"]).to_pylist()),
                        "teacher_cost.soft_labels")
     for k in ("tokens", "forward_passes"):
         out[f"teacher_cost.{k}"] = sum(out.get(f"teacher_cost.{part}.{k}", 0.0)
@@ -263,8 +258,6 @@ def _log_metrics(ctx: Context, values: dict[str, float]) -> None:
 def placebo_soft_label_set(cfg: ExperimentConfig, soft_labels: str | Path) -> Path:
     """The placebo of a soft-label set (each scenario's target moved to another scenario, seed = sampling.seed),
     written once under `<run_dir>/train/soft-labels/placebo-<source sha256>-seed<seed>/`."""
-    from services.trainer.softlabels import SOFT_META_JSON, SOFT_PARQUET, placebo_soft_labels
-
     src = Path(soft_labels)
     seed = cfg.sampling.seed
     out = cfg.run_dir.resolve() / "train" / "soft-labels" / f"placebo-{file_sha256(src)[:SHORT]}-seed{seed}"
@@ -277,8 +270,6 @@ def placebo_set(cfg: ExperimentConfig, dataset: str | Path) -> Path:
     """The placebo training set of `dataset` (`services.trainer.dataset.export_placebo_set`: its completions
     permuted across scenarios, seed = sampling.seed), written once under
     `<run_dir>/train/placebo-sets/<source sha256>-seed<seed>/` (named by its inputs; reused when there)."""
-    from services.trainer.dataset import META_JSON, TRAIN_PARQUET, export_placebo_set
-
     dataset = Path(dataset)
     seed = cfg.sampling.seed
     out = cfg.run_dir.resolve() / "train" / "placebo-sets" / f"{file_sha256(dataset)[:SHORT]}-seed{seed}"
@@ -294,8 +285,6 @@ def placebo_set(cfg: ExperimentConfig, dataset: str | Path) -> Path:
 
 def placebo_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The config the placebo adapter is trained with: the same, its adapter named `<adapter_name>-placebo`."""
-    from shared.samples import adapter_name
-
     name = adapter_name("student_placebo", cfg.training.adapter_name)
     return cfg.model_copy(update={"training": cfg.training.model_copy(update={"adapter_name": name})})
 
@@ -313,7 +302,7 @@ def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoin
     """LoRA on the student with Ray Train; resumes an interrupted run with the same inputs (the same key).
     `placebo`: `dataset` is the placebo set (`train_placebo`). `soft_labels`: the distribution objective's set
     (default: `soft_label_set`; checked against the student's tokenizer before anything is written)."""
-    from services.trainer.train import ensure_mlflow_run, run_training  # torch: lazy, as above
+    from services.trainer.train import ensure_mlflow_run, run_training
 
     dataset = Path(dataset)
     out_dir = train_dir(cfg, dataset, placebo=placebo)
@@ -351,10 +340,7 @@ def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoin
 def _log_train_inputs(cfg: ExperimentConfig, tracking_uri: str, run_id: str, dataset: Path,
                       soft_labels: str | Path | None) -> None:
     """A new train run's inputs: the training set (and its placebo permutation), the soft-label set."""
-    from mlflow.tracking import MlflowClient  # mlflow: lazy, the CLI's checks need none
-
-    from services.trainer.dataset import DatasetError, DatasetExport, log_dataset_to_mlflow
-    from services.trainer.softlabels import SoftLabelError, SoftLabelExport, log_soft_labels_to_mlflow
+    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     try:
@@ -377,7 +363,7 @@ def _log_train_inputs(cfg: ExperimentConfig, tracking_uri: str, run_id: str, dat
 def train_dir(cfg: ExperimentConfig, dataset: str | Path, *, placebo: bool = False) -> Path:
     """The train stage's folder (`services.trainer.train.train_dir`), its key holding the built soft-label set's
     where the objective trains on it (`fingerprint.train_soft_labels_key`)."""
-    from services.trainer.train import train_dir as trainer_dir  # imports torch: lazy, the CLI's checks need none
+    from services.trainer.train import train_dir as trainer_dir
 
     return trainer_dir(cfg, dataset, placebo=placebo, soft_labels_key=train_soft_labels_key(cfg))
 
@@ -400,9 +386,6 @@ def train_done(cfg: ExperimentConfig, dataset: str | Path) -> bool:
 def trained_adapter(cfg: ExperimentConfig, *, placebo: bool = False) -> Path | None:
     """The adapter `train` (`placebo`: `train_placebo`) made from this config's training set and settings, if it
     exists."""
-    from services.collector.generate import generate_dir
-    from services.trainer.dataset import TRAIN_PARQUET
-
     dataset = generate_dir(cfg) / "dataset" / TRAIN_PARQUET
     if not dataset.is_file():
         return None
@@ -423,10 +406,6 @@ def serve_adapter(cfg: ExperimentConfig, ctx: Context, adapter_dir: str | Path, 
                   role: str = "student_finetuned") -> dict:
     """Register the adapter on the running app as `student:<training.adapter_name>` (`role` student_placebo:
     `student:<training.adapter_name>-placebo`); returns its identity."""
-    import httpx
-
-    from shared.samples import adapter_name
-
     name = adapter_name(role, cfg.training.adapter_name)
     headers = {"Authorization": f"Bearer {ctx.api_key}"} if ctx.api_key else {}
     r = httpx.post(f"{ctx.url.rstrip('/')}/adapters", json={"name": name, "source": str(adapter_dir), "replace": True},
@@ -444,9 +423,6 @@ def evaluate(cfg: ExperimentConfig, ctx: Context, adapter: dict | None = None, *
     logged to the active MLflow run. `adapter` / `placebo_adapter`: the fine-tuned / placebo student's identity,
     part of that role's store key (a retrained adapter is measured afresh, the other roles reused). The stage's
     inputs key (`fingerprint.evaluate_key`: every store it reads, the metric settings) goes to stages.json."""
-    from services.evaluator.collect import collect, evaluate_dir, store_dirs
-    from services.evaluator.tracking import evaluate_and_log
-
     say(f"[evaluate] {cfg.protocol_line()}")
     adapters = {"student_finetuned": adapter, "student_placebo": placebo_adapter}
     key = evaluate_key(cfg, adapters)

@@ -23,12 +23,19 @@ import time
 from pathlib import Path
 
 from shared.config import ExperimentConfig, parse_config
+from shared.errors import UserError
 from shared.sweep import Cell, SweepSpec
 
 from services.common.fingerprint import digest
+from services.evaluator.tracking import start_sweep, summarize_sweep
 from services.pipeline.preflight import check_inputs
 from services.pipeline.resources import say, serving, serving_api_key, tracking, ui_address, with_tracking
+from services.pipeline.run import run_stages
 from services.pipeline.stages import Context
+from services.teacher.serve_cli import init_ray
+
+# ray is imported where it is used (a slow import; the sweep's checks run before it starts).
+
 
 def serving_group(cfg: ExperimentConfig) -> str:
     """Cells with the same key can share one serving app: what the app is built from, adapters aside."""
@@ -39,8 +46,6 @@ def serving_group(cfg: ExperimentConfig) -> str:
 
 def sweep(spec: SweepSpec, cells: list[Cell], *, max_concurrent: int | None = None) -> list[dict]:
     """Run every unfinished cell; returns one summary row per cell (finished earlier or now), in grid order."""
-    from services.evaluator.tracking import start_sweep, summarize_sweep
-
     limit = max_concurrent or spec.max_concurrent
     for cell in cells:  # every cell's inputs, before the first one writes anything
         check_inputs(cell.config, serve=True)
@@ -80,8 +85,6 @@ def sweep(spec: SweepSpec, cells: list[Cell], *, max_concurrent: int | None = No
 def _run_groups(groups: list[list[Cell]], sw, root: Path, limit: int) -> dict[str, float]:
     """Each group's cells against one serving app; returns each cell's wall time."""
     import ray
-
-    from services.teacher.serve_cli import init_ray
 
     started = init_ray(log_to_driver=True)  # the cells' progress lines reach this terminal / log
     try:
@@ -133,16 +136,12 @@ def _run_cells(cells: list[Cell], ctx: Context, sw, limit: int) -> dict[str, flo
         seconds[cell.id] = wall
         say(f"[sweep] cell {cell.id}: done in {wall:.0f} s ({len(seconds)} of {len(cells)} in this group)")
     if errors:
-        from shared.errors import UserError
-
         raise UserError(f"{len(errors)} sweep cell(s) failed (rerun to resume them): " + "; ".join(errors))
     return seconds
 
 
 def _cell_task(cfg_data: dict, ctx_data: dict, tags: dict) -> tuple[str, float]:
     """One cell's stages, in a Ray worker (the config travels as data and is validated again there)."""
-    from services.pipeline.run import run_stages
-
     t0 = time.perf_counter()
     res = run_stages(parse_config(cfg_data, "<sweep cell>"), Context(**ctx_data), tags=tags)
     return res.mlflow_run_id, time.perf_counter() - t0

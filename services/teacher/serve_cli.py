@@ -25,9 +25,13 @@ import threading
 import time
 from pathlib import Path
 
+from shared.config import ExperimentConfig, load_config
 from shared.errors import UserError
 
 from services.common.checks import check_models, check_secrets
+
+# ray and the serving app (services.teacher.app: ray, torch) are imported where they are used: the checks before
+# anything starts (and `tomtransfer` itself, which imports this module) need neither.
 
 APP_NAME = "tomtransfer"
 
@@ -72,7 +76,6 @@ def start(config, *, ray_address: str | None = None, num_cpus: int | None = None
     from ray import serve
 
     from services.teacher.app import build_app
-    from shared.config import ExperimentConfig, load_config
 
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     preflight(cfg)
@@ -148,8 +151,6 @@ def stop() -> None:
 
 def serve(config_path: str | Path) -> None:
     """Deploy, print the base URL, block until Ctrl-C or SIGTERM, then shut down Serve and Ray."""
-    from shared.config import load_config
-
     preflight(load_config(config_path))  # a bad config or input fails here, in one line, before anything starts
     stop_event = threading.Event()
     previous: dict = {}

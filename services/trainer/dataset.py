@@ -72,7 +72,7 @@ class DatasetError(UserError):
 # ----------------------------------------------------------------------------------------- loading
 def load_samples(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """Read raw samples from Parquet files or folders of them (`shared.samples.read_samples`); checks the columns."""
-    from shared.samples import read_samples
+    from shared.samples import read_samples  # lazy: it needs pydantic; the training loop reads this module without
 
     return read_samples(paths, required=SAMPLE_COLUMNS, error=DatasetError)
 

@@ -50,6 +50,12 @@ import pandas as pd
 
 from shared.errors import UserError
 
+from services.trainer.dataset import scenario_derangement
+
+# The training loop reads this module (`read_soft_labels`) where pydantic, scipy and the serving code are missing:
+# shared.samples / shared.prompts (pydantic), shared.transfer (scipy) and services.teacher.exact (torch's serving
+# side) are imported where they are used.
+
 FORMAT_VERSION = 1
 SOFT_PARQUET = "soft_labels.parquet"
 SOFT_CARD_MD = "SOFT_LABELS_CARD.md"
@@ -332,8 +338,6 @@ def placebo_soft_labels(source: str | Path, out_dir: str | Path, *, seed: int, n
     public-goods targets among their own kind; `services.trainer.dataset.scenario_derangement` seeded with `seed`),
     so the targets' multiset stays and the scenario -> choice mapping goes."""
     import numpy as np
-
-    from services.trainer.dataset import scenario_derangement
 
     src = Path(source)
     src = src / SOFT_PARQUET if src.is_dir() else src
