@@ -77,19 +77,23 @@ PROBE_FILE = "probe.pt"
 STATE_FILE = "trainer_state.pt"
 
 try:  # shared/ needs pydantic, which the device image lacks; the loop must import without it
-    from shared.config import TrainingConfig
     from shared.errors import UserError as _UserError
 except ImportError:  # pragma: no cover
-    TrainingConfig = None
     _UserError = ValueError
+try:
+    from shared.config import TrainingConfig
+except ImportError:  # pragma: no cover
+    TrainingConfig = None
 
 # The training knobs the loop reads, and their defaults where a caller leaves one out: TrainingConfig's (the paper's).
-# Without pydantic there are none: the caller passes every knob (benchmarks/bench_train_gpu.py on the device image).
+# Without pydantic there are none: the caller passes every knob, `lora` included (benchmarks/bench_train_gpu.py on
+# the device image).
 LOOP_KNOBS = ("lora", "learning_rate", "lr_scheduler", "warmup_ratio", "epochs", "effective_batch_size",
               "per_device_batch_size", "max_seq_len", "max_grad_norm", "adapter_name", "objective",
               "distribution_weight")
-DEFAULT_TRAINING: dict[str, Any] = (
-    {k: v for k, v in TrainingConfig().model_dump(mode="json").items() if k in LOOP_KNOBS} if TrainingConfig else {})
+DEFAULT_TRAINING: dict[str, Any] = {"lora": {}}
+if TrainingConfig is not None:
+    DEFAULT_TRAINING = {k: v for k, v in TrainingConfig().model_dump(mode="json").items() if k in LOOP_KNOBS}
 
 
 class TrainError(_UserError):
