@@ -1,4 +1,4 @@
-"""The collection sequence, written once: jobs -> run id -> open the store for writing -> check (or record) its
+"""The collection sequence, written once: run id -> jobs -> open the store for writing -> check (or record) its
 manifest -> request what is missing -> compact.
 
 Every store is filled through `collect_into`: the generate stage's teacher samples (`collector.generate`), each
