@@ -433,16 +433,23 @@ WORKERS = {"engine": way_engine, "serve": way_serve, "hf": way_hf, "vllm": way_v
 
 # ------------------------------------------------------------------------------------------- driver
 def parse_way(spec: str) -> tuple[str, dict]:
-    """'engine:bf16,threads=1,before' -> ('engine', {'dtype': 'bfloat16', 'threads': 1, 'before': True})."""
+    """'engine:bf16,threads=1,before' -> ('engine', {'dtype': 'bfloat16', 'threads': 1, 'before': True}).
+
+    Contention options (the cause of the slow runs on a shared machine): `nice=N` runs the way's process at
+    niceness N (Ray starts its workers, so the Serve replicas and Ray Train workers, at 15), `hog` keeps one core
+    busy at niceness 0 beside it (another user's process), `passive` sets OMP_WAIT_POLICY=PASSIVE (torch's
+    OpenMP threads sleep at a barrier instead of spinning)."""
     base, _, rest = spec.partition(":")
     opts: dict = {}
     for o in filter(None, rest.split(",")):
         k, _, v = o.partition("=")
         if k == "bf16":
             opts["dtype"] = "bfloat16"
-        elif k in ("threads", "conc"):
+        elif k == "fp32":
+            opts["dtype"] = "float32"
+        elif k in ("threads", "conc", "nice"):
             opts[k] = int(v)
-        elif k in ("nice0", "before"):
+        elif k in ("nice0", "before", "hog", "passive"):
             opts[k] = True
         else:
             raise SystemExit(f"unknown way option {o!r} in {spec!r}")
@@ -476,13 +483,22 @@ def _run_way(spec: str, wl_path: Path, timeout: float, before_rev: str | None = 
     env = {**os.environ, "PYTHONPATH": str(tree), "TOKENIZERS_PARALLELISM": "false", "TT_BENCH_OPTS": json.dumps(opts)}
     if opts.get("nice0"):
         env["RAY_worker_niceness"] = "0"  # Ray starts its workers (the Serve replicas) at nice 15 by default
+    if opts.get("passive"):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     cmd = [str(py), str(Path(__file__).resolve()), "--worker", way, "--workload", str(wl_path), "--result", str(out)]
+    if opts.get("nice") is not None:
+        cmd = ["nice", "-n", str(opts["nice"]), *cmd]
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if opts.get("hog") else None
     try:
         proc = subprocess.run(cmd, cwd=tree, env=env, timeout=timeout, capture_output=True, text=True)
         res = json.loads(out.read_text()) if proc.returncode == 0 and out.stat().st_size else {
             "failed": proc.returncode, "stderr": proc.stderr[-3000:]}
     except subprocess.TimeoutExpired:
         res = {"failed": "timeout", "timeout_s": timeout}
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
     out.unlink(missing_ok=True)
     res["way"], res["options"] = spec, opts
     if opts.get("before"):
@@ -517,7 +533,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_engines.json")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ways", default=" ".join(WAYS), help="space- or ';'-separated ways, each 'way[:option,...]' "
-                    "(options: bf16, threads=N, conc=N (serve: requests in flight), nice0 (Ray workers at nice 0), before)")
+                    "(options: bf16, fp32, threads=N, conc=N (serve: requests in flight), nice0 (Ray workers at nice 0), "
+                    "nice=N, hog, passive, before)")
     ap.add_argument("--scenarios", type=int, default=None, help="first K scenarios only (a quick check)")
     ap.add_argument("--n", type=int, default=None, help="samples per scenario (default generate.samples)")
     ap.add_argument("--timeout", type=float, default=3600)
