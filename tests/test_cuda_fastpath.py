@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from tests.fixtures.tiny_models import tiny_model_dir
 from services.teacher.engines import cuda_fastpath
-from services.teacher.engines.cuda_fastpath import CudaGraphDecoder, fused_layer
-from services.teacher.engines.decoding import DecodingOptions, State, _attention
+from services.teacher.engines.cuda_fastpath import CudaGraphDecoder, GraphState, fused_layer
+from services.teacher.engines.decoder_ops import shared_prefix_attention
+from services.teacher.engines.decoding import DecodingOptions
 
 OPTIONS = DecodingOptions(prompt_bucket=16, span_bucket=4)
 
@@ -60,7 +61,7 @@ def test_pooled_graph_steps_match_dynamic_steps(model, compiled_form):
         pre = dec.prefill(ids)
         ref = dec.start(pre, 3, 8)  # CPU: plain buffers, dynamic steps
         g = dec._pooled(3, 8, pre)
-        st = State(prefix=g.prefix, rows=3, capacity=8, ks=g.ks, vs=g.vs, graph=g)
+        st = GraphState(prefix=g.prefix, rows=3, capacity=8, ks=g.ks, vs=g.vs, graph=g)
         assert g.prefix.kv[0][0].shape[1] == 48 and int(g.plen) == 37 and int(g.pmask.sum()) == 37
         for t, tok in enumerate(feeds):
             if t == 3:  # reorder and duplicate rows, as tree expansion does: the pooled path moves to a new shape
@@ -110,5 +111,6 @@ def test_suffix_kernel_merge_matches_one_softmax(monkeypatch):
     ks, vs = torch.randn(B, Hkv, cap, D, generator=g), torch.randn(B, Hkv, cap, D, generator=g)
     pmask = torch.arange(L) < 9  # a padded prompt bucket
     got = cuda_fastpath._suffix_kernel_attention(qg, kp, vp, ks, vs, pmask, torch.tensor([used]))
-    want = _attention(qg, kp, vp, ks[:, :, :used], vs[:, :, :used], torch.cat((pmask, torch.ones(used, dtype=bool))))
+    want = shared_prefix_attention(qg, kp, vp, ks[:, :, :used], vs[:, :, :used],
+                                   torch.cat((pmask, torch.ones(used, dtype=bool))))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

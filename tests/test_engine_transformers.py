@@ -89,7 +89,7 @@ def test_compile_is_configuration():
     try:
         assert (off.compile, on.compile) == (False, True)
         assert type(on.decoder) is SharedPrefixDecoder and not on.graphs  # CPU: not the CUDA subclass
-        assert on._draw_rows is None and on.decoder._layer is None  # CPU: nothing compiled
+        assert on._draw_rows is None and not hasattr(on.decoder, "_layer")  # CPU: nothing compiled
         assert [c.text for c in chat(on, n=4, seed=2).choices] == [c.text for c in chat(off, n=4, seed=2).choices]
     finally:
         run(off.close())

@@ -23,16 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from services.teacher.engines.decoding import (
-    Prefix,
-    PromptKV,
-    SharedPrefixDecoder,
-    State,
-    _attention,
-    _cache_from,
-    _causal_lm,
-    _rope_apply,
-)
+from services.teacher.engines.decoder_ops import cache_from, causal_lm, rope_apply, shared_prefix_attention
+from services.teacher.engines.decoding import Prefix, PromptKV, SharedPrefixDecoder, State
 
 TILE = 16  # rows per token-wise op call (fixed: see the module docstring)
 VOCAB_SLICE = 8192  # LM-head rows per product
@@ -100,13 +92,13 @@ class TiledStep:
             o = torch.zeros((P, H * D), dtype=x.dtype)
             for s, (cos, sin_s), a, b in zip(states, ropes, offs, offs[1:]):
                 n, t = b - a, s.t
-                qg = _rope_apply(q[a:b].view(n, H, D), cos, sin_s) * dec.scaling
-                kg = _rope_apply(k[a:b].view(n, Hkv, D), cos, sin_s)
+                qg = rope_apply(q[a:b].view(n, H, D), cos, sin_s) * dec.scaling
+                kg = rope_apply(k[a:b].view(n, Hkv, D), cos, sin_s)
                 s.ks[i].select(2, t).copy_(kg)
                 s.vs[i].select(2, t).copy_(v[a:b].view(n, Hkv, D))
                 kp, vp = s.prefix.kv[i]
-                o[a:b] = _attention(qg.reshape(n, Hkv, G, D), kp, vp, s.ks[i][:, :, :t + 1], s.vs[i][:, :, :t + 1],
-                                    None)
+                o[a:b] = shared_prefix_attention(qg.reshape(n, Hkv, G, D), kp, vp, s.ks[i][:, :, :t + 1],
+                                                 s.vs[i][:, :, :t + 1], None)
             x = self._map(lambda x_, o_: x_ + att.o_proj(o_), x, o)
             h = self._map(self._norm(layer.post_attention_layernorm), x)
             g_, u_ = self._map(mlp.gate_proj, h), self._map(mlp.up_proj, h)
@@ -124,12 +116,12 @@ class TiledStep:
 def _body(model, ids: list[int], past: PromptKV | None):
     """The transformer body (no LM head) over `ids`, continuing from `past`; LoRA layers apply (peft injects them
     into the body's modules)."""
-    body = _causal_lm(model).model
+    body = causal_lm(model).model
     if past is None:
         return body(input_ids=torch.tensor([ids]), use_cache=True)
     if len(ids) <= past.length:
         raise ValueError("a cached prefix must leave at least one prompt token to compute")
-    return body(input_ids=torch.tensor([ids[past.length:]]), past_key_values=_cache_from(past), use_cache=True)
+    return body(input_ids=torch.tensor([ids[past.length:]]), past_key_values=cache_from(past), use_cache=True)
 
 
 def prompt_kv(model, ids: list[int]) -> PromptKV:
@@ -144,7 +136,7 @@ def prefill(model, ids: list[int], past: PromptKV | None, head_weight: torch.Ten
     prompt for Qwen2.5-0.5B) and in fp32 where `head_weight` is given."""
     out = _body(model, ids, past)
     h = out.last_hidden_state[0, -1:].contiguous()
-    head = _causal_lm(model).lm_head
+    head = causal_lm(model).lm_head
     if head_weight is not None:
         logits = torch.nn.functional.linear(h.to(head_weight.dtype), head_weight)
     else:

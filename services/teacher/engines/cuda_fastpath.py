@@ -1,6 +1,7 @@
 """The CUDA fast path of the transformers engine's shared-prefix decoder: CUDA graphs, `torch.compile`, Triton.
 
-`CudaGraphDecoder` (what `decoding.make_decoder` builds on CUDA) adds to `SharedPrefixDecoder`:
+`CudaGraphDecoder` (what the transformers engine's `make_decoder` builds on CUDA) adds to `SharedPrefixDecoder`,
+through its hooks (`_static_prompt`, `_layer_step`, `_masks`, `_attend`, `_step_logits`):
 
 - the decode step captured as a CUDA graph per (rows, capacity, prompt-length bucket, suffix-span bucket), kept
   in a small pool and replayed across requests: static shapes (the prompt padded to its bucket and the suffix to
@@ -23,15 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from services.teacher.engines.decoding import (
-    DecodingOptions,
-    Prefix,
-    PromptKV,
-    SharedPrefixDecoder,
-    State,
-    _attention,
-    _rope_apply,
-)
+from services.teacher.engines.decoder_ops import rope_apply, shared_prefix_attention
+from services.teacher.engines.decoding import DecodingOptions, Prefix, PromptKV, SharedPrefixDecoder, State
 
 _TRITON_OP: list = []
 # the fastest of a sweep of 48 (block, warps, stages) configurations on the H200 (benchmarks/RESULTS.md)
@@ -47,6 +41,18 @@ class _PackedPrefix(Prefix):
     for a 32-layer model, at every `start` and every `select` to a new shape of an exact-mode expansion)."""
 
     packed: torch.Tensor | None = None
+
+
+@dataclass
+class GraphState(State):
+    """A `State` decoding in pooled static buffers (`start` with graphs): the step replays their CUDA graph."""
+
+    graph: "_Graph | None" = None
+
+
+def _graph(state: State) -> "_Graph | None":
+    """The pooled buffers a state decodes in; None for a plain state (the eager path)."""
+    return state.graph if isinstance(state, GraphState) else None
 
 
 def _attn_lse(q, k, v, mask):
@@ -120,9 +126,9 @@ def _triton_suffix_op():
 
 
 def _suffix_kernel_attention(qg, kp, vp, ks, vs, pmask, used):
-    """`decoding._attention` with the suffix part by the Triton kernel over each row's first `used` slots of the
-    full (B, Hkv, cap, D) buffers: the prompt part by matrix products with its log-sum-exp, the two merged by the
-    log-sum-exps (weight sigmoid(lse_p - lse_s)). pmask: (prompt bucket,) or None."""
+    """`decoder_ops.shared_prefix_attention` with the suffix part by the Triton kernel over each row's first `used`
+    slots of the full (B, Hkv, cap, D) buffers: the prompt part by matrix products with its log-sum-exp, the two
+    merged by the log-sum-exps (weight sigmoid(lse_p - lse_s)). pmask: (prompt bucket,) or None."""
     B, Hkv, G, D = qg.shape
     qp = qg.permute(1, 0, 2, 3).reshape(Hkv, B * G, D)
     op, lp = _attn_lse(qp, kp, vp, pmask)  # (Hkv, B*G, D), (Hkv, B*G)
@@ -141,7 +147,7 @@ def fused_layer(x, w_qkv, b_qkv, w_o, w_gu, w_down, n1, n2, eps: float, cos, sin
     B = x.shape[0]
     h = F.rms_norm(x, (x.shape[-1],), n1, eps)
     qkv = F.linear(h, w_qkv, b_qkv).view(B, H + 2 * Hkv, D)
-    qk = _rope_apply(qkv[:, : H + Hkv], cos, sin_s)
+    qk = rope_apply(qkv[:, : H + Hkv], cos, sin_s)
     q, k, v = qk[:, :H] * scaling, qk[:, H:], qkv[:, H + Hkv:]
     ks.index_copy_(2, t_idx, k.unsqueeze(2))
     vs.index_copy_(2, t_idx, v.unsqueeze(2))
@@ -149,7 +155,7 @@ def fused_layer(x, w_qkv, b_qkv, w_o, w_gu, w_down, n1, n2, eps: float, cos, sin
         o = _suffix_kernel_attention(q.reshape(B, Hkv, G, D), kp, vp, ks, vs, jmask, used)
     else:
         span = jmask.shape[0] - kp.shape[1]
-        o = _attention(q.reshape(B, Hkv, G, D), kp, vp, ks[:, :, :span], vs[:, :, :span], jmask)
+        o = shared_prefix_attention(q.reshape(B, Hkv, G, D), kp, vp, ks[:, :, :span], vs[:, :, :span], jmask)
     x = x + F.linear(o, w_o)
     h = F.rms_norm(x, (x.shape[-1],), n2, eps)
     g_, u_ = F.linear(h, w_gu).chunk(2, dim=-1)
@@ -191,6 +197,7 @@ class CudaGraphDecoder(SharedPrefixDecoder):
         self._pool: "dict[tuple, _Graph]" = {}
         self._prefill_pool: "dict[int, _PrefillGraph]" = {}
         compiled = self.graphs and self.fused is not None and self.compile
+        self._layer = None  # the pure layer function for static steps, compiled (below) on CUDA
         # the Triton suffix kernel goes with the compiled layer (0.73 -> 0.651 s), used only if it runs here and
         # agrees with the plain math; without compile its log-sum-exp merge costs more than it saves (0.93 s)
         self.triton_suffix = compiled and self._check_triton()
@@ -256,7 +263,7 @@ class CudaGraphDecoder(SharedPrefixDecoder):
             w, b, gu = self.fused[i]
             h = self._norm(layer.input_layernorm, x)
             qkv = F.linear(h, w, b).view(Lb, H + 2 * Hkv, D)
-            qk = _rope_apply(qkv[:, : H + Hkv], cos, sin_s)
+            qk = rope_apply(qkv[:, : H + Hkv], cos, sin_s)
             kb, vb = pg.kv[i]
             kb.copy_(qk[:, H:].transpose(0, 1))
             vb.copy_(qkv[:, H + Hkv:].transpose(0, 1))
@@ -318,7 +325,7 @@ class CudaGraphDecoder(SharedPrefixDecoder):
         """`graph=False`: never a CUDA graph for this batch (short or irregular work such as exact mode)."""
         if graph and self.graphs:  # `graphs` only on CUDA
             g = self._pooled(rows, capacity, prefix)
-            return State(prefix=g.prefix, rows=rows, capacity=capacity, ks=g.ks, vs=g.vs, graph=g)
+            return GraphState(prefix=g.prefix, rows=rows, capacity=capacity, ks=g.ks, vs=g.vs, graph=g)
         return super().start(prefix, rows, capacity)
 
     def _pooled(self, rows: int, capacity: int, prefix: Prefix) -> "_Graph":
@@ -366,7 +373,7 @@ class CudaGraphDecoder(SharedPrefixDecoder):
         return g
 
     def select(self, state: State, index: torch.Tensor) -> None:
-        if state.graph is None:
+        if _graph(state) is None:
             return super().select(state, index)
         index = index.to(state.ks[0].device)
         t = state.t
@@ -379,6 +386,18 @@ class CudaGraphDecoder(SharedPrefixDecoder):
         state.rows = rows
 
     # ---------------------------------------------------------------------------------------- step
+    def _static_prompt(self, state: State, t: torch.Tensor) -> tuple:
+        g = _graph(state)
+        if g is None:
+            return super()._static_prompt(state, t)
+        return t + g.plen, g.pmask  # pooled buffers: the prompt padded to a bucket, its length on the device
+
+    def _layer_step(self, i: int, x: torch.Tensor, cos, sin_s, state: State, t, static: bool, jmask, span: int,
+                    used) -> torch.Tensor:
+        if static and self._layer is not None:  # the compiled pure layer
+            return self._compiled_layer(i, x, cos, sin_s, state, t, jmask, used)
+        return super()._layer_step(i, x, cos, sin_s, state, t, static, jmask, span, used)
+
     def _masks(self, static: bool, t, pmask, mask, L: int, device) -> tuple:
         if not self.triton_suffix:
             return super()._masks(static, t, pmask, mask, L, device)
@@ -401,7 +420,7 @@ class CudaGraphDecoder(SharedPrefixDecoder):
                            jmask, Hkv * G, Hkv, G, D, self.scaling, used)
 
     def _step_logits(self, state: State, tokens: torch.Tensor, borrow: bool) -> torch.Tensor:
-        if state.graph is not None:  # pooled buffers (`start` with graphs)
+        if _graph(state) is not None:  # pooled buffers (`start` with graphs)
             return self._graph_step(state, tokens, borrow)
         return super()._step_logits(state, tokens, borrow)
 

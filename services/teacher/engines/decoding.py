@@ -18,11 +18,13 @@ layers injected into them apply as usual) but keeps the attention cache in two p
   instead of once per row - for 300 samples of a 300-token prompt that is 300x less KV traffic;
 - a preallocated per-row suffix buffer (rows x heads x capacity x dim): no `torch.cat` per step.
 
-Both score blocks go through ONE softmax over their concatenation (`_attention`). Without adapters on CUDA, q/k/v
-and gate/up run as fused matrix products. The step also has a static form (masked full buffers, the step index a
-device tensor) that the CUDA fast path (`cuda_fastpath.py`: CUDA graphs, `torch.compile`, a Triton suffix
-kernel) captures; `make_decoder` picks that subclass on CUDA. The knobs are `DecodingOptions`, filled from the
-model's `decoding:` section of the experiment config.
+Both score blocks go through ONE softmax over their concatenation (`decoder_ops.shared_prefix_attention`). Without
+adapters on CUDA, q/k/v and gate/up run as fused matrix products. The step also has a static form (masked full
+buffers, the step index a device tensor) that the CUDA fast path (`cuda_fastpath.py`: CUDA graphs, `torch.compile`,
+a Triton suffix kernel) captures by overriding the hooks `_static_prompt`, `_layer_step`, `_masks` and `_attend`;
+this module knows nothing of it (the engine's `make_decoder` picks that subclass on CUDA). The tensor operations
+all decoders share are in `decoder_ops.py`. The knobs are `DecodingOptions`, filled from the model's `decoding:`
+section of the experiment config.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 import torch
+
+from services.teacher.engines.decoder_ops import cache_from, causal_lm, rope_apply, shared_prefix_attention
 
 SUPPORTED_FAST = ("llama", "qwen2", "mistral")
 
@@ -77,7 +81,6 @@ class State:
     cache: object = None  # HF path
     ks: list[torch.Tensor] = field(default_factory=list)  # shared path: per layer (B, Hkv, cap, D)
     vs: list[torch.Tensor] = field(default_factory=list)
-    graph: object = None
 
 
 @dataclass(frozen=True)
@@ -93,15 +96,6 @@ class PromptKV:
         return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
 
 
-def _cache_from(past: PromptKV):
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(past.layers):
-        cache.update(k, v, i)
-    return cache
-
-
 def forward_prompt(model, ids: list[int], past: PromptKV | None = None):
     """The prompt forward (logits of the last position only: the LM head over every prompt position was ~30 % of
     a Qwen2.5-0.5B prefill on CPU), continuing from `past` (the K/V of `ids[:past.length]`) when given."""
@@ -110,7 +104,7 @@ def forward_prompt(model, ids: list[int], past: PromptKV | None = None):
         return model(input_ids=torch.tensor([ids], device=dev), use_cache=True, logits_to_keep=1)
     if len(ids) <= past.length:
         raise ValueError("a cached prefix must leave at least one prompt token to compute")
-    return model(input_ids=torch.tensor([ids[past.length:]], device=dev), past_key_values=_cache_from(past),
+    return model(input_ids=torch.tensor([ids[past.length:]], device=dev), past_key_values=cache_from(past),
                  use_cache=True, logits_to_keep=1)
 
 
@@ -119,17 +113,8 @@ def prompt_kv(model, ids: list[int]) -> PromptKV:
     return PromptKV(length=len(ids), layers=tuple((layer.keys, layer.values) for layer in out.past_key_values.layers))
 
 
-def _causal_lm(model):
-    """The *ForCausalLM module under a possible peft wrapper."""
-    inner = model
-    if hasattr(inner, "peft_config") and hasattr(inner, "base_model"):
-        inner = inner.base_model  # LoraModel
-        inner = getattr(inner, "model", inner)
-    return inner
-
-
 def fast_path_supported(model) -> tuple[bool, str]:
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     cfg = lm.config
     if cfg.model_type not in SUPPORTED_FAST:
         return False, f"model_type {cfg.model_type!r} (fast path covers {', '.join(SUPPORTED_FAST)})"
@@ -182,37 +167,8 @@ class HFDecoder:
         state.rows = int(index.numel())
 
 
-def _rope_apply(x: torch.Tensor, cos: torch.Tensor, sin_s: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin with the sign of rotate_half folded into `sin_s` = (-sin[:h], sin[h:]):
-    three kernels (cat, mul, addcmul) instead of five."""
-    h = x.shape[-1] // 2
-    return torch.addcmul(x * cos, torch.cat((x[..., h:], x[..., :h]), dim=-1), sin_s)
-
-
 def _is_plain_linear(m) -> bool:
     return type(m) is torch.nn.Linear
-
-
-def _attention(qg, kp, vp, ks, vs, jmask):
-    """Attention of one decode step over [shared prompt keys, per-row suffix keys] -> (B, Hkv*G*D).
-
-    qg (B, Hkv, G, D) pre-scaled queries; kp/vp (Hkv, L, D) the prompt's K/V, shared by all rows: all rows'
-    queries of one KV head meet that head's prompt keys in one matrix product (the prompt is read once per step,
-    not once per row); ks/vs (B, Hkv, S, D) each row's own suffix; jmask (L + S,) bool (False: padding or a
-    suffix slot not written yet) or None. Both score blocks, ONE softmax over their concatenation (so no
-    log-sum-exp merge), and the two value products: ~10 kernels."""
-    B, Hkv, G, D = qg.shape
-    L = kp.shape[1]
-    qp = qg.permute(1, 0, 2, 3).reshape(Hkv, B * G, D)
-    sp = torch.matmul(qp, kp.transpose(-1, -2))  # (Hkv, B*G, L)
-    ss = torch.matmul(qg, ks.transpose(-1, -2))  # (B, Hkv, G, S)
-    sc = torch.cat((sp.view(Hkv, B, G, L).permute(1, 0, 2, 3), ss), dim=-1)  # (B, Hkv, G, L + S)
-    if jmask is not None:
-        sc = sc.masked_fill(~jmask, float("-inf"))
-    pr = torch.softmax(sc, dim=-1)  # float accumulation inside, output in the model's dtype
-    pp = pr[..., :L].permute(1, 0, 2, 3).reshape(Hkv, B * G, L)
-    op = torch.matmul(pp, vp).view(Hkv, B, G, D).permute(1, 0, 2, 3)
-    return (torch.matmul(pr[..., L:], vs) + op).reshape(B, Hkv * G * D)
 
 
 class SharedPrefixDecoder:
@@ -224,15 +180,13 @@ class SharedPrefixDecoder:
     """
 
     name = "shared_prefix"
-    graphs = False  # steps captured as CUDA graphs: `cuda_fastpath.CudaGraphDecoder`
-    _layer = None  # a compiled layer function for static steps: set there too
 
     def __init__(self, model, fuse: bool | None = None):
         ok, why = fast_path_supported(model)
         if not ok:
             raise ValueError(f"shared-prefix decoding not supported: {why}")
         self.model = model
-        self.lm = _causal_lm(model)
+        self.lm = causal_lm(model)
         cfg = self.lm.config
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
@@ -315,7 +269,7 @@ class SharedPrefixDecoder:
 
     # ---------------------------------------------------------------------------------------- step
     def _rope(self, x_like: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin_s), each (1, 1, D); sin_s has the sign of rotate_half folded in (see `_rope_apply`)."""
+        """(cos, sin_s), each (1, 1, D); sin_s has the sign of rotate_half folded in (see `rope_apply`)."""
         cos, sin = self.lm.model.rotary_emb(x_like, position.view(1, 1))
         h = sin.shape[-1] // 2
         sin = sin.reshape(-1)
@@ -333,24 +287,22 @@ class SharedPrefixDecoder:
         return torch.cat((pmask if pmask is not None else torch.ones(L, dtype=torch.bool, device=device), mask)), None
 
     def _attend(self, qg, kp, vp, ks, vs, jmask, span: int, used):
-        return _attention(qg, kp, vp, ks[:, :, :span], vs[:, :, :span], jmask)
+        return shared_prefix_attention(qg, kp, vp, ks[:, :, :span], vs[:, :, :span], jmask)
+
+    def _static_prompt(self, state: State, t: torch.Tensor) -> tuple:
+        """Static form: (the fed token's position, the prompt's mask or None: every prompt position is real)."""
+        return t + state.prefix.length, None
 
     def _forward(self, state: State, tokens: torch.Tensor, t: int | torch.Tensor, static: bool,
                  span: int | None = None) -> torch.Tensor:
         """One decode step. `static`: attend to the first `span` (default: all) suffix slots with a mask, the step
         index a device tensor (graph-capturable), instead of slicing to t + 1."""
         lm = self.lm
-        B, Hkv, G, D = tokens.shape[0], self.n_kv, self.group, self.head_dim
-        H = Hkv * G
         x = lm.model.embed_tokens(tokens)  # (B, hidden)
         L = state.prefix.length
         pmask = mask = None
         if static:  # t: a (1,) long tensor on the device
-            if state.graph is not None:  # pooled buffers: the prompt is padded to a bucket, its length on device
-                pos = t + state.graph.plen
-                pmask = state.graph.pmask
-            else:
-                pos = t + L
+            pos, pmask = self._static_prompt(state, t)
             span = span or state.capacity
             mask = torch.arange(span, device=x.device) <= t  # (span,)
         else:
@@ -358,45 +310,49 @@ class SharedPrefixDecoder:
             span = t + 1
         cos, sin_s = self._rope(x, pos)
         jmask, used = self._masks(static, t, pmask, mask, L, x.device)
-        for i, layer in enumerate(lm.model.layers):
-            att = layer.self_attn
-            if static and self._layer is not None:  # the compiled pure layer (CUDA subclass)
-                x = self._compiled_layer(i, x, cos, sin_s, state, t, jmask, used)
-                continue
-            h = self._norm(layer.input_layernorm, x)
-            if self.fused is not None:
-                w, b, gu = self.fused[i]
-                qkv = torch.nn.functional.linear(h, w, b).view(B, H + 2 * Hkv, D)
-                qk = _rope_apply(qkv[:, : H + Hkv], cos, sin_s)
-                q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
-            else:
-                q = _rope_apply(att.q_proj(h).view(B, H, D), cos, sin_s)
-                k = _rope_apply(att.k_proj(h).view(B, Hkv, D), cos, sin_s)
-                v = att.v_proj(h).view(B, Hkv, D)
-            q = q * self.scaling
-            ks, vs = state.ks[i], state.vs[i]
-            if static:
-                ks.index_copy_(2, t, k.unsqueeze(2))
-                vs.index_copy_(2, t, v.unsqueeze(2))
-            else:
-                ks.select(2, t).copy_(k)
-                vs.select(2, t).copy_(v)
-            kp, vp = state.prefix.kv[i]  # (Hkv, L or bucket, D)
-            o = self._attend(q.reshape(B, Hkv, G, D), kp, vp, ks, vs, jmask, span, used)
-            x = x + att.o_proj(o)
-            h = self._norm(layer.post_attention_layernorm, x)
-            if self.fused is not None:
-                g_, u_ = torch.nn.functional.linear(h, gu).chunk(2, dim=-1)
-                x = x + layer.mlp.down_proj(layer.mlp.act_fn(g_) * u_)
-            else:
-                x = x + layer.mlp(h)
+        for i in range(len(lm.model.layers)):
+            x = self._layer_step(i, x, cos, sin_s, state, t, static, jmask, span, used)
         x = self._norm(lm.model.norm, x)
         return lm.lm_head(x).float()
 
+    def _layer_step(self, i: int, x: torch.Tensor, cos, sin_s, state: State, t, static: bool, jmask, span: int,
+                    used) -> torch.Tensor:
+        """Decoder layer `i` of one step: the token's K/V into suffix slot t, attention, MLP; the new hidden state."""
+        layer = self.lm.model.layers[i]
+        att = layer.self_attn
+        B, Hkv, G, D = x.shape[0], self.n_kv, self.group, self.head_dim
+        H = Hkv * G
+        h = self._norm(layer.input_layernorm, x)
+        if self.fused is not None:
+            w, b, gu = self.fused[i]
+            qkv = torch.nn.functional.linear(h, w, b).view(B, H + 2 * Hkv, D)
+            qk = rope_apply(qkv[:, : H + Hkv], cos, sin_s)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
+        else:
+            q = rope_apply(att.q_proj(h).view(B, H, D), cos, sin_s)
+            k = rope_apply(att.k_proj(h).view(B, Hkv, D), cos, sin_s)
+            v = att.v_proj(h).view(B, Hkv, D)
+        q = q * self.scaling
+        ks, vs = state.ks[i], state.vs[i]
+        if static:
+            ks.index_copy_(2, t, k.unsqueeze(2))
+            vs.index_copy_(2, t, v.unsqueeze(2))
+        else:
+            ks.select(2, t).copy_(k)
+            vs.select(2, t).copy_(v)
+        kp, vp = state.prefix.kv[i]  # (Hkv, L or bucket, D)
+        o = self._attend(q.reshape(B, Hkv, G, D), kp, vp, ks, vs, jmask, span, used)
+        x = x + att.o_proj(o)
+        h = self._norm(layer.post_attention_layernorm, x)
+        if self.fused is not None:
+            g_, u_ = torch.nn.functional.linear(h, gu).chunk(2, dim=-1)
+            return x + layer.mlp.down_proj(layer.mlp.act_fn(g_) * u_)
+        return x + layer.mlp(h)
+
     @torch.inference_mode()
     def step(self, state: State, tokens: torch.Tensor, borrow: bool = False) -> torch.Tensor:
-        """`borrow`: on the graph path, return the graph's own logits buffer (valid until the next step) instead of
-        a copy; for callers that consume the logits before stepping again."""
+        """`borrow`: the caller consumes the logits before stepping again, so a decoder may return a buffer of its
+        own (valid until the next step: the CUDA subclass's graph path) instead of a copy; ignored here."""
         if state.t >= state.capacity:
             raise RuntimeError("decode capacity exceeded")
         logits = self._step_logits(state, tokens.to(state.ks[0].device), borrow)
@@ -405,16 +361,3 @@ class SharedPrefixDecoder:
 
     def _step_logits(self, state: State, tokens: torch.Tensor, borrow: bool) -> torch.Tensor:
         return self._forward(state, tokens, state.t, static=False)
-
-
-def make_decoder(model, prefer_fast: bool = True, options: DecodingOptions | None = None):
-    """The shared-prefix decoder where the model supports it (on CUDA its graph/compile subclass), else HF's."""
-    if prefer_fast:
-        ok, _ = fast_path_supported(model)
-        if ok:
-            if _causal_lm(model).device.type == "cuda":
-                from services.teacher.engines.cuda_fastpath import CudaGraphDecoder
-
-                return CudaGraphDecoder(model, options or DecodingOptions())
-            return SharedPrefixDecoder(model)
-    return HFDecoder(model)

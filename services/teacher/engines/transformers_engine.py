@@ -73,14 +73,28 @@ from services.teacher.engines.decoding import (
     Prefix,
     SharedPrefixDecoder,
     State,
-    make_decoder,
+    fast_path_supported,
     prompt_kv,
 )
 from services.teacher.engines import cpu_batch
+from services.teacher.engines.decoder_ops import causal_lm
 from services.teacher.engines.prefix_cache import PrefixCache
 from services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
 
 MIN_SPLIT = 16  # a shorter system turn is not worth a cache entry
+
+
+def make_decoder(model, prefer_fast: bool = True, options: DecodingOptions | None = None):
+    """The shared-prefix decoder where the model supports it (on CUDA its graph/compile subclass), else HF's."""
+    if prefer_fast:
+        ok, _ = fast_path_supported(model)
+        if ok:
+            if causal_lm(model).device.type == "cuda":
+                from services.teacher.engines.cuda_fastpath import CudaGraphDecoder
+
+                return CudaGraphDecoder(model, options or DecodingOptions())
+            return SharedPrefixDecoder(model)
+    return HFDecoder(model)
 
 
 def _pick_device(want: str) -> torch.device:
