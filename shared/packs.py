@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from shared.errors import UserError
 from shared.games import Game
-from shared.scenarios import Catalog, Context, Scenario, make_2x2
+from shared.catalog import Catalog, Context, Scenario, make_2x2
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 

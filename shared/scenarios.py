@@ -9,91 +9,21 @@ Catalog (53 scenarios):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-from shared.config import Family
-from shared.games import Game, PublicGoodsGame, canonical_games
+from shared.catalog import FAMILIES, Catalog, Context, Scenario, make_2x2  # noqa: F401  (re-exported)
+from shared.games import PublicGoodsGame, canonical_games
+from shared.packs import load_pack
 
 CANONICAL_CONTEXTS = ("IR", "biz", "environment", "team", "friendsharing")
 OOS_CONTEXTS = ("sports", "ventcap", "roomsharing")
 GAME_IDS = ("prison", "staghunt", "snowdrift", "delight")
 PGG_CONTEXT = "dormparty"
-FAMILIES: tuple[Family, ...] = ("in_sample", "oos_context", "oos_game", "pgg")
-
-
-@dataclass(frozen=True)
-class Context:
-    id: str
-    text: str
-    canonical: bool = True  # False: out-of-sample context (never seen in training)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    id: str
-    family: Family
-    context: Context
-    game: Game | PublicGoodsGame
-    game_id: str  # the base game id (`prison`, ..., `pgg`), unscaled
-    payoff_scale: float = 1.0
-
-    @property
-    def is_pgg(self) -> bool:
-        return isinstance(self.game, PublicGoodsGame)
-
-    def summary(self) -> dict:
-        return {
-            "id": self.id,
-            "family": self.family,
-            "context": self.context.id,
-            "game": self.game_id,
-            "payoff_scale": self.payoff_scale,
-            "kind": "pgg" if self.is_pgg else "2x2",
-        }
-
-
-@dataclass(frozen=True)
-class Catalog:
-    contexts: dict[str, Context]
-    games: dict[str, Game]
-    scenarios: dict[str, Scenario]
-
-    def select(self, families: list[str] | None = None, ids: list[str] | None = None) -> list[Scenario]:
-        if ids:
-            unknown = [i for i in ids if i not in self.scenarios]
-            if unknown:
-                raise KeyError(f"unknown scenario id(s): {', '.join(unknown)}")
-            return [self.scenarios[i] for i in ids]
-        fams = set(families or FAMILIES)
-        return [s for s in self.scenarios.values() if s.family in fams]
-
-    def merged(self, other: "Catalog") -> "Catalog":
-        """This catalog plus a pack's; ids in `other` must not shadow ours (silent overrides hide mistakes)."""
-        for kind, mine, theirs in (
-            ("context", self.contexts, other.contexts),
-            ("game", self.games, other.games),
-            ("scenario", self.scenarios, other.scenarios),
-        ):
-            clash = sorted(set(mine) & set(theirs))
-            if clash:
-                raise ValueError(f"{kind} id(s) already defined: {', '.join(clash)}")
-        return Catalog(
-            contexts={**self.contexts, **other.contexts},
-            games={**self.games, **other.games},
-            scenarios={**self.scenarios, **other.scenarios},
-        )
 
 
 def read_context_text(context_id: str) -> str:
     return resources.files("shared").joinpath("data", "contexts", f"{context_id}.txt").read_text()
-
-
-def make_2x2(family: Family, context: Context, game: Game, scale: float = 1.0) -> Scenario:
-    played = game if scale == 1 else game.scaled(scale)
-    sid = f"{context.id}_{played.id}"
-    return Scenario(id=sid, family=family, context=context, game=played, game_id=game.id, payoff_scale=scale)
 
 
 @cache
@@ -113,8 +43,6 @@ def default_catalog() -> Catalog:
 
 def build_catalog(pack_paths: list | tuple = ()) -> Catalog:
     """The built-in catalog plus any scenario packs (see `shared.packs`)."""
-    from shared.packs import load_pack  # local import: packs depend on this module
-
     catalog = default_catalog()
     for path in pack_paths:
         catalog = catalog.merged(load_pack(path, base=catalog))
