@@ -452,15 +452,29 @@ def mean_transfer(values: Mapping[str, Sequence[float] | float], *, n_resamples:
     return out, placebo
 
 
-def verdict(t: Estimate | None) -> str:
-    """One sentence a reader can act on."""
+def verdict(t: Estimate | None, format_pp: float | None = None, placebo_difference: Estimate | None = None) -> str:
+    """Words for the fine-tuned student's transfer, read with its format change and, where a placebo was trained,
+    the paired difference transfer(real) - transfer(placebo).
+
+    A transfer CI above 0 says the choice moved toward the teacher's; only the placebo says whether that is the
+    teacher's *scenario-by-scenario* strategy or a shift any fine-tuning on these prompts gives (the placebo learns the
+    same answers moved to other scenarios, so it learns the teacher's average choice too). So with a placebo, "shown"
+    needs both CIs above 0."""
     if t is None or t.mean is None:
-        return "transfer undefined: " + (t.note if t and t.note else "no scenario with all roles")
+        return "undefined" + (f" ({t.note})" if t is not None and t.note else "")
     if t.ci95 is None:
-        return f"transfer {t.mean:+.1f} % (CI undefined)"
-    lo, hi = t.ci95
-    if lo > 0:
-        return f"strategic transfer shown: {t.mean:+.1f} % [{lo:.1f}, {hi:.1f}]"
-    if hi < 0:
-        return f"the student moved away from the teacher: {t.mean:+.1f} % [{lo:.1f}, {hi:.1f}]"
-    return f"no strategic transfer shown: {t.mean:+.1f} % [{lo:.1f}, {hi:.1f}] includes 0"
+        return "CI undefined"
+    pd_ = placebo_difference if placebo_difference is not None and placebo_difference.ci95 is not None else None
+    if t.ci95[0] > 0:
+        if pd_ is None:
+            return "strategic transfer shown"
+        if pd_.ci95[0] > 0:
+            return "strategic transfer shown, above the placebo"
+        if pd_.ci95[1] < 0:
+            return "moved toward the teacher, less than the placebo: not the teacher's strategy"
+        return "moved toward the teacher, no more than the placebo: its average choice, not its strategy"
+    if t.ci95[1] < 0:
+        return "moved away from the teacher"
+    if format_pp is not None and format_pp <= 0:
+        return "no strategic transfer shown: the CI includes 0"
+    return "no strategic transfer shown: the gain is format"

@@ -21,7 +21,7 @@ import pytest
 
 from services.evaluator.scoring import evaluate
 from shared.sample_files import load_samples
-from shared.transfer import Choice, analyze_group, split_improvement
+from shared.transfer import Choice, Estimate, analyze_group, split_improvement, verdict
 from tests.fixtures.synthetic_students import TRUTH, responses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,3 +140,17 @@ def test_split_improvement_sums_to_the_count_rate_improvement():
     pb, pf, pt = 3 / 100, 30 / 100, 60 / 100
     assert fmt + choice == pytest.approx((pf - pb) / (pt - pb) * 100)
     assert fmt > 0 > choice  # the valid share rose; the choice moved away from the teacher's (0.6 -> 0.5 < 0.75)
+
+
+def test_verdict_needs_the_placebo_to_call_a_move_strategy():
+    """A move toward the teacher is called the teacher's strategy only when it beats the placebo (which learns the
+    teacher's answers on the wrong scenarios, so its average choice too): the demo's sft+distribution run moved
+    +17.7 % [10.7, 27.2] in-sample with a placebo difference of +0.0 % [-1.3, 0.9]."""
+    moved = Estimate(17.7, (10.7, 27.2), 20)
+    assert verdict(moved) == "strategic transfer shown"  # no placebo trained: nothing to compare with
+    assert verdict(moved, 3.9, Estimate(0.0, (-1.3, 0.9), 20)).startswith("moved toward the teacher, no more than")
+    assert verdict(moved, 3.9, Estimate(12.0, (4.0, 20.0), 20)) == "strategic transfer shown, above the placebo"
+    assert "less than the placebo" in verdict(moved, 3.9, Estimate(-9.0, (-12.0, -2.0), 20))
+    assert verdict(Estimate(2.0, (-3.0, 8.0), 20), 5.0) == "no strategic transfer shown: the gain is format"
+    assert verdict(Estimate(-40.0, (-60.0, -20.0), 20), 5.0) == "moved away from the teacher"
+    assert verdict(Estimate(None, None, 0, "no gap left")) == "undefined (no gap left)"

@@ -39,6 +39,7 @@ from services.evaluator.figures import (
     write_tables,
 )
 from services.evaluator.scoring import ROLES, EvaluationResult
+from shared.transfer import verdict as transfer_verdict
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -508,7 +509,7 @@ def _strategies(result: EvaluationResult):
         if st is None or "student_finetuned" not in st.transfer:
             continue
         t, fm = st.transfer["student_finetuned"], st.format.get("student_finetuned")
-        yield fam, st, t, fm, transfer_verdict(t, fm.mean if fm else None)
+        yield fam, st, t, fm, transfer_verdict(t, fm.mean if fm else None, st.placebo_difference)
 
 
 def strategy_rows(result: EvaluationResult) -> tuple[list[str], list[list[str]]]:
@@ -524,20 +525,6 @@ def strategy_rows(result: EvaluationResult) -> tuple[list[str], list[list[str]]]
     return header, rows
 
 
-def transfer_verdict(t, format_pp: float | None = None) -> str:
-    """Words for a transfer estimate: shown / not shown (CI includes 0: whatever gain there is, is format) / moved
-    away."""
-    if t is None or t.mean is None:
-        return "undefined" + (f" ({t.note})" if t is not None and t.note else "")
-    if t.ci95 is None:
-        return "CI undefined"
-    if t.ci95[0] > 0:
-        return "strategic transfer shown"
-    if t.ci95[1] < 0:
-        return "moved away from the teacher"
-    if format_pp is not None and format_pp <= 0:
-        return "no strategic transfer shown: the CI includes 0"
-    return "no strategic transfer shown: the gain is format"
 
 
 def strategy_lines(result: EvaluationResult) -> list[str]:
@@ -557,7 +544,7 @@ def strategy_lines(result: EvaluationResult) -> list[str]:
         if t is None:
             continue
         fp = p.format.get("student_finetuned")
-        line = (f"{sid} (public goods): transfer {_est(t)} of the mean valid contribution - {transfer_verdict(t, fp)}; "
+        line = (f"{sid} (public goods): transfer {_est(t)} of the mean valid contribution - {transfer_verdict(t, fp, p.placebo_difference)}; "
                 f"format {fmt(p.format.get('student_finetuned'), 1)} pp valid share")
         if p.placebo_difference is not None:
             line += f"; transfer minus placebo {_est(p.placebo_difference)}"
