@@ -115,4 +115,18 @@ s6_call4() {  # carry: nothing; vLLM without LoRA and with max_logprobs 20 (its 
   test -d /tmp/site/vllm && test -d /tmp/m7b || { echo cold; exit 3; }; export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1; timeout 280 python3 -m benchmarks.bench_vllm_gpu --part vllm --model-dir /tmp/m7b --engine-kwargs '{"enable_lora": false, "max_logprobs": 20}' --repeats 3 --out $OUT/vllm_gpu_vllm_nolora.json > $OUT/call4.log 2>&1; echo "vllm rc=$? at ${SECONDS}s"; grep -E "^vllm|started" $OUT/call4.log | cut -c1-400; grep -m3 -i "Error" $OUT/call4.log | cut -c1-300
 }
 
+# ---------------------------------------------------------------------------------------------------------------
+# 2026-12-05, issue 22 item 5: the teacher cost of the soft-label set vs the paper's 6000 samples, and one epoch of
+# each training objective (benchmarks/bench_objectives_gpu.py; results/objectives_gpu_<card>.json, RESULTS.md
+# "Objectives on the GPU"). One call on one GPU (the device tool's default kind), prepared here first with
+#   .venv/bin/python -m benchmarks.bench_objectives_gpu --prepare .bench/objectives-gpu
+
+obj_call1() {  # carry: .bench/objectives-gpu; (a) 20 exact calls, (b) 20 x 300 x 64 samples, (c) distribution + sft
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  timeout 340 python3 -m benchmarks.bench_objectives_gpu --data .bench/objectives-gpu --deadline 250 \
+    --out "$OUT/objectives_gpu.json" > "$OUT/objectives_gpu.log" 2>&1
+  echo "rc=$? at ${SECONDS}s"
+  grep -v "^\[train\]" "$OUT/objectives_gpu.log" | cut -c1-600 | tail -c 8000
+}
+
 if [ $# -gt 0 ]; then "$@"; fi
