@@ -120,6 +120,7 @@ s6_call4() {  # carry: nothing; vLLM without LoRA and with max_logprobs 20 (its 
 # each training objective (benchmarks/bench_objectives_gpu.py; results/objectives_gpu_<card>.json, RESULTS.md
 # "Objectives on the GPU"). One call on one GPU (the device tool's default kind), prepared here first with
 #   .venv/bin/python -m benchmarks.bench_objectives_gpu --prepare .bench/objectives-gpu
+# Not run yet: tried 16:53 and 16:58 UTC, "no device machine could be started right now" both times.
 
 obj_call1() {  # carry: .bench/objectives-gpu; (a) 20 exact calls, (b) 20 x 300 x 64 samples, (c) distribution + sft
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
