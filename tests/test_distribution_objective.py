@@ -304,3 +304,16 @@ def test_train_key_follows_the_objective(student, tmp_path):
     assert mixed not in (sft, dist) and key(objective="sft+distribution", distribution_weight=0.3) != mixed
     soft = _soft_set(tmp_path / "soft", P_C)
     assert key(objective="distribution", soft_labels=str(soft)) != dist
+
+
+def test_distribution_epoch_visits_every_scenario_once(student, tmp_path):
+    """The distribution objective's unit is a scenario: with more scenarios than one effective batch, an epoch is
+    ceil(scenarios / effective batch) optimizer steps over all of them (it once stayed on the first batch: the
+    epoch's position counted only SFT micro-batches), and the run ends at epoch 1.0, not inside epoch 0."""
+    from services.trainer.train import train_loop_per_worker
+
+    soft = _soft_set(tmp_path / "true", P_C)
+    res = train_loop_per_worker(_loop_config(student, soft, tmp_path / "a", epochs=1, effective_batch_size=2,
+                                             per_device_batch_size=1, learning_rate=1e-4))
+    assert res["total_steps"] == res["step"] == len(IDS) // 2
+    assert res["epoch"] == pytest.approx(1.0)

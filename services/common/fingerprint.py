@@ -117,6 +117,10 @@ def train_key(cfg: ExperimentConfig, dataset: Path, *, placebo: bool = False,
         ident["objective"] = {"objective": t.objective, "soft_labels": soft_labels_identity(cfg, soft_labels_key),
                               "distribution_weight": t.distribution_weight if t.objective == "sft+distribution"
                               else None}
+        if t.objective == "distribution":
+            # 2: an epoch covers every scenario (before, the loop stayed on its first effective batch): adapters
+            # trained before that fix are not reused.
+            ident["objective"]["loop"] = 2
     return digest({**ident, "placebo": True} if placebo else ident)[:SHORT]
 
 

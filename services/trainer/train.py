@@ -737,7 +737,8 @@ class _StepSums:
     n_target: float
     n_soft: float
     n_tokens: float
-    micro_batches: int  # SFT micro-batches (what `micro_done` counts)
+    micro_batches: int  # micro-batches of the epoch's order this step consumed (what `micro_done` counts): SFT's,
+    # or the distribution objective's (its unit is a scenario); sft+distribution's soft labels have their own sampler
 
 
 def _forward_backward(w: _Worker, data: _Data, plan: _Plan, model, units: list[list[int]], step: int,
@@ -776,7 +777,7 @@ def _forward_backward(w: _Worker, data: _Data, plan: _Plan, model, units: list[l
             # DDP averages gradients over ranks; x world makes the result sum / global target tokens.
             (loss * ((1.0 - weight) * dist.world / n_target)).backward()
         loss_sum += loss.detach().double()
-    return _StepSums(loss_sum, kl_total, n_target, n_soft, n_tokens, len(group))
+    return _StepSums(loss_sum, kl_total, n_target, n_soft, n_tokens, len(units))
 
 
 def _sft_loss_sum(model, g: dict[str, torch.Tensor], autocast) -> torch.Tensor:
