@@ -414,12 +414,14 @@ def mean_transfer(values: Mapping[str, Sequence[float] | float], *, n_resamples:
     construction), 100 (m_student - m_base) / (m_teacher - m_base), per student role, with a percentile bootstrap CI
     that redraws each sampled role's valid contributions (a float is an exact role's noise-free mean); and the
     placebo difference. The CI is undefined (None) where over 5 % of the draws reverse the teacher-base gap: it
-    would be unbounded."""
+    would be unbounded; and where a sampled role it depends on has a single valid contribution (its resamples are all
+    that one value, so the bootstrap would show no spread where nothing about the spread is known)."""
     if TEACHER not in values or BASE not in values:
         return {}, None
     rng = np.random.default_rng(seed)
     draws: dict[str, np.ndarray] = {}
     point: dict[str, float] = {}
+    single: set[str] = set()  # sampled roles with one valid contribution
     for role, v in values.items():
         if isinstance(v, (int, float)):
             point[role] = float(v)
@@ -428,6 +430,8 @@ def mean_transfer(values: Mapping[str, Sequence[float] | float], *, n_resamples:
         x = np.asarray(v, float)
         if len(x) == 0:
             continue
+        if len(x) == 1:
+            single.add(role)
         point[role] = float(x.mean())
         draws[role] = x[rng.integers(0, len(x), size=(n_resamples, len(x)))].mean(axis=1)
     if TEACHER not in point or BASE not in point:
@@ -445,10 +449,15 @@ def mean_transfer(values: Mapping[str, Sequence[float] | float], *, n_resamples:
         with np.errstate(divide="ignore", invalid="ignore"):
             b = np.where(np.sign(gap_b) == np.sign(gap), 100 * (draws[st] - draws[BASE]) / gap_b, np.nan)
         boots[st] = b
-        out[st] = Estimate(100 * (point[st] - point[BASE]) / gap, _ci(b), 1)
+        lone = sorted(single & {TEACHER, BASE, st})
+        note = f"one valid contribution from {', '.join(lone)}: no CI" if lone else None
+        out[st] = Estimate(100 * (point[st] - point[BASE]) / gap, None if lone else _ci(b), 1, note)
     placebo = None
     if FINETUNED in boots and PLACEBO in boots:
-        placebo = Estimate(out[FINETUNED].mean - out[PLACEBO].mean, _ci(boots[FINETUNED] - boots[PLACEBO]), 1)
+        lone = sorted(single & {TEACHER, BASE, FINETUNED, PLACEBO})
+        placebo = Estimate(out[FINETUNED].mean - out[PLACEBO].mean,
+                           None if lone else _ci(boots[FINETUNED] - boots[PLACEBO]), 1,
+                           f"one valid contribution from {', '.join(lone)}: no CI" if lone else None)
     return out, placebo
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from services.evaluator.scoring import evaluate
 from shared.sample_files import load_samples
-from shared.transfer import Choice, Estimate, analyze_group, split_improvement, verdict
+from shared.transfer import Choice, Estimate, analyze_group, mean_transfer, split_improvement, verdict
 from tests.fixtures.synthetic_students import TRUTH, responses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,3 +154,18 @@ def test_verdict_needs_the_placebo_to_call_a_move_strategy():
     assert verdict(Estimate(2.0, (-3.0, 8.0), 20), 5.0) == "no strategic transfer shown: the gain is format"
     assert verdict(Estimate(-40.0, (-60.0, -20.0), 20), 5.0) == "moved away from the teacher"
     assert verdict(Estimate(None, None, 0, "no gap left")) == "undefined (no gap left)"
+
+
+def test_pgg_transfer_has_no_ci_from_a_single_valid_teacher_answer():
+    """The demo's teacher gave one valid public-goods contribution of four: a bootstrap of one value has no spread,
+    and a CI of zero width ([1.38, 1.38]) would claim a certainty nothing supports."""
+    rng = np.random.default_rng(0)
+    base, ft, pl = (rng.normal(m, 4, 300).clip(0, 10) for m in (4.0, 4.1, 4.1))
+    one, _ = mean_transfer({"teacher": [10.0], "student_base": base, "student_finetuned": ft, "student_placebo": pl})
+    t = one["student_finetuned"]
+    assert t.mean is not None and t.ci95 is None and "teacher" in t.note
+    many, placebo = mean_transfer({"teacher": [10.0, 9.0, 8.0, 10.0], "student_base": base, "student_finetuned": ft,
+                                   "student_placebo": pl})
+    assert many["student_finetuned"].ci95 is not None and placebo.ci95 is not None
+    lo, hi = many["student_finetuned"].ci95
+    assert hi - lo > 1.0
