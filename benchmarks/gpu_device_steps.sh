@@ -122,7 +122,7 @@ s6_call4() {  # carry: nothing; vLLM without LoRA and with max_logprobs 20 (its 
 #   .venv/bin/python -m benchmarks.bench_objectives_gpu --prepare .bench/objectives-gpu
 # Not run yet: tried 16:53 and 16:58 UTC, "no device machine could be started right now" both times.
 
-obj_call1() {  # carry: .bench/objectives-gpu; (a) 20 exact calls, (b) 20 x 300 x 64 samples, (c) distribution + sft
+obj_call1() {  # carry: .bench/objectives-gpu; (a) 20 exact calls, (b) 20 x 300 x 64 samples, (c) distribution + sft. Ran 2026-12-05 on an H100 as: --deadline 170 --sft-steps 5 --dist-epochs 3 (timeout 215)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   timeout 340 python3 -m benchmarks.bench_objectives_gpu --data .bench/objectives-gpu --deadline 250 \
     --out "$OUT/objectives_gpu.json" > "$OUT/objectives_gpu.log" 2>&1
