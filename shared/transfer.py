@@ -484,6 +484,8 @@ def verdict(t: Estimate | None, format_pp: float | None = None, placebo_differen
         return "moved toward the teacher, no more than the placebo: its average choice, not its strategy"
     if t.ci95[1] < 0:
         return "moved away from the teacher"
+    if pd_ is not None and pd_.ci95[0] > 0:  # the placebo moved away, the student did not: no transfer on its own
+        return "no strategic transfer shown (CI includes 0), though above the placebo"
     if format_pp is not None and format_pp <= 0:
         return "no strategic transfer shown: the CI includes 0"
     return "no strategic transfer shown: the gain is format"

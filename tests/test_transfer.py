@@ -152,6 +152,8 @@ def test_verdict_needs_the_placebo_to_call_a_move_strategy():
     assert verdict(moved, 3.9, Estimate(12.0, (4.0, 20.0), 20)) == "strategic transfer shown, above the placebo"
     assert "less than the placebo" in verdict(moved, 3.9, Estimate(-9.0, (-12.0, -2.0), 20))
     assert verdict(Estimate(2.0, (-3.0, 8.0), 20), 5.0) == "no strategic transfer shown: the gain is format"
+    # the demo's SFT student in-sample: +3.6 [-3.8, 9.2], its placebo moved away (difference +5.8 [4.8, 8.7])
+    assert verdict(Estimate(3.6, (-3.8, 9.2), 20), 4.7, Estimate(5.8, (4.8, 8.7), 20)).endswith("above the placebo")
     assert verdict(Estimate(-40.0, (-60.0, -20.0), 20), 5.0) == "moved away from the teacher"
     assert verdict(Estimate(None, None, 0, "no gap left")) == "undefined (no gap left)"
 
