@@ -175,3 +175,64 @@ def test_tables_in_a_log_are_not_cut(tmp_path):
     r = cli("analyze", "--counts", PAPER)
     assert r.returncode == 0, r.stderr
     assert "…" not in r.stdout and "improvement %" in r.stdout and "overcorrection" in r.stdout
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("teacher", ["no-such-model-alias", "smollm2-135m-instruct"])
+def test_generate_without_a_serving_app_refuses_before_writing(teacher, tmp_path):
+    """generate talks to a running app: none at the address -> one line, exit 2, in about a second, and no sample
+    store, dataset or MLflow folder (it used to create its store and wait 25 s on the dead endpoint)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: g\noutput_dir: {tmp_path / 'out'}\nmodels: {{teacher: {{model: {teacher}}}, "
+                   "student: {model: smollm2-135m-instruct}}\n")
+    r = cli("generate", "--config", cfg, "--base-url", f"http://127.0.0.1:{_free_loopback_port()}")
+    assert r.returncode == 2 and "no serving app at http://127.0.0.1:" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_endpoint_reads_the_served_models(tmp_path):
+    """A running app that does not serve the role, or serves other weights under it, is refused with what it serves."""
+    import http.server
+    import threading
+
+    from services.common.checks import check_endpoint
+    from shared.config import parse_config
+    from shared.errors import UserError
+
+    listing = {"data": [{"id": "teacher", "root": "qwen2.5-coder-0.5b-instruct"}, {"id": "student"}]}
+
+    class Models(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            body = json.dumps(listing).encode()
+            self.send_response(200 if self.path == "/v1/models" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Models)  # loopback only
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        ok = parse_config({"models": {"teacher": {"model": "qwen2.5-coder-0.5b-instruct"},
+                                      "student": {"model": "smollm2-135m-instruct"}}})
+        check_endpoint(ok, url, None, roles=("teacher", "student"))  # the student lists no root: not compared
+        other = parse_config({"models": {"teacher": {"model": "qwen2.5-coder-1.5b-instruct"},
+                                         "student": {"model": "smollm2-135m-instruct"}}})
+        with pytest.raises(UserError, match="serves teacher = 'qwen2.5-coder-0.5b-instruct', this config names"):
+            check_endpoint(other, url, None)
+        listing["data"] = [{"id": "student"}]
+        with pytest.raises(UserError, match="does not serve 'teacher'"):
+            check_endpoint(ok, url, None)
+    finally:
+        srv.shutdown()

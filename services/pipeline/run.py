@@ -24,7 +24,7 @@ from shared.errors import UserError
 from shared.samples import adapter_name
 
 from services.collector.jobs import base_url as endpoint
-from services.common.checks import check_models
+from services.common.checks import check_endpoint, check_models
 from services.evaluator.tracking import use_experiment
 from services.pipeline import stages
 from services.pipeline.preflight import check_inputs, check_objective
@@ -157,6 +157,7 @@ def generate(cfg: ExperimentConfig, *, base_url: str | None = None, progress: bo
     check_inputs(cfg, serve=False)
     ctx = Context(tracking_uri=cfg.mlflow.tracking_uri, url=endpoint(cfg, base_url), api_key=serving_api_key(cfg),
                   progress=progress)
+    check_endpoint(cfg, ctx.url, ctx.api_key)  # before the sample store or an MLflow run exists
     gen = stages.generate(cfg, ctx)
     if cfg.training.objective != "sft":  # the train stage's second input, while the app is at hand
         stages.soft_label_set(cfg, ctx)
