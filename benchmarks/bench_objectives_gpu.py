@@ -80,11 +80,11 @@ def prepare(out: Path) -> None:
     6000-example training set, the soft-label set and the loop's default knobs."""
     from transformers import AutoTokenizer
 
-    from services.trainer.dataset import export_training_set
-    from services.trainer.softlabels import build_soft_labels, export_soft_labels
-    from services.trainer.train import DEFAULT_TRAINING
-    from shared.prompts import build_messages
-    from shared.scenarios import build_catalog
+    from tomtransfer.services.trainer.dataset import export_training_set
+    from tomtransfer.services.trainer.softlabels import build_soft_labels, export_soft_labels
+    from tomtransfer.services.trainer.train import DEFAULT_TRAINING
+    from tomtransfer.shared.prompts import build_messages
+    from tomtransfer.shared.scenarios import build_catalog
     from tests.fixtures.synthetic_samples import bench_student_dir, fake_samples
     from tests.fixtures.tiny_models import tiny_config
 
@@ -148,9 +148,9 @@ def teacher_parts(run: _Run, data: Path, tiny: bool, samples: int, n_scenarios: 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from services.teacher.engines.base import ChatRequest, ExactRequest, SamplingParams
-    from services.teacher.engines.decoding import DecodingOptions
-    from services.teacher.engines.transformers_engine import TransformersEngine
+    from tomtransfer.services.teacher.engines.base import ChatRequest, ExactRequest, SamplingParams
+    from tomtransfer.services.teacher.engines.decoding import DecodingOptions
+    from tomtransfer.services.teacher.engines.transformers_engine import TransformersEngine
 
     student = data / ("student-tiny" if tiny else "student")
     dev = torch.device("cpu" if tiny else "cuda")
@@ -239,7 +239,7 @@ def train_part(run: _Run, data: Path, tiny: bool, objective: str, *, steps: int 
     """(c) the loop on one objective; `steps` caps optimizer steps (SFT), `epochs` sets them otherwise."""
     import torch
 
-    from services.trainer.train import train_loop_per_worker
+    from tomtransfer.services.trainer.train import train_loop_per_worker
 
     config = {
         "dataset_path": str(data / "data" / "train.parquet"),

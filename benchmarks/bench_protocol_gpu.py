@@ -43,7 +43,7 @@ SMOKE = os.environ.get("TOMTRANSFER_BENCH_SMOKE") == "1"
 
 
 def _config(model_dir: Path, out_dir: Path):
-    from shared.config import load_config
+    from tomtransfer.shared.config import load_config
 
     cfg = load_config(ROOT / "configs" / "gpu.yaml")
     models = cfg.models.model_copy(update={role: getattr(cfg.models, role).model_copy(update={"model": str(model_dir)})
@@ -123,7 +123,7 @@ def main() -> int:
 
     import torch
 
-    from services.pipeline.run import run
+    from tomtransfer.services.pipeline.run import run
 
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "smoke": SMOKE,
                  "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

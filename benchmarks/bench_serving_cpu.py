@@ -39,13 +39,13 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from services.common.models import resolve_model
-    from services.teacher.engines.base import ExactRequest, SamplingParams
-    from services.teacher.engines.transformers_engine import TransformersEngine
-    from services.teacher.exact import lead_choice
-    from shared.config import ModelSpec
-    from shared.prompts import build_messages
-    from shared.scenarios import default_catalog
+    from tomtransfer.services.common.models import resolve_model
+    from tomtransfer.services.teacher.engines.base import ExactRequest, SamplingParams
+    from tomtransfer.services.teacher.engines.transformers_engine import TransformersEngine
+    from tomtransfer.services.teacher.exact import lead_choice
+    from tomtransfer.shared.config import ModelSpec
+    from tomtransfer.shared.prompts import build_messages
+    from tomtransfer.shared.scenarios import default_catalog
 
     path = str(resolve_model(args.model))
     eng = TransformersEngine(ModelSpec(model=path, device="cpu", max_batch_size=args.samples))

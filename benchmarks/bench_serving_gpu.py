@@ -69,9 +69,9 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from tests.fixtures.tiny_models import llama2_7b_config
-    from services.teacher.engines.base import ExactRequest, SamplingParams
-    from services.teacher.engines.decoding import DecodingOptions
-    from services.teacher.engines.transformers_engine import TransformersEngine
+    from tomtransfer.services.teacher.engines.base import ExactRequest, SamplingParams
+    from tomtransfer.services.teacher.engines.decoding import DecodingOptions
+    from tomtransfer.services.teacher.engines.transformers_engine import TransformersEngine
 
     assert torch.cuda.is_available(), "needs a GPU"
     dev = torch.device("cuda")
@@ -143,7 +143,7 @@ def main() -> None:
                 eng.exact_ids(ids, req)
                 best_x, x = timed(lambda e=eng: e.exact_ids(ids, req), max(args.repeats, 5))
                 # where a call's time goes: the prompt forward, the expansion steps (synchronised), the rest is Python
-                from services.teacher.engines import transformers_engine as te
+                from tomtransfer.services.teacher.engines import transformers_engine as te
 
                 spent = {"prefill_s": 0.0, "advance_s": 0.0}
                 orig_prefill, orig_advance = eng.decoder.prefill, te._TreeBackend.advance
@@ -175,7 +175,7 @@ def main() -> None:
                 if name != "engine":
                     raise _Done
                 # exact prefill: forward + softmax(logits/T) + sums over the answer-token sets
-                from services.teacher.exact import make_rule
+                from tomtransfer.services.teacher.exact import make_rule
 
                 _, _, by = eng._root.classify(make_rule("choice"))
                 sets = {a: v.to(dev) for a, v in by.items()}

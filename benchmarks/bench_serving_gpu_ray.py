@@ -53,7 +53,7 @@ SMOKE = os.environ.get("TOMTRANSFER_BENCH_SMOKE") == "1"  # CPU dry run: a tiny 
 
 
 def _cfg(model_dir: Path, out_dir: Path, gen_max_tokens: int):
-    from shared.config import load_config
+    from tomtransfer.shared.config import load_config
 
     cfg = load_config(ROOT / "configs" / "gpu.yaml")
     where = {"device": "cpu", "dtype": "float32", "num_gpus": 0, "num_cpus": 0.5} if SMOKE else {}
@@ -95,8 +95,8 @@ def main() -> None:
 
     import torch
 
-    from shared.prompts import build_messages
-    from shared.scenarios import default_catalog
+    from tomtransfer.shared.prompts import build_messages
+    from tomtransfer.shared.scenarios import default_catalog
 
     if SMOKE:
         from tests.fixtures.tiny_models import tiny_model_dir
@@ -117,8 +117,8 @@ def main() -> None:
     msgs = tuple(build_messages(default_catalog().scenarios[args.scenario], "answer_motivation"))
 
     if "direct" in phases:
-        from services.teacher.engines.base import ChatRequest, ExactRequest, SamplingParams
-        from services.teacher.engines.transformers_engine import TransformersEngine
+        from tomtransfer.services.teacher.engines.base import ChatRequest, ExactRequest, SamplingParams
+        from tomtransfer.services.teacher.engines.transformers_engine import TransformersEngine
 
         t0 = time.perf_counter()
         eng = TransformersEngine(cfg.models.teacher)
@@ -139,7 +139,7 @@ def main() -> None:
     if "http" in phases or "generate" in phases:
         import openai
 
-        from services.teacher import serve_cli
+        from tomtransfer.services.teacher import serve_cli
 
         t0 = time.perf_counter()
         url = serve_cli.start(cfg, wait_ready=False)
@@ -177,7 +177,7 @@ def main() -> None:
             print("http", res["http_sample"]["median_s"], res["http_exact"]["median_s"], flush=True)
 
         def gen() -> None:
-            from services.collector.generate import generate
+            from tomtransfer.services.collector.generate import generate
 
             t0 = time.perf_counter()
             g = generate(cfg, base_url=url, progress=False, log_to_mlflow=False)

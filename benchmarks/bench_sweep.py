@@ -54,7 +54,7 @@ def one(max_concurrent: int) -> dict:
             "name": "tiny4", "base": "base.yaml", "max_concurrent": max_concurrent,
             "grid": {"sampling.seed": [1, 2], "training.learning_rate": [1e-3, 2e-3]}}))
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "services.cli", "sweep", "--config", str(tmp / "sweep.yaml")],
+        p = subprocess.run([sys.executable, "-m", "tomtransfer.services.cli", "sweep", "--config", str(tmp / "sweep.yaml")],
                            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "COLUMNS": "400"})
         wall = time.perf_counter() - t0
         if p.returncode != 0:

@@ -48,8 +48,8 @@ def reference_loop(dataset: Path, student: Path, threads: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.trainer.dataset import read_training_set
-    from services.trainer.train import collate, encode_example
+    from tomtransfer.services.trainer.dataset import read_training_set
+    from tomtransfer.services.trainer.train import collate, encode_example
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -88,10 +88,10 @@ def main() -> None:
                  [str(ROOT / "scripts" / "in-netns"), sys.executable, "-m", "benchmarks.bench_train_cpu", *sys.argv[1:]])
 
     from tests.fixtures.tiny_models import build_tiny_model
-    from services.trainer.dataset import export_training_set
+    from tomtransfer.services.trainer.dataset import export_training_set
     from tests.fixtures.synthetic_samples import fake_samples
-    from services.trainer.train import train_loop_per_worker
-    from shared.config import parse_config
+    from tomtransfer.services.trainer.train import train_loop_per_worker
+    from tomtransfer.shared.config import parse_config
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-cpu-"))
     per = max(1, args.examples // len(SCENARIOS))
@@ -111,7 +111,7 @@ def main() -> None:
 
     def ray_arm(workers: int):
         def go():
-            from services.trainer.train import run_training
+            from tomtransfer.services.trainer.train import run_training
 
             name = f"bench-{workers}x1-{len(runs.get(f'ray_{workers}x1', []))}"
             cfg = parse_config({"name": name, "output_dir": str(work / "runs"),

@@ -47,7 +47,7 @@ VARIANTS: dict[str, tuple[int, int, dict]] = {
 
 
 def prepare(out: Path) -> None:
-    from services.trainer.dataset import export_training_set
+    from tomtransfer.services.trainer.dataset import export_training_set
     from tests.fixtures.synthetic_samples import bench_student_dir, fake_samples
 
     samples = fake_samples(families=["in_sample"], n=16, invalid_rate=0.0, motivation_words=400, seed=1)
@@ -55,8 +55,8 @@ def prepare(out: Path) -> None:
     bench_student_dir(out / "student")
     from transformers import AutoTokenizer
 
-    from services.trainer.train import DEFAULT_TRAINING, encode_example
-    from services.trainer.dataset import read_training_set
+    from tomtransfer.services.trainer.train import DEFAULT_TRAINING, encode_example
+    from tomtransfer.services.trainer.dataset import read_training_set
 
     # the loop's defaults come from TrainingConfig (pydantic), which the device image lacks: carried over in a file
     (out / "training_defaults.json").write_text(json.dumps(DEFAULT_TRAINING))
@@ -70,7 +70,7 @@ def prepare(out: Path) -> None:
 def run_one(data: Path, name: str, steps: int) -> dict:
     import torch
 
-    from services.trainer.train import train_loop_per_worker
+    from tomtransfer.services.trainer.train import train_loop_per_worker
 
     per_device, accum, extra = VARIANTS[name]
     config = {

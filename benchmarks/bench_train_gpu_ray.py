@@ -49,7 +49,7 @@ MOTIVATION_WORDS = (40, 80, 120, 160, 200)  # 60 samples each per scenario: 300 
 def prepare(out: Path) -> None:
     import pandas as pd
 
-    from services.trainer.dataset import export_training_set
+    from tomtransfer.services.trainer.dataset import export_training_set
     from tests.fixtures.synthetic_samples import bench_student_dir, fake_samples
 
     parts = [fake_samples(families=["in_sample"], n=300 // len(MOTIVATION_WORDS), invalid_rate=0.0,
@@ -63,8 +63,8 @@ def prepare(out: Path) -> None:
     bench_student_dir(out / "student")
     from transformers import AutoTokenizer
 
-    from services.trainer.dataset import read_training_set
-    from services.trainer.train import encode_example
+    from tomtransfer.services.trainer.dataset import read_training_set
+    from tomtransfer.services.trainer.train import encode_example
 
     tok = AutoTokenizer.from_pretrained(out / "student")
     t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def _student(data: Path) -> Path:
 
 
 def _config(data: Path, out_dir: Path, workers: int, max_failures: int = 1):
-    from shared.config import load_config
+    from tomtransfer.shared.config import load_config
 
     cfg = load_config(ROOT / "configs" / "gpu.yaml")
     t = cfg.training
@@ -116,7 +116,7 @@ def _mfu(tps: float, params: int, gpus: int) -> float:
 def phase_plain(data: Path, steps: int, compile: bool = False) -> dict:
     import torch
 
-    from services.trainer.train import train_loop_per_worker
+    from tomtransfer.services.trainer.train import train_loop_per_worker
 
     cfg = _config(data, Path(tempfile.mkdtemp()), 1)
     t0 = time.perf_counter()
@@ -140,7 +140,7 @@ def _ray_run(data: Path, name: str, workers: int, steps: int, out_dir: Path, *, 
              max_failures: int = 1, fault: dict | None = None) -> dict:
     import torch
 
-    from services.trainer.train import STATE_FILE, run_training
+    from tomtransfer.services.trainer.train import STATE_FILE, run_training
 
     cfg = _config(data, out_dir, workers, max_failures)
     extra = {"random_init": not SMOKE, "max_steps": steps, "log_every_steps": 1, "probe_examples": 0}

@@ -68,9 +68,9 @@ def part_transformers(args, results: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.teacher.engines.base import ExactRequest, SamplingParams
-    from services.teacher.engines.decoding import DecodingOptions
-    from services.teacher.engines.transformers_engine import TransformersEngine
+    from tomtransfer.services.teacher.engines.base import ExactRequest, SamplingParams
+    from tomtransfer.services.teacher.engines.decoding import DecodingOptions
+    from tomtransfer.services.teacher.engines.transformers_engine import TransformersEngine
     from tests.fixtures.tiny_models import llama2_7b_config
 
     cfg = llama2_7b_config()
@@ -121,8 +121,8 @@ def part_vllm(args, results: dict) -> None:
     import torch
     import vllm
 
-    from services.teacher.engines.base import ChatRequest, ExactRequest, SamplingParams
-    from services.teacher.engines.vllm_engine import VLLMEngine
+    from tomtransfer.services.teacher.engines.base import ChatRequest, ExactRequest, SamplingParams
+    from tomtransfer.services.teacher.engines.vllm_engine import VLLMEngine
 
     results["vllm"] = vllm.__version__
     ids = prompt_ids(PAD_TO, args.prompt)

@@ -19,7 +19,7 @@ call3() {  # carry: build/gpu-wheels-mlflow build/gpu-ray; install, the 2-GPU ra
   (cd /tmp/w && cat ray.part.aa ray.part.ab > ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl && rm ray.part.*)
   cp build/gpu-wheels-mlflow/*.whl /tmp/w/
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site /tmp/w/*.whl
-  mkdir -p /tmp/repo && cp -r services shared benchmarks configs tests scripts pyproject.toml /tmp/repo/
+  mkdir -p /tmp/repo && cp -r tomtransfer services shared benchmarks configs tests scripts pyproject.toml /tmp/repo/
   cp -r build/gpu-ray /tmp/gpu-ray
   export PYTHONPATH=/tmp/site:/tmp/repo; cd /tmp/repo
   timeout 220 python3 -m benchmarks.bench_train_gpu_ray --data /tmp/gpu-ray --phases ray2 --out "$OUT/gpu_ray_train_fix.json"

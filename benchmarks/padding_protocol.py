@@ -25,9 +25,9 @@ SAMPLES, RESPONSE_TOKENS, MICRO_BATCH, PAD_MULTIPLE, EPOCHS = 300, 200, 16, 8, 3
 def example_lengths() -> list[int]:
     from transformers import AutoTokenizer
 
-    from services.trainer.train import encode_example
-    from shared.prompts import build_messages
-    from shared.scenarios import default_catalog
+    from tomtransfer.services.trainer.train import encode_example
+    from tomtransfer.shared.prompts import build_messages
+    from tomtransfer.shared.scenarios import default_catalog
     from tests.fixtures.synthetic_samples import bench_student_dir
 
     with tempfile.TemporaryDirectory() as tmp:

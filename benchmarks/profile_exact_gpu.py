@@ -24,15 +24,15 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tests.fixtures.tiny_models import llama2_7b_config
-    from services.teacher.engines.base import ExactRequest
-    from services.teacher.engines.transformers_engine import TransformersEngine
+    from tomtransfer.services.teacher.engines.base import ExactRequest
+    from tomtransfer.services.teacher.engines.transformers_engine import TransformersEngine
 
     cfg = llama2_7b_config()
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    from services.teacher.engines.decoding import DecodingOptions
+    from tomtransfer.services.teacher.engines.decoding import DecodingOptions
 
     spec = SimpleNamespace(model="llama2-7b-random", engine="transformers", device="cuda", dtype="bfloat16",
                            max_batch_size=300, num_cpus=1.0, decoding=DecodingOptions(compile=args.compile))

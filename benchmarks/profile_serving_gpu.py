@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.fixtures.tiny_models import llama2_7b_config
-from services.teacher.engines.base import SamplingParams
-from services.teacher.engines.cuda_fastpath import CudaGraphDecoder
-from services.teacher.engines.decoding import DecodingOptions
-from services.teacher.engines.transformers_engine import TransformersEngine
+from tomtransfer.services.teacher.engines.base import SamplingParams
+from tomtransfer.services.teacher.engines.cuda_fastpath import CudaGraphDecoder
+from tomtransfer.services.teacher.engines.decoding import DecodingOptions
+from tomtransfer.services.teacher.engines.transformers_engine import TransformersEngine
 
 
 def sync_time(fn, n=20):
@@ -38,7 +38,7 @@ def main():
     ids = torch.randint(10, 32000, (300,)).tolist()
     dec = eng.decoder
     print("fused", dec.fused is not None, "graphs", dec.graphs)
-    from services.teacher.engines.decoding import HFDecoder
+    from tomtransfer.services.teacher.engines.decoding import HFDecoder
 
     with torch.inference_mode():
         hf = HFDecoder(model)

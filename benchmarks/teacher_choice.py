@@ -70,9 +70,9 @@ SCOPES = {"in_sample": ("in_sample",), "all_2x2": ("in_sample", "oos_context", "
 def _engine(alias: str, threads: int):
     import torch
 
-    from services.common.models import is_fetched, model_dir
-    from services.teacher.engines.transformers_engine import TransformersEngine
-    from shared.config import ModelSpec
+    from tomtransfer.services.common.models import is_fetched, model_dir
+    from tomtransfer.services.teacher.engines.transformers_engine import TransformersEngine
+    from tomtransfer.shared.config import ModelSpec
 
     if not is_fetched(alias):
         raise SystemExit(f"{alias} is not fetched: .venv/bin/tomtransfer models fetch {alias}")
@@ -81,8 +81,8 @@ def _engine(alias: str, threads: int):
 
 
 def measure_exact(engine, scenarios, instruction: str, temperature: float) -> list[dict]:
-    from services.teacher.engines.base import ExactRequest
-    from shared.prompts import build_messages
+    from tomtransfer.services.teacher.engines.base import ExactRequest
+    from tomtransfer.shared.prompts import build_messages
 
     rows = []
     for s in scenarios:
@@ -115,10 +115,10 @@ def measure_samples(engine, scenarios, k: int, max_tokens: int, temperature: flo
                     rows: list[dict] | None = None, save=None) -> list[dict]:
     """K motivated samples per 2x2 scenario, parsed with the full rule; which lead with a letter (exact mode's part)
     and what the rest answers. `rows`: those measured earlier (same settings; kept), `save(rows)` after each one."""
-    from services.teacher.engines.base import ChatRequest, SamplingParams
-    from services.teacher.exact import lead_choice
-    from shared.parsing import parse_choice
-    from shared.prompts import build_messages
+    from tomtransfer.services.teacher.engines.base import ChatRequest, SamplingParams
+    from tomtransfer.services.teacher.exact import lead_choice
+    from tomtransfer.shared.parsing import parse_choice
+    from tomtransfer.shared.prompts import build_messages
 
     rows = list(rows or [])
     have = {r["scenario_id"] for r in rows}
@@ -258,7 +258,7 @@ def analyze_pair(t_rows: list[dict], s_rows: list[dict], rng: np.random.Generato
 
 def analyze_samples(samples: list[dict], exact_rows: list[dict], rng: np.random.Generator, n_boot: int) -> dict:
     """The evaluator's teacher reference: exact leading mass + the samples without a leading letter for the rest."""
-    from shared.transfer import Choice
+    from tomtransfer.shared.transfer import Choice
 
     ex = {r["scenario_id"]: r for r in exact_rows if r["instruction"] == "answer_motivation"}
     rows = []
@@ -376,8 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--analyze-only", action="store_true")
     args = ap.parse_args(argv)
 
-    from shared.config import load_config
-    from shared.scenarios import default_catalog
+    from tomtransfer.shared.config import load_config
+    from tomtransfer.shared.scenarios import default_catalog
 
     cfg = load_config(CONFIG)
     temperature = float(cfg.sampling.temperature)

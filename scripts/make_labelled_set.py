@@ -87,12 +87,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from services.common.models import resolve_model
-    from services.teacher.engines.base import SamplingParams
-    from services.teacher.engines.transformers_engine import TransformersEngine
-    from shared.config import ModelSpec
-    from shared.prompts import build_messages
-    from shared.scenarios import default_catalog
+    from tomtransfer.services.common.models import resolve_model
+    from tomtransfer.services.teacher.engines.base import SamplingParams
+    from tomtransfer.services.teacher.engines.transformers_engine import TransformersEngine
+    from tomtransfer.shared.config import ModelSpec
+    from tomtransfer.shared.prompts import build_messages
+    from tomtransfer.shared.scenarios import default_catalog
 
     old = {}
     if args.labels:

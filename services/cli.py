@@ -16,13 +16,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.errors import UserError
+from tomtransfer.shared.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Transfer strategic decision making from a teacher LLM to a student LLM, and measure it.")
 scenarios_app = typer.Typer(no_args_is_help=True, help="The scenario catalog and scenario packs.")
 config_app = typer.Typer(no_args_is_help=True, help="Experiment configs.")
-from services.common.models_cli import app as models_app  # noqa: E402  (light: imports no torch)
+from tomtransfer.services.common.models_cli import app as models_app  # noqa: E402  (light: imports no torch)
 app.add_typer(scenarios_app, name="scenarios")
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
@@ -54,7 +54,7 @@ def scenarios_list(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """List scenarios (53 built in, plus packs)."""
-    from shared.scenarios import FAMILIES, build_catalog
+    from tomtransfer.shared.scenarios import FAMILIES, build_catalog
 
     if family is not None and family not in FAMILIES:
         fail(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
@@ -75,9 +75,9 @@ def scenarios_show(
     pack: list[Path] = typer.Option([], "--pack"),
 ) -> None:
     """Print a scenario's chat messages and its game analysis."""
-    from shared.games import Game, analyze
-    from shared.prompts import INSTRUCTIONS, build_messages
-    from shared.scenarios import build_catalog
+    from tomtransfer.shared.games import Game, analyze
+    from tomtransfer.shared.prompts import INSTRUCTIONS, build_messages
+    from tomtransfer.shared.scenarios import build_catalog
 
     if instruction not in INSTRUCTIONS:
         fail(f"unknown instruction {instruction!r}; expected one of {', '.join(INSTRUCTIONS)}")
@@ -102,9 +102,9 @@ def scenarios_import_lfb(
     force: bool = typer.Option(False, help="overwrite --out if it exists"),
 ) -> None:
     """Import the paper's stimuli as a scenario pack (texts kept byte for byte)."""
-    from shared.lfb import read_lfb
-    from shared.packs import dump_pack, pack_from_data
-    from shared.scenarios import default_catalog
+    from tomtransfer.shared.lfb import read_lfb
+    from tomtransfer.shared.packs import dump_pack, pack_from_data
+    from tomtransfer.shared.scenarios import default_catalog
 
     if out_file.exists() and not force:
         fail(f"{out_file} exists (use --force to overwrite)")
@@ -123,8 +123,8 @@ def scenarios_import_lfb(
 @config_app.command("validate")
 def config_validate(file: Path) -> None:
     """Check an experiment config; prints the resolved config summary."""
-    from shared.config import load_config
-    from shared.scenarios import build_catalog
+    from tomtransfer.shared.config import load_config
+    from tomtransfer.shared.scenarios import build_catalog
 
     cfg = load_config(file)
     try:
@@ -140,7 +140,7 @@ def config_validate(file: Path) -> None:
 @config_app.command("show-defaults")
 def config_show_defaults() -> None:
     """Print the JSON schema of the experiment config (every option with its default)."""
-    from shared.config import ExperimentConfig
+    from tomtransfer.shared.config import ExperimentConfig
 
     _json(ExperimentConfig.model_json_schema())
 
@@ -166,8 +166,8 @@ def analyze(
 ) -> None:
     """The paper's analyses from count tables: improvement (--counts), Table 1 (--ztest), PGG (--pgg); or
     everything from raw responses (--samples)."""
-    from shared import analysis
-    from shared.scenarios import default_catalog
+    from tomtransfer.shared import analysis
+    from tomtransfer.shared.scenarios import default_catalog
 
     chosen = [x for x in (counts, ztest, pgg, samples) if x is not None]
     if len(chosen) != 1:
@@ -234,8 +234,8 @@ def _analyze_samples(path: Path, rate: str, min_valid_share: float, out_dir: Opt
     """`analyze --samples`: parse raw responses, then the evaluator's `evaluate_samples` does every metric."""
     import inspect
 
-    from services.evaluator import scoring
-    from shared.sample_files import load_samples
+    from tomtransfer.services.evaluator import scoring
+    from tomtransfer.shared.sample_files import load_samples
 
     if rate not in RATES:
         fail(f"--rate must be one of {', '.join(RATES)}, not {rate!r}")
@@ -379,8 +379,8 @@ def generate(
     """Generate the teacher dataset: N samples per scenario (resumable), then the training set and exports."""
     # Exit codes: 0 done; 2 a user-fixable error (bad config, endpoint rejected a request, endpoint down: samples
     # written so far kept); 130 interrupted (Ctrl-C; samples kept, rerun the same command to resume).
-    from services.pipeline import run as pipeline
-    from shared.config import load_config
+    from tomtransfer.services.pipeline import run as pipeline
+    from tomtransfer.shared.config import load_config
 
     cfg = load_config(config)
     # The options override the config itself, so the stage's inputs key (and its folder) says what was made.
@@ -412,7 +412,7 @@ def generate(
 @app.command()
 def serve(config: Path = ConfigOpt) -> None:
     """Serve teacher and student on one OpenAI-compatible endpoint (Ray Serve); Ctrl-C stops it."""
-    from services.teacher.serve_cli import serve as run_serve
+    from tomtransfer.services.teacher.serve_cli import serve as run_serve
 
     run_serve(config)
 
@@ -425,8 +425,8 @@ def train(
                                          "(default: training.checkpoint_every_steps)"),
 ) -> None:
     """LoRA on the student with Ray Train (resumes an interrupted run); adapter logged to MLflow."""
-    from services.pipeline import run as pipeline
-    from shared.config import load_config
+    from tomtransfer.services.pipeline import run as pipeline
+    from tomtransfer.shared.config import load_config
 
     res = pipeline.train(load_config(config), dataset=dataset, checkpoint_every=checkpoint_every)
     out.print(f"[green]train[/] adapter {res.adapter_dir} ({res.adapter_uri}), mlflow run {res.run_id}"
@@ -436,7 +436,7 @@ def train(
 
 def _print_strategy(result) -> None:
     """What the product leads with: strategic transfer with its CI, then format, placebo, association."""
-    from services.evaluator.report import strategy_lines, strategy_rows
+    from tomtransfer.services.evaluator.report import strategy_lines, strategy_rows
 
     header, rows = strategy_rows(result)
     if not rows:
@@ -451,7 +451,7 @@ def _print_strategy(result) -> None:
 
 
 def _print_summary(result) -> None:
-    from services.evaluator.report import pgg_lines, rate_label, summary_rows
+    from tomtransfer.services.evaluator.report import pgg_lines, rate_label, summary_rows
 
     if result.protocol:
         out.print(result.protocol, highlight=False, soft_wrap=True)
@@ -470,8 +470,8 @@ def _print_summary(result) -> None:
 @app.command()
 def evaluate(config: Path = ConfigOpt) -> None:
     """Evaluate teacher, base and fine-tuned student (sampled or exact); metrics, figures, report, MLflow."""
-    from services.pipeline import run as pipeline
-    from shared.config import load_config
+    from tomtransfer.services.pipeline import run as pipeline
+    from tomtransfer.shared.config import load_config
 
     run_id, ev = pipeline.evaluate(load_config(config))
     _print_summary(ev.result)
@@ -481,8 +481,8 @@ def evaluate(config: Path = ConfigOpt) -> None:
 @app.command()
 def run(config: Path = ConfigOpt) -> None:
     """The whole experiment: serve, generate, train, serve the adapter, evaluate, report."""
-    from services.pipeline import run as pipeline
-    from shared.config import load_config
+    from tomtransfer.services.pipeline import run as pipeline
+    from tomtransfer.shared.config import load_config
 
     res = pipeline.run(load_config(config))
     _print_summary(res.evaluated.result)
@@ -491,7 +491,7 @@ def run(config: Path = ConfigOpt) -> None:
               f"{res.timings.get('total_s', 0):.0f} s in all", highlight=False, soft_wrap=True)
     uri = res.config.mlflow.tracking_uri or ""
     if "127.0.0.1" in uri:  # the local server stopped with the run: `make mlflow-ui` reopens its store on port 5000
-        from services.evaluator.tracking import HEADLINE_VIEW, experiment_url
+        from tomtransfer.services.evaluator.tracking import HEADLINE_VIEW, experiment_url
 
         # the evaluation saved the headline view; the server is down, so it is named without asking
         link = experiment_url("http://127.0.0.1:5000", res.experiment_id, view=None) + f"&viewStateShareKey={HEADLINE_VIEW}"
@@ -507,8 +507,8 @@ def sweep(
 ) -> None:
     """A grid of experiments, cells in parallel on Ray: one parent MLflow run, a child run per cell; finished
     cells are skipped, interrupted ones resumed."""
-    from services.pipeline.sweep import sweep as run_sweep
-    from shared.sweep import load_sweep
+    from tomtransfer.services.pipeline.sweep import sweep as run_sweep
+    from tomtransfer.shared.sweep import load_sweep
 
     spec, cells = load_sweep(config)
     rows = run_sweep(spec, cells, max_concurrent=max_concurrent)
@@ -528,7 +528,7 @@ def report(
     log: bool = typer.Option(False, "--log", help="log the regenerated report back to the run"),
 ) -> None:
     """Regenerate the report of an MLflow run from its raw results."""
-    from services.evaluator.report_cli import report as make_report
+    from tomtransfer.services.evaluator.report_cli import report as make_report
 
     o = make_report(run_id, tracking_uri=tracking_uri, out_dir=out_dir, log=log)
     _print_summary(o.result)

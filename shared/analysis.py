@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from shared.metrics import Counts, aggregate, class_counts, group_by, scenario_result
-from shared.stats import PGG_ROLES, pgg_analysis, table1_summary, table1_ztest
-from shared.tables import TableError, as_float, as_int, read_rows
+from tomtransfer.shared.metrics import Counts, aggregate, class_counts, group_by, scenario_result
+from tomtransfer.shared.stats import PGG_ROLES, pgg_analysis, table1_summary, table1_ztest
+from tomtransfer.shared.tables import TableError, as_float, as_int, read_rows
 
 COUNT_COLUMNS = ["context", "game", "samples", "C_student_base", "C_student_finetuned", "C_teacher"]
 ZTEST_COLUMNS = ["context", "game", "samples", "C_normal", "C_doubled"]

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.config import Family
-from shared.games import Game, PublicGoodsGame
+from tomtransfer.shared.config import Family
+from tomtransfer.shared.games import Game, PublicGoodsGame
 
 FAMILIES: tuple[Family, ...] = ("in_sample", "oos_context", "oos_game", "pgg")
 

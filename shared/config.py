@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from shared.errors import UserError
+from tomtransfer.shared.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Family = Literal["in_sample", "oos_context", "oos_game", "pgg"]

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.errors import UserError
-from shared.games import Game, parse_payoff_text
-from shared.scenarios import Context
+from tomtransfer.shared.errors import UserError
+from tomtransfer.shared.games import Game, parse_payoff_text
+from tomtransfer.shared.scenarios import Context
 
 
 def _read(path: Path) -> str:

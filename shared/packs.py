@@ -25,9 +25,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.errors import UserError
-from shared.games import Game
-from shared.catalog import Catalog, Context, Scenario, make_2x2
+from tomtransfer.shared.errors import UserError
+from tomtransfer.shared.games import Game
+from tomtransfer.shared.catalog import Catalog, Context, Scenario, make_2x2
 
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 

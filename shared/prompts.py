@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from shared.games import PublicGoodsGame
-from shared.scenarios import Scenario
+from tomtransfer.shared.games import PublicGoodsGame
+from tomtransfer.shared.scenarios import Scenario
 
 Instruction = Literal["answer_only", "answer_motivation"]
 Message = dict[str, str]

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from shared.config import ALL_ROLES
-from shared.errors import UserError
-from shared.parsing import parse_choice, parse_contribution
+from tomtransfer.shared.config import ALL_ROLES
+from tomtransfer.shared.errors import UserError
+from tomtransfer.shared.parsing import parse_choice, parse_contribution
 
 REQUIRED = ("role", "scenario", "response")
 OPTIONAL = ("context", "game", "family", "sample_index", "model")
@@ -110,7 +110,7 @@ def _contribution(value) -> str | None:
 
 def parse_samples(raw: pd.DataFrame, path: str | Path = "samples", catalog=None) -> pd.DataFrame:
     """Validate the rows and parse each response; see the module docstring for the columns."""
-    from shared.scenarios import default_catalog
+    from tomtransfer.shared.scenarios import default_catalog
 
     catalog = catalog or default_catalog()
     path = Path(path)

@@ -14,8 +14,8 @@ from typing import Iterable, Sequence
 
 import pyarrow as pa
 
-from shared.config import ALL_ROLES as _ALL_ROLES, CORE_ROLES as _CORE_ROLES
-from shared.errors import UserError
+from tomtransfer.shared.config import ALL_ROLES as _ALL_ROLES, CORE_ROLES as _CORE_ROLES
+from tomtransfer.shared.errors import UserError
 
 # ROLES (= ALL_ROLES): every role a row may carry, in reporting order: teacher, student_base, student_finetuned,
 # student_placebo (`training.placebo`: the same recipe trained on the same dataset with its completions permuted

@@ -12,9 +12,9 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
-from shared.catalog import FAMILIES, Catalog, Context, Scenario, make_2x2  # noqa: F401  (re-exported)
-from shared.games import PublicGoodsGame, canonical_games
-from shared.packs import load_pack
+from tomtransfer.shared.catalog import FAMILIES, Catalog, Context, Scenario, make_2x2  # noqa: F401  (re-exported)
+from tomtransfer.shared.games import PublicGoodsGame, canonical_games
+from tomtransfer.shared.packs import load_pack
 
 CANONICAL_CONTEXTS = ("IR", "biz", "environment", "team", "friendsharing")
 OOS_CONTEXTS = ("sports", "ventcap", "roomsharing")
@@ -23,7 +23,7 @@ PGG_CONTEXT = "dormparty"
 
 
 def read_context_text(context_id: str) -> str:
-    return resources.files("shared").joinpath("data", "contexts", f"{context_id}.txt").read_text()
+    return resources.files("tomtransfer.shared").joinpath("data", "contexts", f"{context_id}.txt").read_text()
 
 
 @cache

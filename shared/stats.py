@@ -23,7 +23,7 @@ import numpy as np
 from scipy import stats
 from statsmodels.stats.proportion import confint_proportions_2indep
 
-from shared.metrics import improvement
+from tomtransfer.shared.metrics import improvement
 
 
 @dataclass(frozen=True)

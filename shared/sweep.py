@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.config import ConfigError, ExperimentConfig, load_config, parse_config
+from tomtransfer.shared.config import ConfigError, ExperimentConfig, load_config, parse_config
 
 
 class SweepSpec(BaseModel):

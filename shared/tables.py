@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from shared.errors import UserError
+from tomtransfer.shared.errors import UserError
 
 
 class TableError(UserError):

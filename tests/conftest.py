@@ -89,7 +89,7 @@ collect_ignore = [] if _util.find_spec("vllm") else ["test_vllm_engine.py"]
 @pytest.fixture(scope="session")
 def real_models():
     """The demo's real models (`make models`), by alias -> folder; skips the test when they are not fetched."""
-    from services.common.models import is_fetched, model_dir
+    from tomtransfer.services.common.models import is_fetched, model_dir
 
     aliases = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")
     missing = [a for a in aliases if not is_fetched(a)]

@@ -185,8 +185,8 @@ def test_scenario_not_in_catalog_with_context_and_game(tmp_path):
 def test_rate_and_min_valid_share_pass_through_only_if_accepted(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from services import cli as cli_mod
-    from services.evaluator import scoring
+    from tomtransfer.services import cli as cli_mod
+    from tomtransfer.services.evaluator import scoring
 
     f = write(pd.DataFrame(records(("IR_prison",))), tmp_path / "s.csv")
     real = scoring.evaluate_samples
@@ -213,8 +213,8 @@ def test_rate_and_min_valid_share_pass_through_only_if_accepted(tmp_path, monkey
 
 
 def test_no_warning_for_zero_variance_groups():
-    from services.evaluator.scoring import evaluate_samples
-    from shared.sample_files import parse_samples
+    from tomtransfer.services.evaluator.scoring import evaluate_samples
+    from tomtransfer.shared.sample_files import parse_samples
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

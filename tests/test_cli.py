@@ -77,7 +77,7 @@ def test_analyze_pgg_zero_variance_gives_a_note_not_a_warning(tmp_path):
     f = tmp_path / "pgg.csv"
     f.write_text("role,contribution\n" + "".join(f"{r},{v}\n" for r, vs in
                  {"student_base": [2, 5, 3], "student_finetuned": [7] * 5, "teacher": [7] * 5}.items() for v in vs))
-    run = [sys.executable, "-W", "error::RuntimeWarning", "-m", "services.cli", "analyze", "--pgg", str(f)]
+    run = [sys.executable, "-W", "error::RuntimeWarning", "-m", "tomtransfer.services.cli", "analyze", "--pgg", str(f)]
     human = subprocess.run(run, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert human.returncode == 0 and human.stderr == "", human.stderr
     assert "teacher: all contributions equal (7.0)" in human.stdout
@@ -93,7 +93,7 @@ def test_analyze_pgg_zero_variance_gives_a_note_not_a_warning(tmp_path):
 
 
 def test_pgg_analysis_constant_groups_raise_no_warning():
-    from shared.stats import pgg_analysis
+    from tomtransfer.shared.stats import pgg_analysis
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -204,9 +204,9 @@ def test_check_endpoint_reads_the_served_models(tmp_path, capsys):
     import http.server
     import threading
 
-    from services.common.checks import check_endpoint
-    from shared.config import parse_config
-    from shared.errors import UserError
+    from tomtransfer.services.common.checks import check_endpoint
+    from tomtransfer.shared.config import parse_config
+    from tomtransfer.shared.errors import UserError
 
     listing = {"data": [{"id": "teacher", "root": "qwen2.5-coder-0.5b-instruct"}, {"id": "student"}]}
 

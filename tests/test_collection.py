@@ -10,13 +10,13 @@ import json
 
 import pytest
 
-from shared.config import parse_config
-from shared.samples import LEAD_PART
+from tomtransfer.shared.config import parse_config
+from tomtransfer.shared.samples import LEAD_PART
 
-from services.collector import collection
-from services.collector.jobs import role_identity, run_id_for, select_scenarios
-from services.collector.runner import RequestSettings, RunReport
-from services.collector.store import MANIFEST_VERSION, ExactStore, SampleStore, StoreError, check_manifest
+from tomtransfer.services.collector import collection
+from tomtransfer.services.collector.jobs import role_identity, run_id_for, select_scenarios
+from tomtransfer.services.collector.runner import RequestSettings, RunReport
+from tomtransfer.services.collector.store import MANIFEST_VERSION, ExactStore, SampleStore, StoreError, check_manifest
 
 BASE = {"name": "col", "models": {"teacher": {"model": "hub/teacher"}, "student": {"model": "hub/student"}},
         "scenarios": {"ids": ["IR_prison", "IR_staghunt"]}, "serving": {"base_url": "http://127.0.0.1:1/"}}

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from services.collector.store import EXACT_KEY, SAMPLE_KEY, SampleStore
+from tomtransfer.services.collector.store import EXACT_KEY, SAMPLE_KEY, SampleStore
 
 pytest_plugins = ["tests.fixtures.llm_endpoint", "tests.fixtures.mlflow_server"]
 pytestmark = pytest.mark.netns
@@ -261,14 +261,14 @@ def generate_config(path: Path, out: Path, url: str) -> Path:
 
 
 def generate_cmd(cfg: Path) -> list[str]:
-    return [sys.executable, "-m", "services.cli", "generate", "--config", str(cfg), "--no-progress"]
+    return [sys.executable, "-m", "tomtransfer.services.cli", "generate", "--config", str(cfg), "--no-progress"]
 
 
 def test_generate_killed_at_random_moments(llm_endpoint, tmp_path):
     import json
 
-    from services.collector.generate import generate_dir
-    from shared.config import load_config
+    from tomtransfer.services.collector.generate import generate_dir
+    from tomtransfer.shared.config import load_config
 
     rng = seeded("generate")
     ref_cfg = generate_config(tmp_path / "ref.yaml", tmp_path / "ref", llm_endpoint.url)
@@ -319,7 +319,7 @@ def evaluate_config(path: Path, out: Path, url: str, tracking_uri: str) -> Path:
 
 
 def evaluate_cmd(cfg: Path) -> list[str]:
-    return [sys.executable, "-m", "services.cli", "evaluate", "--config", str(cfg)]
+    return [sys.executable, "-m", "tomtransfer.services.cli", "evaluate", "--config", str(cfg)]
 
 
 def logged_metrics(log: Path, tracking_uri: str) -> dict[str, float]:

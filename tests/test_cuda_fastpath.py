@@ -13,10 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tests.fixtures.tiny_models import tiny_model_dir
-from services.teacher.engines import cuda_fastpath
-from services.teacher.engines.cuda_fastpath import CudaGraphDecoder, GraphState, fused_layer
-from services.teacher.engines.decoder_ops import shared_prefix_attention
-from services.teacher.engines.decoding import DecodingOptions
+from tomtransfer.services.teacher.engines import cuda_fastpath
+from tomtransfer.services.teacher.engines.cuda_fastpath import CudaGraphDecoder, GraphState, fused_layer
+from tomtransfer.services.teacher.engines.decoder_ops import shared_prefix_attention
+from tomtransfer.services.teacher.engines.decoding import DecodingOptions
 
 OPTIONS = DecodingOptions(prompt_bucket=16, span_bucket=4)
 

@@ -16,10 +16,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
-from services.teacher.engines.base import ExactRequest
-from services.teacher.engines.cuda_fastpath import CudaGraphDecoder, _PackedPrefix
-from services.teacher.engines.decoding import DecodingOptions
-from services.teacher.engines.transformers_engine import TransformersEngine
+from tomtransfer.services.teacher.engines.base import ExactRequest
+from tomtransfer.services.teacher.engines.cuda_fastpath import CudaGraphDecoder, _PackedPrefix
+from tomtransfer.services.teacher.engines.decoding import DecodingOptions
+from tomtransfer.services.teacher.engines.transformers_engine import TransformersEngine
 from tests.fixtures.tiny_models import tiny_model_dir, train_tokenizer
 
 # ops that wait for the device on CUDA (a tensor's value read on the host)

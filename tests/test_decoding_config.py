@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from tests.fixtures.tiny_models import tiny_model_dir
-from services.teacher.engines.base import ChatRequest, SamplingParams
-from services.teacher.engines.cuda_fastpath import CudaGraphDecoder
-from services.teacher.engines.decoding import DecodingOptions, HFDecoder, SharedPrefixDecoder
-from services.teacher.engines.transformers_engine import TransformersEngine
-from shared.config import DecodingConfig, ModelSpec, parse_config
+from tomtransfer.services.teacher.engines.base import ChatRequest, SamplingParams
+from tomtransfer.services.teacher.engines.cuda_fastpath import CudaGraphDecoder
+from tomtransfer.services.teacher.engines.decoding import DecodingOptions, HFDecoder, SharedPrefixDecoder
+from tomtransfer.services.teacher.engines.transformers_engine import TransformersEngine
+from tomtransfer.shared.config import DecodingConfig, ModelSpec, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MSGS = ({"role": "system", "content": "Answer with C or D."}, {"role": "user", "content": "Which one, C or D?"})
@@ -102,7 +102,7 @@ def test_device_loop_on_cpu_draws_the_host_loops_samples():
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "services.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tomtransfer.services.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
 
 
@@ -126,7 +126,7 @@ def test_max_adapters_bounds_the_loaded_adapters(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from services.teacher.app import ModelServer
+    from tomtransfer.services.teacher.app import ModelServer
 
     path = str(tiny_model_dir("llama", seed=3))
     folders = []
@@ -154,7 +154,7 @@ def test_max_adapters_bounds_the_loaded_adapters(tmp_path):
 def test_openai_engine_knobs_are_configuration():
     """The remote engine's request split and timeout come from the model spec, not the environment (nothing is
     sent: the client connects on the first request only)."""
-    from services.teacher.engines.openai_engine import OpenAIEngine
+    from tomtransfer.services.teacher.engines.openai_engine import OpenAIEngine
 
     spec = ModelSpec(model="m", engine="openai", base_url="http://127.0.0.1:9/v1", remote_max_n=3,
                      remote_timeout_s=5)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.config import ExperimentConfig, parse_config
+from tomtransfer.shared.config import ExperimentConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "deploy" / "helm" / "tomtransfer"
@@ -144,7 +144,7 @@ def test_rayservice_serves_the_project_app(rendered):
         rs = one(rendered[name], "RayService")
         cfg = cc.serve_config(rs)
         (app,) = cfg["applications"]
-        assert app["import_path"] == "services.teacher.app:build_app"
+        assert app["import_path"] == "tomtransfer.services.teacher.app:build_app"
         assert cfg["http_options"] == {"host": "0.0.0.0", "port": 8000}
         # the serving part of the experiment is inline (Serve applies a change in place) and is the
         # ConfigMap's experiment, less the job-only sections

@@ -32,7 +32,7 @@ SHUFFLE = [3, 5, 7, 0, 6, 1, 2, 4]
 
 
 def _scenario(sid):
-    from shared.scenarios import default_catalog
+    from tomtransfer.shared.scenarios import default_catalog
 
     return default_catalog().scenarios[sid]
 
@@ -46,8 +46,8 @@ def _samples(sid, responses_answers):
 
 # ------------------------------------------------------------------------------------------------ soft labels
 def test_mixture_is_the_evaluators_choice():
-    from services.trainer.softlabels import scenario_distribution
-    from shared.transfer import Choice
+    from tomtransfer.services.trainer.softlabels import scenario_distribution
+    from tomtransfer.shared.transfer import Choice
 
     s = _scenario("IR_prison")
     got = _samples("IR_prison", [("C. Because ...", "C"), ("**D**", "D"),  # lead: exact mode covers them
@@ -69,7 +69,7 @@ def test_mixture_is_the_evaluators_choice():
 
 
 def test_pgg_soft_labels_over_whole_amounts():
-    from services.trainer.softlabels import scenario_distribution
+    from tomtransfer.services.trainer.softlabels import scenario_distribution
 
     s = _scenario("pgg")
     e = int(s.game.endowment)
@@ -87,7 +87,7 @@ def test_pgg_soft_labels_over_whole_amounts():
 
 
 def test_export_read_and_empty_set(tmp_path):
-    from services.trainer.softlabels import (SOFT_COLUMNS, SoftLabelError, build_soft_labels, content_hash,
+    from tomtransfer.services.trainer.softlabels import (SOFT_COLUMNS, SoftLabelError, build_soft_labels, content_hash,
                                              export_soft_labels, read_soft_labels)
 
     scenarios = [_scenario(i) for i in IDS[:3]] + [_scenario("pgg")]
@@ -119,7 +119,7 @@ def student():
 
 
 def _soft_set(out, probs_c, ids=IDS):
-    from services.trainer.softlabels import build_soft_labels, export_soft_labels
+    from tomtransfer.services.trainer.softlabels import build_soft_labels, export_soft_labels
 
     exact = {i: {"p_C": 0.9 * p, "p_D": 0.9 * (1 - p)} for i, p in zip(ids, probs_c)}  # 10 % invalid mass
     df, _ = build_soft_labels([_scenario(i) for i in ids], None, exact, instruction="answer_only",
@@ -131,9 +131,9 @@ def _soft_set(out, probs_c, ids=IDS):
 def _student_q(student, adapter, soft):
     import transformers
 
-    from services.trainer.distill import encode_soft_label, student_distributions
-    from services.trainer.softlabels import read_soft_labels
-    from services.trainer.train import _render
+    from tomtransfer.services.trainer.distill import encode_soft_label, student_distributions
+    from tomtransfer.services.trainer.softlabels import read_soft_labels
+    from tomtransfer.services.trainer.train import _render
 
     tok = transformers.AutoTokenizer.from_pretrained(str(student))
     model = transformers.AutoModelForCausalLM.from_pretrained(str(student))
@@ -149,7 +149,7 @@ def _student_q(student, adapter, soft):
 def _score(q: dict, truth: dict) -> tuple[float, float]:
     from scipy.stats import spearmanr
 
-    from services.trainer.distill import kl
+    from tomtransfer.services.trainer.distill import kl
 
     ids = sorted(truth)
     return (float(np.mean([kl(truth[i], q[i]) for i in ids])),
@@ -168,7 +168,7 @@ def _loop_config(student, soft, out, **training):
 
 @pytest.mark.slow  # ~40 s of CPU: two runs of 20 steps over 8 real scenario prompts (~600 tokens each)
 def test_distribution_objective_moves_the_student_toward_the_teacher(student, tmp_path):
-    from services.trainer.train import train_loop_per_worker
+    from tomtransfer.services.trainer.train import train_loop_per_worker
 
     true_set = _soft_set(tmp_path / "true", P_C)
     shuffled_set = _soft_set(tmp_path / "shuffled", [P_C[j] for j in SHUFFLE])
@@ -189,8 +189,8 @@ def test_distribution_objective_moves_the_student_toward_the_teacher(student, tm
 
 
 def test_sft_plus_distribution_logs_both_and_resumes_exactly(student, tmp_path):
-    from services.trainer.dataset import export_training_set
-    from services.trainer.train import train_loop_per_worker
+    from tomtransfer.services.trainer.dataset import export_training_set
+    from tomtransfer.services.trainer.train import train_loop_per_worker
     from tests.fixtures.synthetic_samples import fake_samples
 
     data = export_training_set(fake_samples(IDS[:2], n=2, c_rate=0.5, invalid_rate=0.0, seed=3), tmp_path / "ds",
@@ -234,7 +234,7 @@ def _cli(capsys, *args) -> tuple[int, str]:
     """The `tomtransfer` command in this process: (exit status, stderr)."""
     import signal
 
-    from services.cli import main
+    from tomtransfer.services.cli import main
 
     capsys.readouterr()
     argv, sigterm = sys.argv, signal.getsignal(signal.SIGTERM)
@@ -252,7 +252,7 @@ def _cli(capsys, *args) -> tuple[int, str]:
 def test_weight_outside_0_1_is_refused(weight, tmp_path):
     from pydantic import ValidationError
 
-    from shared.config import TrainingConfig
+    from tomtransfer.shared.config import TrainingConfig
 
     with pytest.raises(ValidationError, match="strictly between 0 and 1"):
         TrainingConfig(objective="sft+distribution", distribution_weight=weight)
@@ -260,7 +260,7 @@ def test_weight_outside_0_1_is_refused(weight, tmp_path):
 
 
 def test_bad_objective_input_one_line_exit_2_nothing_written(student, tmp_path, capsys):
-    from services.trainer.softlabels import build_soft_labels
+    from tomtransfer.services.trainer.softlabels import build_soft_labels
 
     bad = _write_config(tmp_path, student, objective="sft+distribution", distribution_weight=1.0)
     code, err = _cli(capsys, "config", "validate", str(bad))
@@ -285,9 +285,9 @@ def test_bad_objective_input_one_line_exit_2_nothing_written(student, tmp_path, 
 
 # ------------------------------------------------------------------------------------------------ fingerprints
 def test_train_key_follows_the_objective(student, tmp_path):
-    from services.common.fingerprint import train_key
-    from services.pipeline.fingerprint import train_soft_labels_key
-    from shared.config import load_config
+    from tomtransfer.services.common.fingerprint import train_key
+    from tomtransfer.services.pipeline.fingerprint import train_soft_labels_key
+    from tomtransfer.shared.config import load_config
 
     data = tmp_path / "train.parquet"
     pd.DataFrame({"x": [1]}).to_parquet(data)
@@ -310,7 +310,7 @@ def test_distribution_epoch_visits_every_scenario_once(student, tmp_path):
     """The distribution objective's unit is a scenario: with more scenarios than one effective batch, an epoch is
     ceil(scenarios / effective batch) optimizer steps over all of them (it once stayed on the first batch: the
     epoch's position counted only SFT micro-batches), and the run ends at epoch 1.0, not inside epoch 0."""
-    from services.trainer.train import train_loop_per_worker
+    from tomtransfer.services.trainer.train import train_loop_per_worker
 
     soft = _soft_set(tmp_path / "true", P_C)
     res = train_loop_per_worker(_loop_config(student, soft, tmp_path / "a", epochs=1, effective_batch_size=2,

@@ -24,11 +24,11 @@ def test_sft_plus_distribution_on_ray_train(tmp_path, mlflow_tracking_uri):
     import ray
     from mlflow.tracking import MlflowClient
 
-    from services.pipeline.stages import Context, train
-    from services.trainer.dataset import export_training_set
-    from services.trainer.softlabels import SoftLabelExport, build_soft_labels, export_soft_labels
-    from shared.config import parse_config
-    from shared.scenarios import default_catalog
+    from tomtransfer.services.pipeline.stages import Context, train
+    from tomtransfer.services.trainer.dataset import export_training_set
+    from tomtransfer.services.trainer.softlabels import SoftLabelExport, build_soft_labels, export_soft_labels
+    from tomtransfer.shared.config import parse_config
+    from tomtransfer.shared.scenarios import default_catalog
     from tests.fixtures.synthetic_samples import fake_samples
     from tests.fixtures.tiny_models import tiny_model_dir
 

@@ -127,8 +127,8 @@ def test_generated_dataset_is_exact(experiment):
     import pyarrow.parquet as pq
 
     _, run_dir, _ = experiment
-    from services.collector.generate import generate_dir
-    from shared.config import load_config
+    from tomtransfer.services.collector.generate import generate_dir
+    from tomtransfer.shared.config import load_config
 
     t = pq.read_table(generate_dir(load_config(experiment[0])) / "samples" / "samples.parquet").to_pandas()
     assert len(t) == 20 * 4

@@ -12,12 +12,12 @@ from collections import Counter
 
 import pytest
 
-from services.common.models import is_fetched, model_dir
-from services.teacher.engines.base import ChatRequest, ExactRequest, SamplingParams
-from services.teacher.exact import lead_choice
-from shared.config import ModelSpec
-from shared.prompts import build_messages
-from shared.scenarios import default_catalog
+from tomtransfer.services.common.models import is_fetched, model_dir
+from tomtransfer.services.teacher.engines.base import ChatRequest, ExactRequest, SamplingParams
+from tomtransfer.services.teacher.exact import lead_choice
+from tomtransfer.shared.config import ModelSpec
+from tomtransfer.shared.prompts import build_messages
+from tomtransfer.shared.scenarios import default_catalog
 
 pytestmark = pytest.mark.slow
 ALIAS = "qwen2.5-coder-0.5b-instruct"
@@ -29,7 +29,7 @@ def qwen(real_models):
         pytest.skip(f"{ALIAS} is not fetched (make models, or tomtransfer models fetch {ALIAS})")
     import torch
 
-    from services.teacher.engines.transformers_engine import TransformersEngine
+    from tomtransfer.services.teacher.engines.transformers_engine import TransformersEngine
 
     torch.set_num_threads(2)
     e = TransformersEngine(ModelSpec(model=str(model_dir(ALIAS)), device="cpu", max_batch_size=2000))

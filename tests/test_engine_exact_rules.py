@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.teacher.exact import UNDECIDED, ChoiceRule, ContributionRule, lead_choice, lead_contribution
-from shared.parsing import parse_choice, parse_contribution
+from tomtransfer.services.teacher.exact import UNDECIDED, ChoiceRule, ContributionRule, lead_choice, lead_contribution
+from tomtransfer.shared.parsing import parse_choice, parse_contribution
 
 CHOICE = ChoiceRule()
 PGG = ContributionRule(10)
@@ -97,9 +97,9 @@ def test_decode_many_equals_batch_decode(model):
 
     from transformers import AutoTokenizer
 
-    from services.common.models import resolve_model
+    from tomtransfer.services.common.models import resolve_model
     from tests.fixtures.tiny_models import tiny_model_dir
-    from services.teacher.exact import decode_many
+    from tomtransfer.services.teacher.exact import decode_many
 
     path = tiny_model_dir("llama", seed=3) if model == "tiny" else resolve_model(model)
     tok = AutoTokenizer.from_pretrained(str(path))

@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from tests.fixtures.tiny_models import tiny_model_dir
-from services.teacher.engines.base import ChatRequest, EngineInputError, ExactRequest, SamplingParams, create_engine
-from services.teacher.engines.cuda_fastpath import CudaGraphDecoder, fused_layer
-from services.teacher.engines.decoding import DecodingOptions, HFDecoder, SharedPrefixDecoder
-from services.teacher.engines.transformers_engine import TransformersEngine
-from services.teacher.exact import lead_choice, lead_contribution
-from shared.config import ModelSpec
-from shared.prompts import build_messages
-from shared.scenarios import default_catalog
+from tomtransfer.services.teacher.engines.base import ChatRequest, EngineInputError, ExactRequest, SamplingParams, create_engine
+from tomtransfer.services.teacher.engines.cuda_fastpath import CudaGraphDecoder, fused_layer
+from tomtransfer.services.teacher.engines.decoding import DecodingOptions, HFDecoder, SharedPrefixDecoder
+from tomtransfer.services.teacher.engines.transformers_engine import TransformersEngine
+from tomtransfer.services.teacher.exact import lead_choice, lead_contribution
+from tomtransfer.shared.config import ModelSpec
+from tomtransfer.shared.prompts import build_messages
+from tomtransfer.shared.scenarios import default_catalog
 
 MSGS = ({"role": "system", "content": "Answer with C or D."}, {"role": "user", "content": "Which one, C or D?"})
 
@@ -338,7 +338,7 @@ async def _gather(engine, reqs):
 
 def test_tiled_step_logits_do_not_depend_on_the_batch(engine):
     """The same group's next-token logits, alone and at another offset of a bigger batch: bitwise equal."""
-    from services.teacher.engines.cpu_batch import TiledStep
+    from tomtransfer.services.teacher.engines.cpu_batch import TiledStep
 
     if not isinstance(engine.decoder, SharedPrefixDecoder):
         pytest.skip("shared-prefix decoder only")
@@ -484,7 +484,7 @@ def test_an_idle_cpu_engine_gives_a_batch_memory_back(llama, monkeypatch):
     idle teacher replica held ~0.25 GiB of dead KV through the demo's trainings); a finished job keeps no groups."""
     import time
 
-    import services.teacher.engines.transformers_engine as te
+    import tomtransfer.services.teacher.engines.transformers_engine as te
 
     calls = []
     monkeypatch.setattr(te.gc, "collect", lambda *a: calls.append("gc") or 0)

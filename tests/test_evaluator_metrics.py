@@ -11,15 +11,15 @@ import pandas as pd
 import pytest
 
 from tests.fixtures import synthetic_results as synthetic
-from services.evaluator.scoring import (
+from tomtransfer.services.evaluator.scoring import (
     EvaluationDataError,
     evaluate_exact,
     evaluate_samples,
     metric_name,
     read_samples,
 )
-from shared.metrics import binary_js
-from shared.stats import table1_ztest
+from tomtransfer.shared.metrics import binary_js
+from tomtransfer.shared.stats import table1_ztest
 
 TABLE1 = Path(__file__).parent / "data" / "table1_paper.csv"
 NAME_OK = re.compile(r"^[A-Za-z0-9_.\-]+$")

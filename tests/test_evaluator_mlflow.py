@@ -11,11 +11,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.fixtures import synthetic_results as synthetic
-from services.evaluator.report_cli import ReportError, report
-from services.evaluator.tracking import (
+from tomtransfer.services.evaluator.report_cli import ReportError, report
+from tomtransfer.services.evaluator.tracking import (
     EXPERIMENT_KIND_TAG, HEADLINE_VIEW, TRAINING_KIND, VIEW_TAG_PREFIX, evaluate_and_log, flatten_params, view_metrics,
 )
-from shared.config import load_config
+from tomtransfer.shared.config import load_config
 
 pytest_plugins = ["tests.fixtures.mlflow_server"]
 pytestmark = pytest.mark.netns

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures import synthetic_results as synthetic
-from services.evaluator.scoring import evaluate_exact, evaluate_samples
-from services.evaluator.report import write_outputs
-from shared.config import load_config
+from tomtransfer.services.evaluator.scoring import evaluate_exact, evaluate_samples
+from tomtransfer.services.evaluator.report import write_outputs
+from tomtransfer.shared.config import load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -127,7 +127,7 @@ def test_exact_report_states_its_conventions(tmp_path):
 
 
 def test_console_summary(outputs):
-    from services.evaluator.report import pgg_lines, summary_rows
+    from tomtransfer.services.evaluator.report import pgg_lines, summary_rows
 
     header, rows = summary_rows(outputs.result)
     assert header[0] == "family" and [r[0] for r in rows] == ["in_sample", "oos_context", "oos_game", "all"]

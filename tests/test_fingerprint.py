@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from shared.config import parse_config
+from tomtransfer.shared.config import parse_config
 
-from services.evaluator.collect import role_dir, role_spec
-from services.common.fingerprint import dir_sha256, generate_key, train_key, weights_identity
+from tomtransfer.services.evaluator.collect import role_dir, role_spec
+from tomtransfer.services.common.fingerprint import dir_sha256, generate_key, train_key, weights_identity
 
 BASE = {"name": "fp", "models": {"teacher": {"model": "hub/teacher"}, "student": {"model": "hub/student"}}}
 IDS = ["IR_prison", "IR_staghunt"]
@@ -86,7 +86,7 @@ def test_each_role_store_follows_its_own_inputs(tmp_path):
 
 
 def test_placebo_switch_keeps_the_real_adapter_and_the_placebo_has_its_own_key(dataset, tmp_path):
-    from services.pipeline.stages import placebo_config
+    from tomtransfer.services.pipeline.stages import placebo_config
 
     base = train_key(cfg(), dataset)
     on = cfg(training__placebo=True)
@@ -102,8 +102,8 @@ def test_placebo_switch_keeps_the_real_adapter_and_the_placebo_has_its_own_key(d
 
 
 def test_evaluate_key_follows_the_placebo_and_teacher_lead_switches():
-    from services.evaluator.collect import lead_dir, store_dirs
-    from services.pipeline.fingerprint import evaluate_key
+    from tomtransfer.services.evaluator.collect import lead_dir, store_dirs
+    from tomtransfer.services.pipeline.fingerprint import evaluate_key
 
     exact = cfg(evaluate__estimator="exact")
     assert exact.evaluate.teacher_lead_on and not cfg().evaluate.teacher_lead_on  # default: on with exact

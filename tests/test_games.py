@@ -2,7 +2,7 @@
 
 import pytest
 
-from shared.games import (
+from tomtransfer.shared.games import (
     CANONICAL_PAYOFFS, Game, PublicGoodsGame, analyze, canonical_games, parse_payoff_text,
 )
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from services.collector.generate import generate
+from tomtransfer.services.collector.generate import generate
 
 pytest_plugins = ["tests.fixtures.llm_endpoint", "tests.fixtures.mlflow_server"]
 pytestmark = pytest.mark.netns
@@ -42,7 +42,7 @@ def write_config(path: Path, out: Path, url: str, tracking_uri: str | None = Non
 
 
 def cli(config: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "services.cli", "generate", "--config", str(config),
+    return subprocess.Popen([sys.executable, "-m", "tomtransfer.services.cli", "generate", "--config", str(config),
                              "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 

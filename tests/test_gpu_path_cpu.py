@@ -30,7 +30,7 @@ SCENARIOS = ["IR_prison", "biz_staghunt"]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from services.trainer.dataset import export_training_set
+    from tomtransfer.services.trainer.dataset import export_training_set
     from tests.fixtures.synthetic_samples import fake_samples
 
     samples = fake_samples(SCENARIOS, n=8, c_rate=0.9, invalid_rate=0.0, seed=5)
@@ -51,7 +51,7 @@ def _config(data, student, out, **over) -> dict:
 
 
 def test_kill_fault_dies_by_sigkill_and_the_resumed_run_matches(data, llama, tmp_path):
-    from services.trainer.train import train_loop_per_worker
+    from tomtransfer.services.trainer.train import train_loop_per_worker
 
     full = train_loop_per_worker(_config(data, llama, tmp_path / "full"))
     cut = _config(data, llama, tmp_path / "cut", checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_steps=1,
@@ -89,8 +89,8 @@ def ray_cluster():
 @pytest.mark.netns
 @pytest.mark.slow
 def test_ray_metric_reports_are_rate_limited_and_do_not_change_training(ray_cluster, data, llama, tmp_path):
-    from services.trainer.train import run_training
-    from shared.config import parse_config
+    from tomtransfer.services.trainer.train import run_training
+    from tomtransfer.shared.config import parse_config
 
     def run(out, report_every_s):
         cfg = parse_config({
@@ -114,8 +114,8 @@ def test_ray_metric_reports_are_rate_limited_and_do_not_change_training(ray_clus
 def test_a_worker_killed_right_after_a_checkpoint_resumes_from_it(ray_cluster, data, llama, tmp_path):
     """Ray Train records a checkpoint when its controller polls the workers' result queues (every 2 s); the loop
     waits for that before it trains on, so a worker killed one fast step later still restarts from it."""
-    from services.trainer.train import run_training
-    from shared.config import parse_config
+    from tomtransfer.services.trainer.train import run_training
+    from tomtransfer.shared.config import parse_config
 
     def run(out, **extra):
         cfg = parse_config({
@@ -134,7 +134,7 @@ def test_a_worker_killed_right_after_a_checkpoint_resumes_from_it(ray_cluster, d
 
 
 def test_gpu_profile_loads_and_asks_for_gpus():
-    from shared.config import load_config
+    from tomtransfer.shared.config import load_config
 
     cfg = load_config(ROOT / "configs" / "gpu.yaml")
     t = cfg.training
@@ -156,7 +156,7 @@ def test_the_effective_batch_is_held_at_64_for_any_number_of_gpus(workers, tmp_p
     import math
 
     from benchmarks.bench_train_gpu_ray import _config
-    from shared.config import ConfigError, parse_config
+    from tomtransfer.shared.config import ConfigError, parse_config
 
     t = _config(ROOT / "build" / "no-data", tmp_path, workers).training
     accum = max(1, math.ceil(t.effective_batch_size / (t.per_device_batch_size * workers)))

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared import analysis
-from shared.metrics import Counts, aggregate, bridging, classify, improvement, js_divergence, scenario_result, unstable
-from shared.scenarios import default_catalog
-from shared.stats import pgg_analysis, table1_ztest
+from tomtransfer.shared import analysis
+from tomtransfer.shared.metrics import Counts, aggregate, bridging, classify, improvement, js_divergence, scenario_result, unstable
+from tomtransfer.shared.scenarios import default_catalog
+from tomtransfer.shared.stats import pgg_analysis, table1_ztest
 
 PAPER = Path(__file__).resolve().parents[2] / "shared" / "reference" / "paper-results" / "in_sample_cooperation_counts.csv"
 TABLE1 = Path(__file__).parent / "data" / "table1_paper.csv"

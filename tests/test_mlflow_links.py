@@ -14,8 +14,8 @@ import time
 
 from mlflow.tracking import MlflowClient
 
-from services.pipeline import resources
-from shared.config import parse_config
+from tomtransfer.services.pipeline import resources
+from tomtransfer.shared.config import parse_config
 
 pytest_plugins = ["tests.fixtures.mlflow_server"]
 QUIET = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"

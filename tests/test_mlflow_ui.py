@@ -16,12 +16,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.fixtures import synthetic_results as synthetic
-from services.evaluator.tracking import (
+from tomtransfer.services.evaluator.tracking import (
     CELL_TAG, EXPERIMENT_KIND_TAG, HEADLINE_VIEW, SUMMARY_CSV, SUMMARY_JSON, TRAINING_KIND, VIEW_TAG_PREFIX,
     evaluate_and_log, experiment_url, headline_metrics, metric_column, param_column, start_sweep, summarize_sweep,
     use_experiment, view_metrics,
 )
-from shared.config import load_config
+from tomtransfer.shared.config import load_config
 
 pytest_plugins = ["tests.fixtures.mlflow_server"]
 pytestmark = pytest.mark.netns

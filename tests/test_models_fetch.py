@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common import models as m
-from shared.errors import UserError
+from tomtransfer.services.common import models as m
+from tomtransfer.shared.errors import UserError
 
 
 def build_wheel(folder: Path, name: str, version: str, payload: bytes, file_name: str) -> Path:
@@ -178,7 +178,7 @@ def test_unknown_alias_and_resolve(tmp_path, monkeypatch):
 def test_cli_commands(fake):
     from typer.testing import CliRunner
 
-    from services.common.models_cli import app, fetch_one
+    from tomtransfer.services.common.models_cli import app, fetch_one
 
     alias, _, _, _ = fake
     runner = CliRunner()

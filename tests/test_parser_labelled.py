@@ -58,8 +58,8 @@ from pathlib import Path
 
 import pytest
 
-from services.teacher.exact import lead_choice, lead_contribution
-from shared.parsing import _DECORATION, _LEADING, _LEADING_NUMBER, parse_choice, parse_contribution
+from tomtransfer.services.teacher.exact import lead_choice, lead_contribution
+from tomtransfer.shared.parsing import _DECORATION, _LEADING, _LEADING_NUMBER, parse_choice, parse_contribution
 
 DATA = Path(__file__).parent / "data" / "labelled_responses.jsonl"
 FAMILIES = Path(__file__).parent / "data" / "labelled_responses_families.jsonl"

@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from shared.parsing import parse_choice, parse_contribution
+from tomtransfer.shared.parsing import parse_choice, parse_contribution
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.collector.runner import Job, _Progress
-from shared.scenarios import default_catalog
+from tomtransfer.services.collector.runner import Job, _Progress
+from tomtransfer.shared.scenarios import default_catalog
 
 
 def _job(sid: str, n: int) -> Job:

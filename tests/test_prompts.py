@@ -1,5 +1,5 @@
-from shared.prompts import INSTRUCTIONS, PREAMBLE, build_messages
-from shared.scenarios import default_catalog
+from tomtransfer.shared.prompts import INSTRUCTIONS, PREAMBLE, build_messages
+from tomtransfer.shared.scenarios import default_catalog
 
 
 def test_messages_are_system_then_user():
@@ -32,7 +32,7 @@ def test_pgg_prompt_asks_for_a_contribution():
 def test_pgg_instruction_allows_any_amount():
     """The paper's PGG is continuous: the instruction asks for an amount from 0 to the endowment (not a whole
     number) and puts it first, so the leading answer is the answer (exact mode reads only that)."""
-    from shared.prompts import pgg_instruction, pgg_question
+    from tomtransfer.shared.prompts import pgg_instruction, pgg_question
 
     game = default_catalog().scenarios["pgg"].game
     for motivation in (False, True):

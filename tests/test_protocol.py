@@ -8,12 +8,12 @@ import json
 import pandas as pd
 import pytest
 
-from shared.config import ConfigError, parse_config
-from shared.scenarios import default_catalog
+from tomtransfer.shared.config import ConfigError, parse_config
+from tomtransfer.shared.scenarios import default_catalog
 
 from tests.fixtures import synthetic_results as synthetic
-from services.evaluator.scoring import EvaluationDataError, evaluate
-from services.evaluator.report import build_document, summary_rows
+from tomtransfer.services.evaluator.scoring import EvaluationDataError, evaluate
+from tomtransfer.services.evaluator.report import build_document, summary_rows
 
 BASE = {"name": "p", "models": {"teacher": {"model": "t"}, "student": {"model": "s"}}}
 N_BOOT = 200

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from shared.metrics import js_divergence
+from tomtransfer.shared.metrics import js_divergence
 
 pytest_plugins = ["tests.fixtures.mlflow_server"]
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -22,8 +22,8 @@ SCENARIOS = ["IR_prison", "biz_staghunt", "team_snowdrift", "friendsharing_delig
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory, mlflow_tracking_uri, real_models):
-    from services.pipeline.run import run
-    from shared.config import parse_config
+    from tomtransfer.services.pipeline.run import run
+    from tomtransfer.shared.config import parse_config
 
     out = tmp_path_factory.mktemp("real")
     cfg = {
@@ -55,7 +55,7 @@ def distributions(res) -> pd.DataFrame:
 
 
 def test_teacher_dataset_is_real_and_mostly_valid(result):
-    from services.collector.generate import generate_dir
+    from tomtransfer.services.collector.generate import generate_dir
 
     samples = pd.read_parquet(generate_dir(result.config) / "samples" / "samples.parquet")
     assert len(samples) == len(SCENARIOS) * 8

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from types import SimpleNamespace
 
-from services.collector.runner import EndpointError, RetryPolicy, RequestSettings, sample_async
-from services.collector.store import SampleStore, atomic_write_parquet, check_manifest, sample_seed
-from services.collector.jobs import jobs_for, role_identity, run_id_for, select_scenarios
-from services.evaluator.collect import exact_roles
-from shared.config import parse_config
+from tomtransfer.services.collector.runner import EndpointError, RetryPolicy, RequestSettings, sample_async
+from tomtransfer.services.collector.store import SampleStore, atomic_write_parquet, check_manifest, sample_seed
+from tomtransfer.services.collector.jobs import jobs_for, role_identity, run_id_for, select_scenarios
+from tomtransfer.services.evaluator.collect import exact_roles
+from tomtransfer.shared.config import parse_config
 from tests.fault_proxy import FaultProxy
 
 pytest_plugins = ["tests.fixtures.llm_endpoint"]
@@ -188,7 +188,7 @@ def test_dead_endpoint_clear_error_within_60s_and_resume(reference, llm_endpoint
     assert_exact(res.table)
     assert comparable(res.table) == comparable(reference.table)
     # ... hence the evaluation metrics (domain core, via the evaluator) are those of the uninterrupted run.
-    from services.evaluator.scoring import evaluate_samples
+    from tomtransfer.services.evaluator.scoring import evaluate_samples
 
     def metrics(t):
         return evaluate_samples(t.to_pandas(), expected_samples=N, n_resamples=200).flat_metrics()
@@ -255,7 +255,7 @@ def test_exact_roles_run_beside_the_sampled_teacher_only_when_roles_interleave(l
     """The paper's protocol (teacher sampled with motivations, students in exact mode): with replicas on their own
     devices (`role_order: interleaved`) the students' exact calls do not wait for the teacher's samples; with
     replicas sharing cores (`grouped`) they come after them. The rows are the same either way."""
-    from services.evaluator.collect import collect
+    from tomtransfer.services.evaluator.collect import collect
 
     got = {}
     for order in ("interleaved", "grouped"):

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from services.collector.store import (
+from tomtransfer.services.collector.store import (
     SAMPLE_SCHEMA,
     ExactStore,
     SampleStore,
@@ -113,7 +113,7 @@ def test_temporaries_never_read_and_cleaned(tmp_path):
 def test_one_writer_at_a_time(tmp_path):
     code = textwrap.dedent(f"""
         import time
-        from services.collector.store import SampleStore
+        from tomtransfer.services.collector.store import SampleStore
         with SampleStore({str(tmp_path)!r}).writer():
             print("locked", flush=True)
             time.sleep(30)
@@ -148,7 +148,7 @@ def test_manifest_refuses_other_settings(tmp_path):
 
 WRITER = textwrap.dedent("""
     import base64, os, random, sys
-    from services.collector.store import SampleStore
+    from tomtransfer.services.collector.store import SampleStore
     sys.path.insert(0, {tests!r})
     from test_runner_store import rows
     # The payload: random text (base85 of random bytes) that zstd cannot shrink, so a write takes real time; drawn
@@ -231,9 +231,9 @@ def test_exact_store_one_row_per_key(tmp_path):
 def test_job_order_groups_roles_on_shared_cpu():
     """Local CPU replicas are asked one role after the other (they share the cores); GPU replicas interleaved;
     an explicit `evaluate.role_order` wins. The jobs are the same set either way."""
-    from shared.config import parse_config
-    from shared.scenarios import default_catalog
-    from services.collector.jobs import interleave_roles, jobs_for
+    from tomtransfer.shared.config import parse_config
+    from tomtransfer.shared.scenarios import default_catalog
+    from tomtransfer.services.collector.jobs import interleave_roles, jobs_for
 
     def cfg(teacher: dict, order: str = "auto"):
         return parse_config({"models": {"teacher": {"model": "t", **teacher}, "student": {"model": "s"}},

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shared.errors import UserError
-from shared.lfb import read_lfb
-from shared.packs import dump_pack, load_pack, pack_from_data
-from shared.scenarios import CANONICAL_CONTEXTS, GAME_IDS, OOS_CONTEXTS, build_catalog, default_catalog
+from tomtransfer.shared.errors import UserError
+from tomtransfer.shared.lfb import read_lfb
+from tomtransfer.shared.packs import dump_pack, load_pack, pack_from_data
+from tomtransfer.shared.scenarios import CANONICAL_CONTEXTS, GAME_IDS, OOS_CONTEXTS, build_catalog, default_catalog
 
 LFB = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lfb"
 

@@ -23,9 +23,9 @@ import httpx
 import openai
 import pytest
 
-from services.common.models import is_fetched
+from tomtransfer.services.common.models import is_fetched
 from tests.fixtures.tiny_models import tiny_model_dir
-from services.teacher.exact import lead_choice
+from tomtransfer.services.teacher.exact import lead_choice
 from tests.fixtures.netns_guard import require_private_netns
 from tests.fixtures.serve_process import start_serve, wait_for_url
 
@@ -141,8 +141,8 @@ def test_exact_matches_2000_samples_over_http(app):
     x = app.http.post("/exact", json=body).json()
     assert x["object"] == "exact" and x["kind"] == "choice" and x["method"] == "tree"
     assert x["valid_mass"] + x["invalid_mass"] + x["unresolved_mass"] == pytest.approx(1, abs=1e-6)
-    from shared.prompts import build_messages
-    from shared.scenarios import default_catalog
+    from tomtransfer.shared.prompts import build_messages
+    from tomtransfer.shared.scenarios import default_catalog
 
     messages = build_messages(default_catalog().scenarios["IR_prison"], "answer_only")
     n = 2000
@@ -325,10 +325,10 @@ def test_openai_engine_against_the_app(app, monkeypatch):
     """The remote-teacher engine, pointed at this app's teacher: chat, seeds, answer cut, approximate exact."""
     import asyncio
 
-    from services.teacher.engines.base import ChatRequest, EngineInputError, ExactRequest, SamplingParams
-    from services.teacher.engines.openai_engine import OpenAIEngine, UpstreamError
-    from shared.config import ModelSpec
-    from shared.errors import UserError
+    from tomtransfer.services.teacher.engines.base import ChatRequest, EngineInputError, ExactRequest, SamplingParams
+    from tomtransfer.services.teacher.engines.openai_engine import OpenAIEngine, UpstreamError
+    from tomtransfer.shared.config import ModelSpec
+    from tomtransfer.shared.errors import UserError
 
     monkeypatch.setenv("TT_REMOTE_KEY", TOKEN)
     spec = ModelSpec(model="remote", engine="openai", base_url=app.url, api_key_env="TT_REMOTE_KEY",

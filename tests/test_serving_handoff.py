@@ -47,7 +47,7 @@ def experiment(tmp_path: Path, mlflow_tracking_uri: str, replica_cpus: float, wo
 
 
 def tomtransfer(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "services.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tomtransfer.services.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=timeout)
 
 

@@ -142,7 +142,7 @@ def refused(r: httpx.Response) -> dict:
 
 # ------------------------------------------------------------------------------------------------ auth
 def _routes() -> set[tuple[str, str]]:
-    from services.teacher.app import api
+    from tomtransfer.services.teacher.app import api
 
     return {(method.upper(), path) for path, ops in api.openapi()["paths"].items() if path.startswith("/v1")
             for method in ops}
@@ -387,7 +387,7 @@ def _config(tmp_path: Path, **serving) -> Path:
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "example.org"])
-@pytest.mark.parametrize("entry", [["-m", "services.cli", "serve", "--config"], ["-m", "services.teacher.serve_cli"]],
+@pytest.mark.parametrize("entry", [["-m", "tomtransfer.services.cli", "serve", "--config"], ["-m", "tomtransfer.services.teacher.serve_cli"]],
                          ids=["tomtransfer-serve", "serve_cli"])
 def test_serve_refuses_an_open_non_loopback_bind(tmp_path, host, entry):
     cfg = _config(tmp_path, host=host)
@@ -403,9 +403,9 @@ def test_serve_refuses_an_open_non_loopback_bind(tmp_path, host, entry):
 
 
 def test_the_bind_check_allows_loopback_a_token_or_allow_open(monkeypatch, tmp_path):
-    from services.teacher.serve_cli import check_bind
-    from shared.config import load_config
-    from shared.errors import UserError
+    from tomtransfer.services.teacher.serve_cli import check_bind
+    from tomtransfer.shared.config import load_config
+    from tomtransfer.shared.errors import UserError
 
     for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "LOCALHOST"):
         check_bind(load_config(_config(tmp_path, host=host)))
@@ -428,7 +428,7 @@ def test_the_bind_check_allows_loopback_a_token_or_allow_open(monkeypatch, tmp_p
     ("", False), ("a\x00b", False), ("a\nb", False),
 ])
 def test_policy_check_is_pure_and_strict(source, ok):
-    from services.teacher.app import AdapterPolicy, AdapterSourceError
+    from tomtransfer.services.teacher.app import AdapterPolicy, AdapterSourceError
 
     policy = AdapterPolicy("/r", "http://127.0.0.1:5000")
     if ok:
@@ -453,7 +453,7 @@ def test_policy_check_is_pure_and_strict(source, ok):
     ("file:///mlruns", "s3://bucket/x", False),
 ])
 def test_resolved_artifact_locations_must_be_the_tracking_servers(tracking, location, ok):
-    from services.teacher.app import AdapterPolicy, AdapterSourceError
+    from tomtransfer.services.teacher.app import AdapterPolicy, AdapterSourceError
 
     policy = AdapterPolicy(None, tracking)
     if ok:

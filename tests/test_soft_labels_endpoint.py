@@ -20,10 +20,10 @@ SCENARIOS = ["IR_prison", "biz_staghunt", "pgg"]
 
 
 def test_soft_label_set_from_a_served_teacher(llm_endpoint, tmp_path):
-    from services.collector.generate import generate
-    from services.pipeline.stages import Context, soft_label_dir, soft_label_set
-    from services.trainer.softlabels import SoftLabelExport, read_soft_labels
-    from shared.config import load_config
+    from tomtransfer.services.collector.generate import generate
+    from tomtransfer.services.pipeline.stages import Context, soft_label_dir, soft_label_set
+    from tomtransfer.services.trainer.softlabels import SoftLabelExport, read_soft_labels
+    from tomtransfer.shared.config import load_config
 
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({
@@ -56,7 +56,7 @@ def test_soft_label_set_from_a_served_teacher(llm_endpoint, tmp_path):
             assert json.loads(r.actions) == [str(a) for a in range(11)]
     assert [x["scenario_id"] for x in read_soft_labels(soft)] == sorted(df["scenario_id"])
     # the teacher's cost: the generate stage's samples + one exact call (one prompt) per scenario
-    from services.pipeline.stages import teacher_cost
+    from tomtransfer.services.pipeline.stages import teacher_cost
 
     cost = teacher_cost(cfg)
     raw = [json.loads(x) for x in exact["raw"]]

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tomtransfer(*args, timeout=1200):
-    return subprocess.run([sys.executable, "-m", "services.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tomtransfer.services.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, timeout=timeout)
 
 

@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from shared.config import ConfigError
-from shared.sweep import cell_id, load_sweep
+from tomtransfer.shared.config import ConfigError
+from tomtransfer.shared.sweep import cell_id, load_sweep
 
 
 def test_example_sweep_expands_to_validated_cells():
@@ -45,7 +45,7 @@ def test_long_cell_ids_keep_their_hash():
 def test_cells_get_their_own_adapter_name_and_share_serving_when_they_can(tmp_path):
     """Cells that differ only in what the app is not built from share one serving app (serving_group), and each
     serves its adapter under its own name there; a grid over the student splits the cells into groups."""
-    from services.pipeline.sweep import serving_group
+    from tomtransfer.services.pipeline.sweep import serving_group
 
     (tmp_path / "base.yaml").write_text("models: {teacher: {model: a}, student: {model: b}}\n")
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(
@@ -81,7 +81,7 @@ def test_placebo_is_a_grid_key(tmp_path, base_placebo):
     _, cells = load_sweep(tmp_path / "s.yaml")
     by = {c.config.training.placebo: c.config for c in cells}
     assert "student_placebo" in by[True].evaluate.roles and "student_placebo" not in by[False].evaluate.roles
-    from shared.samples import served_model
+    from tomtransfer.shared.samples import served_model
 
     assert served_model("student_placebo", by[True].training.adapter_name) == \
         f"student:{by[True].training.adapter_name}-placebo"
@@ -97,7 +97,7 @@ def test_objectives_sweep_expands_into_its_cells():
     """configs/sweep-objectives.yaml (issue 22 item 2): sft / distribution / sft+distribution x k = 1, 4, 16, 64
     teacher samples per scenario, 12 cells, each with its placebo control and evaluated on all four families (the
     transfer families: in-sample, new contexts, doubled payoffs, the public-goods game); everything else the demo."""
-    from shared.config import load_config
+    from tomtransfer.shared.config import load_config
 
     spec, cells = load_sweep("configs/sweep-objectives.yaml")
     demo = load_config("configs/demo.yaml")

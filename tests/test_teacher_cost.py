@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from services.collector.cost import exact_cost, metrics, samples_cost
+from tomtransfer.services.collector.cost import exact_cost, metrics, samples_cost
 
 
 def test_samples_cost_counts_prompt_and_completion_per_sample():
@@ -32,9 +32,9 @@ def test_exact_cost_reads_the_endpoint_answer():
 
 def test_stage_cost_from_the_generate_samples(tmp_path):
     """`stages.teacher_cost` reads the generate stage's samples of a config; under sft there is no soft-label part."""
-    from services.collector.generate import generate_dir
-    from services.pipeline.stages import teacher_cost
-    from shared.config import load_config
+    from tomtransfer.services.collector.generate import generate_dir
+    from tomtransfer.services.pipeline.stages import teacher_cost
+    from tomtransfer.shared.config import load_config
 
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({
         "name": "cost", "output_dir": str(tmp_path / "runs"),

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from services.trainer.dataset import (
+from tomtransfer.services.trainer.dataset import (
     DatasetError,
     DatasetExport,
     build_training_set,
@@ -201,7 +201,7 @@ def tokenizer():
 
 
 def test_loss_mask_covers_only_the_assistant_turn(tokenizer, samples):
-    from services.trainer.train import IGNORE_INDEX, encode_example
+    from tomtransfer.services.trainer.train import IGNORE_INDEX, encode_example
 
     msgs = json.loads(samples.messages[0])
     ex = encode_example(tokenizer, msgs, "C", max_len=4096)
@@ -221,7 +221,7 @@ def test_loss_mask_covers_only_the_assistant_turn(tokenizer, samples):
 
 
 def test_template_without_system_role_merges_it(tokenizer, samples):
-    from services.trainer.train import encode_example
+    from tomtransfer.services.trainer.train import encode_example
 
     tok = copy.deepcopy(tokenizer)  # keep the module fixture untouched
     tok.chat_template = (

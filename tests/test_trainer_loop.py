@@ -20,7 +20,7 @@ SCENARIOS = ["IR_prison", "biz_staghunt", "team_snowdrift", "environment_delight
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from services.trainer.dataset import export_training_set
+    from tomtransfer.services.trainer.dataset import export_training_set
     from tests.fixtures.synthetic_samples import fake_samples
 
     samples = fake_samples(SCENARIOS, n=8, c_rate=0.9, invalid_rate=0.0, seed=5)
@@ -47,7 +47,7 @@ def _config(data, student, out, **over):
 
 
 def test_resume_is_exact(data, llama, tmp_path):
-    from services.trainer.train import train_loop_per_worker
+    from tomtransfer.services.trainer.train import train_loop_per_worker
 
     full = train_loop_per_worker(_config(data, llama, tmp_path / "full", probe_examples=0))
     with pytest.raises(RuntimeError, match="injected fault at step 3"):
@@ -63,7 +63,7 @@ def test_resume_is_exact(data, llama, tmp_path):
 
 
 def test_grad_accumulation_is_an_exact_token_mean(data, llama, tmp_path):
-    from services.trainer.train import train_loop_per_worker
+    from tomtransfer.services.trainer.train import train_loop_per_worker
 
     accum = train_loop_per_worker(_config(data, llama, tmp_path / "a", probe_examples=0,
                                           training={"per_device_batch_size": 4, "epochs": 1}))
@@ -89,7 +89,7 @@ def test_adapter_reload_reproduces_logits(arch, data, llama, tmp_path_factory, t
     from transformers import AutoModelForCausalLM
 
     from tests.fixtures.tiny_models import build_tiny_model
-    from services.trainer.train import train_loop_per_worker
+    from tomtransfer.services.trainer.train import train_loop_per_worker
 
     student = llama if arch == "llama" else build_tiny_model(tmp_path_factory.mktemp("q") / "qwen2", arch="qwen2")
     r = train_loop_per_worker(_config(data, student, tmp_path, training={"epochs": 1}))
@@ -105,15 +105,15 @@ def test_adapter_reload_reproduces_logits(arch, data, llama, tmp_path_factory, t
 
 def test_cli_builds_the_training_set_from_samples(tmp_path):
     from tests.fixtures.synthetic_samples import fake_samples
-    from services.pipeline.stages import training_set as training_set_path
-    from shared.config import parse_config
-    from shared.errors import UserError
+    from tomtransfer.services.pipeline.stages import training_set as training_set_path
+    from tomtransfer.shared.config import parse_config
+    from tomtransfer.shared.errors import UserError
 
     cfg = parse_config({"name": "cli", "output_dir": str(tmp_path), "generate": {"targets": "answer"},
                         "models": {"teacher": {"model": "t"}, "student": {"model": "s"}}})
     with pytest.raises(UserError, match="tomtransfer generate"):
         training_set_path(cfg)
-    from services.collector.generate import generate_dir
+    from tomtransfer.services.collector.generate import generate_dir
 
     samples_dir = generate_dir(cfg) / "samples"
     samples_dir.mkdir(parents=True)
@@ -124,8 +124,8 @@ def test_cli_builds_the_training_set_from_samples(tmp_path):
 
 
 def test_preflight_refuses_a_student_without_chat_template(data, llama, tmp_path):
-    from services.trainer.train import TrainError, preflight
-    from shared.errors import UserError
+    from tomtransfer.services.trainer.train import TrainError, preflight
+    from tomtransfer.shared.errors import UserError
 
     assert preflight(data, llama, 1024)["examples"] == 32
     with pytest.raises(UserError, match="max_seq_len"):
@@ -143,7 +143,7 @@ def test_preflight_refuses_a_student_without_chat_template(data, llama, tmp_path
 
 def test_gradient_checkpointing_trains_the_same_adapter(data, llama, tmp_path):
     """Recomputing activations (the demo's memory saver) must not change what is learned."""
-    from services.trainer.train import train_loop_per_worker
+    from tomtransfer.services.trainer.train import train_loop_per_worker
 
     plain = train_loop_per_worker(_config(data, llama, tmp_path / "plain", training={"epochs": 1}))
     ckpt = train_loop_per_worker(_config(data, llama, tmp_path / "ckpt", training={"epochs": 1},

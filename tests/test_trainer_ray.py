@@ -45,7 +45,7 @@ def student(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from services.trainer.dataset import export_training_set
+    from tomtransfer.services.trainer.dataset import export_training_set
     from tests.fixtures.synthetic_samples import fake_samples
 
     samples = fake_samples(SCENARIOS, n=8, c_rate=0.9, invalid_rate=0.0, seed=5)
@@ -53,7 +53,7 @@ def dataset(tmp_path_factory):
 
 
 def _cfg(tmp_path, student, name, **training):
-    from shared.config import parse_config
+    from tomtransfer.shared.config import parse_config
 
     t = {"num_workers": 2, "cpus_per_worker": 1, "epochs": 3, "effective_batch_size": 16,
          "per_device_batch_size": 4, "learning_rate": 3e-2, "max_seq_len": 1024, "max_failures": 1}
@@ -68,7 +68,7 @@ def _cfg(tmp_path, student, name, **training):
 @pytest.fixture(scope="module")
 def trained(ray_cluster, student, dataset, tmp_path_factory, mlflow_tracking_uri):
     """One uninterrupted 2-worker run (32 examples, 3 epochs, 6 optimizer steps)."""
-    from services.trainer.train import run_training
+    from tomtransfer.services.trainer.train import run_training
 
     out = tmp_path_factory.mktemp("runs")
     cfg = _cfg(out, student, "plain")
@@ -131,7 +131,7 @@ def test_adapter_in_mlflow_reproduces_trained_logits(trained, student, mlflow_tr
 
 
 def test_worker_failure_is_survived(ray_cluster, student, dataset, tmp_path, mlflow_tracking_uri, trained):
-    from services.trainer.train import run_training
+    from tomtransfer.services.trainer.train import run_training
 
     marker = tmp_path / "fault-fired"
     cfg = _cfg(tmp_path, student, "faulty", max_failures=1)
@@ -145,13 +145,13 @@ def test_worker_failure_is_survived(ray_cluster, student, dataset, tmp_path, mlf
 
 
 def test_interrupted_run_resumes(ray_cluster, student, dataset, tmp_path, mlflow_tracking_uri, trained):
-    from services.trainer.train import run_training
+    from tomtransfer.services.trainer.train import run_training
 
     cfg = _cfg(tmp_path, student, "interrupted", max_failures=0)
     with pytest.raises(Exception, match="injected fault"):
         run_training(cfg, dataset.parquet, student, mlflow_tracking_uri, checkpoint_every_steps=2,
                      extra_loop_config={"fault": {"at_step": 3, "rank": 0, "marker": str(tmp_path / "m")}})
-    from services.trainer.train import train_dir
+    from tomtransfer.services.trainer.train import train_dir
 
     first_run_id = (train_dir(cfg, dataset.parquet) / "mlflow_run_id").read_text().strip()
     # Other inputs (a learning rate) never resume this run: their storage is another keyed folder.

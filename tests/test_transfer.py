@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.evaluator.scoring import evaluate
-from shared.sample_files import load_samples
-from shared.transfer import Choice, Estimate, analyze_group, mean_transfer, split_improvement, verdict
+from tomtransfer.services.evaluator.scoring import evaluate
+from tomtransfer.shared.sample_files import load_samples
+from tomtransfer.shared.transfer import Choice, Estimate, analyze_group, mean_transfer, split_improvement, verdict
 from tests.fixtures.synthetic_students import TRUTH, responses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def _result(kind: str, seed: int = 0, placebo: str | None = None, tmp: Path | No
 def test_analyze_cli_reports_transfer_right_for_known_students(kind, tmp_path):
     path = tmp_path / f"{kind}.csv"
     responses(kind).to_csv(path, index=False)
-    proc = subprocess.run([sys.executable, "-m", "services.cli", "analyze", "--samples", str(path), "--json",
+    proc = subprocess.run([sys.executable, "-m", "tomtransfer.services.cli", "analyze", "--samples", str(path), "--json",
                            "--bootstrap", "1000"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     fam = json.loads(proc.stdout)["families"]["in_sample"]

@@ -30,9 +30,9 @@ import pytest
 
 pytest.importorskip("vllm", reason="the vLLM engine tests run in .venv-vllm: make test-vllm")
 
-from shared.parsing import parse_choice, parse_contribution  # noqa: E402
-from shared.prompts import build_messages  # noqa: E402
-from shared.scenarios import build_catalog  # noqa: E402
+from tomtransfer.shared.parsing import parse_choice, parse_contribution  # noqa: E402
+from tomtransfer.shared.prompts import build_messages  # noqa: E402
+from tomtransfer.shared.scenarios import build_catalog  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 
@@ -80,7 +80,7 @@ def hf(tmp_path_factory, pd_messages):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.common.models import resolve_model
+    from tomtransfer.services.common.models import resolve_model
 
     path = str(resolve_model(MODEL))
     tok = AutoTokenizer.from_pretrained(path)
@@ -109,7 +109,7 @@ def hf(tmp_path_factory, pd_messages):
 def app(tmp_path_factory, hf):
     import yaml
 
-    from services.teacher.serve_cli import start, stop
+    from tomtransfer.services.teacher.serve_cli import start, stop
     from tests.fixtures.netns_guard import require_private_netns
 
     require_private_netns()
@@ -209,7 +209,7 @@ def test_guided_choice_always_parses(client, http, pd_messages, pgg_messages, hf
 
 
 def test_stop_at_answer(http, pd_messages):
-    from services.teacher.exact import UNDECIDED, make_rule
+    from tomtransfer.services.teacher.exact import UNDECIDED, make_rule
 
     r = http.post("/chat/completions", json={"model": "student", "messages": list(pd_messages), "n": 8,
                                              "max_tokens": 24, "temperature": 1.0, "seed": 3,

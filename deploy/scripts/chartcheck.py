@@ -568,7 +568,7 @@ def check_experiment(objs: list[dict]) -> list[str]:
         return ["no experiment ConfigMap was rendered"]
     try:
         sys.path.insert(0, str(REPO))
-        from shared.config import ConfigError, parse_config
+        from tomtransfer.shared.config import ConfigError, parse_config
     except ImportError as err:
         return [f"cannot import shared.config to check the experiment ConfigMap: {err}"]
     finally:
@@ -804,12 +804,12 @@ def check_serve_import(objs: list[dict]) -> list[str]:
 def experiment_schema_defs() -> dict[str, Any]:
     sys.path.insert(0, str(REPO))
     try:
-        from shared.config import ExperimentConfig
+        from tomtransfer.shared.config import ExperimentConfig
     finally:
         sys.path.pop(0)
     schema = ExperimentConfig.model_json_schema(ref_template="#/$defs/{model}")
     defs = schema.pop("$defs", {})
-    schema[GENERATED_MARK] = ("shared.config.ExperimentConfig (regenerate: "
+    schema[GENERATED_MARK] = ("tomtransfer.shared.config.ExperimentConfig (regenerate: "
                               "python deploy/scripts/chartcheck.py sync-schema)")
     defs["ExperimentConfig"] = schema
     for d in defs.values():

@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import ExperimentConfig
-from shared.scenarios import Scenario
+from tomtransfer.shared.config import ExperimentConfig
+from tomtransfer.shared.scenarios import Scenario
 
-from services.collector.jobs import api_key, base_url as endpoint_url, jobs_for, run_id_for
-from services.collector.runner import RequestSettings, RetryPolicy, RunReport, exact_async, sample_async
-from services.collector.store import MANIFEST_VERSION, ExactStore, SampleStore, check_manifest
+from tomtransfer.services.collector.jobs import api_key, base_url as endpoint_url, jobs_for, run_id_for
+from tomtransfer.services.collector.runner import RequestSettings, RetryPolicy, RunReport, exact_async, sample_async
+from tomtransfer.services.collector.store import MANIFEST_VERSION, ExactStore, SampleStore, check_manifest
 
 
 @dataclass

@@ -32,16 +32,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from shared.config import ExperimentConfig
+from tomtransfer.shared.config import ExperimentConfig
 
-from services.collector.collection import collect_into
-from services.collector.cost import metrics as cost_metrics, samples_cost
-from services.collector.jobs import as_config, role_identity, select_scenarios
-from services.collector.runner import RequestSettings, RetryPolicy, RunReport
-from services.collector.store import SampleStore
-from services.common.checks import check_secrets
-from services.common.fingerprint import generate_key
-from services.trainer.dataset import export_training_set, log_dataset_to_mlflow
+from tomtransfer.services.collector.collection import collect_into
+from tomtransfer.services.collector.cost import metrics as cost_metrics, samples_cost
+from tomtransfer.services.collector.jobs import as_config, role_identity, select_scenarios
+from tomtransfer.services.collector.runner import RequestSettings, RetryPolicy, RunReport
+from tomtransfer.services.collector.store import SampleStore
+from tomtransfer.services.common.checks import check_secrets
+from tomtransfer.services.common.fingerprint import generate_key
+from tomtransfer.services.trainer.dataset import export_training_set, log_dataset_to_mlflow
 
 # mlflow is imported where it is used: a slow import, and a store can be filled without tracking.
 

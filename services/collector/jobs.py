@@ -12,14 +12,14 @@ import json
 import os
 from pathlib import Path
 
-from shared.config import ExperimentConfig, load_config
-from shared.errors import UserError
-from shared.prompts import build_messages
-from shared.scenarios import Scenario, build_catalog
+from tomtransfer.shared.config import ExperimentConfig, load_config
+from tomtransfer.shared.errors import UserError
+from tomtransfer.shared.prompts import build_messages
+from tomtransfer.shared.scenarios import Scenario, build_catalog
 
-from shared.samples import ADAPTER_SUFFIX, adapter_name, served_model
+from tomtransfer.shared.samples import ADAPTER_SUFFIX, adapter_name, served_model
 
-from services.collector.runner import Job
+from tomtransfer.services.collector.runner import Job
 
 
 def as_config(config: str | Path | ExperimentConfig) -> ExperimentConfig:

@@ -46,12 +46,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.errors import UserError
-from shared.games import PublicGoodsGame
-from shared.parsing import parse_choice, parse_contribution
-from shared.scenarios import Scenario
+from tomtransfer.shared.errors import UserError
+from tomtransfer.shared.games import PublicGoodsGame
+from tomtransfer.shared.parsing import parse_choice, parse_contribution
+from tomtransfer.shared.scenarios import Scenario
 
-from services.collector.store import ExactStore, Request, SampleStore, plan_requests
+from tomtransfer.services.collector.store import ExactStore, Request, SampleStore, plan_requests
 
 
 def api_root(base_url: str) -> str:

@@ -47,11 +47,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from shared.errors import UserError
+from tomtransfer.shared.errors import UserError
 
 log = logging.getLogger(__name__)
 
-from shared.samples import (  # noqa: F401  (re-exported: the store's schema lives with the sample)
+from tomtransfer.shared.samples import (  # noqa: F401  (re-exported: the store's schema lives with the sample)
     ALL_ROLES, EXACT_FILE, EXACT_KEY, EXACT_SCHEMA, LEAD_PART, ROLES, SAMPLE_KEY, SAMPLE_SCHEMA, SAMPLES_FILE,
 )
 

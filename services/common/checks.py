@@ -18,10 +18,10 @@ import sys
 
 import httpx
 
-from shared.config import ExperimentConfig
-from shared.errors import UserError
+from tomtransfer.shared.config import ExperimentConfig
+from tomtransfer.shared.errors import UserError
 
-from services.common.models import resolve_model
+from tomtransfer.services.common.models import resolve_model
 
 
 def _say(msg: str) -> None:

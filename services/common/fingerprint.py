@@ -17,9 +17,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.config import ExperimentConfig, ModelSpec
+from tomtransfer.shared.config import ExperimentConfig, ModelSpec
 
-from services.common.models import ALIASES
+from tomtransfer.services.common.models import ALIASES
 
 SHORT = 12  # hex digits in folder names: 48 bits, no collision in any realistic number of runs
 # Training knobs that change how the work is scheduled or what the adapter is called, not the weights it holds.

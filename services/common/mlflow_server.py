@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from shared.errors import UserError
+from tomtransfer.shared.errors import UserError
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from shared.errors import UserError
+from tomtransfer.shared.errors import UserError
 
 MARKER = "tomtransfer-model.json"
 _CHUNK = 1 << 22  # 4 MiB read size for hashing/concatenation

@@ -2,7 +2,7 @@
 
 Register in services/cli.py with::
 
-    from services.common.models_cli import app as models_app   # replaces the empty models_app
+    from tomtransfer.services.common.models_cli import app as models_app   # replaces the empty models_app
     app.add_typer(models_app, name="models")
 
 The commands raise `shared.errors.UserError` on bad input; `services.cli.main` prints it and exits 2.
@@ -16,9 +16,9 @@ import sys
 
 import typer
 
-from shared.errors import UserError
+from tomtransfer.shared.errors import UserError
 
-from services.common import models as m
+from tomtransfer.services.common import models as m
 
 app = typer.Typer(no_args_is_help=True, help="Offline models: aliases, fetch and convert.")
 

@@ -40,16 +40,16 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shared.config import ExperimentConfig
-from shared.samples import ADAPTER_SUFFIX, LEAD_PART
-from shared.scenarios import Scenario
+from tomtransfer.shared.config import ExperimentConfig
+from tomtransfer.shared.samples import ADAPTER_SUFFIX, LEAD_PART
+from tomtransfer.shared.scenarios import Scenario
 
-from services.collector.collection import collect_into
-from services.collector.generate import generate_dir
-from services.collector.jobs import as_config, interleave_roles, role_identity, select_scenarios
-from services.collector.runner import RequestSettings, RetryPolicy, RunReport, parse_answer
-from services.collector.store import ExactStore, SampleStore
-from services.common.fingerprint import model_identity, role_key
+from tomtransfer.services.collector.collection import collect_into
+from tomtransfer.services.collector.generate import generate_dir
+from tomtransfer.services.collector.jobs import as_config, interleave_roles, role_identity, select_scenarios
+from tomtransfer.services.collector.runner import RequestSettings, RetryPolicy, RunReport, parse_answer
+from tomtransfer.services.collector.store import ExactStore, SampleStore
+from tomtransfer.services.common.fingerprint import model_identity, role_key
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from services.evaluator.scoring import ROLES, EvaluationResult
+from tomtransfer.services.evaluator.scoring import ROLES, EvaluationResult
 
 DPI = 120
 ROLE_COLORS = {"teacher": "#1f4e79", "student_base": "#e08214", "student_finetuned": "#2e8b57",

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from services.evaluator.figures import (
+from tomtransfer.services.evaluator.figures import (
     FAMILY_TITLES,
     ROLE_LABELS,
     TABLE1_CAPTION,
@@ -38,8 +38,8 @@ from services.evaluator.figures import (
     write_figures,
     write_tables,
 )
-from services.evaluator.scoring import ROLES, EvaluationResult
-from shared.transfer import verdict as transfer_verdict
+from tomtransfer.services.evaluator.scoring import ROLES, EvaluationResult
+from tomtransfer.shared.transfer import verdict as transfer_verdict
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from shared.errors import UserError
+from tomtransfer.shared.errors import UserError
 
-from services.evaluator.scoring import EXACT_PARQUET, compute
-from services.evaluator.report import Outputs, write_outputs
+from tomtransfer.services.evaluator.scoring import EXACT_PARQUET, compute
+from tomtransfer.services.evaluator.report import Outputs, write_outputs
 
 
 class ReportError(UserError):
@@ -29,7 +29,7 @@ class ReportError(UserError):
 
 def _load_config(path: Path):
     """The logged config as an ExperimentConfig when it still validates, else the raw mapping."""
-    from shared.config import ConfigError, parse_config
+    from tomtransfer.shared.config import ConfigError, parse_config
 
     data = yaml.safe_load(path.read_text())
     try:

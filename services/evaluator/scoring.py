@@ -72,11 +72,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from shared.config import ALL_FAMILIES
-from shared.samples import EXACT_FILE, ROLES
-from shared.samples import read_samples as read_sample_files
-from shared.errors import UserError
-from shared.metrics import (
+from tomtransfer.shared.config import ALL_FAMILIES
+from tomtransfer.shared.samples import EXACT_FILE, ROLES
+from tomtransfer.shared.samples import read_samples as read_sample_files
+from tomtransfer.shared.errors import UserError
+from tomtransfer.shared.metrics import (
     CLASSES,
     Aggregate,
     Counts,
@@ -92,9 +92,9 @@ from shared.metrics import (
     scenario_result,
     unstable,
 )
-from shared.parsing import _DECORATION, _LEADING  # the leading-answer rule exact mode reads (mixture teacher)
-from shared.stats import PGG_ROLES, ZTestRow, moments, pgg_analysis, table1_summary, table1_ztest
-from shared.transfer import Choice, Estimate, GroupTransfer, analyze_group, mean_transfer, split_improvement
+from tomtransfer.shared.parsing import _DECORATION, _LEADING  # the leading-answer rule exact mode reads (mixture teacher)
+from tomtransfer.shared.stats import PGG_ROLES, ZTestRow, moments, pgg_analysis, table1_summary, table1_ztest
+from tomtransfer.shared.transfer import Choice, Estimate, GroupTransfer, analyze_group, mean_transfer, split_improvement
 
 # ROLES (teacher, student_base, student_finetuned) comes from shared.samples, the sample's one home
 TWO_BY_TWO: tuple[str, ...] = tuple(f for f in ALL_FAMILIES if f != "pgg")
@@ -466,7 +466,7 @@ def _is_missing(x) -> bool:
 # ------------------------------------------------------------------------------------------ ordering
 def _order_key():
     """Scenarios in catalog order (family, then the built-in order); unknown ids after, alphabetically."""
-    from shared.scenarios import default_catalog
+    from tomtransfer.shared.scenarios import default_catalog
 
     known = {sid: i for i, sid in enumerate(default_catalog().scenarios)}
     fam = {f: i for i, f in enumerate(ALL_FAMILIES)}
@@ -474,7 +474,7 @@ def _order_key():
 
 
 def _endowment(sid: str, observed: int | None = None) -> int:
-    from shared.scenarios import default_catalog
+    from tomtransfer.shared.scenarios import default_catalog
 
     s = default_catalog().scenarios.get(sid)
     e = getattr(s.game, "endowment", None) if s is not None else None

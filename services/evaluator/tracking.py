@@ -44,11 +44,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 import yaml
 
-from shared.config import ALL_FAMILIES
-from shared.samples import ROLES
+from tomtransfer.shared.config import ALL_FAMILIES
+from tomtransfer.shared.samples import ROLES
 
-from services.evaluator.scoring import EXACT_PARQUET, EvaluationResult, compute
-from services.evaluator.report import Outputs, write_outputs
+from tomtransfer.services.evaluator.scoring import EXACT_PARQUET, EvaluationResult, compute
+from tomtransfer.services.evaluator.report import Outputs, write_outputs
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,12 @@ generate_key, train_key, role_key, model_identity); this module holds the keys t
 
 from __future__ import annotations
 
-from shared.config import ExperimentConfig
+from tomtransfer.shared.config import ExperimentConfig
 
-from services.collector.generate import generate_dir
-from services.common.fingerprint import EVALUATE_OPERATIONAL, SHORT, digest, model_identity
-from services.evaluator.collect import store_dirs
-from services.trainer.softlabels import FORMAT_VERSION
+from tomtransfer.services.collector.generate import generate_dir
+from tomtransfer.services.common.fingerprint import EVALUATE_OPERATIONAL, SHORT, digest, model_identity
+from tomtransfer.services.evaluator.collect import store_dirs
+from tomtransfer.services.trainer.softlabels import FORMAT_VERSION
 
 
 def soft_labels_key(cfg: ExperimentConfig) -> str:

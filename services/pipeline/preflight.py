@@ -12,14 +12,14 @@ What is checked (each stage asks for what it needs):
 
 from __future__ import annotations
 
-from shared.config import ExperimentConfig
-from shared.errors import UserError
+from tomtransfer.shared.config import ExperimentConfig
+from tomtransfer.shared.errors import UserError
 
-from services.collector.jobs import select_scenarios
-from services.common.checks import check_models, check_secrets
-from services.common.models import resolve_model
-from services.pipeline.resources import say
-from services.trainer.softlabels import actions_for, read_soft_labels
+from tomtransfer.services.collector.jobs import select_scenarios
+from tomtransfer.services.common.checks import check_models, check_secrets
+from tomtransfer.services.common.models import resolve_model
+from tomtransfer.services.pipeline.resources import say
+from tomtransfer.services.trainer.softlabels import actions_for, read_soft_labels
 
 def check_scenarios(cfg: ExperimentConfig) -> None:
     for families in (cfg.generate.families, cfg.evaluate.families):
@@ -40,7 +40,7 @@ def check_objective(cfg: ExperimentConfig) -> None:
     # transformers and torch (distill): lazy, only a distribution objective needs them
     import transformers
 
-    from services.trainer.distill import ObjectiveError, action_token_ids
+    from tomtransfer.services.trainer.distill import ObjectiveError, action_token_ids
 
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(resolve_model(spec.model, progress=say)))

@@ -10,11 +10,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from shared.config import ExperimentConfig
+from tomtransfer.shared.config import ExperimentConfig
 
-from services.common.mlflow_server import MlflowServer
-from services.evaluator.tracking import experiment_url
-from services.teacher.serve_cli import start
+from tomtransfer.services.common.mlflow_server import MlflowServer
+from tomtransfer.services.evaluator.tracking import experiment_url
+from tomtransfer.services.teacher.serve_cli import start
 
 # mlflow and ray are imported where they are used: slow imports that the stages' checks (and the tests of the
 # links below) do not need.

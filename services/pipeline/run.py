@@ -19,17 +19,17 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.config import ExperimentConfig
-from shared.errors import UserError
-from shared.samples import adapter_name
+from tomtransfer.shared.config import ExperimentConfig
+from tomtransfer.shared.errors import UserError
+from tomtransfer.shared.samples import adapter_name
 
-from services.collector.jobs import base_url as endpoint
-from services.common.checks import check_endpoint, check_models
-from services.evaluator.tracking import use_experiment
-from services.pipeline import stages
-from services.pipeline.preflight import check_inputs, check_objective
-from services.pipeline.resources import LocalApp, local_app, say, serving, serving_api_key, tracking, with_tracking
-from services.pipeline.stages import Context
+from tomtransfer.services.collector.jobs import base_url as endpoint
+from tomtransfer.services.common.checks import check_endpoint, check_models
+from tomtransfer.services.evaluator.tracking import use_experiment
+from tomtransfer.services.pipeline import stages
+from tomtransfer.services.pipeline.preflight import check_inputs, check_objective
+from tomtransfer.services.pipeline.resources import LocalApp, local_app, say, serving, serving_api_key, tracking, with_tracking
+from tomtransfer.services.pipeline.stages import Context
 
 # mlflow and services.trainer.train (torch) are imported where they are used: slow imports that the checks before
 # anything starts do not need.
@@ -90,7 +90,7 @@ def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None,
             timings["soft_labels_s"] = time.perf_counter() - t
         mlflow.log_metrics(stages.teacher_cost(cfg))  # tokens / forward passes asked of the teacher, for sweeps
         t = time.perf_counter()
-        from services.trainer.train import worker_resources
+        from tomtransfer.services.trainer.train import worker_resources
 
         need = worker_resources(cfg.training)
         stepped_aside = app is not None and not stages.train_done(cfg, gen.dataset) and app.in_the_way_of(need)

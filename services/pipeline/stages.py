@@ -26,23 +26,23 @@ from typing import Any
 
 import httpx
 
-from shared.config import ExperimentConfig
-from shared.errors import UserError
-from shared.samples import LEAD_PART, adapter_name
+from tomtransfer.shared.config import ExperimentConfig
+from tomtransfer.shared.errors import UserError
+from tomtransfer.shared.samples import LEAD_PART, adapter_name
 
-from services.collector.collection import collect_into
-from services.collector.cost import exact_cost, metrics as cost_metrics
-from services.collector.generate import generate as sample_teacher, generate_dir, teacher_cost_metrics
-from services.collector.jobs import role_identity, select_scenarios
-from services.collector.store import ExactStore, atomic_write_json
-from services.common.fingerprint import SHORT, dir_sha256, file_sha256, model_identity
-from services.evaluator.collect import collect, evaluate_dir, store_dirs
-from services.evaluator.tracking import evaluate_and_log
-from services.pipeline.fingerprint import evaluate_key, soft_labels_key, train_soft_labels_key
-from services.pipeline.resources import say
-from services.trainer.dataset import (META_JSON, TRAIN_PARQUET, DatasetError, DatasetExport, export_placebo_set,
+from tomtransfer.services.collector.collection import collect_into
+from tomtransfer.services.collector.cost import exact_cost, metrics as cost_metrics
+from tomtransfer.services.collector.generate import generate as sample_teacher, generate_dir, teacher_cost_metrics
+from tomtransfer.services.collector.jobs import role_identity, select_scenarios
+from tomtransfer.services.collector.store import ExactStore, atomic_write_json
+from tomtransfer.services.common.fingerprint import SHORT, dir_sha256, file_sha256, model_identity
+from tomtransfer.services.evaluator.collect import collect, evaluate_dir, store_dirs
+from tomtransfer.services.evaluator.tracking import evaluate_and_log
+from tomtransfer.services.pipeline.fingerprint import evaluate_key, soft_labels_key, train_soft_labels_key
+from tomtransfer.services.pipeline.resources import say
+from tomtransfer.services.trainer.dataset import (META_JSON, TRAIN_PARQUET, DatasetError, DatasetExport, export_placebo_set,
                                       export_training_set, log_dataset_to_mlflow)
-from services.trainer.softlabels import (SOFT_META_JSON, SOFT_PARQUET, SoftLabelError, SoftLabelExport,
+from tomtransfer.services.trainer.softlabels import (SOFT_META_JSON, SOFT_PARQUET, SoftLabelError, SoftLabelExport,
                                          build_soft_labels, export_soft_labels, log_soft_labels_to_mlflow,
                                          placebo_soft_labels, read_soft_labels, samples_frame)
 
@@ -302,7 +302,7 @@ def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoin
     """LoRA on the student with Ray Train; resumes an interrupted run with the same inputs (the same key).
     `placebo`: `dataset` is the placebo set (`train_placebo`). `soft_labels`: the distribution objective's set
     (default: `soft_label_set`; checked against the student's tokenizer before anything is written)."""
-    from services.trainer.train import ensure_mlflow_run, run_training
+    from tomtransfer.services.trainer.train import ensure_mlflow_run, run_training
 
     dataset = Path(dataset)
     out_dir = train_dir(cfg, dataset, placebo=placebo)
@@ -315,7 +315,7 @@ def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoin
     if soft_labels is None and cfg.training.objective != "sft":
         soft_labels = soft_label_set(cfg, ctx)
     if soft_labels is not None:  # an action the student cannot score, an empty set: one line, nothing written
-        from services.trainer.train import _resolve_student, preflight
+        from tomtransfer.services.trainer.train import _resolve_student, preflight
 
         preflight(dataset, _resolve_student(cfg.models.student.model), cfg.training.max_seq_len,
                   objective=cfg.training.objective, soft_labels_path=soft_labels)
@@ -363,7 +363,7 @@ def _log_train_inputs(cfg: ExperimentConfig, tracking_uri: str, run_id: str, dat
 def train_dir(cfg: ExperimentConfig, dataset: str | Path, *, placebo: bool = False) -> Path:
     """The train stage's folder (`services.trainer.train.train_dir`), its key holding the built soft-label set's
     where the objective trains on it (`fingerprint.train_soft_labels_key`)."""
-    from services.trainer.train import train_dir as trainer_dir
+    from tomtransfer.services.trainer.train import train_dir as trainer_dir
 
     return trainer_dir(cfg, dataset, placebo=placebo, soft_labels_key=train_soft_labels_key(cfg))
 

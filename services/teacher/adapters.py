@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from shared.errors import UserError
+from tomtransfer.shared.errors import UserError
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 ADAPTER_REFUSED = ("adapter source refused: give a PEFT adapter folder under serving.adapter_root or a runs:/, "
@@ -35,7 +35,7 @@ class AdapterSourceError(UserError):
 
 
 def adapter_cache_dir() -> Path:
-    from services.common.models import cache_root
+    from tomtransfer.services.common.models import cache_root
 
     return cache_root() / "adapters"
 

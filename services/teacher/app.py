@@ -19,7 +19,7 @@ that Serve configs, Helm values and callers import from `services.teacher.app`):
 
 from ray import serve
 
-from services.teacher.adapters import (  # noqa: F401  (re-exported: the adapter surface)
+from tomtransfer.services.teacher.adapters import (  # noqa: F401  (re-exported: the adapter surface)
     ADAPTER_REFUSED,
     MLFLOW_SCHEMES,
     AdapterPolicy,
@@ -29,14 +29,14 @@ from services.teacher.adapters import (  # noqa: F401  (re-exported: the adapter
     fetch_adapter,
     find_adapter_folder,
 )
-from services.teacher.ingress import Ingress, api  # noqa: F401  (re-exported: `api` is the HTTP app)
-from services.teacher.replica import ModelServer
-from services.teacher.schemas import ROLES, APIError, check_adapter_name, error_body  # noqa: F401
-from shared.errors import UserError
+from tomtransfer.services.teacher.ingress import Ingress, api  # noqa: F401  (re-exported: `api` is the HTTP app)
+from tomtransfer.services.teacher.replica import ModelServer
+from tomtransfer.services.teacher.schemas import ROLES, APIError, check_adapter_name, error_body  # noqa: F401
+from tomtransfer.shared.errors import UserError
 
 
 def _load(args: dict):
-    from shared.config import load_config, parse_config
+    from tomtransfer.shared.config import load_config, parse_config
 
     if "config_data" in args:
         return parse_config(args["config_data"], "<config_data>")

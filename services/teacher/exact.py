@@ -51,7 +51,7 @@ from typing import Protocol
 
 import torch
 
-from shared.parsing import _DECORATION, _LEADING, _LEADING_NUMBER  # the parser's own leading rules
+from tomtransfer.shared.parsing import _DECORATION, _LEADING, _LEADING_NUMBER  # the parser's own leading rules
 
 UNDECIDED = "?"
 INVALID = None

@@ -57,8 +57,8 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.teacher.adapters import ADAPTER_REFUSED, AdapterPolicy, AdapterSourceError
-from services.teacher.schemas import (
+from tomtransfer.services.teacher.adapters import ADAPTER_REFUSED, AdapterPolicy, AdapterSourceError
+from tomtransfer.services.teacher.schemas import (
     ROLES,
     UNSUPPORTED_OPTIONS,
     AdapterBody,
@@ -70,7 +70,7 @@ from services.teacher.schemas import (
     error_body,
     unpack,
 )
-from shared.errors import UserError
+from tomtransfer.shared.errors import UserError
 
 log = logging.getLogger("ray.serve")
 
@@ -166,8 +166,8 @@ async def _http_error(_request: Request, e: StarletteHTTPException):
 class Ingress:
     def __init__(self, teacher, student, serving: dict, defaults: dict, packs: list[str], info: dict,
                  tracking_uri: str | None = None):
-        from shared.config import ServingConfig
-        from shared.scenarios import build_catalog
+        from tomtransfer.shared.config import ServingConfig
+        from tomtransfer.shared.scenarios import build_catalog
 
         self.handles = {"teacher": teacher, "student": student}
         # caps missing from an older caller's dict take the config defaults
@@ -283,7 +283,7 @@ class Ingress:
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
-        from services.teacher.engines.base import ChatRequest, SamplingParams
+        from tomtransfer.services.teacher.engines.base import ChatRequest, SamplingParams
 
         self._auth(request)
         body: ChatBody = await self._body(request, ChatBody)
@@ -357,8 +357,8 @@ class Ingress:
 
     @api.post("/v1/exact")
     async def exact(self, request: Request):
-        from services.teacher.engines.base import ExactRequest
-        from shared.prompts import build_messages
+        from tomtransfer.services.teacher.engines.base import ExactRequest
+        from tomtransfer.shared.prompts import build_messages
 
         self._auth(request)
         body: ExactBody = await self._body(request, ExactBody)

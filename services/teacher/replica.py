@@ -10,8 +10,8 @@ from typing import Any
 
 from ray import serve
 
-from services.teacher.adapters import AdapterPolicy, AdapterSourceError, fetch_adapter
-from services.teacher.schemas import pack_error
+from tomtransfer.services.teacher.adapters import AdapterPolicy, AdapterSourceError, fetch_adapter
+from tomtransfer.services.teacher.schemas import pack_error
 
 log = logging.getLogger("ray.serve")
 
@@ -22,8 +22,8 @@ class ModelServer:
 
     def __init__(self, role: str, spec: dict, tracking_uri: str | None = None, adapter_root: str | None = None,
                  max_adapters: int = 16):
-        from services.teacher.engines.base import engine_class
-        from shared.config import ModelSpec
+        from tomtransfer.services.teacher.engines.base import engine_class
+        from tomtransfer.shared.config import ModelSpec
 
         self.role = role
         self.spec = ModelSpec.model_validate(spec)

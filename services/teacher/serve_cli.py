@@ -6,7 +6,7 @@ Register in services/cli.py::
     @app.command()
     def serve(config: Path = typer.Option(..., "--config", "-c", exists=False)) -> None:
         \"\"\"Serve teacher and student on one OpenAI-compatible endpoint (Ray Serve).\"\"\"
-        from services.teacher.serve_cli import serve as run_serve
+        from tomtransfer.services.teacher.serve_cli import serve as run_serve
         run_serve(config)
 
 Local runs bind `serving.host` (127.0.0.1 by default). A host other than loopback (127.0.0.0/8, ::1,
@@ -25,10 +25,10 @@ import threading
 import time
 from pathlib import Path
 
-from shared.config import ExperimentConfig, load_config
-from shared.errors import UserError
+from tomtransfer.shared.config import ExperimentConfig, load_config
+from tomtransfer.shared.errors import UserError
 
-from services.common.checks import check_models, check_secrets
+from tomtransfer.services.common.checks import check_models, check_secrets
 
 # ray and the serving app (services.teacher.app: ray, torch) are imported where they are used: the checks before
 # anything starts (and `tomtransfer` itself, which imports this module) need neither.
@@ -75,7 +75,7 @@ def start(config, *, ray_address: str | None = None, num_cpus: int | None = None
     ExperimentConfig, or a config file); returns the base URL (`http://host:port<prefix>/v1`). Does not block."""
     from ray import serve
 
-    from services.teacher.app import build_app
+    from tomtransfer.services.teacher.app import build_app
 
     cfg = config if isinstance(config, ExperimentConfig) else load_config(config)
     preflight(cfg)

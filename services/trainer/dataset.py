@@ -43,7 +43,7 @@ from typing import Iterable, Literal
 
 import pandas as pd
 
-from shared.errors import UserError
+from tomtransfer.shared.errors import UserError
 
 Targets = Literal["answer_motivation", "answer"]
 ValidPolicy = Literal["valid_only", "all"]
@@ -72,7 +72,7 @@ class DatasetError(UserError):
 # ----------------------------------------------------------------------------------------- loading
 def load_samples(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     """Read raw samples from Parquet files or folders of them (`shared.samples.read_samples`); checks the columns."""
-    from shared.samples import read_samples  # lazy: it needs pydantic; the training loop reads this module without
+    from tomtransfer.shared.samples import read_samples  # lazy: it needs pydantic; the training loop reads this module without
 
     return read_samples(paths, required=SAMPLE_COLUMNS, error=DatasetError)
 

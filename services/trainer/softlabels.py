@@ -48,9 +48,9 @@ from typing import Iterable
 
 import pandas as pd
 
-from shared.errors import UserError
+from tomtransfer.shared.errors import UserError
 
-from services.trainer.dataset import scenario_derangement
+from tomtransfer.services.trainer.dataset import scenario_derangement
 
 # The training loop reads this module (`read_soft_labels`) where pydantic, scipy and the serving code are missing:
 # shared.samples / shared.prompts (pydantic), shared.transfer (scipy) and services.teacher.exact (torch's serving
@@ -97,8 +97,8 @@ def scenario_distribution(scenario, samples: pd.DataFrame, exact_row: dict | Non
     """The teacher's distribution over `actions_for(scenario)` among valid answers on one scenario, from its samples
     (columns response, answer, valid) and its exact leading-answer row (p_C / p_D, or pgg_dist), either may be
     missing. Returns {actions, probs (None: no valid answer), source, n_samples, n_tail, lead_mass, valid_mass}."""
-    from services.teacher.exact import lead_choice, lead_contribution
-    from shared.transfer import Choice
+    from tomtransfer.services.teacher.exact import lead_choice, lead_contribution
+    from tomtransfer.shared.transfer import Choice
 
     actions = actions_for(scenario)
     responses = samples["response"].tolist() if len(samples) else []
@@ -159,7 +159,7 @@ def build_soft_labels(scenarios: list, samples: pd.DataFrame | None, exact_rows:
     """The soft-label set (`SOFT_COLUMNS`, sorted by scenario) of `scenarios` from the teacher's samples (columns
     scenario_id, response, answer, valid; any role filtering done by the caller) and exact leading-answer rows
     (scenario_id -> row). Returns the rows and the ids of scenarios left out for want of a valid answer."""
-    from shared.prompts import build_messages
+    from tomtransfer.shared.prompts import build_messages
 
     rows, dropped = [], []
     empty = pd.DataFrame({"scenario_id": [], "response": [], "answer": [], "valid": []})
@@ -390,7 +390,7 @@ def log_soft_labels_to_mlflow(ex: SoftLabelExport, *, run_id: str, tracking_uri:
 
 def samples_frame(paths: Iterable[str | Path] | str | Path) -> pd.DataFrame:
     """The generate stage's samples (role teacher) with the columns the soft labels read."""
-    from shared.samples import read_samples
+    from tomtransfer.shared.samples import read_samples
 
     df = read_samples(paths, required=("scenario_id", "response", "answer", "valid"), error=SoftLabelError)
     if "role" in df.columns:

@@ -77,11 +77,11 @@ PROBE_FILE = "probe.pt"
 STATE_FILE = "trainer_state.pt"
 
 try:  # shared/ needs pydantic, which the device image lacks; the loop must import without it
-    from shared.errors import UserError as _UserError
+    from tomtransfer.shared.errors import UserError as _UserError
 except ImportError:  # pragma: no cover
     _UserError = ValueError
 try:
-    from shared.config import TrainingConfig
+    from tomtransfer.shared.config import TrainingConfig
 except ImportError:  # pragma: no cover
     TrainingConfig = None
 
@@ -140,8 +140,8 @@ def _encode_soft_labels(tokenizer, path, max_len: int) -> tuple[list[dict], int]
     """The soft-label set at `path` encoded for the distribution objective (`services.trainer.distill`), and how
     many rows did not fit `max_len`. Raises TrainError for a missing/empty set or an action the student's tokenizer
     cannot score."""
-    from services.trainer.distill import ObjectiveError, encode_soft_label
-    from services.trainer.softlabels import read_soft_labels
+    from tomtransfer.services.trainer.distill import ObjectiveError, encode_soft_label
+    from tomtransfer.services.trainer.softlabels import read_soft_labels
 
     if not path:
         raise TrainError("training.objective needs a soft-label set (soft_labels_path), none was given")
@@ -163,7 +163,7 @@ def _encode_soft_labels(tokenizer, path, max_len: int) -> tuple[list[dict], int]
 
 
 def _distill_kl_sum(model, rows, pad_id, device, autocast):
-    from services.trainer.distill import kl_sum
+    from tomtransfer.services.trainer.distill import kl_sum
 
     return kl_sum(model, rows, pad_id, device, autocast)
 
@@ -444,7 +444,7 @@ def _setup_data(config: dict, w: _Worker) -> _Data:
     """3. Tokenizer and data: the student's chat template; loss only on the assistant turn."""
     import transformers
 
-    from services.trainer.dataset import read_training_set
+    from tomtransfer.services.trainer.dataset import read_training_set
 
     tcfg = w.tcfg
     tokenizer = transformers.AutoTokenizer.from_pretrained(config["student_path"])
@@ -977,7 +977,7 @@ def _resolve_student(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.is_dir():
         return p
-    from services.common.models import resolve_model
+    from tomtransfer.services.common.models import resolve_model
 
     return Path(resolve_model(str(name_or_path)))
 
@@ -990,7 +990,7 @@ def preflight(dataset_path: str | Path, student_path: str | Path, max_seq_len: i
     with the student's tokenizer. Raises TrainError (a UserError: one line, exit 2)."""
     import transformers
 
-    from services.trainer.dataset import read_training_set
+    from tomtransfer.services.trainer.dataset import read_training_set
 
     rows = read_training_set(dataset_path) if objective != "distribution" else []
     try:
@@ -1015,7 +1015,7 @@ def train_dir(cfg, dataset_path: str | Path, *, placebo: bool = False, soft_labe
     `soft_labels_key`: the key of the soft-label set built from the teacher, for an objective other than sft
     without `training.soft_labels` (the pipeline's train stage passes it)."""
     # shared.config (pydantic) comes with the fingerprint: lazy, the loop must import where pydantic is missing
-    from services.common.fingerprint import train_key
+    from tomtransfer.services.common.fingerprint import train_key
 
     key = train_key(cfg, Path(dataset_path), placebo=placebo, soft_labels_key=soft_labels_key)
     return Path(cfg.run_dir).resolve() / "train" / key
@@ -1148,7 +1148,7 @@ def run_training(
         if short:
             if started_ray:
                 ray.shutdown()
-            from shared.errors import UserError
+            from tomtransfer.shared.errors import UserError
 
             raise UserError(f"training needs {', '.join(short)} on this Ray cluster: lower training.num_workers / "
                             "cpus_per_worker, or the serving replicas' num_cpus")

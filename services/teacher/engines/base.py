@@ -33,7 +33,7 @@ import importlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from shared.errors import UserError
+from tomtransfer.shared.errors import UserError
 
 Message = dict[str, str]
 
@@ -198,9 +198,9 @@ class Engine(abc.ABC):
 
 
 ENGINES: dict[str, str] = {
-    "transformers": "services.teacher.engines.transformers_engine:TransformersEngine",
-    "openai": "services.teacher.engines.openai_engine:OpenAIEngine",
-    "vllm": "services.teacher.engines.vllm_engine:VLLMEngine",
+    "transformers": "tomtransfer.services.teacher.engines.transformers_engine:TransformersEngine",
+    "openai": "tomtransfer.services.teacher.engines.openai_engine:OpenAIEngine",
+    "vllm": "tomtransfer.services.teacher.engines.vllm_engine:VLLMEngine",
 }
 
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from services.teacher.engines.decoder_ops import cache_from, causal_lm, rope_apply, shared_prefix_attention
-from services.teacher.engines.decoding import Prefix, PromptKV, SharedPrefixDecoder, State
+from tomtransfer.services.teacher.engines.decoder_ops import cache_from, causal_lm, rope_apply, shared_prefix_attention
+from tomtransfer.services.teacher.engines.decoding import Prefix, PromptKV, SharedPrefixDecoder, State
 
 TILE = 16  # rows per token-wise op call (fixed: see the module docstring)
 VOCAB_SLICE = 8192  # LM-head rows per product

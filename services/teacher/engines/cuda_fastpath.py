@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from services.teacher.engines.decoder_ops import rope_apply, shared_prefix_attention
-from services.teacher.engines.decoding import DecodingOptions, Prefix, PromptKV, SharedPrefixDecoder, State
+from tomtransfer.services.teacher.engines.decoder_ops import rope_apply, shared_prefix_attention
+from tomtransfer.services.teacher.engines.decoding import DecodingOptions, Prefix, PromptKV, SharedPrefixDecoder, State
 
 _TRITON_OP: list = []
 # the fastest of a sweep of 48 (block, warps, stages) configurations on the H200 (benchmarks/RESULTS.md)

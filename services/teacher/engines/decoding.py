@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from services.teacher.engines.decoder_ops import cache_from, causal_lm, rope_apply, shared_prefix_attention
+from tomtransfer.services.teacher.engines.decoder_ops import cache_from, causal_lm, rope_apply, shared_prefix_attention
 
 SUPPORTED_FAST = ("llama", "qwen2", "mistral")
 

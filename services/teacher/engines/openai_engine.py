@@ -27,7 +27,7 @@ import asyncio
 import math
 import os
 
-from services.teacher.engines.base import (
+from tomtransfer.services.teacher.engines.base import (
     ChatRequest,
     ChatResult,
     Completion,
@@ -38,8 +38,8 @@ from services.teacher.engines.base import (
     TokenLogprob,
     TopLogprob,
 )
-from services.teacher.exact import UNDECIDED, make_rule
-from shared.errors import UserError
+from tomtransfer.services.teacher.exact import UNDECIDED, make_rule
+from tomtransfer.shared.errors import UserError
 
 
 class UpstreamError(EngineInputError):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from services.teacher.engines.decoding import PromptKV
+from tomtransfer.services.teacher.engines.decoding import PromptKV
 
 
 class PrefixCache:

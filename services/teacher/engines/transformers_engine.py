@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from services.teacher.engines.base import (
+from tomtransfer.services.teacher.engines.base import (
     ChatRequest,
     ChatResult,
     Completion,
@@ -69,7 +69,7 @@ from services.teacher.engines.base import (
     TopLogprob,
     end_token_ids,
 )
-from services.teacher.engines.decoding import (
+from tomtransfer.services.teacher.engines.decoding import (
     DecodingOptions,
     HFDecoder,
     Prefix,
@@ -78,10 +78,10 @@ from services.teacher.engines.decoding import (
     fast_path_supported,
     prompt_kv,
 )
-from services.teacher.engines import cpu_batch
-from services.teacher.engines.decoder_ops import causal_lm
-from services.teacher.engines.prefix_cache import PrefixCache
-from services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
+from tomtransfer.services.teacher.engines import cpu_batch
+from tomtransfer.services.teacher.engines.decoder_ops import causal_lm
+from tomtransfer.services.teacher.engines.prefix_cache import PrefixCache
+from tomtransfer.services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
 
 MIN_SPLIT = 16  # a shorter system turn is not worth a cache entry
 
@@ -103,7 +103,7 @@ def make_decoder(model, prefer_fast: bool = True, options: DecodingOptions | Non
         ok, _ = fast_path_supported(model)
         if ok:
             if causal_lm(model).device.type == "cuda":
-                from services.teacher.engines.cuda_fastpath import CudaGraphDecoder
+                from tomtransfer.services.teacher.engines.cuda_fastpath import CudaGraphDecoder
 
                 return CudaGraphDecoder(model, options or DecodingOptions())
             return SharedPrefixDecoder(model)
@@ -134,7 +134,7 @@ class TransformersEngine(Engine):
         """`spec`: a `ModelSpec` (its `decoding` section holds the knobs, see `DecodingOptions`)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from services.common.models import resolve_model
+        from tomtransfer.services.common.models import resolve_model
 
         self.spec = spec
         self.device = _pick_device(spec.device)
@@ -168,7 +168,7 @@ class TransformersEngine(Engine):
         # with `compile` on CUDA, the device loop's per-step draw as one compiled kernel chain (`cuda_fastpath`)
         self._draw_rows = None
         if self.device.type == "cuda" and self.compile:
-            from services.teacher.engines.cuda_fastpath import compiled_draw
+            from tomtransfer.services.teacher.engines.cuda_fastpath import compiled_draw
 
             self._draw_rows = compiled_draw()
         self.max_context = int(getattr(self.base.config, "max_position_embeddings", 0) or 1 << 30)

@@ -76,7 +76,7 @@ from typing import Any
 
 import torch
 
-from services.teacher.engines.base import (
+from tomtransfer.services.teacher.engines.base import (
     ChatRequest,
     ChatResult,
     Completion,
@@ -89,7 +89,7 @@ from services.teacher.engines.base import (
     TopLogprob,
     end_token_ids,
 )
-from services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
+from tomtransfer.services.teacher.exact import UNDECIDED, RootClassifier, TokenTable, expand, make_rule
 
 MAX_GUIDED_CHOICES = 1024
 
@@ -125,7 +125,7 @@ class VLLMEngine(Engine):
     def __init__(self, spec, *, model_path: str | None = None, **_ignored: Any):
         from transformers import AutoConfig, AutoTokenizer
 
-        from services.common.models import resolve_model
+        from tomtransfer.services.common.models import resolve_model
 
         try:
             import vllm  # noqa: F401

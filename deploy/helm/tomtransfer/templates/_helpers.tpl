@@ -180,7 +180,7 @@ A pre-created secret (secrets.<x>.name) wins over a development inline value.
 {{- end -}}
 
 {{/*
-The part of the experiment the serving app reads (services.teacher.app:build_app), inline in
+The part of the experiment the serving app reads (tomtransfer.services.teacher.app:build_app), inline in
 serveConfigV2 as args.config_data: a change there is applied by Serve in place, and job-only sections
 (generate, training, evaluate) and the sweep file never touch the serving cluster.
 */}}
