@@ -180,7 +180,7 @@ def main() -> None:
             from tomtransfer.services.collector.generate import generate
 
             t0 = time.perf_counter()
-            g = generate(cfg, base_url=url, progress=False, log_to_mlflow=False)
+            g = generate(cfg, base_url=url, progress=False)
             wall = time.perf_counter() - t0
             res["generate"] = {"wall_s": wall, "scenarios": len(g.scenarios), "samples_per_scenario": 300,
                                "max_tokens": args.gen_max_tokens, "teacher_replicas": 2,

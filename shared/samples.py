@@ -144,3 +144,17 @@ def read_samples(paths: str | Path | Iterable[str | Path], *, columns: Sequence[
     if missing:
         raise error(f"samples lack column(s): {', '.join(missing)}")
     return df
+
+
+_KEY_LABELS = {"role": "role", "run_id": "run", "scenario_id": "scenario", "sample_index": "index"}
+
+
+def check_unique(df, key: Sequence[str] = SAMPLE_KEY, *, error: type[Exception] = SampleFileError) -> None:
+    """No two rows of the samples DataFrame `df` share `key` (default `SAMPLE_KEY`; the training set's is
+    run_id, scenario_id, sample_index): else `error` naming how many rows and one of them, e.g. "4 duplicate
+    samples, e.g. role teacher scenario pgg index 3"."""
+    dup = df.duplicated(subset=list(key), keep=False)
+    if dup.any():
+        first = df[dup].iloc[0]
+        where = " ".join(f"{_KEY_LABELS.get(k, k)} {first[k]}" for k in key)
+        raise error(f"{int(dup.sum())} duplicate samples, e.g. {where}")

@@ -47,10 +47,25 @@ def cli(config: Path, **kw) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(llm_endpoint, mlflow_tracking_uri, tmp_path_factory):
+def uninterrupted_config(llm_endpoint, mlflow_tracking_uri, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    cfg = write_config(tmp / "cfg.yaml", tmp / "runs", llm_endpoint.url, mlflow_tracking_uri)
-    return generate(cfg, progress=False)
+    return write_config(tmp / "cfg.yaml", tmp / "runs", llm_endpoint.url, mlflow_tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_config):
+    return generate(uninterrupted_config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def generate_stage(uninterrupted, uninterrupted_config, llm_endpoint, mlflow_tracking_uri):
+    """The pipeline's generate stage on the same config: the samples are all in the store (nothing requested
+    again); the stage creates its MLflow run and the collector logs into it."""
+    from tomtransfer.services.collector.jobs import as_config
+    from tomtransfer.services.pipeline.stages import Context, generate as stage
+
+    ctx = Context(tracking_uri=mlflow_tracking_uri, url=llm_endpoint.url, progress=False)
+    return stage(as_config(uninterrupted_config), ctx)
 
 
 def test_counts_exact_and_exports(uninterrupted):
@@ -71,11 +86,14 @@ def test_counts_exact_and_exports(uninterrupted):
     assert res.report.requests == len(SCENARIOS) * 3
 
 
-def test_mlflow_run_logged(uninterrupted, mlflow_tracking_uri):
+def test_mlflow_run_logged(uninterrupted, generate_stage, mlflow_tracking_uri):
     from mlflow.tracking import MlflowClient
 
+    assert generate_stage.written == 0 and generate_stage.already == len(SCENARIOS) * N
     client = MlflowClient(mlflow_tracking_uri)
-    run = client.get_run(uninterrupted.mlflow_run_id)
+    run = client.get_run(generate_stage.mlflow_run_id)
+    assert run.info.run_name == "gen-test-generate" and run.info.status == "FINISHED"
+    assert run.data.tags["tomtransfer.stage"] == "generate" and "mlflow.parentRunId" not in run.data.tags
     assert run.data.params["samples_per_scenario"] == str(N)
     assert run.data.params["teacher_model"] == "tiny-teacher"
     assert run.data.metrics["samples"] == len(SCENARIOS) * N

@@ -36,7 +36,7 @@ def test_soft_label_set_from_a_served_teacher(llm_endpoint, tmp_path):
         "training": {"objective": "distribution"},
     }))
     cfg = load_config(path)
-    generate(cfg, base_url=llm_endpoint.url, progress=False, log_to_mlflow=False)
+    generate(cfg, base_url=llm_endpoint.url, progress=False)
     soft = soft_label_set(cfg, Context(tracking_uri=None, url=llm_endpoint.url, progress=False))
     assert soft.parent == soft_label_dir(cfg)
     df = pd.read_parquet(soft)

@@ -65,16 +65,28 @@ def _cfg(tmp_path, student, name, **training):
     })
 
 
+def _run_id(cfg, dataset, tracking_uri) -> str:
+    """The train stage's MLflow run for these inputs (created, or the one an earlier attempt recorded), which
+    `run_training` logs into."""
+    from tomtransfer.services.pipeline.stages import Context, train_dir, train_run
+
+    return train_run(cfg, Context(tracking_uri=tracking_uri), train_dir(cfg, dataset.parquet))[0]
+
+
 @pytest.fixture(scope="module")
 def trained(ray_cluster, student, dataset, tmp_path_factory, mlflow_tracking_uri):
-    """One uninterrupted 2-worker run (32 examples, 3 epochs, 6 optimizer steps)."""
+    """One uninterrupted 2-worker run (32 examples, 3 epochs, 6 optimizer steps), its MLflow run ended as the train
+    stage ends it."""
+    from tomtransfer.services.pipeline.stages import Context, close_stage_run
     from tomtransfer.services.trainer.train import run_training
 
     out = tmp_path_factory.mktemp("runs")
     cfg = _cfg(out, student, "plain")
     t0 = time.perf_counter()
-    result = run_training(cfg, dataset.parquet, student, mlflow_tracking_uri)
+    result = run_training(cfg, dataset.parquet, student, mlflow_tracking_uri,
+                          run_id=_run_id(cfg, dataset, mlflow_tracking_uri))
     result["test_wall_s"] = time.perf_counter() - t0
+    close_stage_run(Context(tracking_uri=mlflow_tracking_uri), result["run_id"])
     return cfg, result
 
 
@@ -135,7 +147,8 @@ def test_worker_failure_is_survived(ray_cluster, student, dataset, tmp_path, mlf
 
     marker = tmp_path / "fault-fired"
     cfg = _cfg(tmp_path, student, "faulty", max_failures=1)
-    r = run_training(cfg, dataset.parquet, student, mlflow_tracking_uri, checkpoint_every_steps=1,
+    r = run_training(cfg, dataset.parquet, student, mlflow_tracking_uri, _run_id(cfg, dataset, mlflow_tracking_uri),
+                     checkpoint_every_steps=1,
                      extra_loop_config={"fault": {"at_step": 4, "rank": 1, "marker": str(marker)}})
     assert marker.is_file()  # the fault fired ...
     assert r["step"] == 6 and r["start_step"] == 4  # ... and the restarted workers resumed at its checkpoint
@@ -149,7 +162,8 @@ def test_interrupted_run_resumes(ray_cluster, student, dataset, tmp_path, mlflow
 
     cfg = _cfg(tmp_path, student, "interrupted", max_failures=0)
     with pytest.raises(Exception, match="injected fault"):
-        run_training(cfg, dataset.parquet, student, mlflow_tracking_uri, checkpoint_every_steps=2,
+        run_training(cfg, dataset.parquet, student, mlflow_tracking_uri, _run_id(cfg, dataset, mlflow_tracking_uri),
+                     checkpoint_every_steps=2,
                      extra_loop_config={"fault": {"at_step": 3, "rank": 0, "marker": str(tmp_path / "m")}})
     from tomtransfer.services.trainer.train import train_dir
 
@@ -158,7 +172,8 @@ def test_interrupted_run_resumes(ray_cluster, student, dataset, tmp_path, mlflow
     other = cfg.model_copy(update={"training": cfg.training.model_copy(update={"learning_rate": 1e-3})})
     assert train_dir(other, dataset.parquet) != train_dir(cfg, dataset.parquet)
     assert not (train_dir(other, dataset.parquet) / "ray").exists()
-    r = run_training(cfg, dataset.parquet, student, mlflow_tracking_uri, checkpoint_every_steps=2)
+    r = run_training(cfg, dataset.parquet, student, mlflow_tracking_uri, _run_id(cfg, dataset, mlflow_tracking_uri),
+                     checkpoint_every_steps=2)
     assert r["resumed_run"] and r["start_step"] == 2 and r["step"] == 6
-    assert r["run_id"] == first_run_id  # the same MLflow run continues
+    assert r["run_id"] == first_run_id  # the same MLflow run continues (the train stage's record)
     assert r["adapter_checksums"][0] == trained[1]["adapter_checksums"][0]

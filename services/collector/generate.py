@@ -16,10 +16,11 @@ Rerunning the same command resumes: only missing samples are requested; a kill -
 most the requests in flight. Seeds are per (scenario, block of samples), so a resumed run's samples equal
 an uninterrupted run's (given a server deterministic in (seed, n), which the project's engines are).
 
-With `mlflow.tracking_uri` set, one MLflow run (`<name>-generate`, nested under an active run if any) gets
-the settings as params, counts, per-scenario C-rates and the teacher's cost (`teacher_cost.tokens`,
-`teacher_cost.forward_passes`, ...: services.collector.cost) as metrics, the training set as an MLflow dataset
-input (name, digest, schema) and the card, exports and raw samples as artifacts.
+MLflow: `log_generate_to_mlflow` logs into a run it is given (the pipeline's generate stage creates it,
+`<name>-generate`): the settings as params, counts, per-scenario C-rates and the teacher's cost
+(`teacher_cost.tokens`, `teacher_cost.forward_passes`, ...: services.collector.cost) as metrics, the training set
+as an MLflow dataset input (name, digest, schema) and the card, exports and raw samples as artifacts. This module
+creates no run.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ class GenerateResult:
     dataset_dir: Path
     report: RunReport
     dataset: object | None = None  # services.trainer.dataset.DatasetExport
-    mlflow_run_id: str | None = None
     scenarios: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # the sampling settings (the MLflow params)
+    teacher: dict = field(default_factory=dict)  # the teacher's identity (`role_identity`)
 
 
 def generate_dir(cfg: ExperimentConfig) -> Path:
@@ -73,9 +75,8 @@ def generate(
     progress: bool | None = None,
     retry: RetryPolicy | None = None,
     export: bool = True,
-    log_to_mlflow: bool = True,
 ) -> GenerateResult:
-    """Sample the teacher (resuming), compact the samples, build the training set and exports, log to MLflow."""
+    """Sample the teacher (resuming), compact the samples, build the training set and exports (`export`)."""
     cfg = as_config(config)
     check_secrets(cfg)  # before the store folder is made
     g = cfg.generate
@@ -99,7 +100,7 @@ def generate(
         n=g.samples, instruction=g.instruction, params=params, base_url=base_url, concurrency=g.concurrency,
         retry=retry, progress=progress, description=f"generate: teacher, {len(scenarios)} scenarios x {g.samples}"))
     result = GenerateResult(run_id=got.run_id, samples_path=got.path, dataset_dir=out / "dataset", report=got.report,
-                            scenarios=[s.id for s in scenarios])
+                            scenarios=[s.id for s in scenarios], settings=settings, teacher=teacher)
     if export:
         table = store.read()
         ids = [s.id for s in scenarios]
@@ -110,45 +111,44 @@ def generate(
             targets=targets or g.targets, valid_policy=valid_policy or g.valid_policy,  # type: ignore[arg-type]
             teacher=f"{teacher['model']} ({teacher['engine']}, served as {teacher['served']})",
         )
-        if log_to_mlflow and cfg.mlflow.tracking_uri:
-            result.mlflow_run_id = log_generate_to_mlflow(cfg, result, settings, teacher)
     return result
 
 
-def log_generate_to_mlflow(cfg: ExperimentConfig, result: GenerateResult, settings: dict, teacher: dict) -> str:
-    import mlflow
+def log_generate_to_mlflow(cfg: ExperimentConfig, result: GenerateResult, *, run_id: str, tracking_uri: str) -> None:
+    """Log an exported `result` into the MLflow run `run_id` at `tracking_uri` (the generate stage's run, which
+    the caller created and closes): params, metrics, the training set as a dataset input, the raw samples."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+    from mlflow.utils.time import get_current_time_millis
 
     ex = result.dataset
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    mlflow.set_experiment(cfg.mlflow.experiment)
-    nested = mlflow.active_run() is not None
-    tags = {"tomtransfer.stage": "generate", "tomtransfer.experiment": cfg.name, "tomtransfer.run_id": result.run_id}
-    with mlflow.start_run(run_name=f"{cfg.name}-generate", nested=nested, tags=tags) as run:
-        mlflow.log_params({
-            **{k: v for k, v in settings.items() if k != "stage"},
-            "teacher_model": teacher["model"], "teacher_engine": teacher["engine"],
-            "samples_per_scenario": cfg.generate.samples, "scenarios": len(result.scenarios),
-            "families": ",".join(cfg.generate.families) if not cfg.scenarios.ids else "ids",
-            "targets": ex.targets, "valid_policy": ex.valid_policy, "concurrency": cfg.generate.concurrency,
-            "sample_run_id": result.run_id,
-        })
-        metrics = {
-            "samples": float(ex.samples), "examples": float(ex.examples), "invalid": float(ex.invalid),
-            "invalid_rate": ex.invalid / ex.samples if ex.samples else 0.0,
-            "requests": float(result.report.requests), "retries": float(result.report.retries),
-            "generate_seconds": result.report.elapsed_s,
-        }
-        for s in ex.scenarios:
-            if s["c_rate"] is not None:
-                metrics[f"c_rate.{s['scenario_id']}"] = s["c_rate"]
-            if s["mean_contribution"] is not None:
-                metrics[f"mean_contribution.{s['scenario_id']}"] = s["mean_contribution"]
-            metrics[f"invalid_rate.{s['scenario_id']}"] = s["invalid_rate"]
-        metrics |= teacher_cost_metrics(result.samples_path)
-        mlflow.log_metrics(metrics)
-        log_dataset_to_mlflow(ex, run_id=run.info.run_id)
-        mlflow.log_artifact(str(result.samples_path), "samples")
-        return run.info.run_id
+    client = MlflowClient(tracking_uri)
+    params = {
+        **{k: v for k, v in result.settings.items() if k != "stage"},
+        "teacher_model": result.teacher["model"], "teacher_engine": result.teacher["engine"],
+        "samples_per_scenario": cfg.generate.samples, "scenarios": len(result.scenarios),
+        "families": ",".join(cfg.generate.families) if not cfg.scenarios.ids else "ids",
+        "targets": ex.targets, "valid_policy": ex.valid_policy, "concurrency": cfg.generate.concurrency,
+        "sample_run_id": result.run_id,
+    }
+    metrics = {
+        "samples": float(ex.samples), "examples": float(ex.examples), "invalid": float(ex.invalid),
+        "invalid_rate": ex.invalid / ex.samples if ex.samples else 0.0,
+        "requests": float(result.report.requests), "retries": float(result.report.retries),
+        "generate_seconds": result.report.elapsed_s,
+    }
+    for s in ex.scenarios:
+        if s["c_rate"] is not None:
+            metrics[f"c_rate.{s['scenario_id']}"] = s["c_rate"]
+        if s["mean_contribution"] is not None:
+            metrics[f"mean_contribution.{s['scenario_id']}"] = s["mean_contribution"]
+        metrics[f"invalid_rate.{s['scenario_id']}"] = s["invalid_rate"]
+    metrics |= teacher_cost_metrics(result.samples_path)
+    now = get_current_time_millis()
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                     metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+    log_dataset_to_mlflow(ex, run_id=run_id, tracking_uri=tracking_uri)
+    client.log_artifact(run_id, str(result.samples_path), "samples")
 
 
 def teacher_cost_metrics(samples_path: str | Path, prefix: str = "teacher_cost") -> dict[str, float]:

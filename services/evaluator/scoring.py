@@ -73,7 +73,7 @@ import pandas as pd
 from scipy import stats
 
 from tomtransfer.shared.config import ALL_FAMILIES
-from tomtransfer.shared.samples import EXACT_FILE, ROLES
+from tomtransfer.shared.samples import EXACT_FILE, ROLES, SAMPLE_KEY, check_unique
 from tomtransfer.shared.samples import read_samples as read_sample_files
 from tomtransfer.shared.errors import UserError
 from tomtransfer.shared.metrics import (
@@ -511,13 +511,7 @@ def _rates_from_samples(df: pd.DataFrame, expected_samples: int | None, basis: s
     df = df.copy()
     for col in ("role", "scenario_id", "family", "context", "game"):
         df[col] = df[col].astype(str)
-    dup = df.duplicated(subset=["role", "scenario_id", "sample_index"], keep=False)
-    if dup.any():
-        first = df[dup].iloc[0]
-        raise EvaluationDataError(
-            f"{int(dup.sum())} duplicate samples, e.g. {first['role']} {first['scenario_id']} "
-            f"index {first['sample_index']}"
-        )
+    check_unique(df, SAMPLE_KEY, error=EvaluationDataError)
     part = _Part()
     for (role, sid), g in df.groupby(["role", "scenario_id"], sort=False):
         fam, ctx, game = _one(g, "family", sid), _one(g, "context", sid), _one(g, "game", sid)

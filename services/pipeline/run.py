@@ -186,10 +186,9 @@ def train(cfg: ExperimentConfig, *, dataset: str | Path | None = None, checkpoin
 
 def evaluate(cfg: ExperimentConfig) -> tuple[str, stages.Evaluated]:
     """`tomtransfer evaluate`: the roles against a running app (`serving.base_url`) or one started here, in an
-    MLflow run of its own. The fine-tuned student is the adapter `train` made with this config's inputs (or the one
-    named in `serving.adapters`); the placebo student (student_placebo) likewise, `<adapter_name>-placebo`."""
-    import mlflow
-
+    MLflow run of its own (`stages.evaluate_run`). The fine-tuned student is the adapter `train` made with this
+    config's inputs (or the one named in `serving.adapters`); the placebo student (student_placebo) likewise,
+    `<adapter_name>-placebo`."""
     check_inputs(cfg, serve=True)
     with ExitStack() as stack:
         uri = stack.enter_context(tracking(cfg))
@@ -206,8 +205,6 @@ def evaluate(cfg: ExperimentConfig) -> tuple[str, stages.Evaluated]:
                                 "inputs) or name it in serving.adapters")
             if adapter_dir is not None:
                 adapters[role] = stages.serve_adapter(cfg, ctx, adapter_dir, role=role)
-        mlflow.set_tracking_uri(uri)
-        use_experiment(cfg.mlflow.experiment)
-        with mlflow.start_run(run_name=f"{cfg.name}-evaluate", tags={"tomtransfer.stage": "evaluate"}) as r:
-            return r.info.run_id, stages.evaluate(cfg, ctx, adapters.get("student_finetuned"),
-                                                  placebo_adapter=adapters.get("student_placebo"))
+        with stages.evaluate_run(cfg, ctx) as run_id:
+            return run_id, stages.evaluate(cfg, ctx, adapters.get("student_finetuned"),
+                                           placebo_adapter=adapters.get("student_placebo"))

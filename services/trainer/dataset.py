@@ -105,13 +105,9 @@ def build_training_set(
         raise DatasetError(f"unknown targets {targets!r}; expected answer_motivation or answer")
     if valid_policy not in ("valid_only", "all"):
         raise DatasetError(f"unknown valid policy {valid_policy!r}; expected valid_only or all")
-    dup = samples.duplicated(subset=["run_id", "scenario_id", "sample_index"], keep=False)
-    if dup.any():
-        first = samples[dup].iloc[0]
-        raise DatasetError(
-            f"{int(dup.sum())} duplicate samples, e.g. run {first['run_id']} scenario {first['scenario_id']} "
-            f"index {first['sample_index']}"
-        )
+    from tomtransfer.shared.samples import check_unique  # lazy: it needs pydantic (as `load_samples`)
+
+    check_unique(samples, ("run_id", "scenario_id", "sample_index"), error=DatasetError)
     rows = []
     for s in samples.sort_values(_CANONICAL_ORDER, kind="stable").itertuples(index=False):
         valid = bool(s.valid)

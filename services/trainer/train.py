@@ -972,8 +972,9 @@ def _save_probe(peft_model, examples, pad_id, device, autocast, path: Path) -> N
 
 
 # ------------------------------------------------------------------------------------ the launcher
-def _resolve_student(name_or_path: str | Path) -> Path:
-    """A local model folder as is; an alias or a cached hub id through the offline model store."""
+def resolve_student(name_or_path: str | Path) -> Path:
+    """The student's weights folder: a local model folder as is; an alias or a cached hub id through the offline
+    model store (`services.common.models.resolve_model`)."""
     p = Path(name_or_path)
     if p.is_dir():
         return p
@@ -1021,36 +1022,6 @@ def train_dir(cfg, dataset_path: str | Path, *, placebo: bool = False, soft_labe
     return Path(cfg.run_dir).resolve() / "train" / key
 
 
-def ensure_mlflow_run(cfg, tracking_uri: str, out_dir: str | Path, run_id: str | None = None, *,
-                      placebo: bool = False, parent_run_id: str | None = None) -> tuple[str, bool]:
-    """The training's MLflow run, the one place it is created: `run_id` if given, else the one an earlier
-    (interrupted) attempt with the same inputs recorded in `out_dir/mlflow_run_id`, else a new run
-    `<name>-train[-placebo]` in `cfg.mlflow.experiment` (tags: stage train, placebo where it is, the parent run
-    where one is given). The id is recorded, so a resumed training continues the same MLflow run. Returns the id
-    and whether the run was created now. The train stage calls it (with its parent run) and passes the id to
-    `run_training`; `run_training` alone calls it for a standalone run."""
-    from mlflow.tracking import MlflowClient  # mlflow stays lazy: the module is read by CPU-only tools too
-
-    id_file = Path(out_dir) / "mlflow_run_id"
-    if run_id is None and id_file.is_file():
-        run_id = id_file.read_text().strip() or None
-    created = run_id is None
-    if created:
-        client = MlflowClient(tracking_uri)
-        exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
-        tags = {"tomtransfer.stage": "train"}
-        if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
-        if placebo:
-            tags["tomtransfer.placebo"] = "true"
-        run_id = client.create_run(exp_id, run_name=f"{cfg.name}-train{'-placebo' if placebo else ''}",
-                                   tags=tags).info.run_id
-    id_file.parent.mkdir(parents=True, exist_ok=True)
-    id_file.write_text(run_id + "\n")
-    return run_id, created
-
-
 def worker_resources(t) -> dict[str, float]:
     """What the worker group of `training` (a TrainingConfig) asks of the Ray cluster."""
     return {"CPU": t.num_workers * t.cpus_per_worker, "GPU": float(t.num_workers if t.use_gpu else 0)}
@@ -1095,10 +1066,10 @@ def run_training(
     `train_dir(cfg, dataset)`, a folder keyed by the inputs' fingerprint. Calling again with the same inputs resumes
     an interrupted run from its latest checkpoint (Ray Train V2 restores a run from its storage path and name;
     `TorchTrainer.restore/can_restore` are deprecated there). A worker failure restarts the worker group up to
-    `training.max_failures` times, resuming from the latest checkpoint. MLflow: logs to `run_id` (the train stage
-    creates it), else to the run recorded by an earlier attempt, else to a new run in `cfg.mlflow.experiment`
-    (`ensure_mlflow_run`). The final adapter is copied to `out_dir/adapter`. `placebo`: the dataset is the placebo
-    set and the adapter the placebo control (its own folder key). `soft_labels_path`: the
+    `training.max_failures` times, resuming from the latest checkpoint. MLflow: with `tracking_uri`, rank 0 logs into
+    the existing run `run_id` (required then; the pipeline's train stage creates it, `stages.train.train_run`, and
+    ends it); this function creates no run. The final adapter is copied to `out_dir/adapter`. `placebo`: the
+    dataset is the placebo set and the adapter the placebo control (its own folder key). `soft_labels_path`: the
     soft-label set of `training.objective` distribution / sft+distribution (the placebo's: its permuted set)."""
     import ray
     import ray.train
@@ -1109,15 +1080,12 @@ def run_training(
     out_dir = Path(out_dir) if out_dir is not None else train_dir(cfg, dataset_path, placebo=placebo)
     storage = out_dir / "ray"
     name = f"{cfg.name}-train"
-    student = _resolve_student(student_path).resolve()
+    if tracking_uri and not run_id:
+        raise ValueError("run_training logs into an existing MLflow run: pass its run_id with tracking_uri")
+    student = resolve_student(student_path).resolve()
     soft_labels_path = str(Path(soft_labels_path).resolve()) if soft_labels_path else None
     preflight(dataset_path, student, t.max_seq_len, objective=t.objective, soft_labels_path=soft_labels_path)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    if tracking_uri:
-        from mlflow.tracking import MlflowClient
-
-        run_id, _ = ensure_mlflow_run(cfg, tracking_uri, out_dir, run_id, placebo=placebo)
     resumed = (storage / name).is_dir() and (
         any((storage / name).glob("checkpoint_*")) or any((storage / name).glob("*snapshot*"))
     )
@@ -1182,8 +1150,6 @@ def run_training(
             shutil.copytree(Path(d) / "adapter", adapter_dir)
             if (Path(d) / PROBE_FILE).is_file():
                 shutil.copy2(Path(d) / PROBE_FILE, out_dir / PROBE_FILE)
-    if tracking_uri:
-        MlflowClient(tracking_uri).set_terminated(run_id, "FINISHED")
     return {
         **metrics,
         "train_loss": metrics.get("loss"),

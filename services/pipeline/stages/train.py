@@ -1,30 +1,24 @@
-"""The stages of an experiment: each one typed function of (validated config, context) returning its outcome.
+"""The train stage: LoRA on the student (`services.trainer.train`), its inputs (the training set, the soft-label
+set of a distribution objective) and its placebo control.
 
-  generate(cfg, ctx)                 -> Generated   the teacher dataset (services.collector.generate)
-  train(cfg, ctx, dataset)           -> Trained     LoRA on the student with Ray Train (services.trainer.train)
-  train_placebo(cfg, ctx, dataset)   -> Trained     `training.placebo`: the same recipe on the placebo set (the
-                                                    completions permuted across scenarios), `<adapter>-placebo`
-  soft_label_set(cfg, ctx)           -> Path        `training.objective` distribution / sft+distribution: the
-                                                    teacher's choice distributions (exact mode + its samples), the
-                                                    train stage's second input
-  serve_adapter(cfg, ctx, dir[, name]) -> dict      an adapter registered on the running app (multi-LoRA)
-  evaluate(cfg, ctx, adapter, placebo_adapter=...) -> Evaluated   the roles measured, metrics, figures, report
+  training_set(cfg[, dataset])        the training set's Parquet (the generate stage's, or a given one)
+  soft_label_set(cfg, ctx)            `training.objective` distribution / sft+distribution: the teacher's choice
+                                      distributions (exact mode + its samples), the train stage's second input
+  train(cfg, ctx, dataset)            -> Trained   LoRA with Ray Train, resumable
+  train_placebo(cfg, ctx, dataset)    -> Trained   `training.placebo`: the same recipe on the placebo set (the
+                                                   completions permuted across scenarios), `<adapter>-placebo`
 
-Each stage's outputs live in a folder keyed by the hash of exactly its inputs (`fingerprint`); `stages.json` in the
-run folder records each stage's last outcome with its key, so a stage is reused only when its key is unchanged and
-its outputs still exist, and recomputed (or resumed, when it was interrupted with the same inputs) otherwise.
+Input key: the train folder's name (`train_dir`: `services.common.fingerprint.train_key` with the built soft-label
+set's key, `fingerprint.train_soft_labels_key`). stages.json entries `train` / `train_placebo`. MLflow: the run
+`<name>-train[-placebo]` (`train_run`: created here, filed under the parent run, continued by a resumed attempt with
+the same inputs); the trainer logs into it. Preflight: the student's tokenizer against the training set and the
+soft-label set, before anything is written (`services.trainer.train.preflight`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
-
-import httpx
 
 from tomtransfer.shared.config import ExperimentConfig
 from tomtransfer.shared.errors import UserError
@@ -32,14 +26,14 @@ from tomtransfer.shared.samples import LEAD_PART, adapter_name
 
 from tomtransfer.services.collector.collection import collect_into
 from tomtransfer.services.collector.cost import exact_cost, metrics as cost_metrics
-from tomtransfer.services.collector.generate import generate as sample_teacher, generate_dir, teacher_cost_metrics
+from tomtransfer.services.collector.generate import generate_dir, teacher_cost_metrics
 from tomtransfer.services.collector.jobs import role_identity, select_scenarios
-from tomtransfer.services.collector.store import ExactStore, atomic_write_json
-from tomtransfer.services.common.fingerprint import SHORT, dir_sha256, file_sha256, model_identity
-from tomtransfer.services.evaluator.collect import collect, evaluate_dir, store_dirs
-from tomtransfer.services.evaluator.tracking import evaluate_and_log
-from tomtransfer.services.pipeline.fingerprint import evaluate_key, soft_labels_key, train_soft_labels_key
+from tomtransfer.services.collector.store import ExactStore
+from tomtransfer.services.common.fingerprint import SHORT, file_sha256, model_identity
+from tomtransfer.services.pipeline.fingerprint import soft_labels_key, train_soft_labels_key
 from tomtransfer.services.pipeline.resources import say
+from tomtransfer.services.pipeline.stages.common import (Context, StageLog, Trained, close_stage_run,
+                                                         log_parent_metrics, stage_run)
 from tomtransfer.services.trainer.dataset import (META_JSON, TRAIN_PARQUET, DatasetError, DatasetExport, export_placebo_set,
                                       export_training_set, log_dataset_to_mlflow)
 from tomtransfer.services.trainer.softlabels import (SOFT_META_JSON, SOFT_PARQUET, SoftLabelError, SoftLabelExport,
@@ -48,100 +42,6 @@ from tomtransfer.services.trainer.softlabels import (SOFT_META_JSON, SOFT_PARQUE
 
 # services.trainer.train (it imports torch) and mlflow are imported where they are used: `tomtransfer generate`
 # and the checks before a stage need neither.
-
-
-@dataclass(frozen=True)
-class Context:
-    """What the stages run against. `url`: the serving app's base URL (…/v1); `parent_run_id`: the MLflow run the
-    stages' runs are filed under."""
-
-    tracking_uri: str | None
-    url: str | None = None
-    api_key: str | None = None
-    parent_run_id: str | None = None
-    progress: bool | None = None
-
-
-@dataclass
-class Generated:
-    key: str
-    dataset: str
-    examples: int
-    samples: int
-    invalid: int
-    samples_path: str | None = None
-    written: int = 0  # samples requested by this run (the rest were already in the store: a resumed run)
-    already: int = 0
-    retries: int = 0
-    elapsed_s: float = 0.0
-    content_hash: str | None = None  # the training set's digest
-    mlflow_run_id: str | None = None
-    reused: bool = False
-
-
-@dataclass
-class Trained:
-    key: str
-    adapter_dir: str
-    adapter_uri: str | None
-    run_id: str | None
-    train_loss: float | None = None
-    steps: int | None = None
-    tokens_per_s: float | None = None
-    wall_s: float | None = None
-    reused: bool = False
-
-
-@dataclass
-class Evaluated:
-    result: Any  # services.evaluator.scoring.EvaluationResult
-    outputs: Any  # services.evaluator.report.Outputs
-    store_lines: list[str] = field(default_factory=list)
-
-
-class StageLog:
-    """`<run_dir>/stages.json`: each stage's last outcome with its inputs key (written atomically)."""
-
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / "stages.json"
-        self.data: dict = json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    def lookup(self, stage: str, key: str, cls, exists, what) -> Any | None:
-        """The recorded outcome of `stage` (as `cls`, marked reused) when it was made with `key` and
-        `exists(outcome)` holds; None, saying why, when the stage must run."""
-        done = self.data.get(stage)
-        if done and done.get("key") == key:
-            outcome = cls(**{k: v for k, v in done.items() if k in {f.name for f in fields(cls)}})
-            if exists(outcome):
-                say(f"[{stage}] reused: {what(outcome)} earlier with the same inputs (key {key})")
-                outcome.reused = True
-                return outcome
-        say(f"[{stage}] inputs key {key}" + (" (the inputs changed since the last run)" if done else ""))
-        return None
-
-    def mark(self, stage: str, outcome) -> None:
-        record = outcome if isinstance(outcome, dict) else asdict(outcome)
-        self.data[stage] = {**record, "reused": False, "finished_at": time.time()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.data, self.path)
-
-
-# ------------------------------------------------------------------------------------------------ generate
-def generate(cfg: ExperimentConfig, ctx: Context) -> Generated:
-    """The teacher dataset: exactly N samples per scenario (resumable), the training set and its exports."""
-    key = generate_dir(cfg).name
-    log = StageLog(cfg.run_dir)
-    if done := log.lookup("generate", key, Generated, lambda o: Path(o.dataset).is_file(),
-                          lambda o: f"{o.examples} examples made"):
-        return done
-    g = sample_teacher(cfg, base_url=ctx.url, progress=ctx.progress)
-    ex = g.dataset
-    r = g.report
-    out = Generated(key=key, dataset=str(ex.parquet), examples=ex.examples, samples=ex.samples, invalid=ex.invalid,
-                    samples_path=str(g.samples_path), written=r.written, already=r.already, retries=r.retries,
-                    elapsed_s=r.elapsed_s, content_hash=ex.content_hash, mlflow_run_id=g.mlflow_run_id)
-    log.mark("generate", out)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -223,7 +123,7 @@ def _build_soft_labels(cfg: ExperimentConfig, ctx: Context, out: Path) -> Path:
         f"sha256 {ex.content_hash[:12]}" + (f"; no valid answer, left out: {', '.join(dropped)}" if dropped else ""))
     if ctx.tracking_uri and ctx.parent_run_id:
         log_soft_labels_to_mlflow(ex, run_id=ctx.parent_run_id, tracking_uri=ctx.tracking_uri)
-        _log_metrics(ctx, {k: v for k, v in teacher_cost(cfg, generate=False).items()
+        log_parent_metrics(ctx, {k: v for k, v in teacher_cost(cfg, generate=False).items()
                            if k.startswith("teacher_cost.soft_labels.")})  # the sums: run_stages, with generate's
     return ex.parquet
 
@@ -245,14 +145,6 @@ def teacher_cost(cfg: ExperimentConfig, *, generate: bool = True) -> dict[str, f
         out[f"teacher_cost.{k}"] = sum(out.get(f"teacher_cost.{part}.{k}", 0.0)
                                        for part in ("generate", "soft_labels"))
     return out
-
-
-def _log_metrics(ctx: Context, values: dict[str, float]) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(ctx.tracking_uri)
-    for k, v in values.items():
-        client.log_metric(ctx.parent_run_id, k, v)
 
 
 def placebo_soft_label_set(cfg: ExperimentConfig, soft_labels: str | Path) -> Path:
@@ -302,7 +194,7 @@ def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoin
     """LoRA on the student with Ray Train; resumes an interrupted run with the same inputs (the same key).
     `placebo`: `dataset` is the placebo set (`train_placebo`). `soft_labels`: the distribution objective's set
     (default: `soft_label_set`; checked against the student's tokenizer before anything is written)."""
-    from tomtransfer.services.trainer.train import ensure_mlflow_run, run_training
+    from tomtransfer.services.trainer.train import preflight, resolve_student, run_training
 
     dataset = Path(dataset)
     out_dir = train_dir(cfg, dataset, placebo=placebo)
@@ -315,16 +207,12 @@ def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoin
     if soft_labels is None and cfg.training.objective != "sft":
         soft_labels = soft_label_set(cfg, ctx)
     if soft_labels is not None:  # an action the student cannot score, an empty set: one line, nothing written
-        from tomtransfer.services.trainer.train import _resolve_student, preflight
-
-        preflight(dataset, _resolve_student(cfg.models.student.model), cfg.training.max_seq_len,
+        preflight(dataset, resolve_student(cfg.models.student.model), cfg.training.max_seq_len,
                   objective=cfg.training.objective, soft_labels_path=soft_labels)
-    run_id = None
-    if ctx.tracking_uri:  # the stage's MLflow run, filed under the parent; an interrupted attempt's is continued
-        run_id, created = ensure_mlflow_run(cfg, ctx.tracking_uri, out_dir, placebo=placebo,
-                                            parent_run_id=ctx.parent_run_id)
-        if created:
-            _log_train_inputs(cfg, ctx.tracking_uri, run_id, dataset, soft_labels)
+    # the stage's MLflow run, filed under the parent; an interrupted attempt's is continued
+    run_id, created = train_run(cfg, ctx, out_dir, placebo=placebo)
+    if created:
+        _log_train_inputs(cfg, ctx.tracking_uri, run_id, dataset, soft_labels)
     t = cfg.training
     say(f"[train] LoRA on {cfg.models.student.model}{' (placebo control)' if placebo else ''}: {t.num_workers} Ray "
         f"Train worker(s){' on GPUs' if t.use_gpu else ''}, objective {t.objective}")
@@ -333,8 +221,20 @@ def train(cfg: ExperimentConfig, ctx: Context, dataset: str | Path, *, checkpoin
     out = Trained(key=key, adapter_dir=res["adapter_dir"], adapter_uri=res.get("adapter_uri"), run_id=res.get("run_id"),
                   train_loss=res.get("train_loss"), steps=res.get("steps"), tokens_per_s=res.get("tokens_per_s"),
                   wall_s=res.get("wall_s"))
+    close_stage_run(ctx, run_id)
     log.mark(stage, out)
     return out
+
+
+def train_run(cfg: ExperimentConfig, ctx: Context, out_dir: str | Path, *,
+              placebo: bool = False) -> tuple[str | None, bool]:
+    """The train stage's MLflow run (None without `ctx.tracking_uri`): the one an earlier (interrupted) attempt with
+    the same inputs recorded in `<out_dir>/mlflow_run_id`, else a new run `<name>-train[-placebo]` (tags: stage
+    train, placebo where it is, the parent run where `ctx` has one), recorded there (`common.stage_run`). Returns
+    the id and whether the run was created now; `run_training` logs into it."""
+    tags = {"tomtransfer.stage": "train"} | ({"tomtransfer.placebo": "true"} if placebo else {})
+    return stage_run(cfg, ctx, f"{cfg.name}-train{'-placebo' if placebo else ''}", tags,
+                     record=Path(out_dir) / "mlflow_run_id")
 
 
 def _log_train_inputs(cfg: ExperimentConfig, tracking_uri: str, run_id: str, dataset: Path,
@@ -394,51 +294,3 @@ def trained_adapter(cfg: ExperimentConfig, *, placebo: bool = False) -> Path | N
     else:
         d = train_dir(cfg, dataset) / "adapter"
     return d if d.is_dir() else None
-
-
-# ------------------------------------------------------------------------------------------------ adapter
-def adapter_identity(adapter_dir: str | Path) -> dict:
-    """What the fine-tuned student's answers depend on besides the base weights: the adapter's content."""
-    return {"sha256": dir_sha256(Path(adapter_dir))}
-
-
-def serve_adapter(cfg: ExperimentConfig, ctx: Context, adapter_dir: str | Path, *,
-                  role: str = "student_finetuned") -> dict:
-    """Register the adapter on the running app as `student:<training.adapter_name>` (`role` student_placebo:
-    `student:<training.adapter_name>-placebo`); returns its identity."""
-    name = adapter_name(role, cfg.training.adapter_name)
-    headers = {"Authorization": f"Bearer {ctx.api_key}"} if ctx.api_key else {}
-    r = httpx.post(f"{ctx.url.rstrip('/')}/adapters", json={"name": name, "source": str(adapter_dir), "replace": True},
-                   headers=headers, timeout=600)
-    if r.status_code >= 400:
-        raise UserError(f"the serving app refused adapter {name} ({adapter_dir}): {r.status_code} {r.text[:200]}")
-    return adapter_identity(adapter_dir)
-
-
-# ------------------------------------------------------------------------------------------------ evaluate
-def evaluate(cfg: ExperimentConfig, ctx: Context, adapter: dict | None = None, *,
-             placebo_adapter: dict | None = None, run_info: dict | None = None) -> Evaluated:
-    """Collect every role by the protocol (sampled, exact, or the teacher's dataset; the teacher's leading-answer
-    mass under `evaluate.teacher_lead`), then metrics, figures, tables and the report under `<run_dir>/evaluate`,
-    logged to the active MLflow run. `adapter` / `placebo_adapter`: the fine-tuned / placebo student's identity,
-    part of that role's store key (a retrained adapter is measured afresh, the other roles reused). The stage's
-    inputs key (`fingerprint.evaluate_key`: every store it reads, the metric settings) goes to stages.json."""
-    say(f"[evaluate] {cfg.protocol_line()}")
-    adapters = {"student_finetuned": adapter, "student_placebo": placebo_adapter}
-    key = evaluate_key(cfg, adapters)
-    log = StageLog(cfg.run_dir)
-    changed = (log.data.get("evaluate") or {}).get("key") not in (None, key)
-    say(f"[evaluate] inputs key {key}" + (" (the inputs changed since the last run)" if changed else ""))
-    t0 = time.perf_counter()
-    got = collect(cfg, base_url=ctx.url, adapter=adapter, placebo_adapter=placebo_adapter, progress=ctx.progress)
-    for line in got.store_lines:
-        say(f"[evaluate] {line}")
-    if got.dataset_scenarios:
-        say(f"[evaluate] teacher reference: its generated dataset on {len(got.dataset_scenarios)} scenario(s)")
-    t1 = time.perf_counter()
-    say(f"[evaluate] collected in {t1 - t0:.0f} s; metrics, figures, report and MLflow logging next")
-    result, outputs = evaluate_and_log(out_dir=evaluate_dir(cfg), config=cfg, run_info=run_info,
-                                       samples=got.samples, exact=got.exact)
-    say(f"[evaluate] metrics, figures, report and MLflow logging took {time.perf_counter() - t1:.0f} s")
-    log.mark("evaluate", {"key": key, "stores": {u: d.parent.name for u, d in store_dirs(cfg, adapters).items()}})
-    return Evaluated(result=result, outputs=outputs, store_lines=list(got.store_lines))
