@@ -56,7 +56,7 @@ def test_kill_fault_dies_by_sigkill_and_the_resumed_run_matches(data, llama, tmp
     full = train_loop_per_worker(_config(data, llama, tmp_path / "full"))
     cut = _config(data, llama, tmp_path / "cut", checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_steps=1,
                   fault={"at_step": 3, "rank": 0, "marker": str(tmp_path / "fired"), "kill": True})
-    code = ("import json, sys; from services.trainer.train import train_loop_per_worker; "
+    code = ("import json, sys; from tomtransfer.services.trainer.train import train_loop_per_worker; "
             "train_loop_per_worker(json.loads(sys.argv[1]))")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(cut)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)

@@ -570,7 +570,7 @@ def check_experiment(objs: list[dict]) -> list[str]:
         sys.path.insert(0, str(REPO))
         from tomtransfer.shared.config import ConfigError, parse_config
     except ImportError as err:
-        return [f"cannot import shared.config to check the experiment ConfigMap: {err}"]
+        return [f"cannot import tomtransfer.shared.config to check the experiment ConfigMap: {err}"]
     finally:
         if sys.path and sys.path[0] == str(REPO):
             sys.path.pop(0)
@@ -798,7 +798,7 @@ def check_serve_import(objs: list[dict]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------
-# values.schema.json: the experiment section is generated from shared.config.ExperimentConfig
+# values.schema.json: the experiment section is generated from tomtransfer.shared.config.ExperimentConfig
 
 
 def experiment_schema_defs() -> dict[str, Any]:

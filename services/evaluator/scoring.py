@@ -96,7 +96,7 @@ from tomtransfer.shared.parsing import _DECORATION, _LEADING  # the leading-answ
 from tomtransfer.shared.stats import PGG_ROLES, ZTestRow, moments, pgg_analysis, table1_summary, table1_ztest
 from tomtransfer.shared.transfer import Choice, Estimate, GroupTransfer, analyze_group, mean_transfer, split_improvement
 
-# ROLES (teacher, student_base, student_finetuned) comes from shared.samples, the sample's one home
+# ROLES (teacher, student_base, student_finetuned) comes from tomtransfer.shared.samples, the sample's one home
 TWO_BY_TWO: tuple[str, ...] = tuple(f for f in ALL_FAMILIES if f != "pgg")
 CORE_ROLES = ("teacher", "student_base", "student_finetuned")  # what the paper's improvement needs
 PLACEBO_ROLE = "student_placebo"  # optional: the same recipe on targets permuted across scenarios
