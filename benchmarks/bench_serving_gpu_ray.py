@@ -1,6 +1,6 @@
 """The Ray Serve app on GPUs (transformers engine) vs the same engine called directly: the cost of Serve + HTTP.
 
-What runs is the product: `services.teacher.serve_cli.start` deploys `services.teacher.app` (Ray Serve, the
+What runs is the product: `services.teacher.serving.start` deploys `services.teacher.app` (Ray Serve, the
 OpenAI-compatible ingress + one ModelServer replica per role) for `configs/gpu.yaml`, with a Llama-2-7B-shaped
 teacher (random bf16 weights, written once to `--model-dir` with the stand-in tokenizer). Then:
 
@@ -139,18 +139,18 @@ def main() -> None:
     if "http" in phases or "generate" in phases:
         import openai
 
-        from tomtransfer.services.teacher import serve_cli
+        from tomtransfer.services.teacher import serving
 
         t0 = time.perf_counter()
-        url = serve_cli.start(cfg, wait_ready=False)
+        url = serving.start(cfg, wait_ready=False)
         try:
-            serve_cli._wait_ready(url, timeout=240)
+            serving._wait_ready(url, timeout=240)
         except RuntimeError as err:  # say why (pending resources, a replica's start-up error) before giving up
             from ray import serve
 
             res["serve_error"] = f"{err}; status: {serve.status()}"[:4000]
             save()
-            serve_cli.stop()
+            serving.stop()
             raise
         res["serve_start_s"] = time.perf_counter() - t0
         res["url"] = url
@@ -201,7 +201,7 @@ def main() -> None:
                         res[f"{name}_error"] = f"{type(err).__name__}: {err}"[:2000]
                     save()
         finally:
-            serve_cli.stop()
+            serving.stop()
     save()
     print(json.dumps(res, indent=1, default=str))
 

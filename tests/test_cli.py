@@ -198,6 +198,23 @@ def test_generate_without_a_serving_app_refuses_before_writing(teacher, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_evaluate_against_a_missing_app_refuses_before_writing(tmp_path):
+    """evaluate with serving.base_url talks to a running app: none there -> one line, exit 2, fast, and no run folder,
+    MLflow store or report (the preflight checks the endpoint before the tracking server or a run exists)."""
+    import time
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: e\noutput_dir: {tmp_path / 'out'}\nmodels: {{teacher: {{model: smollm2-135m-instruct}}, "
+                   "student: {model: smollm2-135m-instruct}}\n"
+                   f"serving: {{base_url: 'http://127.0.0.1:{_free_loopback_port()}'}}\n")
+    t0 = time.monotonic()
+    r = cli("evaluate", "--config", cfg)
+    assert r.returncode == 2 and "no serving app at http://127.0.0.1:" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [cfg]
+    assert time.monotonic() - t0 < 30
+
+
 def test_check_endpoint_reads_the_served_models(tmp_path, capsys):
     """A running app that does not serve the role is refused with what it serves; one that serves other weights under
     it (or names the same weights another way) gets a note."""

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.fixtures import synthetic_results as synthetic
-from tomtransfer.services.evaluator.report_cli import ReportError, report
+from tomtransfer.services.evaluator.rerun import ReportError, report
 from tomtransfer.services.evaluator.tracking import (
     EXPERIMENT_KIND_TAG, HEADLINE_VIEW, TRAINING_KIND, VIEW_TAG_PREFIX, evaluate_and_log, flatten_params, view_metrics,
 )

@@ -126,6 +126,30 @@ def test_exact_report_states_its_conventions(tmp_path):
     assert "Exact mode" in (tmp_path / "tables" / "table1.md").read_text()
 
 
+def test_a_logged_config_the_schema_no_longer_reads_is_named_not_read(tmp_path):
+    """`report --run-id` on an older run: a logged config that does not validate is not read as raw data; the
+    report's configuration section says so, with the one-line validation error."""
+    import yaml
+
+    from tomtransfer.services.evaluator.rerun import _load_config
+
+    logged = load_config(CONFIG).model_dump(mode="json")
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(logged))
+    cfg, error = _load_config(good)
+    assert cfg is not None and cfg.name == "demo" and error is None
+    old = tmp_path / "old.yaml"
+    logged["evaluate"]["no_such_setting"] = 1  # a setting a later schema dropped
+    old.write_text(yaml.safe_dump(logged))
+    cfg, error = _load_config(old)
+    assert cfg is None and error.startswith("config.yaml: evaluate.no_such_setting") and "\n" not in error
+    groups = [g for g in synthetic.paper_groups() if g["family"] == "in_sample"]
+    result = evaluate_exact(synthetic.exact_from_groups(groups), samples=300, n_resamples=200)
+    md = write_outputs(result, tmp_path / "out", config=cfg, config_error=error).report["md"].read_text()
+    assert f"The logged config could not be read as the current schema ({error})" in md
+    assert "No configuration was given." not in md and "tomtransfer evaluation report: experiment" in md
+
+
 def test_console_summary(outputs):
     from tomtransfer.services.evaluator.report import pgg_lines, summary_rows
 

@@ -1,4 +1,4 @@
-"""The serving app for real: `python -m services.teacher.serve_cli CONFIG` (Ray Serve, in this session's private
+"""The serving app for real: `tomtransfer serve --config CONFIG` (Ray Serve, in this session's private
 network namespace), queried over HTTP with the `openai` client and httpx.
 
 teacher = SmolLM2-135M-Instruct (real pretrained weights), student = a tiny random llama with a LoRA adapter from

@@ -1,4 +1,4 @@
-"""Serving security, for real: `python -m services.teacher.serve_cli CONFIG` (Ray Serve, tiny random models, in this
+"""Serving security, for real: `tomtransfer serve --config CONFIG` (Ray Serve, tiny random models, in this
 session's private network namespace), queried over HTTP.
 
 - Adapter sources of `POST /v1/adapters`: folders under `serving.adapter_root` (after symlinks) and MLflow URIs of
@@ -387,12 +387,10 @@ def _config(tmp_path: Path, **serving) -> Path:
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "example.org"])
-@pytest.mark.parametrize("entry", [["-m", "tomtransfer.services.cli", "serve", "--config"], ["-m", "tomtransfer.services.teacher.serve_cli"]],
-                         ids=["tomtransfer-serve", "serve_cli"])
-def test_serve_refuses_an_open_non_loopback_bind(tmp_path, host, entry):
+def test_serve_refuses_an_open_non_loopback_bind(tmp_path, host):
     cfg = _config(tmp_path, host=host)
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, *entry, str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    p = subprocess.run([sys.executable, "-m", "tomtransfer.services.cli", "serve", "--config", str(cfg)], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "RAY_ADDRESS": "", "COLUMNS": "400"})
     assert p.returncode == 2, (p.stdout, p.stderr)
     lines = p.stderr.strip().splitlines()
@@ -403,7 +401,7 @@ def test_serve_refuses_an_open_non_loopback_bind(tmp_path, host, entry):
 
 
 def test_the_bind_check_allows_loopback_a_token_or_allow_open(monkeypatch, tmp_path):
-    from tomtransfer.services.teacher.serve_cli import check_bind
+    from tomtransfer.services.common.checks import check_bind
     from tomtransfer.shared.config import load_config
     from tomtransfer.shared.errors import UserError
 

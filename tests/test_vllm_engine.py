@@ -109,7 +109,8 @@ def hf(tmp_path_factory, pd_messages):
 def app(tmp_path_factory, hf):
     import yaml
 
-    from tomtransfer.services.teacher.serve_cli import start, stop
+    from tomtransfer.services.teacher.serving import start, stop
+    from tomtransfer.shared.config import load_config
     from tests.fixtures.netns_guard import require_private_netns
 
     require_private_netns()
@@ -126,7 +127,7 @@ def app(tmp_path_factory, hf):
     path.write_text(yaml.safe_dump(cfg))
     try:
         with timed("Ray Serve app up (vLLM student + transformers teacher)"):
-            url = start(path, num_cpus=4)
+            url = start(load_config(path), num_cpus=4)
         handle = serve.get_deployment_handle("tomtransfer-student", app_name="tomtransfer")
         yield {"url": url, "student": handle}
     finally:

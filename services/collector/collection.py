@@ -17,9 +17,10 @@ from pathlib import Path
 from tomtransfer.shared.config import ExperimentConfig
 from tomtransfer.shared.scenarios import Scenario
 
-from tomtransfer.services.collector.jobs import api_key, base_url as endpoint_url, jobs_for, run_id_for
+from tomtransfer.services.collector.jobs import base_url as endpoint_url, jobs_for, run_id_for
 from tomtransfer.services.collector.runner import RequestSettings, RetryPolicy, RunReport, exact_async, sample_async
 from tomtransfer.services.collector.store import MANIFEST_VERSION, ExactStore, SampleStore, check_manifest
+from tomtransfer.services.common.checks import serving_api_key
 
 
 @dataclass
@@ -50,13 +51,13 @@ async def collect_into(store: SampleStore | ExactStore, cfg: ExperimentConfig, *
                                "roles": {role: spec}})
         if isinstance(store, ExactStore):
             report = await exact_async(store, jobs, base_url=url, temperature=cfg.sampling.temperature,
-                                       run_id=run_id, concurrency=concurrency, api_key=api_key(cfg),
+                                       run_id=run_id, concurrency=concurrency, api_key=serving_api_key(cfg),
                                        retry=retry or RetryPolicy(), progress=progress, description=description)
         else:
             if params is None:
                 raise ValueError("a sampled store needs its request settings (params)")
             report = await sample_async(store, jobs, base_url=url, params=params, run_id=run_id,
-                                        concurrency=concurrency, api_key=api_key(cfg), retry=retry or RetryPolicy(),
+                                        concurrency=concurrency, api_key=serving_api_key(cfg), retry=retry or RetryPolicy(),
                                         progress=progress, description=description)
         path = store.compact()
     return Collected(run_id=run_id, path=path, report=report)

@@ -2,14 +2,14 @@
 
 The endpoint: `serving.base_url` when the config names one (an app started by `tomtransfer serve`, by
 `tomtransfer run`, or a deployment), else `http://<serving.host>:<serving.port>` - the address `serve`
-binds by default. Bearer token: the env var named by `serving.auth_token_env`, if any.
+binds by default. Bearer token: `services.common.checks.serving_api_key` (the env var named by
+`serving.auth_token_env`, if any).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from tomtransfer.shared.config import ExperimentConfig, load_config
@@ -43,16 +43,6 @@ def select_scenarios(cfg: ExperimentConfig, families: list[str]) -> list[Scenari
 
 def base_url(cfg: ExperimentConfig, override: str | None = None) -> str:
     return (override or cfg.serving.base_url or f"http://{cfg.serving.host}:{cfg.serving.port}").rstrip("/")
-
-
-def api_key(cfg: ExperimentConfig) -> str | None:
-    env = cfg.serving.auth_token_env
-    if not env:
-        return None
-    value = os.environ.get(env)
-    if not value:
-        raise UserError(f"serving.auth_token_env names {env}, but that environment variable is not set")
-    return value
 
 
 def jobs_for(cfg: ExperimentConfig, roles: list[str], scenarios: list[Scenario], n: int,

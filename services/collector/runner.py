@@ -52,6 +52,7 @@ from tomtransfer.shared.parsing import parse_choice, parse_contribution
 from tomtransfer.shared.scenarios import Scenario
 
 from tomtransfer.services.collector.store import ExactStore, Request, SampleStore, plan_requests
+from tomtransfer.services.common.console import say
 
 
 def api_root(base_url: str) -> str:
@@ -325,15 +326,13 @@ class _Progress:
             self.bars[job.key] = self.progress.add_task(f"  {job.label}", total=job.n, completed=self.done[job.key])
 
     def _line(self, done: int) -> None:
-        import sys
-
         elapsed = time.monotonic() - self.t0
         new = done - self.start_done
         rate = new / elapsed if elapsed > 0 and new else 0.0
         eta = f"{(self.total - done) / rate:.0f} s" if rate else "-"
         pct = 100 * done / self.total if self.total else 100.0
-        print(f"[progress] {self.description}: {done}/{self.total} ({pct:.0f} %), {rate:.2f}/s, "
-              f"elapsed {elapsed:.0f} s, ETA {eta}", file=sys.stderr, flush=True)
+        say(f"[progress] {self.description}: {done}/{self.total} ({pct:.0f} %), {rate:.2f}/s, "
+            f"elapsed {elapsed:.0f} s, ETA {eta}")
         self.last = time.monotonic()
 
     def advance(self, job: Job, k: int) -> None:

@@ -4,47 +4,80 @@
   models    every locally served model resolves: an alias of the offline store (fetched into the cache if it is
             not there yet - the cache is not an output), a Hugging Face folder, or a hub id already in the local
             cache; an `openai`-engine model's API-key variable is set
-  secrets   `serving.auth_token_env` names a variable that is set
-  endpoint  a command that talks to a running serving app (`generate`) finds it before it writes anything: it
-            answers `GET /v1/models` and lists the roles it needs (other weights than configured: a note)
+  bind      an app this process starts without a bearer token binds loopback only (unless serving.allow_open)
+  secrets   `serving.auth_token_env` names a variable that is set (`secret` reads every key from the environment)
+  endpoint  a command that talks to a running serving app (`generate`, `evaluate` / `run` with
+            `serving.base_url`) finds it before it writes anything: it answers `GET /v1/models` and lists the roles
+            it needs (other weights than configured: a note)
 
-The pipeline adds the checks that span stages before it runs them (packs and scenarios, the training objective).
+`services.pipeline.preflight` composes these with the checks that span stages (packs and scenarios, the training
+objective) into the one preflight every command runs.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 import httpx
 
 from tomtransfer.shared.config import ExperimentConfig
 from tomtransfer.shared.errors import UserError
 
+from tomtransfer.services.common.console import say
 from tomtransfer.services.common.models import resolve_model
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def check_models(cfg: ExperimentConfig, roles: tuple[str, ...] = ("teacher", "student")) -> None:
     for role in roles:
         spec = getattr(cfg.models, role)
         if spec.engine == "openai":
-            if spec.api_key_env and not os.environ.get(spec.api_key_env):
-                raise UserError(f"models.{role}.api_key_env: environment variable {spec.api_key_env} is not set")
+            secret(spec.api_key_env, f"models.{role}.api_key_env")
             continue
         try:
-            resolve_model(spec.model, progress=_say)
+            resolve_model(spec.model, progress=say)
         except UserError as e:
             raise UserError(f"models.{role}.model: {e}") from None
 
 
+def secret(env: str | None, setting: str) -> str | None:
+    """The one reader of a key from the environment: the value of the variable `env` (None when no variable is
+    named). A named variable that is not set, or empty, is a UserError naming the `setting` that named it."""
+    if not env:
+        return None
+    value = os.environ.get(env)
+    if not value:
+        raise UserError(f"{setting}: environment variable {env} is not set")
+    return value
+
+
+def serving_api_key(cfg: ExperimentConfig) -> str | None:
+    """The serving app's bearer token (`serving.auth_token_env`), for the clients of the app."""
+    return secret(cfg.serving.auth_token_env, "serving.auth_token_env")
+
+
 def check_secrets(cfg: ExperimentConfig) -> None:
-    env = cfg.serving.auth_token_env
-    if env and not os.environ.get(env):
-        raise UserError(f"serving.auth_token_env: environment variable {env} is not set")
+    serving_api_key(cfg)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    host = host.strip().strip("[]")
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(cfg: ExperimentConfig) -> None:
+    """An open app (no bearer token) binds loopback only, unless serving.allow_open says otherwise."""
+    s = cfg.serving
+    if not is_loopback(s.host) and not s.auth_token_env and not s.allow_open:
+        raise UserError(f"serving.host {s.host} is not a loopback address and serving.auth_token_env is not set: "
+                        f"anyone who reaches port {s.port} could use the models; set serving.auth_token_env (a "
+                        f"bearer token) or serving.allow_open: true")
 
 
 def check_endpoint(cfg: ExperimentConfig, url: str, api_key: str | None, roles: tuple[str, ...] = ("teacher",),
@@ -75,5 +108,5 @@ def check_endpoint(cfg: ExperimentConfig, url: str, api_key: str | None, roles: 
         if root is not None and root != want:
             # A note, not a refusal: the app may name the same weights another way (a path for an alias); the
             # samples are the app's, and its model is recorded with them.
-            _say(f"note: the serving app at {url} serves {role} = {root!r}; this config names {want!r} (the samples "
+            say(f"note: the serving app at {url} serves {role} = {root!r}; this config names {want!r} (the samples "
                  "come from the app's model)")

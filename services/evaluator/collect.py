@@ -46,7 +46,7 @@ from tomtransfer.shared.scenarios import Scenario
 
 from tomtransfer.services.collector.collection import collect_into
 from tomtransfer.services.collector.generate import generate_dir
-from tomtransfer.services.collector.jobs import as_config, interleave_roles, role_identity, select_scenarios
+from tomtransfer.services.collector.jobs import interleave_roles, role_identity, select_scenarios
 from tomtransfer.services.collector.runner import RequestSettings, RetryPolicy, RunReport, parse_answer
 from tomtransfer.services.collector.store import ExactStore, SampleStore
 from tomtransfer.services.common.fingerprint import model_identity, role_key
@@ -137,12 +137,11 @@ def store_dirs(cfg: ExperimentConfig, adapters: dict[str, dict | None] | None = 
     return out
 
 
-def collect(config: str | Path | ExperimentConfig, *, base_url: str | None = None, progress: bool | None = None,
+def collect(cfg: ExperimentConfig, *, base_url: str | None = None, progress: bool | None = None,
             retry: RetryPolicy | None = None, adapter: dict | None = None,
             placebo_adapter: dict | None = None) -> Evidence:
     """Measure every selected (role, scenario) once, by the protocol (see the module docstring). `adapter` /
     `placebo_adapter`: the fine-tuned / placebo student's adapter identity (content hash) when known."""
-    cfg = as_config(config)
     e = cfg.evaluate
     adapters = {"student_finetuned": adapter, "student_placebo": placebo_adapter}
     scenarios = select_scenarios(cfg, list(e.families))

@@ -1,6 +1,6 @@
 """The evaluation report: Markdown and HTML that tie the metrics, figures and tables together.
 
-`write_outputs(result, out_dir, config=...)` writes everything the evaluate stage produces into one folder,
+`write_outputs(result, out_dir, config=...)` (config: the typed `ExperimentConfig`, or None) writes everything the evaluate stage produces into one folder,
 in the layout MLflow mirrors as artifact folders:
 
   out_dir/figures/*.png               (services.evaluator.figures)
@@ -25,7 +25,7 @@ import html
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 from tomtransfer.services.evaluator.figures import (
     FAMILY_TITLES,
@@ -39,6 +39,7 @@ from tomtransfer.services.evaluator.figures import (
     write_tables,
 )
 from tomtransfer.services.evaluator.scoring import ROLES, EvaluationResult
+from tomtransfer.shared.config import ExperimentConfig
 from tomtransfer.shared.transfer import verdict as transfer_verdict
 
 REPORT_MD = "report.md"
@@ -155,23 +156,6 @@ def _inline(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ content
-def _config_dict(config: Any) -> dict | None:
-    if config is None:
-        return None
-    if hasattr(config, "model_dump"):
-        return config.model_dump(mode="json")
-    return dict(config)
-
-
-def _get(d: Mapping | None, dotted: str, default=None):
-    cur: Any = d
-    for part in dotted.split("."):
-        if not isinstance(cur, Mapping) or part not in cur:
-            return default
-        cur = cur[part]
-    return cur
-
-
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -186,19 +170,19 @@ FAMILY_ORDER = ("in_sample", "oos_context", "oos_game")
 def build_document(
     result: EvaluationResult,
     *,
-    config: Any = None,
+    config: ExperimentConfig | None = None,
+    config_error: str | None = None,
     figures: list[Path] | None = None,
     run_info: Mapping[str, str] | None = None,
     title: str | None = None,
 ) -> Doc:
-    """The report as blocks, section by section in reading order (one function a section, below)."""
-    cfg = _config_dict(config)
-    name = _get(cfg, "name") or "experiment"
-    doc = Doc(title or f"tomtransfer evaluation report: {name}")
+    """The report as blocks, section by section in reading order (one function a section, below). `config_error`:
+    why there is no config (a logged one that does not validate against the current schema), said in its section."""
+    doc = Doc(title or f"tomtransfer evaluation report: {config.name if config is not None else 'experiment'}")
     _header(doc, result, run_info)
     _headline(doc, result)
-    _configuration(doc, cfg, name)
-    _models(doc, result, cfg)
+    _configuration(doc, config, config_error)
+    _models(doc, result, config)
     _family_summary(doc, result)
     _rates(doc, result)
     _figures(doc, result, {p.name: p for p in figures or []})
@@ -263,53 +247,48 @@ def _headline(doc: Doc, result: EvaluationResult) -> None:
           "teacher = base).")
 
 
-def _configuration(doc: Doc, cfg: dict | None, name: str) -> None:
-    """Configuration: the settings that shaped the numbers (or a line saying none was given)."""
+def _configuration(doc: Doc, cfg: ExperimentConfig | None, error: str | None) -> None:
+    """Configuration: the settings that shaped the numbers (or a line saying why there are none)."""
     doc.h(1, "Configuration")
-    if cfg:
-        rows = [
-            ["experiment", name],
-            ["teacher", f"{_get(cfg, 'models.teacher.model')} ({_get(cfg, 'models.teacher.engine')})"],
-            ["student", f"{_get(cfg, 'models.student.model')} ({_get(cfg, 'models.student.engine')})"],
-            ["adapter", str(_get(cfg, "training.adapter_name"))],
-            ["sampling", f"T = {_get(cfg, 'sampling.temperature')}, top_p = {_get(cfg, 'sampling.top_p')}, "
-                         f"seed = {_get(cfg, 'sampling.seed')}"],
-            ["evaluate", f"protocol {_get(cfg, 'evaluate.protocol')}, estimator {_get(cfg, 'evaluate.estimator')}, "
-                         f"{_get(cfg, 'evaluate.samples')} samples, rate {_get(cfg, 'evaluate.rate')}, min valid "
-                         f"share {_get(cfg, 'evaluate.min_valid_share')}, max_tokens "
-                         f"{_get(cfg, 'evaluate.max_tokens')}, bootstrap {_get(cfg, 'evaluate.bootstrap')}"],
-            ["families", ", ".join(_get(cfg, "evaluate.families") or [])],
-            ["roles", ", ".join(_get(cfg, "evaluate.roles") or [])],
-            ["generate", f"{_get(cfg, 'generate.samples')} samples per scenario, instruction "
-                         f"{_get(cfg, 'generate.instruction')}, targets {_get(cfg, 'generate.targets')}, "
-                         f"families {', '.join(_get(cfg, 'generate.families') or [])}"],
-            ["training", f"LoRA r = {_get(cfg, 'training.lora.r')}, alpha = {_get(cfg, 'training.lora.alpha')}, "
-                         f"dropout = {_get(cfg, 'training.lora.dropout')}, modules "
-                         f"{', '.join(_get(cfg, 'training.lora.target_modules') or [])}; lr "
-                         f"{_get(cfg, 'training.learning_rate')} ({_get(cfg, 'training.lr_scheduler')}), "
-                         f"{_get(cfg, 'training.epochs')} epochs, effective batch "
-                         f"{_get(cfg, 'training.effective_batch_size')}"],
-        ]
-        doc.table(["setting", "value"], rows, "ll")
-    else:
-        doc.p("No configuration was given.")
+    if cfg is None:
+        doc.p(f"The logged config could not be read as the current schema ({error}); the metrics use the "
+              "evaluator's default settings." if error else "No configuration was given.")
+        return
+    m, s, ev, gen, tr = cfg.models, cfg.sampling, cfg.evaluate, cfg.generate, cfg.training
+    rows = [
+        ["experiment", cfg.name],
+        ["teacher", f"{m.teacher.model} ({m.teacher.engine})"],
+        ["student", f"{m.student.model} ({m.student.engine})"],
+        ["adapter", tr.adapter_name],
+        ["sampling", f"T = {s.temperature}, top_p = {s.top_p}, seed = {s.seed}"],
+        ["evaluate", f"protocol {ev.protocol}, estimator {ev.estimator}, {ev.samples} samples, rate {ev.rate}, "
+                     f"min valid share {ev.min_valid_share}, max_tokens {ev.max_tokens}, bootstrap {ev.bootstrap}"],
+        ["families", ", ".join(ev.families)],
+        ["roles", ", ".join(ev.roles)],
+        ["generate", f"{gen.samples} samples per scenario, instruction {gen.instruction}, targets {gen.targets}, "
+                     f"families {', '.join(gen.families)}"],
+        ["training", f"LoRA r = {tr.lora.r}, alpha = {tr.lora.alpha}, dropout = {tr.lora.dropout}, modules "
+                     f"{', '.join(tr.lora.target_modules)}; lr {tr.learning_rate} ({tr.lr_scheduler}), "
+                     f"{tr.epochs} epochs, effective batch {tr.effective_batch_size}"],
+    ]
+    doc.table(["setting", "value"], rows, "ll")
 
 
-def _models(doc: Doc, result: EvaluationResult, cfg: dict | None) -> None:
+def _models(doc: Doc, result: EvaluationResult, cfg: ExperimentConfig | None) -> None:
     """Models: each role's served name, weights and whether it was evaluated."""
     doc.h(2, "Models")
-    spec = {"teacher": "models.teacher", "student_base": "models.student", "student_finetuned": "models.student",
-            "student_placebo": "models.student"}
     rows = []
     for role in ROLES:
         if role == "student_placebo" and role not in result.roles:
             continue
         served = result.models.get(role, "-")
-        weights = _get(cfg, spec[role] + ".model") or "-"
-        if role == "student_finetuned" and cfg:
-            weights += f" + adapter {_get(cfg, 'training.adapter_name')}"
-        if role == "student_placebo" and cfg:
-            weights += f" + adapter {_get(cfg, 'training.adapter_name')}-placebo (targets permuted across scenarios)"
+        weights = "-"
+        if cfg is not None:
+            weights = (cfg.models.teacher if role == "teacher" else cfg.models.student).model
+            if role == "student_finetuned":
+                weights += f" + adapter {cfg.training.adapter_name}"
+            if role == "student_placebo":
+                weights += f" + adapter {cfg.training.adapter_name}-placebo (targets permuted across scenarios)"
         rows.append([ROLE_LABELS[role], f"`{served}`", weights, "yes" if role in result.roles else "no"])
     doc.table(["role", "served as", "weights", "evaluated"], rows, "llll")
 
@@ -583,13 +562,15 @@ def write_report(
     report_dir: str | Path,
     *,
     figures: list[Path] | None = None,
-    config: Any = None,
+    config: ExperimentConfig | None = None,
+    config_error: str | None = None,
     run_info: Mapping[str, str] | None = None,
     title: str | None = None,
 ) -> dict[str, Path]:
     out = Path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
-    doc = build_document(result, config=config, figures=figures, run_info=run_info, title=title)
+    doc = build_document(result, config=config, config_error=config_error, figures=figures, run_info=run_info,
+                         title=title)
     paths = {}
     for key, name, text in (("md", REPORT_MD, doc.markdown(out)), ("html", REPORT_HTML, doc.html(out)),
                             ("html_standalone", REPORT_STANDALONE, doc.html(out, embed=True))):
@@ -625,12 +606,14 @@ def write_outputs(
     result: EvaluationResult,
     out_dir: str | Path,
     *,
-    config: Any = None,
+    config: ExperimentConfig | None = None,
+    config_error: str | None = None,
     run_info: Mapping[str, str] | None = None,
 ) -> Outputs:
     """Figures, tables and the report under `out_dir` (figures/, tables/, report/)."""
     root = Path(out_dir)
     figures = write_figures(result, root / "figures")
     tables = write_tables(result, root / "tables")
-    report = write_report(result, root / "report", figures=figures, config=config, run_info=run_info)
+    report = write_report(result, root / "report", figures=figures, config=config, config_error=config_error,
+                          run_info=run_info)
     return Outputs(root=root, figures=figures, tables=tables, report=report, result=result)

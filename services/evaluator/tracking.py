@@ -44,7 +44,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 import yaml
 
-from tomtransfer.shared.config import ALL_FAMILIES
+from tomtransfer.shared.config import ALL_FAMILIES, ExperimentConfig
 from tomtransfer.shared.samples import ROLES
 
 from tomtransfer.services.evaluator.scoring import EXACT_PARQUET, EvaluationResult, compute
@@ -169,7 +169,7 @@ def log_evaluation(
     result: EvaluationResult,
     outputs: Outputs,
     *,
-    config: Any = None,
+    config: ExperimentConfig | None = None,
     config_path: str | Path | None = None,
     samples: Any = None,
     exact: Any = None,
@@ -185,9 +185,8 @@ def log_evaluation(
         if result.protocol:
             params["evaluate.protocol_line"] = result.protocol
         for role in result.roles:
-            if hasattr(config, "evaluate"):
-                params[f"evaluate.instruction.{role}"] = config.evaluate.instruction_for(role)
-                params[f"evaluate.estimator.{role}"] = config.evaluate.estimator_for(role)
+            params[f"evaluate.instruction.{role}"] = config.evaluate.instruction_for(role)
+            params[f"evaluate.estimator.{role}"] = config.evaluate.estimator_for(role)
         summary["param_conflicts"] = log_params(params)
     flat = result.flat_metrics()
     summary["metrics"] = log_metrics(flat)
@@ -208,7 +207,7 @@ def log_evaluation(
 def evaluate_and_log(
     *,
     out_dir: str | Path,
-    config: Any = None,
+    config: ExperimentConfig | None = None,
     config_path: str | Path | None = None,
     samples: Any = None,
     exact: Any = None,
@@ -223,17 +222,17 @@ def evaluate_and_log(
     sampled results, effective n for exact ones) and `evaluate.bootstrap`."""
     import mlflow
 
-    cfg = config_dict(config) if config is not None else {}
-    ev = cfg.get("evaluate", {}) if cfg else {}
-    n = ev.get("samples")
-    protocol = config.protocol_line() if hasattr(config, "protocol_line") else None
-    result = compute(
-        samples=samples, exact=exact,
-        expected_samples=expected_samples if expected_samples is not None else (n if samples is not None else None),
-        effective_n=effective_n or ev.get("exact_n") or n or 300,
-        rate=ev.get("rate", "count"), min_valid_share=ev.get("min_valid_share", 0.0), protocol=protocol,
-        n_resamples=n_resamples or ev.get("bootstrap") or 2000,
-    )
+    settings: dict = {"effective_n": effective_n, "n_resamples": n_resamples}
+    if config is not None:
+        ev = config.evaluate
+        if samples is not None and expected_samples is None:
+            expected_samples = ev.samples
+        settings = {"effective_n": effective_n or ev.exact_n or ev.samples, "rate": ev.rate,
+                    "min_valid_share": ev.min_valid_share, "protocol": config.protocol_line(),
+                    "n_resamples": n_resamples or ev.bootstrap}
+    # without a config (or for what it leaves unset): the evaluator's own defaults
+    result = compute(samples=samples, exact=exact, expected_samples=expected_samples,
+                     **{k: v for k, v in settings.items() if v is not None})
     info = dict(run_info or {})
     active = mlflow.active_run() if log else None
     if active is not None:

@@ -1,25 +1,42 @@
-"""Checks that run before a stage writes anything: a bad input gives one line and exit 2, and leaves the output
-folder, the MLflow store and the cluster exactly as they were.
+"""The preflight: what every command checks before it writes or starts anything. A bad input gives one line and
+exit 2, and leaves the output folder, the MLflow store and the cluster exactly as they were.
 
-What is checked (each stage asks for what it needs):
-  models    every locally served model resolves, an `openai` model's key variable is set
-            (`services.common.checks.check_models`)
-  secrets   `serving.auth_token_env` names a variable that is set (`services.common.checks.check_secrets`)
-  packs     scenario packs exist, are UTF-8 and valid, and the selected scenarios exist
-  objective `training.objective` distribution / sft+distribution: a given soft-label set reads and is not empty, and
-            every action string (C, D, the PGG's amounts) tokenizes to something distinct with the student's tokenizer
+`preflight(cfg, command)` is the one entry; each command asks for what it needs:
+  bind      (serve; run / evaluate without serving.base_url) no open app on a non-loopback address
+            (`services.common.checks.check_bind`)
+  secrets   (all but train) `serving.auth_token_env` names a variable that is set (`...checks.check_secrets`)
+  packs     (all but serve) scenario packs exist, are UTF-8 and valid, and the selected scenarios exist
+  models    (serve; run / evaluate without serving.base_url: teacher and student; train: the student) every locally
+            served model resolves, an `openai` model's key variable is set (`...checks.check_models`)
+  objective (all but serve) `training.objective` distribution / sft+distribution: a given soft-label set reads and
+            is not empty, and every action string (C, D, the PGG's amounts) tokenizes to something distinct with
+            the student's tokenizer
+  endpoint  (run / evaluate with serving.base_url) the app there answers and serves the roles the command needs
+            (`...checks.check_endpoint`); `generate` checks its endpoint itself, after the preflight, because
+            `--base-url` may override the config's
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from tomtransfer.shared.config import ExperimentConfig
 from tomtransfer.shared.errors import UserError
 
 from tomtransfer.services.collector.jobs import select_scenarios
-from tomtransfer.services.common.checks import check_models, check_secrets
+from tomtransfer.services.common.checks import (
+    check_bind,
+    check_endpoint,
+    check_models,
+    check_secrets,
+    serving_api_key,
+)
+from tomtransfer.services.common.console import say
 from tomtransfer.services.common.models import resolve_model
-from tomtransfer.services.pipeline.resources import say
 from tomtransfer.services.trainer.softlabels import actions_for, read_soft_labels
+
+Command = Literal["serve", "generate", "train", "evaluate", "run"]
+
 
 def check_scenarios(cfg: ExperimentConfig) -> None:
     for families in (cfg.generate.families, cfg.evaluate.families):
@@ -53,10 +70,28 @@ def check_objective(cfg: ExperimentConfig) -> None:
             raise UserError(f"training.objective {cfg.training.objective}: {err}") from None
 
 
-def check_inputs(cfg: ExperimentConfig, *, serve: bool) -> None:
-    """All of the above; `serve`: this process starts the serving app (so the models must resolve here)."""
-    check_secrets(cfg)
-    check_scenarios(cfg)
-    if serve and not cfg.serving.base_url:
+def preflight(cfg: ExperimentConfig, command: Command) -> None:
+    """Every check `command` needs (see above), cheapest first; raises `UserError` on the first that fails."""
+    starts_app = command == "serve" or (command in ("run", "evaluate") and not cfg.serving.base_url)
+    if starts_app:
+        check_bind(cfg)
+    if command != "train":
+        check_secrets(cfg)
+    if command != "serve":
+        check_scenarios(cfg)
+    if starts_app:
         check_models(cfg)
-    check_objective(cfg)
+    elif command == "train":
+        check_models(cfg, roles=("student",))
+    if command != "serve":
+        check_objective(cfg)
+    if command in ("run", "evaluate") and cfg.serving.base_url:
+        students = any(r.startswith("student") for r in cfg.evaluate.roles)
+        check_endpoint(cfg, cfg.serving.base_url, serving_api_key(cfg),
+                       roles=("teacher", "student") if students else ("teacher",))
+
+
+def check_inputs(cfg: ExperimentConfig, *, serve: bool) -> None:
+    """The preflight of a workflow: `serve` for `run` / `evaluate` (and a sweep cell), which start the serving app
+    unless `serving.base_url` names one (then it is checked instead), else that of `generate`."""
+    preflight(cfg, "run" if serve else "generate")

@@ -4,7 +4,6 @@ or started here for the duration of a `with` block."""
 from __future__ import annotations
 
 import os
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,16 +11,14 @@ from typing import Iterator
 
 from tomtransfer.shared.config import ExperimentConfig
 
+from tomtransfer.services.common.checks import serving_api_key  # noqa: F401 - re-exported for pipeline.run
+from tomtransfer.services.common.console import say  # also re-exported for pipeline.run and .stages
 from tomtransfer.services.common.mlflow_server import MlflowServer
 from tomtransfer.services.evaluator.tracking import experiment_url
-from tomtransfer.services.teacher.serve_cli import start
+from tomtransfer.services.teacher.serving import start
 
 # mlflow and ray are imported where they are used: slow imports that the stages' checks (and the tests of the
 # links below) do not need.
-
-
-def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 UI_URL = "http://127.0.0.1:5000"  # where `make mlflow-ui` serves a local store once the command has ended
@@ -169,8 +166,3 @@ def serving(cfg: ExperimentConfig, **kwargs) -> Iterator[str]:
     """The serving app's base URL: `serving.base_url`, or the app deployed for the duration of the block."""
     with local_app(cfg, **kwargs) as app:
         yield app.url if app is not None else cfg.serving.base_url
-
-
-def serving_api_key(cfg: ExperimentConfig) -> str | None:
-    env = cfg.serving.auth_token_env
-    return os.environ.get(env) if env else None

@@ -26,13 +26,15 @@ from tomtransfer.shared.config import ExperimentConfig, parse_config
 from tomtransfer.shared.errors import UserError
 from tomtransfer.shared.sweep import Cell, SweepSpec
 
+from tomtransfer.services.common.checks import serving_api_key
+from tomtransfer.services.common.console import say
 from tomtransfer.services.common.fingerprint import digest
 from tomtransfer.services.evaluator.tracking import start_sweep, summarize_sweep
 from tomtransfer.services.pipeline.preflight import check_inputs
-from tomtransfer.services.pipeline.resources import say, serving, serving_api_key, tracking, ui_address, with_tracking
+from tomtransfer.services.pipeline.resources import serving, tracking, ui_address, with_tracking
 from tomtransfer.services.pipeline.run import run_stages
 from tomtransfer.services.pipeline.stages import Context
-from tomtransfer.services.teacher.serve_cli import init_ray
+from tomtransfer.services.teacher.serving import init_ray
 
 # ray is imported where it is used (a slow import; the sweep's checks run before it starts).
 

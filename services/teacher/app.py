@@ -2,7 +2,7 @@
 
 Import path for `serve run` / a RayService `serveConfigV2`: `services.teacher.app:build_app`, with args
 `{"config": "/path/to/experiment.yaml"}` (or `{"config_data": {...}}`, the config inline). Locally:
-`tomtransfer serve --config FILE` (services/teacher/serve_cli.py).
+`tomtransfer serve --config FILE` (services/cli.py, on services/teacher/serving.py).
 
 Layout: one ingress deployment (FastAPI, `tomtransfer-ingress`, 0 CPUs) routes to two engine deployments,
 `tomtransfer-teacher` and `tomtransfer-student` (`ModelServer`, one engine each, chosen by

@@ -57,6 +57,7 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tomtransfer.services.common.checks import secret
 from tomtransfer.services.teacher.adapters import ADAPTER_REFUSED, AdapterPolicy, AdapterSourceError
 from tomtransfer.services.teacher.schemas import (
     ROLES,
@@ -70,7 +71,6 @@ from tomtransfer.services.teacher.schemas import (
     error_body,
     unpack,
 )
-from tomtransfer.shared.errors import UserError
 
 log = logging.getLogger("ray.serve")
 
@@ -181,12 +181,7 @@ class Ingress:
         root = serving.get("adapter_root")
         self.policy = AdapterPolicy(root if isinstance(root, str) else None,
                                     tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
-        env = serving.get("auth_token_env")
-        self.token = None
-        if env:
-            self.token = os.environ.get(env)
-            if not self.token:
-                raise UserError(f"serving.auth_token_env names {env}, which is not set where the ingress runs")
+        self.token = secret(serving.get("auth_token_env"), "serving.auth_token_env (where the ingress runs)")
 
     # ------------------------------------------------------------------------------------ helpers
     def _auth(self, request: Request) -> None:

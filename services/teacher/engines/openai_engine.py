@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 
 from tomtransfer.services.teacher.engines.base import (
     ChatRequest,
@@ -58,11 +57,9 @@ class OpenAIEngine(Engine):
 
         if not spec.base_url:
             raise UserError("engine 'openai' needs base_url")
-        key = None
-        if spec.api_key_env:
-            key = os.environ.get(spec.api_key_env)
-            if not key:
-                raise UserError(f"engine 'openai': environment variable {spec.api_key_env} (api_key_env) is not set")
+        from tomtransfer.services.common.checks import secret
+
+        key = secret(spec.api_key_env, "engine 'openai' api_key_env")
         self.spec = spec
         self.remote_model = spec.remote_model or spec.model
         self.max_n = spec.remote_max_n

@@ -1,10 +1,14 @@
-"""`tomtransfer report --run-id ID`: regenerate the evaluation report of an MLflow run from its raw results.
+"""Regenerate the evaluation report of an MLflow run from its raw results (`tomtransfer report --run-id ID`).
 
 Reads back what `services.evaluator.tracking.log_evaluation` logged: `samples/` (the raw samples Parquet
 file(s) or `samples/exact.parquet`) and `config/config.yaml`; recomputes every metric with the same settings
-(`evaluate.exact_n` or `evaluate.samples` as the exact-mode effective n, `evaluate.rate`, the protocol, `evaluate.bootstrap`, bootstrap seed 0 - so the numbers
-equal the logged ones), and writes figures/, tables/ and report/ into `out_dir` (default
-`runs/reports/<run_id>`). With `log=True` the regenerated figures, tables and report are logged back to the run.
+(`evaluate.exact_n` or `evaluate.samples` as the exact-mode effective n, `evaluate.rate`, `evaluate.min_valid_share`,
+the protocol, `evaluate.bootstrap`, bootstrap seed 0 - so the numbers equal the logged ones), and writes figures/,
+tables/ and report/ into `out_dir` (default `runs/reports/<run_id>`). With `log=True` the regenerated figures,
+tables and report are logged back to the run.
+
+A logged config that no longer validates against the current schema (an older run) is not read at all: the metrics
+use the evaluator's own defaults and the report's configuration section says so, with the validation error.
 
 Tracking server: `tracking_uri`, else `$MLFLOW_TRACKING_URI`, else MLflow's default.
 """
@@ -17,25 +21,27 @@ from pathlib import Path
 
 import yaml
 
+from tomtransfer.shared.config import ConfigError, ExperimentConfig, parse_config
 from tomtransfer.shared.errors import UserError
 
-from tomtransfer.services.evaluator.scoring import EXACT_PARQUET, compute
+from tomtransfer.services.common.console import say
 from tomtransfer.services.evaluator.report import Outputs, write_outputs
+from tomtransfer.services.evaluator.scoring import EXACT_PARQUET, compute
+from tomtransfer.services.evaluator.tracking import CONFIG_YAML
 
 
 class ReportError(UserError):
     """The run cannot be reported on (not found, no raw results)."""
 
 
-def _load_config(path: Path):
-    """The logged config as an ExperimentConfig when it still validates, else the raw mapping."""
-    from tomtransfer.shared.config import ConfigError, parse_config
-
-    data = yaml.safe_load(path.read_text())
+def _load_config(path: Path) -> tuple[ExperimentConfig | None, str | None]:
+    """(the logged config, None) when it validates against the current schema, else (None, the one-line error)."""
     try:
-        return parse_config(data, str(path))
-    except ConfigError:
-        return data if isinstance(data, dict) else None
+        return parse_config(yaml.safe_load(path.read_text(encoding="utf-8")), CONFIG_YAML), None
+    except ConfigError as e:
+        return None, str(e)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        return None, f"{CONFIG_YAML}: not readable YAML ({type(e).__name__})"
 
 
 def report(run_id: str, tracking_uri: str | None = None, out_dir: str | Path | None = None, *,
@@ -62,26 +68,28 @@ def report(run_id: str, tracking_uri: str | None = None, out_dir: str | Path | N
     with tempfile.TemporaryDirectory(prefix="tt-report-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples", dst_path=tmp,
                                                          tracking_uri=uri))
-        config = None
-        if "config" in names and any(a.path == "config/config.yaml" for a in client.list_artifacts(run_id, "config")):
-            cfg_path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="config/config.yaml",
-                                                                dst_path=tmp, tracking_uri=uri))
-            config = _load_config(cfg_path)
-        cfg = config.model_dump(mode="json") if hasattr(config, "model_dump") else (config or {})
-        ev = cfg.get("evaluate", {}) or {}
+        config, config_error = None, None
+        logged = f"config/{CONFIG_YAML}"
+        if "config" in names and any(a.path == logged for a in client.list_artifacts(run_id, "config")):
+            config, config_error = _load_config(Path(mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=logged, dst_path=tmp, tracking_uri=uri)))
         exact = local / EXACT_PARQUET
         sampled = sorted(p for p in local.rglob("*.parquet") if p != exact)
         if not exact.is_file() and not sampled:
             raise ReportError(f"MLflow run {run_id}: samples/ holds no Parquet files")
         # Both kinds may be there: under the paper's protocol the teacher is sampled and the students exact.
-        result = compute(samples=sampled or None, exact=exact if exact.is_file() else None,
-                         effective_n=int(ev.get("exact_n") or ev.get("samples") or 300),
-                         rate=ev.get("rate", "count"), min_valid_share=float(ev.get("min_valid_share", 0.0)),
-                         protocol=config.protocol_line() if hasattr(config, "protocol_line") else None,
-                         n_resamples=int(ev.get("bootstrap") or 2000), seed=0)
+        if config_error:
+            say(f"note: the logged config could not be read as the current schema ({config_error}); the metrics "
+                "use the evaluator's default settings")
+        settings = {}
+        if config is not None:  # else the evaluator's defaults
+            ev = config.evaluate
+            settings = {"effective_n": ev.exact_n or ev.samples, "rate": ev.rate, "min_valid_share": ev.min_valid_share,
+                        "protocol": config.protocol_line(), "n_resamples": ev.bootstrap}
+        result = compute(samples=sampled or None, exact=exact if exact.is_file() else None, seed=0, **settings)
         out = Path(out_dir) if out_dir is not None else Path("runs") / "reports" / run_id
         info = {"MLflow run": run_id, "run name": run.info.run_name, "experiment": experiment, "tracking URI": uri}
-        outputs = write_outputs(result, out, config=config, run_info=info)
+        outputs = write_outputs(result, out, config=config, config_error=config_error, run_info=info)
 
     if log:
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
