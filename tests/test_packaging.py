@@ -80,3 +80,31 @@ def test_the_installed_wheel_works_beside_folders_named_shared_and_services(whee
                          capture_output=True, text=True)
     assert cli.returncode == 0, cli.stderr
     assert "scenarios" in cli.stdout
+
+
+PACKAGES = sorted(n for n in _package_folders())
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_each_package_names_its_public_surface(package):
+    """`__all__` is the surface: every name resolves, none is also a submodule's name (a submodule imported later
+    would replace the lazy attribute), and the package imports none of them eagerly."""
+    import importlib
+    import pkgutil
+
+    mod = importlib.import_module(package)
+    assert (mod.__doc__ or "").strip(), f"{package}: no docstring"
+    public = getattr(mod, "__all__", [])
+    submodules = {m.name for m in pkgutil.iter_modules(mod.__path__)}
+    assert not set(public) & submodules, set(public) & submodules
+    for name in public:
+        assert getattr(mod, name) is not None
+
+
+def test_importing_a_package_loads_none_of_its_heavy_dependencies():
+    code = ("import sys, tomtransfer.shared, tomtransfer.services.trainer, tomtransfer.services.teacher, "
+            "tomtransfer.services.evaluator, tomtransfer.services.pipeline\n"
+            "heavy = [m for m in ('torch', 'ray', 'mlflow', 'scipy', 'transformers') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr

@@ -8,3 +8,24 @@
   generate.py      the teacher dataset: N motivated samples per scenario, then the training set and its exports
                    (the command, `tomtransfer generate`, is in services/cli.py)
 """
+
+from tomtransfer._exports import lazy
+
+_PUBLIC = {
+    "generate_dir": "generate",
+    "GenerateResult": "generate",
+    "Collected": "collection",
+    "collect_into": "collection",
+    "SampleStore": "store",
+    "ExactStore": "store",
+    "StoreError": "store",
+    "Job": "runner",
+    "RequestSettings": "runner",
+    "RetryPolicy": "runner",
+    "RunReport": "runner",
+    "EndpointError": "runner",
+    "select_scenarios": "jobs",
+    "jobs_for": "jobs",
+}
+__all__ = sorted(_PUBLIC)
+__getattr__, __dir__ = lazy(__name__, _PUBLIC)

@@ -89,9 +89,3 @@ def preflight(cfg: ExperimentConfig, command: Command) -> None:
         students = any(r.startswith("student") for r in cfg.evaluate.roles)
         check_endpoint(cfg, cfg.serving.base_url, serving_api_key(cfg),
                        roles=("teacher", "student") if students else ("teacher",))
-
-
-def check_inputs(cfg: ExperimentConfig, *, serve: bool) -> None:
-    """The preflight of a workflow: `serve` for `run` / `evaluate` (and a sweep cell), which start the serving app
-    unless `serving.base_url` names one (then it is checked instead), else that of `generate`."""
-    preflight(cfg, "run" if serve else "generate")

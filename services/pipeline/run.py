@@ -24,10 +24,10 @@ from tomtransfer.shared.errors import UserError
 from tomtransfer.shared.samples import adapter_name
 
 from tomtransfer.services.collector.jobs import base_url as endpoint
-from tomtransfer.services.common.checks import check_endpoint, check_models
+from tomtransfer.services.common.checks import check_endpoint
 from tomtransfer.services.evaluator.tracking import use_experiment
 from tomtransfer.services.pipeline import stages
-from tomtransfer.services.pipeline.preflight import check_inputs, check_objective
+from tomtransfer.services.pipeline.preflight import preflight
 from tomtransfer.services.pipeline.resources import LocalApp, local_app, say, serving, serving_api_key, tracking, with_tracking
 from tomtransfer.services.pipeline.stages import Context
 
@@ -50,7 +50,7 @@ class RunResult:
 
 def run(cfg: ExperimentConfig, *, tags: dict | None = None) -> RunResult:
     """The whole experiment: start what is not configured, then `run_stages`."""
-    check_inputs(cfg, serve=True)
+    preflight(cfg, "run")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with ExitStack() as stack:
@@ -154,7 +154,7 @@ def _parent_run(cfg: ExperimentConfig, tracking_uri: str, tags: dict | None):
 def generate(cfg: ExperimentConfig, *, base_url: str | None = None, progress: bool | None = None) -> stages.Generated:
     """`tomtransfer generate`: the teacher dataset against a running app (`--base-url`, `serving.base_url`, or the
     address `serve` binds by default); logged to `mlflow.tracking_uri` when one is set."""
-    check_inputs(cfg, serve=False)
+    preflight(cfg, "generate")
     ctx = Context(tracking_uri=cfg.mlflow.tracking_uri, url=endpoint(cfg, base_url), api_key=serving_api_key(cfg),
                   progress=progress)
     check_endpoint(cfg, ctx.url, ctx.api_key)  # before the sample store or an MLflow run exists
@@ -169,11 +169,11 @@ def train(cfg: ExperimentConfig, *, dataset: str | Path | None = None, checkpoin
     control under `training.placebo` (said on stderr); returns the real adapter's outcome."""
     if checkpoint_every < 0:
         raise UserError("--checkpoint-every must be >= 0")
-    check_models(cfg, roles=("student",))  # an unknown student fails here, before MLflow or Ray start
-    check_objective(cfg)
+    preflight(cfg, "train")  # an unknown student fails here, before MLflow or Ray start
     path = stages.training_set(cfg, dataset)
     # distribution objectives: built by generate/run (or now, against serving.base_url), or training.soft_labels
-    stages.soft_label_set(cfg, Context(tracking_uri=None, url=cfg.serving.base_url) if cfg.serving.base_url else None)
+    stages.soft_label_set(cfg, Context(tracking_uri=None, url=cfg.serving.base_url, api_key=serving_api_key(cfg))
+                         if cfg.serving.base_url else None)
     with tracking(cfg) as uri:
         cfg = with_tracking(cfg, uri)
         tr = stages.train(cfg, Context(tracking_uri=uri), path, checkpoint_every=checkpoint_every)
@@ -189,7 +189,7 @@ def evaluate(cfg: ExperimentConfig) -> tuple[str, stages.Evaluated]:
     MLflow run of its own (`stages.evaluate_run`). The fine-tuned student is the adapter `train` made with this
     config's inputs (or the one named in `serving.adapters`); the placebo student (student_placebo) likewise,
     `<adapter_name>-placebo`."""
-    check_inputs(cfg, serve=True)
+    preflight(cfg, "evaluate")
     with ExitStack() as stack:
         uri = stack.enter_context(tracking(cfg))
         cfg = with_tracking(cfg, uri)

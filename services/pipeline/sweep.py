@@ -30,7 +30,7 @@ from tomtransfer.services.common.checks import serving_api_key
 from tomtransfer.services.common.console import say
 from tomtransfer.services.common.fingerprint import digest
 from tomtransfer.services.evaluator.tracking import start_sweep, summarize_sweep
-from tomtransfer.services.pipeline.preflight import check_inputs
+from tomtransfer.services.pipeline.preflight import preflight
 from tomtransfer.services.pipeline.resources import serving, tracking, ui_address, with_tracking
 from tomtransfer.services.pipeline.run import run_stages
 from tomtransfer.services.pipeline.stages import Context
@@ -50,7 +50,7 @@ def sweep(spec: SweepSpec, cells: list[Cell], *, max_concurrent: int | None = No
     """Run every unfinished cell; returns one summary row per cell (finished earlier or now), in grid order."""
     limit = max_concurrent or spec.max_concurrent
     for cell in cells:  # every cell's inputs, before the first one writes anything
-        check_inputs(cell.config, serve=True)
+        preflight(cell.config, "run")
     root = Path(cells[0].config.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -1067,7 +1067,7 @@ def run_training(
     an interrupted run from its latest checkpoint (Ray Train V2 restores a run from its storage path and name;
     `TorchTrainer.restore/can_restore` are deprecated there). A worker failure restarts the worker group up to
     `training.max_failures` times, resuming from the latest checkpoint. MLflow: with `tracking_uri`, rank 0 logs into
-    the existing run `run_id` (required then; the pipeline's train stage creates it, `stages.train.train_run`, and
+    the existing run `run_id` (required then; the pipeline's train stage creates it, `stages.train_run`, and
     ends it); this function creates no run. The final adapter is copied to `out_dir/adapter`. `placebo`: the
     dataset is the placebo set and the adapter the placebo control (its own folder key). `soft_labels_path`: the
     soft-label set of `training.objective` distribution / sft+distribution (the placebo's: its permuted set)."""

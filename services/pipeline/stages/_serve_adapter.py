@@ -14,7 +14,7 @@ from tomtransfer.shared.errors import UserError
 from tomtransfer.shared.samples import adapter_name
 
 from tomtransfer.services.common.fingerprint import dir_sha256
-from tomtransfer.services.pipeline.stages.common import Context
+from tomtransfer.services.pipeline.stages._common import Context
 
 
 def adapter_identity(adapter_dir: str | Path) -> dict:

@@ -32,7 +32,7 @@ from tomtransfer.services.collector.store import ExactStore
 from tomtransfer.services.common.fingerprint import SHORT, file_sha256, model_identity
 from tomtransfer.services.pipeline.fingerprint import soft_labels_key, train_soft_labels_key
 from tomtransfer.services.pipeline.resources import say
-from tomtransfer.services.pipeline.stages.common import (Context, StageLog, Trained, close_stage_run,
+from tomtransfer.services.pipeline.stages._common import (Context, StageLog, Trained, close_stage_run,
                                                          log_parent_metrics, stage_run)
 from tomtransfer.services.trainer.dataset import (META_JSON, TRAIN_PARQUET, DatasetError, DatasetExport, export_placebo_set,
                                       export_training_set, log_dataset_to_mlflow)

@@ -19,7 +19,7 @@ from tomtransfer.services.evaluator.collect import collect, evaluate_dir, store_
 from tomtransfer.services.evaluator.tracking import evaluate_and_log, use_experiment
 from tomtransfer.services.pipeline.fingerprint import evaluate_key
 from tomtransfer.services.pipeline.resources import say
-from tomtransfer.services.pipeline.stages.common import Context, Evaluated, StageLog, stage_run
+from tomtransfer.services.pipeline.stages._common import Context, Evaluated, StageLog, stage_run
 
 
 def evaluate(cfg: ExperimentConfig, ctx: Context, adapter: dict | None = None, *,

@@ -16,7 +16,7 @@ from tomtransfer.shared.config import ExperimentConfig
 
 from tomtransfer.services.collector.generate import (GenerateResult, generate as sample_teacher, generate_dir,
                                                      log_generate_to_mlflow)
-from tomtransfer.services.pipeline.stages.common import Context, Generated, StageLog, close_stage_run, stage_run
+from tomtransfer.services.pipeline.stages._common import Context, Generated, StageLog, close_stage_run, stage_run
 
 
 def generate(cfg: ExperimentConfig, ctx: Context) -> Generated:
