@@ -1,6 +1,6 @@
 """The serving app: teacher and student as named models on one OpenAI-compatible HTTP API (Ray Serve).
 
-Import path for `serve run` / a RayService `serveConfigV2`: `services.teacher.app:build_app`, with args
+Import path for `serve run` / a RayService `serveConfigV2`: `tomtransfer.services.teacher.app:build_app`, with args
 `{"config": "/path/to/experiment.yaml"}` (or `{"config_data": {...}}`, the config inline). Locally:
 `tomtransfer serve --config FILE` (services/cli.py, on services/teacher/serving.py).
 
@@ -16,6 +16,8 @@ that Serve configs, Helm values and callers import from `services.teacher.app`):
 - services/teacher/replica.py  - `ModelServer`, the engine replica deployment
 - services/teacher/ingress.py  - `Ingress` and its FastAPI `api`: the HTTP API (documented there)
 """
+
+import os
 
 from ray import serve
 
@@ -45,6 +47,19 @@ def _load(args: dict):
     raise UserError("build_app needs args {'config': PATH} or {'config_data': {...}}")
 
 
+def replica_actor_options(spec) -> dict:
+    """Ray actor options of a `ModelServer` replica for the model spec `spec`.
+
+    Its OpenMP threads sleep at a barrier instead of spinning (`OMP_WAIT_POLICY=PASSIVE`; libgomp reads it when the
+    replica's process starts, hence the runtime env). A replica runs at nice 15 (Ray's workers) beside other
+    processes; a spinning thread holds its core, so the thread stuck on the contended core cannot move there and
+    every kernel waits for it: fp32 sampling beside one busy neighbour 0.97 -> 6.6 tokens/s with PASSIVE, 15 %
+    slower alone, the bf16 path the same either way (benchmarks/results/cpu_contention.json, cpu_passive.json).
+    An `OMP_WAIT_POLICY` in the environment that builds the app wins."""
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY") or "PASSIVE"}
+    return {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "runtime_env": {"env_vars": env}}
+
+
 def build_app(args: dict) -> serve.Application:
     """The Serve application for an experiment config (`args`: {"config": path} or {"config_data": dict})."""
     cfg = _load(dict(args or {}))
@@ -60,7 +75,7 @@ def build_app(args: dict) -> serve.Application:
         info[role] = {"model": spec.model, "engine": spec.engine}
         apps[role] = ModelServer.options(
             name=f"tomtransfer-{role}", num_replicas=spec.num_replicas,
-            ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+            ray_actor_options=replica_actor_options(spec),
         ).bind(role, spec.model_dump(mode="json"), tracking, root, cfg.serving.max_adapters)
     defaults = {"temperature": cfg.sampling.temperature, "max_tokens": min(cfg.sampling.max_tokens,
                                                                           cfg.serving.max_tokens_cap)}
