@@ -438,7 +438,8 @@ def parse_way(spec: str) -> tuple[str, dict]:
     Contention options (the cause of the slow runs on a shared machine): `nice=N` runs the way's process at
     niceness N (Ray starts its workers, so the Serve replicas and Ray Train workers, at 15), `hog` keeps one core
     busy at niceness 0 beside it (another user's process), `passive` sets OMP_WAIT_POLICY=PASSIVE (torch's
-    OpenMP threads sleep at a barrier instead of spinning)."""
+    OpenMP threads sleep at a barrier instead of spinning), `spin=N` sets GOMP_SPINCOUNT=N (libgomp spins N
+    iterations at a barrier, then sleeps)."""
     base, _, rest = spec.partition(":")
     opts: dict = {}
     for o in filter(None, rest.split(",")):
@@ -447,7 +448,7 @@ def parse_way(spec: str) -> tuple[str, dict]:
             opts["dtype"] = "bfloat16"
         elif k == "fp32":
             opts["dtype"] = "float32"
-        elif k in ("threads", "conc", "nice"):
+        elif k in ("threads", "conc", "nice", "spin"):
             opts[k] = int(v)
         elif k in ("nice0", "before", "hog", "passive"):
             opts[k] = True
@@ -485,6 +486,8 @@ def _run_way(spec: str, wl_path: Path, timeout: float, before_rev: str | None = 
         env["RAY_worker_niceness"] = "0"  # Ray starts its workers (the Serve replicas) at nice 15 by default
     if opts.get("passive"):
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if opts.get("spin") is not None:
+        env["GOMP_SPINCOUNT"] = str(opts["spin"])
     cmd = [str(py), str(Path(__file__).resolve()), "--worker", way, "--workload", str(wl_path), "--result", str(out)]
     if opts.get("nice") is not None:
         cmd = ["nice", "-n", str(opts["nice"]), *cmd]
@@ -534,7 +537,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--ways", default=" ".join(WAYS), help="space- or ';'-separated ways, each 'way[:option,...]' "
                     "(options: bf16, fp32, threads=N, conc=N (serve: requests in flight), nice0 (Ray workers at nice 0), "
-                    "nice=N, hog, passive, before)")
+                    "nice=N, hog, passive, spin=N, before)")
     ap.add_argument("--scenarios", type=int, default=None, help="first K scenarios only (a quick check)")
     ap.add_argument("--n", type=int, default=None, help="samples per scenario (default generate.samples)")
     ap.add_argument("--timeout", type=float, default=3600)

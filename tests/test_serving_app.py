@@ -103,9 +103,9 @@ def test_binds_loopback_and_lists_models(app):
     assert ids == ["teacher", "student", "student:cfg"]
 
 
-def test_replicas_wait_passively_and_the_ingress_is_untouched(app):
-    """The engine replicas' processes start with OMP_WAIT_POLICY=PASSIVE (app.replica_actor_options: a spinning
-    OpenMP thread at nice 15 beside a busy neighbour cost fp32 sampling 15x); the environment of the ingress, which
+def test_replicas_spin_briefly_and_the_ingress_is_untouched(app):
+    """The engine replicas' processes start with GOMP_SPINCOUNT=10000 (app.replica_actor_options: an OpenMP thread
+    spinning on at nice 15 beside a busy neighbour cost fp32 sampling 15x); the environment of the ingress, which
     runs no kernels, is left as it was."""
     envs = {}
     for proc in Path("/proc").iterdir():
@@ -114,10 +114,10 @@ def test_replicas_wait_passively_and_the_ingress_is_untouched(app):
             if "ServeReplica:" in cmd and "tomtransfer-" in cmd:
                 role = cmd.split("tomtransfer-", 1)[1].split()[0]
                 env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode().split("\0") if "=" in kv)
-                envs[role] = env.get("OMP_WAIT_POLICY")
+                envs[role] = env.get("GOMP_SPINCOUNT")
         except (OSError, IndexError, ValueError):
             continue
-    assert envs.get("teacher") == envs.get("student") == "PASSIVE", envs
+    assert envs.get("teacher") == envs.get("student") == "10000", envs
     assert envs.get("ingress") is None, envs
 
 

@@ -50,13 +50,16 @@ def _load(args: dict):
 def replica_actor_options(spec) -> dict:
     """Ray actor options of a `ModelServer` replica for the model spec `spec`.
 
-    Its OpenMP threads sleep at a barrier instead of spinning (`OMP_WAIT_POLICY=PASSIVE`; libgomp reads it when the
+    Its OpenMP threads spin only briefly at a barrier, then sleep (`GOMP_SPINCOUNT=10000`; libgomp reads it when the
     replica's process starts, hence the runtime env). A replica runs at nice 15 (Ray's workers) beside other
-    processes; a spinning thread holds its core, so the thread stuck on the contended core cannot move there and
-    every kernel waits for it: fp32 sampling beside one busy neighbour 0.97 -> 6.6 tokens/s with PASSIVE, 15 %
-    slower alone, the bf16 path the same either way (benchmarks/results/cpu_contention.json, cpu_passive.json).
-    An `OMP_WAIT_POLICY` in the environment that builds the app wins."""
-    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY") or "PASSIVE"}
+    processes; a thread that spins on holds its core, so the thread stuck on the contended core cannot move there
+    and every kernel waits for it. fp32 sampling beside one busy neighbour: 0.97 tokens/s as torch ships, 5.4 with
+    this spin count, 6.6 with OMP_WAIT_POLICY=PASSIVE; alone: 14.2, 13.4 and 11.8 (passive also cost the demo's fp32
+    student a third of its exact-mode rate); the bf16 path is indifferent (benchmarks/results/cpu_contention.json,
+    cpu_passive.json, cpu_spin.json). `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` in the environment that builds the app
+    wins."""
+    env = {k: os.environ[k] for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY") if os.environ.get(k)} or \
+        {"GOMP_SPINCOUNT": "10000"}
     return {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus, "runtime_env": {"env_vars": env}}
 
 
