@@ -136,13 +136,20 @@ def test_a_logged_config_the_schema_no_longer_reads_is_named_not_read(tmp_path):
     logged = load_config(CONFIG).model_dump(mode="json")
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(logged))
-    cfg, error = _load_config(good)
-    assert cfg is not None and cfg.name == "demo" and error is None
+    cfg, ev, error = _load_config(good)
+    assert cfg is not None and cfg.name == "demo" and error is None and ev == cfg.evaluate
+    # a setting a later schema dropped, outside the evaluate section: the metric settings still come from the log
+    outside = tmp_path / "outside.yaml"
+    outside.write_text(yaml.safe_dump({**logged, "training": {**logged["training"], "no_such_setting": 1}}))
+    cfg, ev, error = _load_config(outside)
+    assert cfg is None and error.startswith("config.yaml: training.no_such_setting")
+    assert ev is not None and ev.model_dump() == load_config(CONFIG).evaluate.model_dump()
     old = tmp_path / "old.yaml"
-    logged["evaluate"]["no_such_setting"] = 1  # a setting a later schema dropped
+    logged["evaluate"]["no_such_setting"] = 1  # ... inside it: the evaluator's defaults
     old.write_text(yaml.safe_dump(logged))
-    cfg, error = _load_config(old)
-    assert cfg is None and error.startswith("config.yaml: evaluate.no_such_setting") and "\n" not in error
+    cfg, ev, error = _load_config(old)
+    assert cfg is None and ev is None
+    assert error.startswith("config.yaml: evaluate.no_such_setting") and "\n" not in error
     groups = [g for g in synthetic.paper_groups() if g["family"] == "in_sample"]
     result = evaluate_exact(synthetic.exact_from_groups(groups), samples=300, n_resamples=200)
     md = write_outputs(result, tmp_path / "out", config=cfg, config_error=error).report["md"].read_text()

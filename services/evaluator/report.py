@@ -251,8 +251,9 @@ def _configuration(doc: Doc, cfg: ExperimentConfig | None, error: str | None) ->
     """Configuration: the settings that shaped the numbers (or a line saying why there are none)."""
     doc.h(1, "Configuration")
     if cfg is None:
-        doc.p(f"The logged config could not be read as the current schema ({error}); the metrics use the "
-              "evaluator's default settings." if error else "No configuration was given.")
+        doc.p(f"The logged config could not be read as the current schema ({error}); the metrics use its "
+              "evaluate section where that part still reads, else the evaluator's default settings." if error
+              else "No configuration was given.")
         return
     m, s, ev, gen, tr = cfg.models, cfg.sampling, cfg.evaluate, cfg.generate, cfg.training
     rows = [

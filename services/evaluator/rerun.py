@@ -20,8 +20,9 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
-from tomtransfer.shared.config import ConfigError, ExperimentConfig, parse_config
+from tomtransfer.shared.config import ConfigError, EvaluateConfig, ExperimentConfig, parse_config
 from tomtransfer.shared.errors import UserError
 
 from tomtransfer.services.common.console import say
@@ -34,14 +35,24 @@ class ReportError(UserError):
     """The run cannot be reported on (not found, no raw results)."""
 
 
-def _load_config(path: Path) -> tuple[ExperimentConfig | None, str | None]:
-    """(the logged config, None) when it validates against the current schema, else (None, the one-line error)."""
+def _load_config(path: Path) -> tuple[ExperimentConfig | None, EvaluateConfig | None, str | None]:
+    """(the logged config, its evaluate section, None) when it validates against the current schema; else (None,
+    the evaluate section when that part alone still validates, the one-line error) - the metric settings of an
+    older run then still come from what it logged."""
     try:
-        return parse_config(yaml.safe_load(path.read_text(encoding="utf-8")), CONFIG_YAML), None
-    except ConfigError as e:
-        return None, str(e)
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        return None, f"{CONFIG_YAML}: not readable YAML ({type(e).__name__})"
+        return None, None, f"{CONFIG_YAML}: not readable YAML ({type(e).__name__})"
+    try:
+        config = parse_config(raw, CONFIG_YAML)
+        return config, config.evaluate, None
+    except ConfigError as e:
+        section = raw.get("evaluate") if isinstance(raw, dict) else None
+        try:
+            evaluate = EvaluateConfig.model_validate(section) if isinstance(section, dict) else None
+        except ValidationError:
+            evaluate = None
+        return None, evaluate, str(e)
 
 
 def report(run_id: str, tracking_uri: str | None = None, out_dir: str | Path | None = None, *,
@@ -68,10 +79,10 @@ def report(run_id: str, tracking_uri: str | None = None, out_dir: str | Path | N
     with tempfile.TemporaryDirectory(prefix="tt-report-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="samples", dst_path=tmp,
                                                          tracking_uri=uri))
-        config, config_error = None, None
+        config, ev, config_error = None, None, None
         logged = f"config/{CONFIG_YAML}"
         if "config" in names and any(a.path == logged for a in client.list_artifacts(run_id, "config")):
-            config, config_error = _load_config(Path(mlflow.artifacts.download_artifacts(
+            config, ev, config_error = _load_config(Path(mlflow.artifacts.download_artifacts(
                 run_id=run_id, artifact_path=logged, dst_path=tmp, tracking_uri=uri)))
         exact = local / EXACT_PARQUET
         sampled = sorted(p for p in local.rglob("*.parquet") if p != exact)
@@ -80,12 +91,14 @@ def report(run_id: str, tracking_uri: str | None = None, out_dir: str | Path | N
         # Both kinds may be there: under the paper's protocol the teacher is sampled and the students exact.
         if config_error:
             say(f"note: the logged config could not be read as the current schema ({config_error}); the metrics "
-                "use the evaluator's default settings")
+                + ("use its evaluate section, which still reads" if ev is not None
+                   else "use the evaluator's default settings"))
         settings = {}
-        if config is not None:  # else the evaluator's defaults
-            ev = config.evaluate
+        if ev is not None:  # else the evaluator's defaults
             settings = {"effective_n": ev.exact_n or ev.samples, "rate": ev.rate, "min_valid_share": ev.min_valid_share,
-                        "protocol": config.protocol_line(), "n_resamples": ev.bootstrap}
+                        "n_resamples": ev.bootstrap}
+        if config is not None:
+            settings["protocol"] = config.protocol_line()
         result = compute(samples=sampled or None, exact=exact if exact.is_file() else None, seed=0, **settings)
         out = Path(out_dir) if out_dir is not None else Path("runs") / "reports" / run_id
         info = {"MLflow run": run_id, "run name": run.info.run_name, "experiment": experiment, "tracking URI": uri}
