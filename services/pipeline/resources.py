@@ -11,8 +11,7 @@ from typing import Iterator
 
 from tomtransfer.shared.config import ExperimentConfig
 
-from tomtransfer.services.common.checks import serving_api_key  # noqa: F401 - re-exported for pipeline.run
-from tomtransfer.services.common.console import say  # also re-exported for pipeline.run and .stages
+from tomtransfer.services.common.console import say
 from tomtransfer.services.common.mlflow_server import MlflowServer
 from tomtransfer.services.evaluator.tracking import experiment_url
 from tomtransfer.services.teacher.serving import start

@@ -24,11 +24,12 @@ from tomtransfer.shared.errors import UserError
 from tomtransfer.shared.samples import adapter_name
 
 from tomtransfer.services.collector.jobs import base_url as endpoint
-from tomtransfer.services.common.checks import check_endpoint
+from tomtransfer.services.common.checks import check_endpoint, serving_api_key
+from tomtransfer.services.common.console import say
 from tomtransfer.services.evaluator.tracking import use_experiment
 from tomtransfer.services.pipeline import stages
 from tomtransfer.services.pipeline.preflight import preflight
-from tomtransfer.services.pipeline.resources import LocalApp, local_app, say, serving, serving_api_key, tracking, with_tracking
+from tomtransfer.services.pipeline.resources import LocalApp, local_app, serving, tracking, with_tracking
 from tomtransfer.services.pipeline.stages import Context
 
 # mlflow and services.trainer.train (torch) are imported where they are used: slow imports that the checks before

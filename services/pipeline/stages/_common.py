@@ -16,7 +16,7 @@ from typing import Any
 from tomtransfer.shared.config import ExperimentConfig
 
 from tomtransfer.services.collector.store import atomic_write_json
-from tomtransfer.services.pipeline.resources import say
+from tomtransfer.services.common.console import say
 
 # mlflow is imported where it is used: `tomtransfer generate` without tracking and the checks before a stage
 # need none of it.

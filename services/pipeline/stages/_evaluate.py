@@ -15,10 +15,10 @@ from typing import Iterator
 
 from tomtransfer.shared.config import ExperimentConfig
 
+from tomtransfer.services.common.console import say
 from tomtransfer.services.evaluator.collect import collect, evaluate_dir, store_dirs
 from tomtransfer.services.evaluator.tracking import evaluate_and_log, use_experiment
 from tomtransfer.services.pipeline.fingerprint import evaluate_key
-from tomtransfer.services.pipeline.resources import say
 from tomtransfer.services.pipeline.stages._common import Context, Evaluated, StageLog, stage_run
 
 

@@ -29,9 +29,9 @@ from tomtransfer.services.collector.cost import exact_cost, metrics as cost_metr
 from tomtransfer.services.collector.generate import generate_dir, teacher_cost_metrics
 from tomtransfer.services.collector.jobs import role_identity, select_scenarios
 from tomtransfer.services.collector.store import ExactStore
+from tomtransfer.services.common.console import say
 from tomtransfer.services.common.fingerprint import SHORT, file_sha256, model_identity
 from tomtransfer.services.pipeline.fingerprint import soft_labels_key, train_soft_labels_key
-from tomtransfer.services.pipeline.resources import say
 from tomtransfer.services.pipeline.stages._common import (Context, StageLog, Trained, close_stage_run,
                                                          log_parent_metrics, stage_run)
 from tomtransfer.services.trainer.dataset import (META_JSON, TRAIN_PARQUET, DatasetError, DatasetExport, export_placebo_set,
