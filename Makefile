@@ -15,8 +15,11 @@ CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
 # The tiers (tests/conftest.py marks tests by the fixtures they use: Ray, real models, pipeline runs -> slow).
 FAST_MARKERS ?= not slow
-# pytest-xdist workers for the fast tier (single-threaded tests; the slow ones use every core and run one at a time)
+# pytest-xdist workers: the fast tests are single-threaded, the slow ones wait ~40 % of their time (Ray start-up,
+# servers, timeouts), so one session on 2 workers keeps both cores busy. A module runs on one worker (its fixtures
+# start once); tests/conftest.py starts the modules with slow tests first, heaviest first.
 TEST_JOBS ?= 2
+XDIST := -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 # `make mlflow-ui` opens the store a local run wrote (<output_dir>/mlflow; the demo's output_dir is runs).
 MLFLOW_STORE ?= runs/mlflow
 # Models the demo and the real-model tests use; fetched once, converted, cached under $(CACHE).
@@ -64,21 +67,16 @@ test: test-main
 	$(MAKE) test-vllm
 
 test-main: install-test models
-	$(call tier,-m "$(FAST_MARKERS)" -n $(TEST_JOBS))
-	$(call tier,-m "not ($(FAST_MARKERS))")
-
-# tier ARGS: one pytest run of the main suite; "no tests collected" (exit 5) passes only where PYTEST_ARGS narrows
-# the run (a file, -k), so a selection that falls wholly in the other tier is not an error, and an empty suite is.
-tier = scripts/in-netns $(BIN)/python -m pytest $(1) $(PYTEST_ARGS) || { rc=$$?; [ $$rc = 5 ] && [ -n "$(strip $(PYTEST_ARGS))" ] || exit $$rc; }
+	scripts/in-netns $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # The edit-test loop: everything not marked slow (no Ray cluster, no real model, no browser, no pipeline run); needs
 # neither the models nor chromium.
 test-fast: $(TEST_STAMP) helm
-	scripts/in-netns $(BIN)/python -m pytest -m "$(FAST_MARKERS)" -n $(TEST_JOBS) $(PYTEST_ARGS)
+	scripts/in-netns $(BIN)/python -m pytest -m "$(FAST_MARKERS)" $(XDIST) $(PYTEST_ARGS)
 
 # The rest of the main suite: what test-fast leaves out.
 test-slow: install-test models
-	scripts/in-netns $(BIN)/python -m pytest -m "not ($(FAST_MARKERS))" $(PYTEST_ARGS)
+	scripts/in-netns $(BIN)/python -m pytest -m "not ($(FAST_MARKERS))" $(XDIST) $(PYTEST_ARGS)
 
 run: install models
 	scripts/in-netns $(BIN)/tomtransfer run --config $(CONFIG)

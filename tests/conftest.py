@@ -17,6 +17,13 @@ The markers are declared in pyproject.toml. `FIXTURE_MARKS` below maps fixtures 
 other fixtures count). A module-level `pytestmark` or a decorator adds markers the fixtures cannot see (e.g. a test
 that starts `tomtransfer run` in a subprocess). In the fast tier, a test that takes over `FAST_BUDGET_S` is named at
 the end of the run: mark it slow (or make it faster).
+
+Scheduling (`make test`: one pytest-xdist session, `--dist loadfile --no-loadscope-reorder`): a slow test spends
+about 40 % of its time waiting (Ray start-up, servers, endpoint timeouts, single-threaded process start), so the
+whole suite runs on 2 workers and the fast tests fill those gaps. A module runs whole on one worker (its module and
+session fixtures start once there; the session's tiny pipeline run is read by one module only, for that reason);
+the modules with slow tests go first, heaviest first (`SLOW_FIRST`), so the long ones do not end the session alone.
+(`--dist loadgroup` would allow finer groups, but pytest 9.2 ignores the node-id suffix pytest-xdist 3.8 sets.)
 """
 
 from __future__ import annotations
@@ -25,6 +32,12 @@ import importlib.util as _util
 import os
 
 import pytest
+
+# Two xdist workers share the cores, and their tests start Ray workers and serving replicas of their own: an OpenMP
+# thread that spins at a barrier while its partner waits for a core burns that core (as in the product's replicas,
+# services/teacher/app.py). Every process of the session (set before torch loads libgomp; children inherit it) spins
+# briefly, then sleeps.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 FIXTURE_MARKS: dict[str, tuple[str, ...]] = {
     "private_netns": ("netns",),
@@ -39,6 +52,12 @@ FIXTURE_MARKS: dict[str, tuple[str, ...]] = {
 }
 IMPLY_SLOW = ("ray", "real_model", "browser")
 FAST_BUDGET_S = float(os.environ.get("TOMTRANSFER_FAST_BUDGET_S", "15"))
+
+# Modules with slow tests, heaviest first, from `--durations` on this machine
+# (benchmarks/results/ci_clean_clone_1acfc0b.log); a module with slow tests not listed starts after these, before the
+# modules with fast tests only.
+SLOW_FIRST = ("test_e2e_pipeline", "test_real_transfer", "test_trainer_ray", "test_crash_kill9", "test_sweep_run",
+              "test_runner_endpoint", "test_serving_app", "test_serving_security", "test_distribution_ray")
 
 pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.pipeline"]
 
@@ -58,6 +77,22 @@ def pytest_collection_modifyitems(config, items):
                     item.add_marker(m)
         if any(item.get_closest_marker(m) for m in IMPLY_SLOW) and not item.get_closest_marker("slow"):
             item.add_marker("slow")
+    items[:] = _scheduled(items)
+
+
+def _scheduled(items: list) -> list:
+    """The modules with slow tests first (heaviest first), then the others; collection order within a module and
+    among the modules of one rank. Only the order changes: pytest-xdist's loadfile keeps a module on one worker."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+
+    def key(indexed):
+        i, item = indexed
+        if item.path not in slow:
+            return (len(rank) + 1, i)
+        return (rank.get(item.path.stem, len(rank)), i)
+
+    return [item for _, item in sorted(enumerate(items), key=key)]
 
 
 # The fast tier's guard: tests over budget are listed at the end, so a slow test does not stay in the loop unnoticed.

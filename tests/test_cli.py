@@ -198,6 +198,42 @@ def test_generate_without_a_serving_app_refuses_before_writing(teacher, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_taken_serving_port_is_refused_before_anything_starts(tmp_path):
+    """Ray Serve's proxy binds with SO_REUSEPORT, so a second local app on a port another app holds would start and
+    share it (the kernel splitting connections between two apps). The preflight of every command that starts a local
+    app refuses a taken serving.port in one line, exit 2, nothing written; a free port passes."""
+    import socket
+
+    from tomtransfer.services.common.checks import check_port
+    from tomtransfer.shared.config import parse_config
+    from tomtransfer.shared.errors import UserError
+
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as Serve's proxy binds (loopback only here)
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    try:
+        twin = socket.socket()  # the hazard: a second SO_REUSEPORT listener binds the same port without an error
+        twin.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        twin.bind(("127.0.0.1", port))
+        twin.close()
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"name: p\noutput_dir: {tmp_path / 'out'}\nmodels: {{teacher: {{model: no-such-alias}}, "
+                       f"student: {{model: no-such-alias}}}}\nserving: {{port: {port}}}\n")
+        for cmd in ("serve", "run", "evaluate"):  # the port is checked before the models (an unknown alias here)
+            r = cli(cmd, "--config", cfg)
+            assert r.returncode == 2 and f"serving.port {port} on 127.0.0.1 is taken" in r.stderr, (cmd, r.stderr)
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert list(tmp_path.iterdir()) == [cfg]
+        models = {"teacher": {"model": "a"}, "student": {"model": "b"}}
+        with pytest.raises(UserError, match="is taken"):
+            check_port(parse_config({"models": models, "serving": {"port": port}}))
+    finally:
+        held.close()
+    check_port(parse_config({"models": models, "serving": {"port": port}}))  # free again: passes
+
+
 def test_evaluate_against_a_missing_app_refuses_before_writing(tmp_path):
     """evaluate with serving.base_url talks to a running app: none there -> one line, exit 2, fast, and no run folder,
     MLflow store or report (the preflight checks the endpoint before the tracking server or a run exists)."""

@@ -7,13 +7,15 @@ the real one and evaluated as student_placebo) and the teacher's leading-answer 
 with the exact estimator).
 
 The run, and its rerun, are the session's shared ones (`tiny_pipeline`, `tiny_pipeline_rerun` in
-tests/fixtures/pipeline.py: tests/test_serving_handoff.py reads the same run); the changed-inputs run comes after the
-rerun. Starts Ray and servers: runs inside a private network namespace (`make test` does).
+tests/fixtures/pipeline.py; only this module reads them, so under pytest-xdist's loadfile they run once); the
+changed-inputs run comes after the rerun. The run's replicas and training workers are sized so that both cannot fit
+at once: the serving app steps aside for training and is deployed again for the evaluation (the step-aside test). Starts Ray and servers: runs inside a private network namespace (`make test` does).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from tests.fixtures.pipeline import tomtransfer  # `run` and the long ones: a pl
 
 pytest_plugins = ["tests.fixtures.mlflow_server"]
 pytestmark = pytest.mark.netns
+CPUS = os.cpu_count() or 2
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +124,25 @@ def test_adapter_reloads_with_peft(run, tmp_path):
                                                 tracking_uri=client._tracking_client.tracking_uri)
     cfg = PeftConfig.from_pretrained(local)
     assert cfg.r == 8 and set(cfg.target_modules) == {"q_proj", "v_proj"}
+
+
+def test_serving_steps_aside_for_training_that_cannot_fit_beside_it(tiny_pipeline, tiny_pipeline_rerun):
+    # replicas 2 x 0.4 of the cores, workers 2 x 0.25: 0.5 of the cores needed, 0.2 free while serving
+    cfg = yaml.safe_load(tiny_pipeline.path.read_text())
+    assert cfg["models"]["teacher"]["num_cpus"] == cfg["models"]["student"]["num_cpus"] == 0.4 * CPUS
+    assert cfg["training"]["num_workers"] == 2 and cfg["training"]["cpus_per_worker"] == 0.25 * CPUS
+    res = tiny_pipeline.first  # `tomtransfer run`
+    assert res.returncode == 0, res.stderr[-3000:]
+    err = res.stderr
+    assert "steps aside while training" in err and "deploying the serving app again for the evaluation" in err
+    assert err.index("steps aside") < err.index("[train] LoRA") < err.index("deploying the serving app again")
+    # the evaluation ran against the redeployed app (its adapter too): the summary table (titled "transfer:
+    # improvement ..." until the measurement's a5835c0) is printed
+    assert "the paper's improvement" in res.stdout, res.stdout[-2000:]
+
+    again = tiny_pipeline_rerun.result  # the same config run again: training reused, nothing to make room for
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[train] reused" in again.stderr and "steps aside" not in again.stderr
 
 
 def test_generated_dataset_is_exact(experiment):

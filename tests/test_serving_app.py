@@ -86,7 +86,8 @@ def app(tmp_path_factory, mlflow_tracking_uri, real_models):
                     "adapter_root": str(tmp), "adapters": {"cfg": make_lora(student, tmp / "lora-cfg", seed=1)}},
         "mlflow": {"tracking_uri": mlflow_tracking_uri},
     }
-    proc, log = start_serve(cfg, tmp, {TOKEN_ENV: TOKEN})
+    # the product's own spin count is checked here, not the one tests/conftest.py sets for the session
+    proc, log = start_serve(cfg, tmp, {TOKEN_ENV: TOKEN}, drop=("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"))
     a = App(wait_for_url(proc, log), proc, log, student, tmp)
     yield a
     try:  # normally test_zz_sigint_stops_cleanly has stopped it; take down anything left in its group

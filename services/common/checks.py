@@ -5,6 +5,9 @@
             not there yet - the cache is not an output), a Hugging Face folder, or a hub id already in the local
             cache; an `openai`-engine model's API-key variable is set
   bind      an app this process starts without a bearer token binds loopback only (unless serving.allow_open)
+  port      the port a new local app binds is free: Ray Serve's proxy binds it with SO_REUSEPORT, so a second app on
+            a taken port does not fail - the kernel splits the connections between the two apps (another run's
+            adapter root, another config), which answer each other's requests
   secrets   `serving.auth_token_env` names a variable that is set (`secret` reads every key from the environment)
   endpoint  a command that talks to a running serving app (`generate`, `evaluate` / `run` with
             `serving.base_url`) finds it before it writes anything: it answers `GET /v1/models` and lists the roles
@@ -17,6 +20,8 @@ objective) into the one preflight every command runs.
 from __future__ import annotations
 
 import os
+import socket
+import sys
 
 import httpx
 
@@ -78,6 +83,26 @@ def check_bind(cfg: ExperimentConfig) -> None:
         raise UserError(f"serving.host {s.host} is not a loopback address and serving.auth_token_env is not set: "
                         f"anyone who reaches port {s.port} could use the models; set serving.auth_token_env (a "
                         f"bearer token) or serving.allow_open: true")
+
+
+def check_port(cfg: ExperimentConfig) -> None:
+    """serving.port is free on serving.host, for an app on a local Ray cluster this process is about to start (on a
+    cluster it joins, or one it already runs with its app, the proxies are that cluster's own)."""
+    if os.environ.get("RAY_ADDRESS") or ("ray" in sys.modules and sys.modules["ray"].is_initialized()):
+        return
+    s = cfg.serving
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(s.host, s.port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise UserError(f"serving.host {s.host}: cannot resolve it ({e.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is not a taker
+        try:
+            probe.bind(addr)
+        except OSError as e:
+            raise UserError(f"serving.port {s.port} on {s.host} is taken ({e.strerror}): another serving app or "
+                            "process listens there; stop it or set another serving.port") from None
 
 
 def check_endpoint(cfg: ExperimentConfig, url: str, api_key: str | None, roles: tuple[str, ...] = ("teacher",),

@@ -4,6 +4,8 @@ exit 2, and leaves the output folder, the MLflow store and the cluster exactly a
 `preflight(cfg, command)` is the one entry; each command asks for what it needs:
   bind      (serve; run / evaluate without serving.base_url) no open app on a non-loopback address
             (`services.common.checks.check_bind`)
+  port      (the same commands, on a local Ray cluster they start) serving.port is free (`...checks.check_port`:
+            Ray Serve shares a taken port silently)
   secrets   (all but train) `serving.auth_token_env` names a variable that is set (`...checks.check_secrets`)
   packs     (all but serve) scenario packs exist, are UTF-8 and valid, and the selected scenarios exist
   models    (serve; run / evaluate without serving.base_url: teacher and student; train: the student) every locally
@@ -28,6 +30,7 @@ from tomtransfer.services.common.checks import (
     check_bind,
     check_endpoint,
     check_models,
+    check_port,
     check_secrets,
     serving_api_key,
 )
@@ -75,6 +78,7 @@ def preflight(cfg: ExperimentConfig, command: Command) -> None:
     starts_app = command == "serve" or (command in ("run", "evaluate") and not cfg.serving.base_url)
     if starts_app:
         check_bind(cfg)
+        check_port(cfg)
     if command != "train":
         check_secrets(cfg)
     if command != "serve":

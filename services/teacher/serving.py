@@ -17,7 +17,7 @@ import time
 from tomtransfer.shared.config import ExperimentConfig
 from tomtransfer.shared.errors import UserError
 
-from tomtransfer.services.common.checks import check_bind
+from tomtransfer.services.common.checks import check_bind, check_port
 
 # ray and the serving app (services.teacher.app: ray, torch) are imported where they are used: the checks before
 # anything starts (and `tomtransfer` itself) need neither.
@@ -33,7 +33,9 @@ def start(cfg: ExperimentConfig, *, ray_address: str | None = None, num_cpus: in
 
     from tomtransfer.services.teacher.app import build_app
 
-    check_bind(cfg)  # a guard of its own: never an open app on a non-loopback address
+    check_bind(cfg)  # guards of its own: never an open app on a non-loopback address,
+    if not ray_address:
+        check_port(cfg)  # nor one that shares a taken port (skipped where Ray is up or RAY_ADDRESS names a cluster)
     init_ray(ray_address, num_cpus=num_cpus, log_to_driver=log_to_driver)
     if not (ray_address or os.environ.get("RAY_ADDRESS")):
         check_fits(cfg)
