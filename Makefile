@@ -42,7 +42,7 @@ install-test: $(TEST_STAMP) system-deps helm
 # Debian's chromium renders the MLflow UI in a browser test; installed only where we may (root + apt).
 system-deps:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
+	  (apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq chromium >/dev/null); } || \
 	  echo "note: chromium not installed (needs root + apt); the MLflow UI browser test will fail"
 
 # torch is installed first from the CPU wheel, so no later resolver step can pull CUDA torch.

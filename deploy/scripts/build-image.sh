@@ -17,10 +17,11 @@ repo="$(cd "${here}/../.." && pwd)"
 cache="${CACHE:-${HOME}/.cache/tomtransfer}"
 offline_base="localhost/tomtransfer-base:bookworm"
 
-# podman, buildah, runc and debootstrap from Debian where we may (root + apt).
+# podman, buildah, runc and debootstrap from Debian where we may (root + apt; the lock timeout: .ci/run builds the
+# image beside `make install-test`, whose apt-get may hold the lock).
 if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq podman buildah runc debootstrap >/dev/null
   fi
   command -v podman >/dev/null || { echo "build-image.sh: podman is not installed (apt-get install podman buildah runc)" >&2; exit 2; }
 fi
