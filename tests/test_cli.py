@@ -208,6 +208,7 @@ def test_a_taken_serving_port_is_refused_before_anything_starts(tmp_path):
     from tomtransfer.shared.config import parse_config
     from tomtransfer.shared.errors import UserError
 
+    models = {"teacher": {"model": "a"}, "student": {"model": "b"}}
     held = socket.socket()
     held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as Serve's proxy binds (loopback only here)
     held.bind(("127.0.0.1", 0))
@@ -226,7 +227,6 @@ def test_a_taken_serving_port_is_refused_before_anything_starts(tmp_path):
             assert r.returncode == 2 and f"serving.port {port} on 127.0.0.1 is taken" in r.stderr, (cmd, r.stderr)
             assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert list(tmp_path.iterdir()) == [cfg]
-        models = {"teacher": {"model": "a"}, "student": {"model": "b"}}
         with pytest.raises(UserError, match="is taken"):
             check_port(parse_config({"models": models, "serving": {"port": port}}))
     finally:
