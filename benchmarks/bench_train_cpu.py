@@ -4,7 +4,9 @@ Arms (same training set, same model, same LoRA r=8 q/v, same micro-batch and gra
 - reference   a minimal plain peft loop written here (HF `labels=` loss, AdamW, no Ray, no MLflow);
 - loop        `services.trainer.train.train_loop_per_worker` called directly (world size 1);
 - ray_1x1     the same loop through Ray Train `TorchTrainer`, 1 worker (1 CPU): Ray Train's own overhead;
-- ray_2x1     2 workers x 1 CPU each (DDP over gloo).
+- ray_2x1     2 workers x 1 CPU each (DDP over gloo);
+- loop_bf16   `loop` with `training.dtype: bfloat16` (bf16 base, fp32 LoRA weights, bf16 autocast): on a CPU with
+              AMX / AVX512-BF16 (this machine) the step time halves on a real-sized student (`--student`).
 Every process uses one torch thread: on a shared, oversubscribed 2-core machine multi-threaded OpenMP
 regions stall on each other and the numbers become meaningless (seen here: 2 threads ran 6x slower than
 two 1-thread workers). Arms are interleaved over `--repeat` rounds and the median is reported.
@@ -18,7 +20,9 @@ tests.fixtures.tiny_models's, so prompts are ~600-700 tokens). The machine is sh
 after each arm are recorded. Ray starts inside a private network namespace (the script re-executes itself
 under scripts/in-netns when a non-loopback interface is up).
 
-Run: `.venv/bin/python -m benchmarks.bench_train_cpu [--out FILE] [--examples 32]`
+`--student ALIAS` trains a real model of the offline store instead (e.g. smollm2-135m-instruct).
+
+Run: `.venv/bin/python -m benchmarks.bench_train_cpu [--out FILE] [--examples 32] [--student ALIAS] [--arms ...]`
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ def main() -> None:
     ap.add_argument("--examples", type=int, default=16, help="training examples (spread over 4 scenarios)")
     ap.add_argument("--arms", default="reference,loop,ray_1x1,ray_2x1")
     ap.add_argument("--repeat", type=int, default=2, help="rounds; arms interleaved; the median is reported")
+    ap.add_argument("--student", help="a model alias or folder to train instead of the tiny random Llama")
     args = ap.parse_args()
     if not _loopback_only():
         os.execv(str(ROOT / "scripts" / "in-netns"),
@@ -90,24 +95,24 @@ def main() -> None:
     from tests.fixtures.tiny_models import build_tiny_model
     from tomtransfer.services.trainer.dataset import export_training_set
     from tests.fixtures.synthetic_samples import fake_samples
-    from tomtransfer.services.trainer.train import train_loop_per_worker
+    from tomtransfer.services.trainer.train import resolve_student, train_loop_per_worker
     from tomtransfer.shared.config import parse_config
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-cpu-"))
     per = max(1, args.examples // len(SCENARIOS))
     ds = export_training_set(fake_samples(SCENARIOS, n=per, invalid_rate=0.0, seed=2), work / "ds",
                              targets="answer_motivation").parquet
-    student = build_tiny_model(work / "student", arch="llama", seed=0, hidden_size=256, layers=4, heads=8,
-                               kv_heads=4, intermediate=688)
+    student = resolve_student(args.student) if args.student else build_tiny_model(
+        work / "student", arch="llama", seed=0, hidden_size=256, layers=4, heads=8, kv_heads=4, intermediate=688)
     runs: dict[str, list[dict]] = {}
 
-    def loop():
+    def loop(dtype: str = "auto"):
         r = train_loop_per_worker({"dataset_path": str(ds), "student_path": str(student), "num_threads": 1,
                                    "probe_examples": 0, "output_dir": str(work / "loop"),
                                    "training": {"epochs": 1, "per_device_batch_size": PER_DEVICE,
-                                                "effective_batch_size": EFFECTIVE}})
+                                                "effective_batch_size": EFFECTIVE, "dtype": dtype}})
         return {"tokens": r["loop_tokens"], "loop_s": r["loop_s"], "tokens_per_s": r["tokens_per_s_avg"],
-                "tokens_per_cpu_s": r["loop_tokens"] / r["loop_cpu_s_rank0"]}
+                "tokens_per_cpu_s": r["loop_tokens"] / r["loop_cpu_s_rank0"], "loss_last": r["loss_last"]}
 
     def ray_arm(workers: int):
         def go():
@@ -126,7 +131,8 @@ def main() -> None:
 
         return go
 
-    arms = {"reference": lambda: reference_loop(ds, student, 1), "loop": loop, "ray_1x1": ray_arm(1), "ray_2x1": ray_arm(2)}
+    arms = {"reference": lambda: reference_loop(ds, student, 1), "loop": loop, "ray_1x1": ray_arm(1),
+            "ray_2x1": ray_arm(2), "loop_bf16": lambda: loop("bfloat16")}
     names = args.arms.split(",")
     import ray
 
@@ -159,7 +165,7 @@ def main() -> None:
             base = summary["reference"][k]
             for v in summary.values():
                 v[f"{k}_ratio"] = v[k] / base
-    out = {"examples": args.examples, "cpus": os.cpu_count(), "threads_per_process": 1, "per_device": PER_DEVICE,
+    out = {"examples": args.examples, "student": args.student or "tiny random Llama", "cpus": os.cpu_count(), "threads_per_process": 1, "per_device": PER_DEVICE,
            "effective": EFFECTIVE, "summary": summary, "runs": runs}
     print(json.dumps(summary, indent=1))
     print(f"\n{'arm':10} {'tok/s':>8} {'ratio':>6} {'tok/cpu-s':>10} {'ratio':>6} {'wall s':>7}")

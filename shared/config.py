@@ -185,6 +185,12 @@ class TrainingConfig(_Strict):
     max_failures: int = Field(default=1, ge=0)
     checkpoint_every_steps: int = Field(default=0, ge=0, description="0: a checkpoint at every epoch end only")
     gradient_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="the frozen base weights' dtype, and the autocast of the forward pass (LoRA "
+        "weights and optimizer state stay fp32): auto = bfloat16 on GPU, float32 on CPU; bfloat16 on CPU halves "
+        "the step time where the CPU computes bf16 natively (AMX / AVX512-BF16; benchmarks/RESULTS.md, 'Training "
+        "in bf16 on CPU'), elsewhere it can be slower than float32. Part of the adapter's fingerprint where it "
+        "differs from auto's choice")
     compile: bool = Field(default=False, description="torch.compile the model (fixed-length batches recompile less)")
     adapter_name: str = "tom"
     placebo: bool = Field(

@@ -64,6 +64,12 @@ def test_train_key_follows_data_student_and_settings(dataset, tmp_path):
     for knob, value in (("training__max_failures", 5), ("training__cpus_per_worker", 2.0),
                         ("training__checkpoint_every_steps", 3), ("evaluate__samples", 9)):
         assert train_key(cfg(**{knob: value}), dataset) == base, knob
+    # the base's dtype: auto's choice keeps the key it had before the knob (fp32 on CPU, bf16 on GPU)
+    assert train_key(cfg(training__dtype="float32"), dataset) == base
+    assert train_key(cfg(training__dtype="bfloat16"), dataset) != base
+    gpu = train_key(cfg(training__use_gpu=True), dataset)
+    assert train_key(cfg(training__use_gpu=True, training__dtype="bfloat16"), dataset) == gpu
+    assert train_key(cfg(training__use_gpu=True, training__dtype="float32"), dataset) != gpu
 
 
 def test_each_role_store_follows_its_own_inputs(tmp_path):

@@ -28,6 +28,9 @@ TRAIN_OPERATIONAL = ("max_failures", "checkpoint_every_steps", "cpus_per_worker"
 # The distribution objective's knobs: in the train key only where the objective uses them (an sft run's key is the
 # one it had before they existed).
 TRAIN_OBJECTIVE = ("objective", "distribution_weight", "soft_labels")
+# The base weights' dtype: in the train key only where it differs from what `auto` picks on the same device (a run's
+# key is the one it had before the knob existed).
+TRAIN_DTYPE = ("dtype",)
 # Evaluate settings that change how the work is scheduled or shown, not the numbers.
 EVALUATE_OPERATIONAL = ("concurrency", "role_order")
 
@@ -107,12 +110,17 @@ def soft_labels_identity(cfg: ExperimentConfig, built_key: str | None = None) ->
 def train_key(cfg: ExperimentConfig, dataset: Path, *, placebo: bool = False,
               soft_labels_key: str | None = None) -> str:
     """The training set's content (sha256), the student's weights, the training section minus the knobs that
-    cannot change the adapter (`TRAIN_OPERATIONAL`); the objective's knobs and its target (`soft_labels_identity`;
-    `soft_labels_key`: the built set's key where `training.soft_labels` names none) only where the objective is not
-    sft. `placebo`: the key of the placebo adapter (`dataset` is then the placebo set)."""
+    cannot change the adapter (`TRAIN_OPERATIONAL`); the base's dtype where it is not auto's choice; the
+    objective's knobs and its target (`soft_labels_identity`; `soft_labels_key`: the built set's key where
+    `training.soft_labels` names none) only where the objective is not sft. `placebo`: the key of the placebo
+    adapter (`dataset` is then the placebo set)."""
     t = cfg.training
     ident = {"dataset": file_sha256(dataset), "student": model_identity(cfg.models.student),
-             "training": t.model_dump(mode="json", exclude=set(TRAIN_OPERATIONAL) | set(TRAIN_OBJECTIVE))}
+             "training": t.model_dump(mode="json", exclude=set(TRAIN_OPERATIONAL) | set(TRAIN_OBJECTIVE) |
+                                      set(TRAIN_DTYPE))}
+    auto = "bfloat16" if t.use_gpu else "float32"
+    if t.dtype not in ("auto", auto):
+        ident["dtype"] = t.dtype
     if t.objective != "sft":
         ident["objective"] = {"objective": t.objective, "soft_labels": soft_labels_identity(cfg, soft_labels_key),
                               "distribution_weight": t.distribution_weight if t.objective == "sft+distribution"

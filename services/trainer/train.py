@@ -22,7 +22,8 @@ Features
   (per_device x workers)). The loss is the exact token mean over the whole effective batch (token counts are
   all-reduced before the backward passes), not a mean of micro-batch means.
 - bf16 on GPU: frozen base weights in bf16, LoRA weights and optimizer state in fp32, forward under
-  bf16 autocast. fp32 on CPU. SDPA attention. Optional `torch.compile` and gradient checkpointing.
+  bf16 autocast. fp32 on CPU, or the GPU's recipe with `training.dtype: bfloat16` (about 2x faster steps on a
+  CPU with AMX). SDPA attention. Optional `torch.compile` and gradient checkpointing.
 - Ray Train DDP (`ray.train.torch.prepare_model`; gloo on CPU, NCCL on GPU) with a `DistributedSampler`
   (seeded, per-epoch shuffle); without Ray it runs as one plain torch process (world size 1) - the GPU
   benchmark runs it that way. Neither ray nor mlflow is imported at module import time.
@@ -90,7 +91,7 @@ except ImportError:  # pragma: no cover
 # the device image).
 LOOP_KNOBS = ("lora", "learning_rate", "lr_scheduler", "warmup_ratio", "epochs", "effective_batch_size",
               "per_device_batch_size", "max_seq_len", "max_grad_norm", "adapter_name", "objective",
-              "distribution_weight")
+              "distribution_weight", "dtype")
 DEFAULT_TRAINING: dict[str, Any] = {"lora": {}}
 if TrainingConfig is not None:
     DEFAULT_TRAINING = {k: v for k, v in TrainingConfig().model_dump(mode="json").items() if k in LOOP_KNOBS}
@@ -398,7 +399,9 @@ class _Worker:
 
     @property
     def base_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.on_gpu else torch.float32
+        """training.dtype: auto = bf16 on GPU, fp32 on CPU."""
+        want = self.tcfg.get("dtype", "auto")
+        return torch.bfloat16 if want == "bfloat16" or (want == "auto" and self.on_gpu) else torch.float32
 
 
 def _setup_worker(config: dict) -> _Worker:
@@ -529,7 +532,7 @@ def _soft_batches(plan: _Plan, soft: list[dict], at_step: int) -> list[list[dict
 
 
 def _setup_model(config: dict, w: _Worker):
-    """5. Model: base weights frozen (bf16 on GPU, fp32 on CPU), LoRA adapters in fp32."""
+    """5. Model: base weights frozen (training.dtype: bf16 on GPU, fp32 on CPU by default), LoRA adapters in fp32."""
     import transformers
     from peft import LoraConfig, get_peft_model
 
@@ -669,8 +672,9 @@ class _Loop:
     loop_cpu_s: float = 0.0
 
 
-def _autocast(on_gpu: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
+def _autocast(w: _Worker):
+    """bf16 autocast over a bf16 base (the LoRA matmuls in fp32 weights run in bf16 too); none over fp32."""
+    return torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=w.base_dtype == torch.bfloat16)
 
 
 def _train(config: dict, w: _Worker, data: _Data, plan: _Plan, model, peft_model, opt: _Optim,
@@ -683,7 +687,7 @@ def _train(config: dict, w: _Worker, data: _Data, plan: _Plan, model, peft_model
     loop = _Loop(start_step=pos.step, ckpt_every=int(config.get("checkpoint_every_steps") or 0),
                  log_every=max(1, int(config.get("log_every_steps") or 1)),
                  report_every_s=float(config.get("report_every_s", 10.0)), fault=config.get("fault") or None)
-    autocast = _autocast(w.on_gpu)
+    autocast = _autocast(w)
     model.train()
     while pos.step < plan.total_steps:
         _train_epoch(config, w, data, plan, model, peft_model, opt, pos, loop, autocast)
@@ -900,7 +904,7 @@ def _save_final(config: dict, w: _Worker, data: _Data, peft_model, opt: _Optim, 
     n_probe = int(config.get("probe_examples", 2))
     if n_probe:
         probe_path = final_dir / PROBE_FILE
-        _save_probe(peft_model, data.examples[:n_probe], data.pad_id, w.device, _autocast(w.on_gpu), probe_path)
+        _save_probe(peft_model, data.examples[:n_probe], data.pad_id, w.device, _autocast(w), probe_path)
     result |= w.log.final(adapter_dir, probe_path, str(tcfg["adapter_name"]), {
         "r": lcfg["r"], "alpha": lcfg["alpha"], "target_modules": ",".join(lcfg["target_modules"])})
     result["adapter_dir"] = str(adapter_dir)
