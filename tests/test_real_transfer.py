@@ -81,7 +81,7 @@ def test_student_moves_toward_the_teacher(result):
         after.append(js_divergence(d.loc[("student_finetuned", sid)].to_numpy(), t))
     # on average, and in most scenarios, the fine-tuned student is closer to the teacher than the base
     # measured under the paper's protocol (teacher: its motivated dataset, ~1/3 invalid; students: answer-only
-    # exact, ~99 % invalid before fine-tuning): after / before = 0.75 (2026-11-30)
+    # exact, ~99 % invalid before fine-tuning): after / before = 0.75 (2026-11-30, fp32), 0.72 (2026-12-06, bf16)
     assert sum(after) / len(after) < 0.85 * sum(before) / len(before), (before, after)
     assert sum(a < b for a, b in zip(after, before)) >= 3, (before, after)
 

@@ -37,8 +37,11 @@ $(VLLM_STAMP): constraints-vllm.txt pyproject.toml services/teacher/vllm.mk
 	$(VLLM_BIN)/python -c "import vllm, vllm.platforms as p; assert p.current_platform.is_cpu(), p.current_platform; print('vllm', vllm.__version__, 'on CPU')"
 	@touch $@
 
+# Its own pytest base folder: `make test` runs it beside the main suite's session.
+VLLM_BASETEMP ?= /tmp/pytest-vllm
 test-vllm: vllm-venv models
-	scripts/in-netns $(VLLM_BIN)/python -m pytest tests/test_vllm_engine.py -p no:cacheprovider $(VLLM_TEST_ARGS)
+	scripts/in-netns $(VLLM_BIN)/python -m pytest tests/test_vllm_engine.py -p no:cacheprovider \
+	  --basetemp=$(VLLM_BASETEMP) $(VLLM_TEST_ARGS)
 
 constraints-vllm:
 	(echo "# Pinned versions for .venv-vllm (make vllm-venv). Regenerate from a working .venv-vllm: make constraints-vllm"; \
