@@ -22,7 +22,8 @@ Scheduling (`make test`: one pytest-xdist session, `--dist loadfile --no-loadsco
 about 40 % of its time waiting (Ray start-up, servers, endpoint timeouts, single-threaded process start), so the
 whole suite runs on 2 workers and the fast tests fill those gaps. A module runs whole on one worker (its module and
 session fixtures start once there; the session's tiny pipeline run is read by one module only, for that reason);
-the modules with slow tests go first, heaviest first (`SLOW_FIRST`), so the long ones do not end the session alone.
+the modules with slow tests go first, heaviest first (`SLOW_FIRST`), so the long ones do not end the session alone;
+the modules that share the served tiny app (`ENDPOINT_MODULES`) are one unit, so the app starts once.
 (`--dist loadgroup` would allow finer groups, but pytest 9.2 ignores the node-id suffix pytest-xdist 3.8 sets.)
 """
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util as _util
 import os
+from pathlib import Path
 
 import pytest
 
@@ -59,7 +61,26 @@ FAST_BUDGET_S = float(os.environ.get("TOMTRANSFER_FAST_BUDGET_S", "15"))
 SLOW_FIRST = ("test_e2e_pipeline", "test_real_transfer", "test_trainer_ray", "test_crash_kill9", "test_sweep_run",
               "test_runner_endpoint", "test_serving_app", "test_serving_security", "test_distribution_ray")
 
-pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.pipeline"]
+# The modules that use the session's `llm_endpoint` (a served tiny app): one scheduling unit, so they run one after
+# another on one worker and the app starts once there (it is stopped after the last of them: tests/fixtures/
+# llm_endpoint.py). A module missing here still works: the app starts again for it.
+ENDPOINT_MODULES = ("test_crash_kill9", "test_runner_endpoint", "test_generate_resume", "test_soft_labels_endpoint")
+
+pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.pipeline", "tests.fixtures.llm_endpoint"]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """loadfile, with the `ENDPOINT_MODULES` as one unit (placed where the first of them is in the order)."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "llm_endpoint modules" if Path(path).stem in ENDPOINT_MODULES else path
+
+    return Scheduling(config, log)
 
 
 def pytest_configure(config):

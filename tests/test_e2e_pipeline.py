@@ -1,6 +1,7 @@
 """End to end: `tomtransfer run` on tiny random-weight models through real Ray Serve, Ray Train (2 workers)
 and a real `mlflow server`; the MLflow run must hold the metrics, figures and adapter, the run's page in
-the MLflow UI must render in headless Chromium, a rerun must resume instead of redoing work, and
+the MLflow UI must render in headless Chromium, a rerun must resume instead of redoing work (and, with nothing left
+to measure, start no serving app), and
 `tomtransfer report --run-id` must rebuild the same numbers. Bad configs exit 2 with one line.
 The run has the placebo control on (`training.placebo`: a second adapter trained on the permuted set, served beside
 the real one and evaluated as student_placebo) and the teacher's leading-answer rows (`evaluate.teacher_lead`, on
@@ -164,6 +165,8 @@ def test_rerun_resumes_without_redoing_work(experiment, run, tiny_pipeline_rerun
     assert again.returncode == 0, again.stderr[-3000:]
     assert "[generate] reused" in again.stderr and "[train] reused" in again.stderr
     assert "[train_placebo] reused" in again.stderr
+    # nothing to measure: the serving app is never deployed (no Ray, no model loaded)
+    assert "[serve]" not in again.stderr and "Ray cluster" not in again.stderr, again.stderr[-3000:]
     # every role's rows found in its keyed store, the teacher's lead rows in theirs
     for role in ("teacher", "student_base", "student_finetuned", "student_placebo", "teacher_lead"):
         assert f"[evaluate] {role}: 0 new row(s)" in again.stderr, again.stderr[-3000:]
@@ -211,7 +214,8 @@ def test_bad_configs_exit_2(tmp_path, text, message):
 
 def test_changed_inputs_rerun_exactly_the_stages_they_feed(experiment, run, tiny_pipeline_rerun):
     """Fingerprinted stages: a new learning rate reuses the teacher dataset, retrains, and re-measures only the
-    fine-tuned student (its store is keyed by the adapter's content); never the old adapter's numbers. The placebo
+    fine-tuned student (its store is keyed by the adapter's content); never the old adapter's numbers. The serving
+    app is deployed when the evaluation first needs it (after training: nothing to step aside for). The placebo
     switched off: no placebo training or role, the evaluate stage's key changes. (After the shared rerun, which must
     find the first run's stages unchanged.)"""
     path, run_dir, _ = experiment
@@ -225,6 +229,10 @@ def test_changed_inputs_rerun_exactly_the_stages_they_feed(experiment, run, tiny
     assert res.returncode == 0, res.stderr[-3000:]
     after = json.loads((run_dir / "stages.json").read_text())
     assert "[generate] reused" in res.stderr and after["generate"]["key"] == before["generate"]["key"]
+    # the teacher's dataset reused: the app is deployed once, after training, for the fine-tuned student's rows
+    assert "steps aside" not in res.stderr and "deploying the serving app again" not in res.stderr
+    assert res.stderr.count("[serve] deploying the serving app") == 1
+    assert res.stderr.index("[train] LoRA") < res.stderr.index("[serve] deploying the serving app")
     assert "[train] inputs key" in res.stderr and after["train"]["key"] != before["train"]["key"]
     assert after["train"]["adapter_dir"] != before["train"]["adapter_dir"]
     assert after["train_placebo"] == before["train_placebo"]  # not run, not touched

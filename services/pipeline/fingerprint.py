@@ -17,7 +17,9 @@ with the same inputs finds them and resumes or reuses them. What each stage's ke
                      re-measures its own role only; the teacher's leading-answer rows (`evaluate.teacher_lead`)
                      have their own store too
   evaluate (stage)   `evaluate_key`: every store it reads (so the roles, including student_placebo, and the
-                     teacher_lead switch) and the evaluate section's metric settings
+                     teacher_lead switch), the scenarios it measures (ids and the packs' contents) and the evaluate
+                     section's metric settings: an unchanged key finds every row in the stores (the pipeline then
+                     needs no serving app for it)
 
 The hashing and the keys of single config sections live below the services (`services.common.fingerprint`:
 generate_key, train_key, role_key, model_identity); this module holds the keys that span services.
@@ -27,8 +29,11 @@ from __future__ import annotations
 
 from tomtransfer.shared.config import ExperimentConfig
 
+from pathlib import Path
+
 from tomtransfer.services.collector.generate import generate_dir
-from tomtransfer.services.common.fingerprint import EVALUATE_OPERATIONAL, SHORT, digest, model_identity
+from tomtransfer.services.collector.jobs import select_scenarios
+from tomtransfer.services.common.fingerprint import EVALUATE_OPERATIONAL, SHORT, digest, file_sha256, model_identity
 from tomtransfer.services.evaluator.collect import store_dirs
 from tomtransfer.services.trainer.softlabels import FORMAT_VERSION
 
@@ -54,9 +59,12 @@ def train_soft_labels_key(cfg: ExperimentConfig) -> str | None:
 
 def evaluate_key(cfg: ExperimentConfig, adapters: dict | None = None) -> str:
     """The evaluate stage's inputs: every store it reads (`services.evaluator.collect.store_dirs`: one per role
-    and the teacher's leading-answer store; their names are their own keys) and the metric settings."""
+    and the teacher's leading-answer store; their names are their own keys), the scenarios it measures and the
+    metric settings."""
     stores = {unit: d.parent.name for unit, d in store_dirs(cfg, adapters).items()}
     # the teacher's reference in-sample: the generate stage's samples
     dataset = generate_dir(cfg).name if cfg.teacher_from_dataset else None
-    return digest({"stores": stores, "teacher_dataset": dataset,
+    scenarios = [s.id for s in select_scenarios(cfg, list(cfg.evaluate.families))]
+    packs = [file_sha256(Path(p)) for p in cfg.scenarios.packs if Path(p).is_file()]
+    return digest({"stores": stores, "teacher_dataset": dataset, "scenarios": scenarios, "packs": packs,
                    "evaluate": cfg.evaluate.model_dump(mode="json", exclude=set(EVALUATE_OPERATIONAL))})[:SHORT]

@@ -92,15 +92,27 @@ def with_tracking(cfg: ExperimentConfig, uri: str) -> ExperimentConfig:
 
 
 class LocalApp:
-    """The serving app this process deployed on Ray; it can step aside for a stage that needs its resources."""
+    """The serving app this process deploys on Ray when a stage first needs it (`ensure`): a rerun whose stages are
+    all reused starts neither Ray nor a model. It can step aside for a stage that needs its resources; the next
+    `ensure` deploys it again."""
 
     def __init__(self, cfg: ExperimentConfig, app_name: str, route_prefix: str, log_to_driver: bool):
         self.cfg, self.app_name, self.route_prefix, self.log_to_driver = cfg, app_name, route_prefix, log_to_driver
-        self.url: str | None = None
+        self.url: str | None = None  # while deployed
+        self.deploys = 0
+        self.started_ray = False  # the first deploy started Ray: stopped at the end of `local_app`
 
-    def deploy(self) -> str:
-        self.url = start(self.cfg, app_name=self.app_name, route_prefix=self.route_prefix,
-                         log_to_driver=self.log_to_driver)
+    def ensure(self) -> str:
+        """The app's base URL, deploying it first where it is not up (the first call, or after `step_aside`)."""
+        if self.url is None:
+            import ray
+
+            if self.deploys == 0:
+                self.started_ray = not ray.is_initialized()
+                say(f"[serve] deploying the serving app {self.app_name} (teacher + student)")
+            self.url = start(self.cfg, app_name=self.app_name, route_prefix=self.route_prefix,
+                             log_to_driver=self.log_to_driver)
+            self.deploys += 1
         return self.url
 
     def held(self) -> dict[str, float]:
@@ -110,7 +122,10 @@ class LocalApp:
                 "GPU": sum(m.num_replicas * m.num_gpus for m in specs)}
 
     def in_the_way_of(self, need: dict[str, float]) -> bool:
-        """True when `need` does not fit in the free resources now but would without the app's replicas."""
+        """True when the app is up and `need` does not fit in the free resources now but would without its
+        replicas."""
+        if self.url is None:
+            return False
         import ray
 
         free, held = ray.available_resources(), self.held()
@@ -123,6 +138,7 @@ class LocalApp:
         from ray import serve
 
         serve.delete(self.app_name)
+        self.url = None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             free = ray.available_resources()
@@ -134,34 +150,32 @@ class LocalApp:
 @contextmanager
 def local_app(cfg: ExperimentConfig, *, app_name: str = "tomtransfer", route_prefix: str = "/",
               log_to_driver: bool = False) -> Iterator[LocalApp | None]:
-    """The serving app deployed on Ray for the duration of the block, or None when `serving.base_url` names one
-    already running. Ray is stopped at the end only if this block started it (a sweep keeps its Ray between groups
-    of cells)."""
+    """The serving app on Ray for the duration of the block, deployed when first asked for (`LocalApp.ensure`), or
+    None when `serving.base_url` names one already running. Ray is stopped at the end only if the app's first
+    deploy started it (a sweep keeps its Ray between groups of cells)."""
     if cfg.serving.base_url:
         yield None
         return
-    import ray
-    from ray import serve
-
-    started_ray = not ray.is_initialized()
-    say(f"[serve] deploying the serving app {app_name} (teacher + student)")
     app = LocalApp(cfg, app_name, route_prefix, log_to_driver)
     try:
-        app.deploy()
         yield app
     finally:
-        try:
-            if started_ray:
-                serve.shutdown()
-            elif ray.is_initialized():
-                serve.delete(app_name)
-        finally:
-            if started_ray:
-                ray.shutdown()
+        if app.deploys or app.started_ray:  # (a first deploy that failed may have started Ray)
+            import ray
+            from ray import serve
+
+            try:
+                if app.started_ray:
+                    serve.shutdown()
+                elif ray.is_initialized():
+                    serve.delete(app_name)
+            finally:
+                if app.started_ray:
+                    ray.shutdown()
 
 
 @contextmanager
 def serving(cfg: ExperimentConfig, **kwargs) -> Iterator[str]:
-    """The serving app's base URL: `serving.base_url`, or the app deployed for the duration of the block."""
+    """The serving app's base URL: `serving.base_url`, or the app deployed now for the duration of the block."""
     with local_app(cfg, **kwargs) as app:
-        yield app.url if app is not None else cfg.serving.base_url
+        yield app.ensure() if app is not None else cfg.serving.base_url

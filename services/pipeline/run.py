@@ -3,7 +3,8 @@
 `tomtransfer run --config FILE` (and `make run` on the demo), in order:
   1. checks    bad input (models, secrets, scenarios) fails in one line before anything is written
   2. tracking  `mlflow.tracking_uri`, or a local MLflow server for the duration of the run
-  3. serving   `serving.base_url`, or Ray + the serving app (teacher and student)
+  3. serving   `serving.base_url`, or Ray + the serving app (teacher and student), deployed when a stage first
+               needs it (a finished experiment run again starts neither Ray nor a model)
   4. run       one MLflow parent run per experiment (its id kept in `<run_dir>/mlflow_run_id`)
   5. stages    generate -> train (+ the placebo control under `training.placebo`) -> serve the adapter(s) ->
                evaluate (`stages`), each reused only when its inputs are unchanged (`fingerprint`), their MLflow
@@ -50,7 +51,8 @@ class RunResult:
 
 
 def run(cfg: ExperimentConfig, *, tags: dict | None = None) -> RunResult:
-    """The whole experiment: start what is not configured, then `run_stages`."""
+    """The whole experiment: start what is not configured (the serving app when a stage first needs it), then
+    `run_stages`."""
     preflight(cfg, "run")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -58,23 +60,31 @@ def run(cfg: ExperimentConfig, *, tags: dict | None = None) -> RunResult:
         uri = stack.enter_context(tracking(cfg))
         cfg = with_tracking(cfg, uri)
         app = stack.enter_context(local_app(cfg))
-        serve_s = time.perf_counter() - t0
-        url = app.url if app is not None else cfg.serving.base_url
-        res = run_stages(cfg, Context(tracking_uri=uri, url=url, api_key=serving_api_key(cfg)), tags=tags,
-                         app=app if cfg.serving.release_for_training else None)
-    res.timings = {"serve_start_s": serve_s, **res.timings, "total_s": time.perf_counter() - t0}
+        res = run_stages(cfg, Context(tracking_uri=uri, url=cfg.serving.base_url, api_key=serving_api_key(cfg)),
+                         tags=tags, app=app)
+    res.timings = {**res.timings, "total_s": time.perf_counter() - t0}
     return res
 
 
 def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None,
                app: LocalApp | None = None) -> RunResult:
     """generate -> train (and the placebo control under `training.placebo`) -> serve the adapter(s) -> evaluate
-    under the experiment's parent MLflow run, against a running app and tracking server (what `run` and every sweep
-    cell do). `app`: the local app, which steps aside while training when the training workers cannot fit beside
-    its replicas (`serving.release_for_training`)."""
+    under the experiment's parent MLflow run, against a running app (`ctx.url`: every sweep cell) or `app`, the
+    local one, deployed when a stage first needs it: a stage reused from an earlier run with the same inputs needs
+    none, so a finished experiment run again starts no model. The local app steps aside while training when the
+    training workers cannot fit beside its replicas (`serving.release_for_training`)."""
     import mlflow
 
     timings: dict[str, float] = {}
+
+    def served(ctx: Context) -> Context:  # ctx with the app's URL, the local app deployed first where it is down
+        if app is None or (app.url is not None and ctx.url == app.url):
+            return ctx
+        t = time.perf_counter()
+        url = app.ensure()
+        timings["serve_start_s" if app.deploys == 1 else "serve_restart_s"] = time.perf_counter() - t
+        return Context(**{**ctx.__dict__, "url": url})
+
     parent = _parent_run(cfg, ctx.tracking_uri, tags)
     with parent:
         ctx = Context(**{**ctx.__dict__, "parent_run_id": parent.info.run_id})
@@ -83,18 +93,19 @@ def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None,
                            "estimator": cfg.evaluate.estimator, "protocol": cfg.evaluate.protocol,
                            "rate": cfg.evaluate.rate})
         t = time.perf_counter()
-        gen = stages.generate(cfg, ctx)
+        gen = stages.generate(cfg, ctx if stages.generate_done(cfg) else served(ctx))
         timings["generate_s"] = time.perf_counter() - t
         if cfg.training.objective != "sft":  # the teacher's exact calls need the app, before it steps aside
             t = time.perf_counter()
-            stages.soft_label_set(cfg, ctx)
+            stages.soft_label_set(cfg, ctx if stages.soft_labels_ready(cfg) else served(ctx))
             timings["soft_labels_s"] = time.perf_counter() - t
         mlflow.log_metrics(stages.teacher_cost(cfg))  # tokens / forward passes asked of the teacher, for sweeps
         t = time.perf_counter()
         from tomtransfer.services.trainer.train import worker_resources
 
         need = worker_resources(cfg.training)
-        stepped_aside = app is not None and not stages.train_done(cfg, gen.dataset) and app.in_the_way_of(need)
+        stepped_aside = (app is not None and cfg.serving.release_for_training and
+                         not stages.train_done(cfg, gen.dataset) and app.in_the_way_of(need))
         if stepped_aside:
             held = app.held()
             say(f"[serve] the serving app steps aside while training (the workers need {need['CPU']:g} CPU, "
@@ -107,24 +118,26 @@ def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None,
             t = time.perf_counter()
             trp = stages.train_placebo(cfg, ctx, gen.dataset)
             timings["train_placebo_s"] = time.perf_counter() - t
-        if stepped_aside:
-            t = time.perf_counter()
-            say("[serve] deploying the serving app again for the evaluation")
-            ctx = Context(**{**ctx.__dict__, "url": app.deploy()})
-            timings["serve_restart_s"] = time.perf_counter() - t
         mlflow.log_artifacts(tr.adapter_dir, "adapter")
         mlflow.set_tags({"tomtransfer.adapter_uri": tr.adapter_uri or "",
                          "tomtransfer.adapter_name": cfg.training.adapter_name})
-        adapter = stages.serve_adapter(cfg, ctx, tr.adapter_dir)
-        placebo = None
         if trp is not None:
             mlflow.log_artifacts(trp.adapter_dir, "adapter_placebo")
             mlflow.set_tags({"tomtransfer.placebo_adapter_uri": trp.adapter_uri or "",
                              "tomtransfer.placebo_adapter_name": adapter_name("student_placebo",
                                                                                cfg.training.adapter_name)})
-            placebo = stages.serve_adapter(cfg, ctx, trp.adapter_dir, role="student_placebo")
+        adapters = {"student_finetuned": stages.adapter_identity(tr.adapter_dir),
+                    "student_placebo": stages.adapter_identity(trp.adapter_dir) if trp is not None else None}
+        if not stages.evaluate_done(cfg, adapters):  # rows to measure: the app, with the adapters on it
+            if stepped_aside:
+                say("[serve] deploying the serving app again for the evaluation")
+            ctx = served(ctx)
+            stages.serve_adapter(cfg, ctx, tr.adapter_dir)
+            if trp is not None:
+                stages.serve_adapter(cfg, ctx, trp.adapter_dir, role="student_placebo")
         t = time.perf_counter()
-        ev = stages.evaluate(cfg, ctx, adapter, placebo_adapter=placebo, run_info={"experiment": cfg.name})
+        ev = stages.evaluate(cfg, ctx, adapters["student_finetuned"], placebo_adapter=adapters["student_placebo"],
+                             run_info={"experiment": cfg.name})
         timings["evaluate_s"] = time.perf_counter() - t
         mlflow.log_metrics({f"timing.{k}": v for k, v in timings.items()})
     return RunResult(config=cfg, tracking_uri=ctx.tracking_uri, mlflow_run_id=parent.info.run_id,

@@ -50,6 +50,14 @@ def evaluate(cfg: ExperimentConfig, ctx: Context, adapter: dict | None = None, *
     return Evaluated(result=result, outputs=outputs, store_lines=list(got.store_lines))
 
 
+def evaluate_done(cfg: ExperimentConfig, adapters: dict[str, dict | None]) -> bool:
+    """Whether the last evaluation had these inputs (`adapters`: role -> adapter identity) and its stores are still
+    there: then every row it needs is in them and `evaluate` calls no model."""
+    rec = StageLog(cfg.run_dir).data.get("evaluate") or {}
+    return (rec.get("key") == evaluate_key(cfg, adapters) and
+            all(d.is_dir() for d in store_dirs(cfg, adapters).values()))
+
+
 @contextmanager
 def evaluate_run(cfg: ExperimentConfig, ctx: Context) -> Iterator[str]:
     """`tomtransfer evaluate` alone: the stage's own MLflow run `<name>-evaluate` (tag stage evaluate; created by

@@ -36,6 +36,12 @@ def generate(cfg: ExperimentConfig, ctx: Context) -> Generated:
     return out
 
 
+def generate_done(cfg: ExperimentConfig) -> bool:
+    """Whether `generate` would reuse the dataset made earlier with the same inputs (no teacher needed)."""
+    rec = StageLog(cfg.run_dir).data.get("generate") or {}
+    return rec.get("key") == generate_dir(cfg).name and Path(rec.get("dataset", "")).is_file()
+
+
 def track(cfg: ExperimentConfig, ctx: Context, g: GenerateResult) -> str | None:
     """The stage's MLflow run for the samples and training set `g` (None without `ctx.tracking_uri`): created,
     filled by the collector, closed (FAILED when the logging fails)."""

@@ -94,6 +94,12 @@ def soft_label_set(cfg: ExperimentConfig, ctx: Context | None = None) -> Path | 
     return _build_soft_labels(cfg, ctx, out)
 
 
+def soft_labels_ready(cfg: ExperimentConfig) -> bool:
+    """Whether `soft_label_set` has its set without calling the teacher (given, built earlier, or not needed)."""
+    out = soft_label_dir(cfg) if cfg.training.objective != "sft" and not cfg.training.soft_labels else None
+    return out is None or ((out / SOFT_META_JSON).is_file() and (out / SOFT_PARQUET).is_file())
+
+
 def _build_soft_labels(cfg: ExperimentConfig, ctx: Context, out: Path) -> Path:
     samples_path = generate_dir(cfg) / "samples" / "samples.parquet"
     if not samples_path.is_file():
