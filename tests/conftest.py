@@ -69,6 +69,7 @@ ENDPOINT_MODULES = ("test_crash_kill9", "test_runner_endpoint", "test_generate_r
 pytest_plugins = ["tests.fixtures.mlflow_server", "tests.fixtures.pipeline", "tests.fixtures.llm_endpoint"]
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: .venv-vllm has no xdist
 def pytest_xdist_make_scheduler(config, log):
     """loadfile, with the `ENDPOINT_MODULES` as one unit (placed where the first of them is in the order)."""
     if config.getoption("dist") != "loadfile":
