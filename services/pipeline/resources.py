@@ -14,7 +14,7 @@ from tomtransfer.shared.config import ExperimentConfig
 from tomtransfer.services.common.console import say
 from tomtransfer.services.common.mlflow_server import MlflowServer
 from tomtransfer.services.evaluator.tracking import experiment_url
-from tomtransfer.services.teacher.serving import start
+from tomtransfer.services.teacher.serving import check_fits, init_ray, start
 
 # mlflow and ray are imported where they are used: slow imports that the stages' checks (and the tests of the
 # links below) do not need.
@@ -108,12 +108,20 @@ class LocalApp:
             import ray
 
             if self.deploys == 0:
-                self.started_ray = not ray.is_initialized()
+                self.started_ray = self.started_ray or not ray.is_initialized()
                 say(f"[serve] deploying the serving app {self.app_name} (teacher + student)")
             self.url = start(self.cfg, app_name=self.app_name, route_prefix=self.route_prefix,
                              log_to_driver=self.log_to_driver)
             self.deploys += 1
         return self.url
+
+    def ray_up(self) -> None:
+        """Start Ray now, as the app's first deploy would, and check that its replicas can fit there: a stage that
+        runs before that deploy (training) shares the cluster, and an app that can never fit fails before it."""
+        if self.deploys == 0 and not self.started_ray:
+            self.started_ray = init_ray(log_to_driver=self.log_to_driver)
+            if not os.environ.get("RAY_ADDRESS"):
+                check_fits(self.cfg)
 
     def held(self) -> dict[str, float]:
         """CPUs and GPUs the app's model replicas reserve."""
@@ -160,14 +168,14 @@ def local_app(cfg: ExperimentConfig, *, app_name: str = "tomtransfer", route_pre
     try:
         yield app
     finally:
-        if app.deploys or app.started_ray:  # (a first deploy that failed may have started Ray)
+        if app.deploys or app.started_ray:  # (`ray_up`, or a first deploy that failed, may have started Ray)
             import ray
             from ray import serve
 
             try:
-                if app.started_ray:
+                if app.deploys and app.started_ray:
                     serve.shutdown()
-                elif ray.is_initialized():
+                elif app.deploys and ray.is_initialized():
                     serve.delete(app_name)
             finally:
                 if app.started_ray:

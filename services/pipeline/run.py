@@ -78,12 +78,13 @@ def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None,
     timings: dict[str, float] = {}
 
     def served(ctx: Context) -> Context:  # ctx with the app's URL, the local app deployed first where it is down
-        if app is None or (app.url is not None and ctx.url == app.url):
+        if app is None:
             return ctx
-        t = time.perf_counter()
-        url = app.ensure()
-        timings["serve_start_s" if app.deploys == 1 else "serve_restart_s"] = time.perf_counter() - t
-        return Context(**{**ctx.__dict__, "url": url})
+        if app.url is None:
+            t = time.perf_counter()
+            app.ensure()
+            timings["serve_start_s" if app.deploys == 1 else "serve_restart_s"] = time.perf_counter() - t
+        return Context(**{**ctx.__dict__, "url": app.url})
 
     parent = _parent_run(cfg, ctx.tracking_uri, tags)
     with parent:
@@ -92,20 +93,27 @@ def run_stages(cfg: ExperimentConfig, ctx: Context, *, tags: dict | None = None,
                            "teacher_engine": cfg.models.teacher.engine, "student_engine": cfg.models.student.engine,
                            "estimator": cfg.evaluate.estimator, "protocol": cfg.evaluate.protocol,
                            "rate": cfg.evaluate.rate})
+        if not stages.generate_done(cfg):
+            ctx = served(ctx)
         t = time.perf_counter()
-        gen = stages.generate(cfg, ctx if stages.generate_done(cfg) else served(ctx))
+        gen = stages.generate(cfg, ctx)
         timings["generate_s"] = time.perf_counter() - t
         if cfg.training.objective != "sft":  # the teacher's exact calls need the app, before it steps aside
+            if not stages.soft_labels_ready(cfg):
+                ctx = served(ctx)
             t = time.perf_counter()
-            stages.soft_label_set(cfg, ctx if stages.soft_labels_ready(cfg) else served(ctx))
+            stages.soft_label_set(cfg, ctx)
             timings["soft_labels_s"] = time.perf_counter() - t
         mlflow.log_metrics(stages.teacher_cost(cfg))  # tokens / forward passes asked of the teacher, for sweeps
         t = time.perf_counter()
         from tomtransfer.services.trainer.train import worker_resources
 
         need = worker_resources(cfg.training)
-        stepped_aside = (app is not None and cfg.serving.release_for_training and
-                         not stages.train_done(cfg, gen.dataset) and app.in_the_way_of(need))
+        to_train = not stages.train_done(cfg, gen.dataset)
+        if app is not None and to_train:
+            app.ray_up()  # training shares the cluster the app deploys on later (and fails first if it cannot fit)
+        stepped_aside = (app is not None and cfg.serving.release_for_training and to_train and
+                         app.in_the_way_of(need))
         if stepped_aside:
             held = app.held()
             say(f"[serve] the serving app steps aside while training (the workers need {need['CPU']:g} CPU, "
