@@ -86,7 +86,7 @@ def soft_label_set(cfg: ExperimentConfig, ctx: Context | None = None) -> Path | 
         read_soft_labels(p)  # one line and exit 2 for a missing, empty or malformed set
         return p.resolve()
     out = soft_label_dir(cfg)
-    if (out / SOFT_META_JSON).is_file() and (out / SOFT_PARQUET).is_file():  # the meta is written last
+    if _built(out):
         return out / SOFT_PARQUET
     if ctx is None or not ctx.url:
         raise UserError(f"no soft-label set for this config at {out}: run `tomtransfer generate` (it builds the set "
@@ -97,7 +97,12 @@ def soft_label_set(cfg: ExperimentConfig, ctx: Context | None = None) -> Path | 
 def soft_labels_ready(cfg: ExperimentConfig) -> bool:
     """Whether `soft_label_set` has its set without calling the teacher (given, built earlier, or not needed)."""
     out = soft_label_dir(cfg) if cfg.training.objective != "sft" and not cfg.training.soft_labels else None
-    return out is None or ((out / SOFT_META_JSON).is_file() and (out / SOFT_PARQUET).is_file())
+    return out is None or _built(out)
+
+
+def _built(out: Path) -> bool:
+    """A soft-label set folder that is complete: its meta is written last."""
+    return (out / SOFT_META_JSON).is_file() and (out / SOFT_PARQUET).is_file()
 
 
 def _build_soft_labels(cfg: ExperimentConfig, ctx: Context, out: Path) -> Path:
@@ -159,7 +164,7 @@ def placebo_soft_label_set(cfg: ExperimentConfig, soft_labels: str | Path) -> Pa
     src = Path(soft_labels)
     seed = cfg.sampling.seed
     out = cfg.run_dir.resolve() / "train" / "soft-labels" / f"placebo-{file_sha256(src)[:SHORT]}-seed{seed}"
-    if (out / SOFT_META_JSON).is_file() and (out / SOFT_PARQUET).is_file():
+    if _built(out):
         return out / SOFT_PARQUET
     return placebo_soft_labels(src, out, seed=seed, name=cfg.name).parquet
 
