@@ -40,6 +40,15 @@ import pytest
 # services/teacher/app.py). Every process of the session (set before torch loads libgomp; children inherit it) spins
 # briefly, then sleeps.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# The session starts about a dozen local Ray clusters (children inherit these; timing only, no behaviour changes):
+# - an idle serving app polls on 100 ms timers (Serve's control loop; every replica's and proxy's cached-metric
+#   export): 18 % of a core idle with Ray's defaults, 12 % with these (benchmarks/results/suite_xdist/README.md);
+#   a deploy or a delete takes a control-loop period longer to be noticed (0.25 s);
+# - Ray Train's preemption watcher is an actor (a process) per training run watching for node drains; a local
+#   one-node cluster has no drain to watch.
+for _name, _value in {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.25", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+                      "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}.items():
+    os.environ.setdefault(_name, _value)
 
 FIXTURE_MARKS: dict[str, tuple[str, ...]] = {
     "private_netns": ("netns",),
