@@ -40,6 +40,8 @@ from typing import Callable
 
 from tomtransfer.shared.errors import UserError
 
+from tomtransfer.services.common import lean_transformers
+
 MARKER = "tomtransfer-model.json"
 _CHUNK = 1 << 22  # 4 MiB read size for hashing/concatenation
 
@@ -264,7 +266,8 @@ def sha256_file(path: Path) -> str:
 def convert_gguf(gguf: Path, out_dir: Path, info: dict, progress: Callable[[str], None] | None = None) -> Path:
     """GGUF -> fp32 HF folder (model + tokenizer + chat template), written to a temp dir and renamed."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    transformers = lean_transformers.load()
+    AutoModelForCausalLM, AutoTokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
 
     _report(progress, f"converting {gguf.name} to an fp32 HF folder (30-100 s) ...")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")

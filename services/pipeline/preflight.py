@@ -35,6 +35,7 @@ from tomtransfer.services.common.checks import (
     serving_api_key,
 )
 from tomtransfer.services.common.console import say
+from tomtransfer.services.common import lean_transformers
 from tomtransfer.services.common.models import resolve_model
 from tomtransfer.services.trainer.softlabels import actions_for, read_soft_labels
 
@@ -58,7 +59,7 @@ def check_objective(cfg: ExperimentConfig) -> None:
         raise UserError("training.objective: the distribution objective trains a local student; models.student "
                         "is a remote (openai) model")
     # transformers and torch (distill): lazy, only a distribution objective needs them
-    import transformers
+    transformers = lean_transformers.load()
 
     from tomtransfer.services.trainer.distill import ObjectiveError, action_token_ids
 

@@ -71,6 +71,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from tomtransfer.services.common import lean_transformers
+
 IGNORE_INDEX = -100
 ADAPTER_ARTIFACT_PATH = "adapter"
 TRAINING_CONFIG_FILE = "tomtransfer_training.json"
@@ -445,7 +447,7 @@ class _Data:
 
 def _setup_data(config: dict, w: _Worker) -> _Data:
     """3. Tokenizer and data: the student's chat template; loss only on the assistant turn."""
-    import transformers
+    transformers = lean_transformers.load()
 
     from tomtransfer.services.trainer.dataset import read_training_set
 
@@ -533,7 +535,7 @@ def _soft_batches(plan: _Plan, soft: list[dict], at_step: int) -> list[list[dict
 
 def _setup_model(config: dict, w: _Worker):
     """5. Model: base weights frozen (training.dtype: bf16 on GPU, fp32 on CPU by default), LoRA adapters in fp32."""
-    import transformers
+    transformers = lean_transformers.load()
     from peft import LoraConfig, get_peft_model
 
     lcfg = w.lcfg
@@ -993,7 +995,7 @@ def preflight(dataset_path: str | Path, student_path: str | Path, max_seq_len: i
     chat template that renders prompt-as-prefix, and some examples fit `max_seq_len`; for the distribution
     objectives, the soft-label set reads, is not empty and every action string tokenizes to something distinct
     with the student's tokenizer. Raises TrainError (a UserError: one line, exit 2)."""
-    import transformers
+    transformers = lean_transformers.load()
 
     from tomtransfer.services.trainer.dataset import read_training_set
 

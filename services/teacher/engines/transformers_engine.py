@@ -56,6 +56,7 @@ from pathlib import Path
 
 import torch
 
+from tomtransfer.services.common import lean_transformers
 from tomtransfer.services.teacher.engines.base import (
     ChatRequest,
     ChatResult,
@@ -132,7 +133,8 @@ class TransformersEngine(Engine):
     def __init__(self, spec, *, model_path: str | None = None, threads: int | None = None, model=None,
                  tokenizer=None):
         """`spec`: a `ModelSpec` (its `decoding` section holds the knobs, see `DecodingOptions`)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        transformers = lean_transformers.load()
+        AutoModelForCausalLM, AutoTokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
 
         from tomtransfer.services.common.models import resolve_model
 
