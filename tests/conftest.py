@@ -68,7 +68,7 @@ FAST_BUDGET_S = float(os.environ.get("TOMTRANSFER_FAST_BUDGET_S", "15"))
 # (benchmarks/results/ci_clean_clone_1acfc0b.log); a module with slow tests not listed starts after these, before the
 # modules with fast tests only.
 SLOW_FIRST = ("test_e2e_pipeline", "test_real_transfer", "test_trainer_ray", "test_crash_kill9", "test_sweep_run",
-              "test_runner_endpoint", "test_serving_app", "test_serving_security", "test_distribution_ray")
+              "test_runner_endpoint", "test_serving_app", "test_serving_security")
 
 # The modules that use the session's `llm_endpoint` (a served tiny app): one scheduling unit, so they run one after
 # another on one worker and the app starts once there (it is stopped after the last of them: tests/fixtures/

@@ -9,7 +9,9 @@
 - an interrupted run (an exception, max_failures=0) resumes from its latest checkpoint when run again;
 - intermediate metrics go to Ray at most every `report_every_s` (a report is a barrier: one per step capped the
   2-GPU loop at one step per 2 s); the count follows the setting and the adapter does not depend on it.
-The uninterrupted run is the baseline of the others (one Ray cluster, one training run per behaviour).
+- the sft+distribution objective through the train stage (soft labels as the run's MLflow dataset input, both
+  losses logged, the adapter in MLflow).
+The uninterrupted run is the baseline of the others (one Ray cluster for the module, one training run per behaviour).
 Runs only in a private network namespace (scripts/in-netns), like everything that starts Ray.
 """
 
@@ -195,3 +197,48 @@ def test_interrupted_run_resumes(ray_cluster, student, dataset, tmp_path, mlflow
     assert r["resumed_run"] and r["start_step"] == 2 and r["step"] == 6
     assert r["run_id"] == first_run_id  # the same MLflow run continues (the train stage's record)
     assert r["adapter_checksums"][0] == trained[1]["adapter_checksums"][0]
+
+
+DIST_IDS = ["IR_prison", "biz_staghunt", "environment_snowdrift", "team_delight"]
+
+
+def test_sft_plus_distribution_on_ray_train(ray_cluster, tmp_path, mlflow_tracking_uri):
+    """sft+distribution through the train stage: the same recipe as sft, the ranks agree, the soft-label set is the
+    run's MLflow dataset input (digest = its content hash's first 32 hex digits), both losses are logged, the
+    adapter is in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from tomtransfer.services.pipeline.stages import Context, train
+    from tomtransfer.services.trainer.dataset import export_training_set
+    from tomtransfer.services.trainer.softlabels import SoftLabelExport, build_soft_labels, export_soft_labels
+    from tomtransfer.shared.config import parse_config
+    from tomtransfer.shared.scenarios import default_catalog
+    from tests.fixtures.synthetic_samples import fake_samples
+    from tests.fixtures.tiny_models import tiny_model_dir
+
+    student = tiny_model_dir("llama", seed=1)
+    data = export_training_set(fake_samples(DIST_IDS, n=2, c_rate=0.5, invalid_rate=0.0, seed=3), tmp_path / "ds",
+                               targets="answer").parquet
+    cat = default_catalog()
+    df, _ = build_soft_labels([cat.scenarios[i] for i in DIST_IDS], None,
+                              {i: {"p_C": p, "p_D": 1 - p} for i, p in zip(DIST_IDS, (0.1, 0.4, 0.6, 0.9))},
+                              instruction="answer_only", teacher_instruction="answer_motivation")
+    soft = export_soft_labels(df, tmp_path / "soft", name="soft", teacher="synthetic", instruction="answer_only",
+                              teacher_instruction="answer_motivation")
+    cfg = parse_config({
+        "name": "dist", "output_dir": str(tmp_path / "runs"),
+        "models": {"teacher": {"model": "fake-teacher"}, "student": {"model": str(student)}},
+        "mlflow": {"experiment": "distribution-ray"},
+        "training": {"num_workers": 2, "cpus_per_worker": 1, "epochs": 2, "effective_batch_size": 4,
+                     "per_device_batch_size": 2, "learning_rate": 3e-2, "objective": "sft+distribution",
+                     "distribution_weight": 0.5, "soft_labels": str(soft.out_dir)},
+    })
+    out = train(cfg, Context(tracking_uri=mlflow_tracking_uri), data)
+    assert (Path(out.adapter_dir) / "adapter_model.safetensors").is_file() and out.steps == 4
+    client = MlflowClient(mlflow_tracking_uri)
+    run = client.get_run(out.run_id)
+    assert run.data.params["training.objective"] == "sft+distribution"
+    assert {"loss", "loss_sft", "loss_distribution"} <= set(run.data.metrics)
+    digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert digests.get("soft") == SoftLabelExport.from_dir(soft.out_dir).mlflow_digest
+    assert run.data.tags.get("tomtransfer.adapter_uri") == f"runs:/{out.run_id}/adapter"
