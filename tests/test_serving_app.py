@@ -104,15 +104,26 @@ def test_binds_loopback_and_lists_models(app):
     assert ids == ["teacher", "student", "student:cfg"]
 
 
+def _descends_from(pid: int, root: int) -> bool:
+    """Whether process `pid` has `root` among its ancestors (the serve process starts Ray; Ray starts the replicas)."""
+    while pid > 1:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        if pid == root:
+            return True
+    return False
+
+
 def test_replicas_spin_briefly_and_the_ingress_is_untouched(app):
     """The engine replicas' processes start with GOMP_SPINCOUNT=10000 (app.replica_actor_options: an OpenMP thread
     spinning on at nice 15 beside a busy neighbour cost fp32 sampling 15x); the environment of the ingress, which
-    runs no kernels, is left as it was."""
+    runs no kernels, is left as it was. Only this app's replicas: the other xdist worker may serve an app of its own,
+    built in the session's environment."""
     envs = {}
     for proc in Path("/proc").iterdir():
         try:
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if "ServeReplica:" in cmd and "tomtransfer-" in cmd:
+            if "ServeReplica:" in cmd and "tomtransfer-" in cmd and _descends_from(int(proc.name), app.proc.pid):
                 role = cmd.split("tomtransfer-", 1)[1].split()[0]
                 env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode().split("\0") if "=" in kv)
                 envs[role] = env.get("GOMP_SPINCOUNT")
