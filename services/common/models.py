@@ -267,14 +267,14 @@ def convert_gguf(gguf: Path, out_dir: Path, info: dict, progress: Callable[[str]
     """GGUF -> fp32 HF folder (model + tokenizer + chat template), written to a temp dir and renamed."""
     import torch
     transformers = lean_transformers.load()
-    AutoModelForCausalLM, AutoTokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
 
     _report(progress, f"converting {gguf.name} to an fp32 HF folder (30-100 s) ...")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                                  dtype=torch.float32)
         # save_pretrained refuses a GGUF-loaded model until the quantizer is gone (see MODELS.md).
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

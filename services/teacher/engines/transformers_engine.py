@@ -134,7 +134,6 @@ class TransformersEngine(Engine):
                  tokenizer=None):
         """`spec`: a `ModelSpec` (its `decoding` section holds the knobs, see `DecodingOptions`)."""
         transformers = lean_transformers.load()
-        AutoModelForCausalLM, AutoTokenizer = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
 
         from tomtransfer.services.common.models import resolve_model
 
@@ -146,8 +145,8 @@ class TransformersEngine(Engine):
         if model is None:
             path = model_path or str(resolve_model(spec.model))
             self.model_path = path
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         else:  # an in-memory model (benchmarks, tests)
             self.model_path = model_path or "<in-memory>"
             self.tokenizer = tokenizer
