@@ -42,8 +42,8 @@ import pytest
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 # The session starts about a dozen local Ray clusters (children inherit these; timing only, no behaviour changes):
 # - an idle serving app polls on 100 ms timers (Serve's control loop; every replica's and proxy's cached-metric
-#   export): 18 % of a core idle with Ray's defaults, 12 % with these (benchmarks/results/suite_xdist/README.md);
-#   a deploy or a delete takes a control-loop period longer to be noticed (0.25 s);
+#   export): 17-18 % of a core idle with Ray's defaults, 13-16.5 % with these (30 s windows, noisy; RESULTS.md
+#   "Two more cuts, two more runs"); a deploy or a delete took ~1 s longer;
 # - Ray Train's preemption watcher is an actor (a process) per training run watching for node drains; a local
 #   one-node cluster has no drain to watch.
 for _name, _value in {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.25", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",

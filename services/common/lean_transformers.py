@@ -3,8 +3,8 @@
 transformers 5.x imports `sklearn.metrics` (and with it most of scikit-learn and SciPy) as soon as a config, a
 tokenizer or a model class loads (`transformers.generation.candidate_generator`), for one feature: the confidence
 threshold of assisted (speculative) generation, which nothing here uses. scikit-learn is installed only as MLflow's
-dependency. The import costs ~1 CPU-second per process (`python -X importtime`: 1.2 s of 5 s for `import torch,
-transformers` + a model class here), and every serving replica, Ray Train worker and CLI command that reads a
+dependency. The import costs ~1.3 CPU-seconds per process (`import transformers` + a tokenizer and a model class:
+4.9-5.3 CPU-s with it, 3.6-3.9 without, here), and every serving replica, Ray Train worker and CLI command that reads a
 tokenizer pays it. So the processes that load transformers through `load()` report scikit-learn as unavailable to
 transformers (its own switch, `is_sklearn_available`), before anything imports the generation module.
 
