@@ -1,0 +1,105 @@
+"""Where a long command's CPU goes, per kind of process: samples every process's CPU time from /proc while the
+command runs (Ray's workers, Serve replicas, vLLM, pytest workers, ... are separate processes, so `time` on the
+command sees only the part its own children report when they are waited for).
+
+Run: `python -m benchmarks.cpu_by_process --out DIR -- make test`: writes DIR/ps.json (pid, last cmdline, first and
+last CPU seconds seen, ppid) and DIR/cpu_by_process.txt (CPU-s per kind, most first), and exits with the command's
+status. Limits: a process that lives less than one interval is missed, and the CPU a process spends after the last
+sample before it dies (< one interval) is lost; what was running before the command started counts only its growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def snapshot() -> dict[str, tuple[float, str, str]]:
+    """pid -> (utime + stime of the process's threads in seconds, cmdline, ppid)."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
+        out[pid] = ((int(fields[11]) + int(fields[12])) / TICK, cmd, fields[1])
+    return out
+
+
+def kind(cmd: str) -> str:
+    """A readable kind for a command line (Ray's process titles, python -m modules, pytest roles)."""
+    if cmd.startswith("ray::"):
+        return cmd.split()[0]
+    for pattern, name in ((r"xdist|execnet|gw\d", "pytest worker (xdist)"), (r"-m pytest", "pytest"),
+                          (r"tomtransfer\.services\.cli|bin/tomtransfer", "tomtransfer CLI"),
+                          (r"gcs_server", "gcs_server"), (r"raylet", "raylet"), (r"log_monitor", "log_monitor"),
+                          (r"dashboard/agent|dashboard_agent", "dashboard agent"), (r"dashboard\.py", "dashboard"),
+                          (r"monitor\.py|autoscaler", "autoscaler"), (r"runtime_env", "runtime env agent"),
+                          (r"mlflow.*server|gunicorn|uvicorn", "mlflow server"), (r"chrom", "chromium"),
+                          (r"vllm|VLLM", "vllm"), (r"pip ", "pip"), (r"helm", "helm")):
+        if re.search(pattern, cmd):
+            return name
+    return (cmd.split() or ["?"])[0][-40:]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--interval", type=float, default=0.5)
+    ap.add_argument("command", nargs=argparse.REMAINDER)
+    args = ap.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        ap.error("give the command after --")
+    args.out.mkdir(parents=True, exist_ok=True)
+    seen: dict[str, list] = {}  # pid -> [cmdline, cpu first seen, cpu last seen, ppid]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            for pid, (cpu, cmd, ppid) in snapshot().items():
+                row = seen.setdefault(pid, [cmd, cpu, cpu, ppid])
+                row[2] = cpu
+                if cmd:
+                    row[0] = cmd  # the last title: Ray workers rename themselves when they take an actor
+            done.wait(args.interval)
+
+    before = set(snapshot())
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.time()
+    rc = subprocess.call(command)
+    done.set()
+    thread.join()
+    rows = [(pid, cmd, first, last, ppid) for pid, (cmd, first, last, ppid) in seen.items()]
+    (args.out / "ps.json").write_text(json.dumps(rows))
+    by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for pid, cmd, first, last, _ in rows:
+        used = last - first if pid in before else last  # new processes: all of it
+        if used > 0:
+            by_kind[kind(cmd)][0] += used
+            by_kind[kind(cmd)][1] += 1
+    total = sum(v[0] for v in by_kind.values())
+    lines = [f"command: {' '.join(command)}", f"wall {time.time() - t0:.0f} s, exit {rc}", f"total CPU-s {total:.0f}"]
+    lines += [f"{cpu:8.1f} {n:5d}  {k}" for k, (cpu, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0])]
+    (args.out / "cpu_by_process.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:25]), file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
