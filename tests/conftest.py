@@ -45,9 +45,12 @@ os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 #   export): 17-18 % of a core idle with Ray's defaults, 13-16.5 % with these (30 s windows, noisy; RESULTS.md
 #   "Two more cuts, two more runs"); a deploy or a delete took ~1 s longer;
 # - Ray Train's preemption watcher is an actor (a process) per training run watching for node drains; a local
-#   one-node cluster has no drain to watch.
+#   one-node cluster has no drain to watch;
+# - a cluster prestarts one idle worker process per CPU when its first driver connects; every actor here asks for
+#   its own process, so most of them idled to the end (make test at 1529401: 22 `ray::IDLE` processes, 48.7 CPU-s,
+#   benchmarks/results/suite_xdist/make_test_1529401_cpu_by_process.txt); workers now start when an actor needs one.
 for _name, _value in {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.25", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
-                      "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}.items():
+                      "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_prestart_worker_first_driver": "0"}.items():
     os.environ.setdefault(_name, _value)
 
 FIXTURE_MARKS: dict[str, tuple[str, ...]] = {
