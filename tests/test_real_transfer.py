@@ -37,9 +37,9 @@ def result(tmp_path_factory, mlflow_tracking_uri, real_models):
         "scenarios": {"ids": SCENARIOS},
         "serving": {"port": 8124},
         "generate": {"samples": 8, "request_n": 8},
-        # bf16 base + autocast: half the step time of fp32 on this machine's AMX cores (the training is most of
-        # this test's CPU time)
-        "training": {"epochs": 3, "learning_rate": 5e-4, "effective_batch_size": 8, "per_device_batch_size": 2,
+        # bf16 base + autocast: half the step time of fp32 on this machine's AMX cores; 2 epochs at 7.5e-4 move the
+        # student as far as 3 at 5e-4 did (below) for 2/3 of the steps (the training is most of this test's CPU time)
+        "training": {"epochs": 2, "learning_rate": 7.5e-4, "effective_batch_size": 8, "per_device_batch_size": 2,
                      "num_workers": 2, "cpus_per_worker": 0.5, "max_seq_len": 512, "adapter_name": "real",
                      "dtype": "bfloat16"},
         # teacher_lead off: the teacher's reference stays its motivated dataset samples, as measured below (the
@@ -81,7 +81,8 @@ def test_student_moves_toward_the_teacher(result):
         after.append(js_divergence(d.loc[("student_finetuned", sid)].to_numpy(), t))
     # on average, and in most scenarios, the fine-tuned student is closer to the teacher than the base
     # measured under the paper's protocol (teacher: its motivated dataset, ~1/3 invalid; students: answer-only
-    # exact, ~99 % invalid before fine-tuning): after / before = 0.75 (2026-11-30, fp32), 0.72 (2026-12-06, bf16)
+    # exact, ~99 % invalid before fine-tuning): after / before = 0.75 (2026-11-30, fp32, 3 epochs at 5e-4), 0.72
+    # (2026-12-06, bf16), 0.71 (2026-12-06, bf16, 2 epochs at 7.5e-4: 284 CPU-s for the test alone instead of 353)
     assert sum(after) / len(after) < 0.85 * sum(before) / len(before), (before, after)
     assert sum(a < b for a, b in zip(after, before)) >= 3, (before, after)
 
