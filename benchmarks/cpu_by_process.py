@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,22 +20,18 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-TICK = os.sysconf("SC_CLK_TCK")
+import psutil
 
 
 def snapshot() -> dict[str, tuple[float, str, str]]:
-    """pid -> (utime + stime of the process's threads in seconds, cmdline, ppid)."""
+    """pid -> (user + system CPU seconds of the process's threads, cmdline, ppid)."""
     out = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+    for proc in psutil.process_iter(["cmdline", "cpu_times", "ppid"]):
+        info = proc.info
+        if info["cpu_times"] is None:  # gone or not ours to read
             continue
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-        out[pid] = ((int(fields[11]) + int(fields[12])) / TICK, cmd, fields[1])
+        out[str(proc.pid)] = (info["cpu_times"].user + info["cpu_times"].system, " ".join(info["cmdline"] or []).strip(),
+                              str(info["ppid"]))
     return out
 
 
@@ -105,8 +100,9 @@ def report(out: Path, rows: list, head: list[str]) -> int:
     for pid, cmd, first, last, _, *new in rows:
         used = last if new and new[0] else last - first
         if used > 0:
-            by_kind[kind(cmd)][0] += used
-            by_kind[kind(cmd)][1] += 1
+            row = by_kind[kind(cmd)]
+            row[0] += used
+            row[1] += 1
     total = sum(v[0] for v in by_kind.values())
     lines = head + [f"total CPU-s {total:.0f}"]
     lines += [f"{cpu:8.1f} {n:5d}  {k}" for k, (cpu, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0])]
